@@ -1,0 +1,237 @@
+"""Builds fresh metric families from the pollers' state on every scrape.
+
+collect() never calls the API: the HTTP handler refreshes the pollers first,
+then renders the registry. So registering this collector, or serving /healthz,
+costs no upstream request.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Iterable, Iterator, Sequence
+
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import Names
+from .model import ALL_STATUSES
+from .poller import PollView, Poller
+from .state import Histogram, Region
+
+PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
+REGION = ["datacenter_id", "delivery_region_id"]
+SHARED_POLL_NOTE = (
+    " Values come from the most recent poll, which concurrent scrapes share and"
+    " which is reused for --skillable.min-poll-interval seconds."
+)
+
+
+class SkillableCollector(Collector):
+    def __init__(self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int) -> None:
+        self._accounts = list(accounts)
+        self._names = names
+        self._window_minutes = window_minutes
+        # The account label appears only when several accounts are configured,
+        # so the single-account case keeps the simple label set.
+        self._account_label = len(self._accounts) > 1
+
+    def describe(self) -> Iterable[Metric]:
+        # Describing must not poll: an empty list keeps the registry from calling collect().
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        views = [(name, poller.view()) for name, poller in self._accounts]
+        yield from self._lab_metrics(views)
+        yield from self._health_metrics(views)
+        yield from self._info_metrics(views)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _labels(self, names: list[str]) -> list[str]:
+        return (["account"] + names) if self._account_label else names
+
+    def _values(self, account: str, values: Sequence[str]) -> list[str]:
+        return ([account, *values]) if self._account_label else list(values)
+
+    def _add_histograms(self, family: HistogramMetricFamily, table: dict[Region, Histogram], account: str) -> None:
+        for region, hist in table.items():
+            family.add_metric(self._values(account, region), hist.cumulative(), hist.total)
+
+    # -- lab metrics -------------------------------------------------------
+
+    def _lab_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
+        window = f"the last {self._window_minutes} minutes (the lookback window)"
+        instances = GaugeMetricFamily(
+            "skillable_lab_instances",
+            f"Lab instances whose last state change was within {window}, by current completion status."
+            + SHARED_POLL_NOTE,
+            labels=self._labels(PLACE + ["completion_status"]),
+        )
+        running = GaugeMetricFamily(
+            "skillable_lab_instances_running",
+            f"Lab instances that started within {window} and have not ended." + SHARED_POLL_NOTE,
+            labels=self._labels(PLACE),
+        )
+        started = CounterMetricFamily(
+            "skillable_lab_instances_started_total",
+            "Lab instances seen starting, each counted once however many polls return it.",
+            labels=self._labels(PLACE),
+        )
+        ended = CounterMetricFamily(
+            "skillable_lab_instances_ended_total",
+            "Lab instances seen ending, counted once under the completion status they ended with.",
+            labels=self._labels(PLACE + ["completion_status"]),
+        )
+        exams = CounterMetricFamily(
+            "skillable_exams_total", "Scored exams, counted once when their score first appears.",
+            labels=self._labels(PLACE),
+        )
+        passed = CounterMetricFamily(
+            "skillable_exams_passed_total", "Scored exams that the learner passed.",
+            labels=self._labels(PLACE),
+        )
+        run_time = HistogramMetricFamily(
+            "skillable_lab_run_time_seconds",
+            "Total run time of ended lab instances, observed once per instance.",
+            labels=self._labels(REGION),
+        )
+        task = HistogramMetricFamily(
+            "skillable_lab_task_completion_ratio",
+            "Share of integrated tasks completed (0-1) in ended lab instances.",
+            labels=self._labels(REGION),
+        )
+        score = HistogramMetricFamily(
+            "skillable_exam_score_ratio",
+            "Exam score divided by the maximum possible score (0-1), observed once per scored exam.",
+            labels=self._labels(REGION),
+        )
+        for account, view in views:
+            snap = view.snapshot
+            for place in snap.places:
+                labels = self._values(account, place)
+                running.add_metric(labels, snap.running[place])
+                started.add_metric(labels, snap.started[place])
+                exams.add_metric(labels, snap.exams[place])
+                passed.add_metric(labels, snap.exams_passed[place])
+                for status in ALL_STATUSES:
+                    with_status = self._values(account, (*place, status))
+                    instances.add_metric(with_status, snap.instances[(place, status)])
+                    ended.add_metric(with_status, snap.ended[(place, status)])
+            self._add_histograms(run_time, snap.run_time, account)
+            self._add_histograms(task, snap.task_completion, account)
+            self._add_histograms(score, snap.exam_score, account)
+        yield from (instances, running, started, ended, run_time, task, score, exams, passed)
+
+    # -- exporter health ---------------------------------------------------
+
+    def _health_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
+        no_labels = self._labels([])
+        up = GaugeMetricFamily(
+            "skillable_up", "1 if the last LatestResults poll succeeded, else 0." + SHARED_POLL_NOTE,
+            labels=no_labels,
+        )
+        last_success = GaugeMetricFamily(
+            "skillable_last_success_timestamp_seconds",
+            "Unix time at which the last successful LatestResults poll was made.", labels=no_labels,
+        )
+        duration = GaugeMetricFamily(
+            "skillable_poll_duration_seconds", "Seconds the last poll of the Skillable API took.",
+            labels=no_labels,
+        )
+        minutes = GaugeMetricFamily(
+            "skillable_poll_lookback_seconds", "How far back the last successful LatestResults poll asked (its minutes parameter, in seconds).",
+            labels=no_labels,
+        )
+        requests = CounterMetricFamily(
+            "skillable_api_requests_total", "Requests made to the Skillable API.",
+            labels=self._labels(["endpoint"]),
+        )
+        failures = CounterMetricFamily(
+            "skillable_api_request_failures_total", "Failed requests to the Skillable API, by reason.",
+            labels=self._labels(["endpoint", "reason"]),
+        )
+        invalid = CounterMetricFamily(
+            "skillable_results_invalid_total", "Results that failed validation and were skipped.",
+            labels=no_labels,
+        )
+        overflow = CounterMetricFamily(
+            "skillable_lab_host_overflow_total",
+            "Lab instances whose host was reported as lab_host_id=\"other\" because of the host limit.",
+            labels=no_labels,
+        )
+        tracked = GaugeMetricFamily(
+            "skillable_tracked_instances", "Lab instances held in the exporter's memory.", labels=no_labels,
+        )
+        active = GaugeMetricFamily(
+            "skillable_account_active_labs",
+            "Labs active right now account-wide (starting, running, saving, tearing down), from /stats."
+            + SHARED_POLL_NOTE,
+            labels=no_labels,
+        )
+        saved = GaugeMetricFamily(
+            "skillable_account_saved_labs", "Labs saved right now account-wide, from /stats." + SHARED_POLL_NOTE,
+            labels=no_labels,
+        )
+        for account, view in views:
+            h, labels = view.health, self._values(account, [])
+            up.add_metric(labels, 1.0 if h.up else 0.0)
+            if h.last_success is not None:
+                last_success.add_metric(labels, h.last_success)
+            if h.last_duration is not None:
+                duration.add_metric(labels, h.last_duration)
+            if h.last_minutes is not None:
+                minutes.add_metric(labels, h.last_minutes * 60)
+            for endpoint, count in sorted(h.requests.items()):
+                requests.add_metric(self._values(account, [endpoint]), count)
+            for (endpoint, reason), count in sorted(h.failures.items()):
+                failures.add_metric(self._values(account, [endpoint, reason]), count)
+            invalid.add_metric(labels, view.snapshot.invalid_total)
+            overflow.add_metric(labels, view.snapshot.host_overflow_total)
+            tracked.add_metric(labels, view.snapshot.tracked)
+            if h.stats is not None and h.stats.active is not None:
+                active.add_metric(labels, h.stats.active)
+            if h.stats is not None and h.stats.saved is not None:
+                saved.add_metric(labels, h.stats.saved)
+        window = GaugeMetricFamily(
+            "skillable_lookback_window_seconds", "The lookback window the lab gauges cover.",
+            value=self._window_minutes * 60,
+        )
+        build = GaugeMetricFamily(
+            "skillable_exporter_build_info", "Version of skillable-exporter, always 1.",
+            labels=["version", "python_version"],
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, tracked)
+        yield from (active, saved, window, build)
+
+    # -- names for ids -----------------------------------------------------
+
+    def _info_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
+        regions: dict[str, str] = {}
+        for _, view in views:
+            regions.update({str(k): v for k, v in view.health.region_names.items()})
+        regions.update(self._names.delivery_regions)  # the config file wins over the API
+        for metric, label, names in (
+            ("skillable_datacenter_info", "datacenter", self._names.datacenters),
+            ("skillable_delivery_region_info", "delivery_region", regions),
+            ("skillable_lab_host_info", "lab_host", self._names.lab_hosts),
+        ):
+            family = GaugeMetricFamily(
+                metric, f"Name of a {label.replace('_', ' ')} id, always 1.",
+                labels=[f"{label}_id", f"{label}_name"],
+            )
+            for key in sorted(names, key=_id_order):
+                family.add_metric([key, names[key]], 1)
+            yield family
+
+
+def _id_order(key: str) -> tuple[int, str]:
+    return (int(key), key) if key.isdigit() else (1 << 62, key)
+
+

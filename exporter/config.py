@@ -1,0 +1,379 @@
+"""Configuration: one table of settings, read from flags, environment, a YAML file and defaults.
+
+Precedence is flag > environment > config file > default. Every setting is
+validated here, once, into a frozen Config; anything wrong raises ConfigError
+naming the setting, and the CLI turns that into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+DEFAULT_API_URL = "https://labondemand.com/api/v3"
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1:10180"
+MAX_WINDOW_MINUTES = 10080  # LatestResults refuses more than 7 days
+
+
+class ConfigError(Exception):
+    """A setting is wrong. str() is one line that names the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"invalid setting {setting}: {problem}")
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its dotted name (the flag is --<name>, the YAML path is the same with '_')."""
+
+    name: str
+    default: Any
+    parse: Callable[[str, Any], Any]
+    help: str
+    env: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def yaml_path(self) -> tuple[str, ...]:
+        return tuple(part.replace("-", "_") for part in self.name.split("."))
+
+    @property
+    def dest(self) -> str:
+        return "_".join(self.yaml_path)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(name, f"expected a string, got {value!r}")
+    return value
+
+
+def _optional_text(name: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _text(name, value)
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        text = _text(name, value).lower()
+        if text not in choices:
+            raise ConfigError(name, f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _number(low: float, high: float, integer: bool = False) -> Callable[[str, Any], float]:
+    def parse(name: str, value: Any) -> float:
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"expected a number, got {value!r}") from None
+        if integer and number != int(number):
+            raise ConfigError(name, f"expected a whole number, got {value!r}")
+        if not low <= number <= high:
+            raise ConfigError(name, f"{value!r} is outside {low:g}..{high:g}")
+        return int(number) if integer else number
+
+    return parse
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
+_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
+
+
+def _listen_address(name: str, value: Any) -> str:
+    text = _text(name, value)
+    match = _LISTEN.match(text)
+    if not match or not 0 <= int(match.group("port")) <= 65535:
+        raise ConfigError(name, f"{value!r} is not host:port")
+    return text
+
+
+def _url(name: str, value: Any) -> str:
+    text = _text(name, value).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(name, f"{value!r} is not an http(s) URL")
+    return text
+
+
+def _id_names(name: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(name, "expected a mapping of id to name")
+    names: dict[str, str] = {}
+    for key, label in value.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).isdigit():
+            raise ConfigError(name, f"id {key!r} is not a whole number")
+        if not isinstance(label, str) or not label:
+            raise ConfigError(name, f"name for id {key} must be a non-empty string")
+        names[str(int(key))] = label
+    return names
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("web.listen-address", DEFAULT_LISTEN_ADDRESS, _listen_address,
+            "host:port to serve /metrics on (':10180' for all interfaces)",
+            "SKILLABLE_EXPORTER_LISTEN_ADDRESS"),
+    Setting("web.config-file", None, _optional_text,
+            "exporter-toolkit style web config file (TLS, basic auth)", "SKILLABLE_EXPORTER_WEB_CONFIG_FILE"),
+    Setting("log.level", "info", _choice("debug", "info", "warn", "warning", "error"),
+            "log level: debug, info, warn, error", "SKILLABLE_EXPORTER_LOG_LEVEL"),
+    Setting("log.format", "logfmt", _choice("logfmt", "json"), "log format: logfmt or json",
+            "SKILLABLE_EXPORTER_LOG_FORMAT"),
+    Setting("skillable.api-url", DEFAULT_API_URL, _url, "Skillable Lab API base URL", "SKILLABLE_API_URL"),
+    Setting("skillable.api-key-file", None, _optional_text,
+            "file holding the API key (else SKILLABLE_API_KEY)", "SKILLABLE_API_KEY_FILE"),
+    Setting("skillable.window-minutes", 60, _number(1, MAX_WINDOW_MINUTES, integer=True),
+            "lookback window in minutes (1..10080)", "SKILLABLE_WINDOW_MINUTES"),
+    Setting("skillable.min-poll-interval", 0.0, _number(0, 86400),
+            "seconds between upstream polls; 0 polls on every scrape", "SKILLABLE_MIN_POLL_INTERVAL"),
+    Setting("skillable.overlap-minutes", 2, _number(0, 60, integer=True),
+            "extra minutes asked for on incremental polls, against clock skew", "SKILLABLE_OVERLAP_MINUTES"),
+    Setting("skillable.timeout", 9.0, _number(0.5, 600),
+            "total seconds one poll may take; capped by Prometheus' scrape timeout", "SKILLABLE_TIMEOUT"),
+    Setting("skillable.max-response-bytes", 256 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
+            "largest response body accepted", "SKILLABLE_MAX_RESPONSE_BYTES"),
+    Setting("skillable.max-lab-hosts", 2000, _number(1, 1_000_000, integer=True),
+            "lab hosts tracked as separate label values; more go to lab_host_id=\"other\"",
+            "SKILLABLE_MAX_LAB_HOSTS"),
+    Setting("storage.state-file", None, _optional_text,
+            "file keeping counters and per-instance memory across restarts", "SKILLABLE_STATE_FILE"),
+    Setting("collector.stats", True, _bool, "poll /stats for account-wide active and saved labs",
+            "SKILLABLE_COLLECTOR_STATS"),
+    Setting("collector.delivery-regions", True, _bool, "fetch delivery region names from /deliveryregions",
+            "SKILLABLE_COLLECTOR_DELIVERY_REGIONS"),
+)
+_BY_DEST = {s.dest: s for s in SETTINGS}
+
+# Settings that only the config file carries (structured values).
+_FILE_ONLY = {
+    ("names", "datacenters"), ("names", "delivery_regions"), ("names", "lab_hosts"), ("accounts",),
+}
+
+
+@dataclass(frozen=True)
+class Names:
+    """Human names for ids, from the config file."""
+
+    datacenters: Mapping[str, str] = field(default_factory=dict)
+    delivery_regions: Mapping[str, str] = field(default_factory=dict)
+    lab_hosts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Account:
+    """One Skillable API consumer to poll."""
+
+    name: str
+    api_url: str
+    api_key: str = field(repr=False)  # never printed
+    window_minutes: int
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_address: str
+    web_config_file: str | None
+    log_level: str
+    log_format: str
+    accounts: tuple[Account, ...]
+    min_poll_interval: float
+    overlap_minutes: int
+    timeout: float
+    max_response_bytes: int
+    max_lab_hosts: int
+    state_file: str | None
+    collect_stats: bool
+    collect_delivery_regions: bool
+    names: Names
+    demo: bool
+
+    @property
+    def window_minutes(self) -> int:
+        return self.accounts[0].window_minutes
+
+
+def _walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_unknown_keys(tree: Mapping[str, Any]) -> None:
+    known = {s.yaml_path for s in SETTINGS} | _FILE_ONLY
+
+    def visit(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            path = (*prefix, str(key))
+            if path in known:
+                continue
+            if isinstance(value, Mapping) and any(k[: len(path)] == path for k in known):
+                visit(value, path)
+            else:
+                raise ConfigError(".".join(path), "unknown setting")
+
+    visit(tree, ())
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError("config.file", f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError("config.file", f"{path} is not valid YAML{where}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError("config.file", f"{path} must hold a mapping of settings")
+    _check_unknown_keys(tree)
+    return tree
+
+
+def read_key_file(setting: str, path: str) -> str:
+    """Read an API key from a file, refusing files that others can read."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as handle:
+            key = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXO):
+        raise ConfigError(setting, f"{path} is readable by other users; chmod o-rwx it")
+    if not key:
+        raise ConfigError(setting, f"{path} is empty")
+    return key
+
+
+def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool = False) -> Config:
+    """Build the Config from parsed flags (dest -> value or None), the environment and the file."""
+    config_path = flags.get("config_file")
+    tree = read_config_file(config_path) if config_path else {}
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: Any = flags.get(setting.dest)
+        if raw is None and setting.env and setting.env in environ:
+            raw = environ[setting.env]
+        if raw is None:
+            raw = _walk(tree, setting.yaml_path)
+        values[setting.dest] = setting.default if raw is None else setting.parse(setting.name, raw)
+
+    names = Names(
+        datacenters=_id_names("names.datacenters", _walk(tree, ("names", "datacenters"))),
+        delivery_regions=_id_names("names.delivery_regions", _walk(tree, ("names", "delivery_regions"))),
+        lab_hosts=_id_names("names.lab_hosts", _walk(tree, ("names", "lab_hosts"))),
+    )
+    accounts = _accounts(tree.get("accounts"), values, environ, demo)
+    return Config(
+        listen_address=values["web_listen_address"],
+        web_config_file=values["web_config_file"],
+        log_level=values["log_level"],
+        log_format=values["log_format"],
+        accounts=accounts,
+        min_poll_interval=values["skillable_min_poll_interval"],
+        overlap_minutes=values["skillable_overlap_minutes"],
+        timeout=values["skillable_timeout"],
+        max_response_bytes=values["skillable_max_response_bytes"],
+        max_lab_hosts=values["skillable_max_lab_hosts"],
+        state_file=values["storage_state_file"],
+        collect_stats=values["collector_stats"],
+        collect_delivery_regions=values["collector_delivery_regions"],
+        names=names,
+        demo=demo,
+    )
+
+
+def _accounts(
+    raw: Any, values: Mapping[str, Any], environ: Mapping[str, str], demo: bool
+) -> tuple[Account, ...]:
+    if demo:
+        # Demo mode swaps in the loopback simulator; the CLI fills in its URL.
+        return (Account("", "", "demo", values["skillable_window_minutes"]),)
+    if raw is None:
+        return (_single_account(values, environ),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("accounts", "expected a non-empty list of accounts")
+    accounts = tuple(_listed_account(i, entry, values, environ) for i, entry in enumerate(raw))
+    seen: set[str] = set()
+    for account in accounts:
+        if account.name in seen:
+            raise ConfigError("accounts", f"account name {account.name!r} is used twice")
+        seen.add(account.name)
+    return accounts
+
+
+def _single_account(values: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
+    key_file = values["skillable_api_key_file"]
+    if key_file:
+        key = read_key_file("skillable.api-key-file", key_file)
+    else:
+        key = environ.get("SKILLABLE_API_KEY", "").strip()
+        if not key:
+            raise ConfigError(
+                "skillable.api-key-file",
+                "no API key: set SKILLABLE_API_KEY or skillable.api_key_file (or run with --demo)",
+            )
+    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"])
+
+
+_ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes"}
+
+
+def _listed_account(
+    index: int, entry: Any, values: Mapping[str, Any], environ: Mapping[str, str]
+) -> Account:
+    where = f"accounts[{index}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(where, "expected a mapping with name and api_key_env or api_key_file")
+    for key in entry:
+        if key not in _ACCOUNT_KEYS:
+            raise ConfigError(f"{where}.{key}", "unknown setting")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _ACCOUNT_NAME.match(name):
+        raise ConfigError(f"{where}.name", "expected 1-64 letters, digits, '_', '.' or '-'")
+    if entry.get("api_key_file"):
+        key = read_key_file(f"{where}.api_key_file", _text(f"{where}.api_key_file", entry["api_key_file"]))
+    elif entry.get("api_key_env"):
+        env_name = _text(f"{where}.api_key_env", entry["api_key_env"])
+        key = environ.get(env_name, "").strip()
+        if not key:
+            raise ConfigError(f"{where}.api_key_env", f"environment variable {env_name} is empty or unset")
+    else:
+        raise ConfigError(where, "needs api_key_env or api_key_file")
+    url = _url(f"{where}.api_url", entry["api_url"]) if entry.get("api_url") else values["skillable_api_url"]
+    window = values["skillable_window_minutes"]
+    if entry.get("window_minutes") is not None:
+        window = _number(1, MAX_WINDOW_MINUTES, integer=True)(f"{where}.window_minutes", entry["window_minutes"])
+    return Account(name, url, key, int(window))

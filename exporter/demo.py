@@ -1,0 +1,292 @@
+"""A simulated Skillable Lab API on loopback, fed by a deterministic generator of lab traffic.
+
+`skillable-exporter --demo` starts it so a new user sees real metrics with no
+account; the benchmark runs it in a process of its own (`python -m exporter.demo`).
+It speaks real HTTP, so the exporter's whole client path runs against it.
+
+The traffic is a pure function of (seed, minute): every minute some labs start
+on hosts in four datacenters and three delivery regions; each lab runs for a
+while and ends with a completion status drawn from a realistic mix. Lab host 117
+(datacenter 3) is unhealthy: most of its labs end with Lab Creation Failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+# datacenter id -> (delivery region id, lab host ids)
+DATACENTERS: dict[int, tuple[int, range]] = {
+    1: (1, range(101, 110)),
+    2: (1, range(110, 116)),
+    3: (2, range(116, 128)),
+    4: (3, range(128, 137)),
+}
+DELIVERY_REGIONS = {1: "North America", 2: "Europe", 3: "Asia Pacific"}
+UNHEALTHY_HOST = 117
+UNHEALTHY_FAILURE_SHARE = 0.6
+MAX_LAB_SECONDS = 8 * 3600
+RUNNING_STATUS = 3  # a lab in progress reports Incomplete until it ends
+
+# (CompletionStatus, weight) for labs on healthy hosts. 70 is not a documented
+# code: real APIs grow new codes, and the exporter must keep them as "unknown".
+STATUS_MIX: tuple[tuple[int, float], ...] = (
+    (4, 52.0), (3, 16.0), (1, 8.0), (2, 5.0), (10, 1.5), (20, 1.5), (30, 1.0), (40, 1.0),
+    (50, 2.0), (60, 1.5), (70, 0.5),
+)
+HOSTS: tuple[tuple[int, int, int], ...] = tuple(
+    (host, dc, region) for dc, (region, hosts) in DATACENTERS.items() for host in hosts
+)
+COUNTRIES = (("US", "Washington", "Seattle"), ("GB", "England", "London"), ("DE", "Hesse", "Frankfurt"),
+             ("AU", "New South Wales", "Sydney"), ("CA", "Ontario", "Toronto"))
+
+
+@dataclass(frozen=True, slots=True)
+class Lab:
+    instance_id: int
+    profile_id: int
+    start: int
+    end: int  # when it ends (may lie in the future: then it is still running)
+    status: int
+    host: int
+    datacenter: int
+    region: int
+    task_percent: int
+    exam: bool
+    exam_score: int | None
+    user: int
+
+
+class Traffic:
+    """Deterministic lab traffic: the labs that start in minute m depend only on (seed, m)."""
+
+    def __init__(self, labs_per_minute: float = 12.0, seed: int = 7) -> None:
+        self.labs_per_minute = labs_per_minute
+        self.seed = seed
+        self._cache: dict[int, tuple[Lab, ...]] = {}
+        self._lock = threading.Lock()
+
+    def labs_starting_in(self, minute: int) -> tuple[Lab, ...]:
+        with self._lock:
+            labs = self._cache.get(minute)
+        if labs is None:
+            labs = self._generate(minute)
+            with self._lock:
+                self._cache[minute] = labs
+        return labs
+
+    def _generate(self, minute: int) -> tuple[Lab, ...]:
+        rng = random.Random(f"{self.seed}:{minute}")
+        whole = int(self.labs_per_minute)
+        count = whole + (1 if rng.random() < self.labs_per_minute - whole else 0)
+        return tuple(self._lab(rng, minute, i) for i in range(count))
+
+    def _lab(self, rng: random.Random, minute: int, index: int) -> Lab:
+        # The unhealthy host takes a larger share so its failures show up quickly.
+        host, dc, region = HOSTS[rng.randrange(len(HOSTS))] if rng.random() > 0.06 else (UNHEALTHY_HOST, 3, 2)
+        start = minute * 60 + rng.randrange(60)
+        exam = rng.random() < 0.2
+        if host == UNHEALTHY_HOST and rng.random() < UNHEALTHY_FAILURE_SHARE:
+            status, duration = 20, rng.randrange(20, 120)
+        else:
+            status = _weighted(rng, STATUS_MIX)
+            duration = _duration(rng, status)
+        score = None
+        if exam and status == 4:
+            score = min(100, max(0, int(rng.gauss(76, 14))))
+        return Lab(
+            instance_id=minute * 1000 + index,
+            profile_id=5000 + rng.randrange(40),
+            start=start,
+            end=start + duration,
+            status=status,
+            host=host,
+            datacenter=dc,
+            region=region,
+            task_percent=100 if status == 4 and not exam else rng.randrange(0, 101),
+            exam=exam,
+            exam_score=score,
+            user=rng.randrange(1, 5000),
+        )
+
+    def changed_within(self, now: float, minutes: int) -> list[tuple[Lab, bool]]:
+        """(lab, ended) for every lab that started or ended in (now - minutes, now]."""
+        since = now - minutes * 60
+        first = math.floor((since - MAX_LAB_SECONDS) / 60)
+        last = math.floor(now / 60)
+        out: list[tuple[Lab, bool]] = []
+        for minute in range(first, last + 1):
+            for lab in self.labs_starting_in(minute):
+                if lab.start > now:
+                    continue
+                ended = lab.end <= now
+                if since < lab.start or (ended and since < lab.end):
+                    out.append((lab, ended))
+        return out
+
+
+def _weighted(rng: random.Random, table: tuple[tuple[int, float], ...]) -> int:
+    pick = rng.random() * sum(w for _, w in table)
+    for value, weight in table:
+        pick -= weight
+        if pick < 0:
+            return value
+    return table[-1][0]
+
+
+def _duration(rng: random.Random, status: int) -> int:
+    if status in (10, 20):
+        return rng.randrange(15, 180)
+    if status == 2:
+        return rng.randrange(300, 1800)
+    return int(min(MAX_LAB_SECONDS, max(120, rng.lognormvariate(math.log(2700), 0.7))))
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def result_json(lab: Lab, ended: bool, now: float) -> bytes:
+    """One LabResult as the real API sends it, personal fields included."""
+    country, region, city = COUNTRIES[lab.user % len(COUNTRIES)]
+    scored = ended and lab.exam_score is not None
+    return _encoder.encode({
+        "LabInstanceId": lab.instance_id,
+        "LabProfileId": lab.profile_id,
+        "Start": lab.start,
+        "End": lab.end if ended else None,
+        "LastActivity": (lab.end if ended else int(now)) - 1,
+        "UserId": f"user-{lab.user}",
+        "ClassId": f"class-{lab.user % 37}" if lab.user % 3 else None,
+        "CompletionStatus": lab.status if ended else RUNNING_STATUS,
+        "TotalRunTimeSeconds": (lab.end if ended else int(now)) - lab.start,
+        "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
+        "IsExam": lab.exam,
+        "ExamPassed": (lab.exam_score >= 70) if scored and lab.exam_score is not None else None,
+        "ExamScore": lab.exam_score if scored else None,
+        "ExamMaxPossibleScore": 100 if scored else None,
+        "ExamPassingScore": 70 if scored else None,
+        "IpAddress": f"198.51.100.{lab.user % 250 + 1}",
+        "Country": country,
+        "Region": region,
+        "City": city,
+        "Latitude": 47.6,
+        "Longitude": -122.3,
+        "LabHostId": lab.host,
+        "DatacenterId": lab.datacenter,
+        "DeliveryRegionId": lab.region,
+    })
+
+
+def latest_results_body(traffic: Traffic, now: float, minutes: int) -> bytes:
+    parts = [result_json(lab, ended, now) for lab, ended in traffic.changed_within(now, minutes)]
+    return b'{"Results":[' + b",".join(parts) + b'],"Status":1,"Error":null}'
+
+
+class SimulatorServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self, address: tuple[str, int], traffic: Traffic, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.traffic = traffic
+        self.clock = clock
+        self.requests: dict[str, int] = {}
+        self.bytes_sent = 0
+        self._count_lock = threading.Lock()
+        super().__init__(address, _SimulatorHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def count(self, endpoint: str, size: int) -> None:
+        with self._count_lock:
+            self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
+            self.bytes_sent += size
+
+
+class _SimulatorHandler(BaseHTTPRequestHandler):
+    server: SimulatorServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        endpoint = url.path.rstrip("/").rsplit("/", 1)[-1].lower()
+        if not self.headers.get("api_key"):
+            self._json({"Status": 0, "Error": "Missing api_key header"})
+            return
+        now = self.server.clock()
+        if endpoint == "latestresults":
+            try:
+                minutes = int(parse_qs(url.query).get("minutes", [""])[0])
+            except ValueError:
+                minutes = -1
+            if not 0 < minutes <= 10080:
+                self._json({"Results": None, "Status": 0, "Error": "minutes must be between 1 and 10080"})
+                return
+            self._send(latest_results_body(self.server.traffic, now, minutes), endpoint)
+        elif endpoint == "deliveryregions":
+            regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
+            self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
+        elif endpoint == "stats":
+            running = sum(1 for _, ended in self.server.traffic.changed_within(now, 480) if not ended)
+            self._json({"NumActive": running, "NumSaved": running // 7, "Status": 1, "Error": None}, endpoint)
+        else:
+            self.send_error(404)
+
+    def _json(self, payload: dict[str, Any], endpoint: str = "error") -> None:
+        self._send(_encoder.encode(payload), endpoint)
+
+    def _send(self, body: bytes, endpoint: str) -> None:
+        self.server.count(endpoint, len(body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def start_simulator(
+    host: str = "127.0.0.1", port: int = 0, labs_per_minute: float = 12.0, seed: int = 7,
+    clock: Callable[[], float] = time.time,
+) -> SimulatorServer:
+    """Start the simulator in a background thread; stop it with .shutdown() and .server_close()."""
+    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock)
+    threading.Thread(target=server.serve_forever, name="skillable-simulator", daemon=True).start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Simulated Skillable Lab API (LatestResults, stats, deliveryregions)")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
+    parser.add_argument("--labs-per-minute", type=float, default=12.0)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    server = SimulatorServer((host, int(port)), Traffic(args.labs_per_minute, args.seed))
+    print(server.url, flush=True)  # the benchmark reads the address from here
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
