@@ -31,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="skillable-exporter",
+        allow_abbrev=False,
         description="Prometheus exporter for Skillable (Lab on Demand) lab results. "
         "The API key comes from SKILLABLE_API_KEY or --skillable.api-key-file, never from a flag.",
     )

@@ -234,9 +234,10 @@ def _check_unknown_keys(tree: Mapping[str, Any]) -> None:
             path = (*prefix, str(key))
             if path in known:
                 continue
-            if isinstance(value, Mapping) and any(k[: len(path)] == path for k in known):
+            is_section = any(k[: len(path)] == path for k in known)
+            if is_section and isinstance(value, Mapping):
                 visit(value, path)
-            else:
+            elif not (is_section and value is None):  # an empty section is fine
                 raise ConfigError(".".join(path), "unknown setting")
 
     visit(tree, ())

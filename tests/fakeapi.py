@@ -89,7 +89,7 @@ class FakeSkillable(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.state = FakeState(now=float(now if now is not None else int(time.time())))
         self.lock = threading.Lock()
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     @property

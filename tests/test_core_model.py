@@ -1,0 +1,126 @@
+"""The LatestResults decoder on the vendor's own example and on the awkward answers the API may give."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.model import (
+    ALL_STATUSES,
+    DecodeError,
+    LabResult,
+    UpstreamError,
+    decode_delivery_regions,
+    decode_latest_results,
+    decode_stats,
+    status_name,
+)
+
+VENDOR = Path(__file__).parent / "fixtures" / "latestresults__vendor_example.json"
+
+
+def test_vendor_example_parses_exactly() -> None:
+    batch = decode_latest_results(VENDOR.read_bytes())
+    assert batch.invalid == 0
+    assert batch.results == [
+        LabResult(
+            lab_instance_id=349744, start=1325376800, end=1325376900, completion_status=1,
+            total_run_time_seconds=2548, task_complete_percent=33, is_exam=False, exam_passed=None,
+            exam_score=None, exam_max_possible_score=None, lab_host_id=49, datacenter_id=3, delivery_region_id=2,
+        ),
+        LabResult(
+            lab_instance_id=349745, start=1325377000, end=1325377100, completion_status=1,
+            total_run_time_seconds=4168, task_complete_percent=44, is_exam=False, exam_passed=None,
+            exam_score=None, exam_max_possible_score=None, lab_host_id=125, datacenter_id=4, delivery_region_id=3,
+        ),
+    ]
+
+
+def test_personal_fields_are_not_kept() -> None:
+    result = decode_latest_results(VENDOR.read_bytes()).results[0]
+    assert not hasattr(result, "user_id") and not hasattr(result, "ip_address")
+
+
+def test_exam_score_decimal_and_every_nullable_field_null() -> None:
+    body = json.dumps({"Status": 1, "Error": None, "Results": [
+        {"LabInstanceId": 1, "ExamScore": 87.25, "ExamMaxPossibleScore": 100, "ExamPassed": True},
+        {"LabInstanceId": 2, "Start": None, "End": None, "LastActivity": None, "UserId": None, "ClassId": None,
+         "CompletionStatus": None, "TotalRunTimeSeconds": None, "TaskCompletePercent": None, "IsExam": None,
+         "ExamPassed": None, "ExamScore": None, "ExamMaxPossibleScore": None, "ExamPassingScore": None,
+         "IpAddress": None, "Country": None, "Region": None, "City": None, "Latitude": None, "Longitude": None,
+         "LabHostId": None, "DatacenterId": None, "DeliveryRegionId": None},
+    ]}).encode()
+    batch = decode_latest_results(body)
+    assert batch.invalid == 0
+    assert batch.results[0].exam_score == 87.25
+    assert batch.results[1] == LabResult(lab_instance_id=2)
+
+
+def test_unknown_fields_are_ignored() -> None:
+    body = b'{"Results":[{"LabInstanceId":5,"Tag":"x","StartTime":"/Date(1)/","ExamDetails":[1]}],' \
+           b'"Status":1,"Error":null,"Extra":{"a":1}}'
+    assert decode_latest_results(body).results == [LabResult(lab_instance_id=5)]
+
+
+def test_one_bad_record_is_skipped_and_counted() -> None:
+    body = b'{"Results":[{"LabInstanceId":1},{"LabInstanceId":"not-a-number"},{"Start":5},7,' \
+           b'{"LabInstanceId":2,"LabHostId":{"x":1}},{"LabInstanceId":3}],"Status":1,"Error":null}'
+    batch = decode_latest_results(body)
+    assert [r.lab_instance_id for r in batch.results] == [1, 3]
+    assert batch.invalid == 4
+
+
+@pytest.mark.parametrize("body", [
+    b'{"Results":null,"Status":0,"Error":"Timeframe cannot exceed 7 days"}',
+    b'{"Status":0,"Error":"Invalid API key"}',
+    b'{"Results":[],"Error":null}',
+])
+def test_error_envelopes_raise_upstream_error(body: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        decode_latest_results(body)
+
+
+def test_error_message_is_kept() -> None:
+    with pytest.raises(UpstreamError, match="Timeframe cannot exceed 7 days"):
+        decode_latest_results(b'{"Results":null,"Status":0,"Error":"Timeframe cannot exceed 7 days"}')
+
+
+def test_results_null_with_success_is_an_empty_batch() -> None:
+    assert decode_latest_results(b'{"Results":null,"Status":1,"Error":null}').results == []
+
+
+@pytest.mark.parametrize("body", [
+    b"<html><body>502 Bad Gateway</body></html>",
+    b'{"Results":[{"LabInstanceId":1}',
+    b"",
+    b"[1,2,3]",
+    b'"just a string"',
+    b'{"Results":"nope","Status":1}',
+])
+def test_non_latestresults_bodies_raise_decode_error(body: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_latest_results(body)
+
+
+def test_status_names_cover_every_documented_code() -> None:
+    documented = {1: "cancelled", 2: "no_show", 3: "incomplete", 4: "complete",
+                  10: "storage_provisioning_failed", 20: "lab_creation_failed", 30: "resume_failed",
+                  40: "save_failed", 50: "submitted_for_grading", 60: "grading_in_progress"}
+    for code, name in documented.items():
+        assert status_name(code) == name
+    assert status_name(0) == status_name(99) == status_name(None) == "unknown"
+    assert set(ALL_STATUSES) == set(documented.values()) | {"unknown"}
+
+
+def test_stats_and_delivery_regions() -> None:
+    stats = decode_stats(b'{"NumActive":12,"NumSaved":3,"Status":1,"Error":null}')
+    assert (stats.active, stats.saved) == (12, 3)
+    regions = decode_delivery_regions(
+        b'{"DeliveryRegions":[{"Id":1,"Name":"North America","Description":null},{"Id":2,"Name":null}],'
+        b'"Status":1,"Error":null}'
+    )
+    assert regions == {1: "North America"}
+    with pytest.raises(UpstreamError):
+        decode_stats(b'{"Status":0,"Error":"no permission"}')
