@@ -88,7 +88,8 @@ class ExporterProcess:
         return requests.get(self.url + path, timeout=kwargs.pop("timeout", 15), **kwargs)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
@@ -99,7 +100,8 @@ class ExporterProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return int(self.proc.returncode)
 
 

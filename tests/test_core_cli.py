@@ -1,0 +1,84 @@
+"""The exporter as a user runs it: a real process, real HTTP, the demo and the fake API."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .fakeapi import FakeSkillable, lab
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = 1_800_000_000
+
+
+def readme_metric_names() -> set[str]:
+    return set(re.findall(r"^\| `(skillable_[a-z_]+)` \|", (ROOT / "README.md").read_text(), flags=re.M))
+
+
+def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None:  # type: ignore[no-untyped-def]
+    exporter = run_exporter("--demo")
+    text = exporter.get("/metrics").text
+    served = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
+    assert readme_metric_names() <= served
+    assert re.search(r"^skillable_up 1\.0$", text, flags=re.M)
+    sample = re.search(r"^skillable_lab_instances\{([^}]*)\} ", text, flags=re.M)
+    assert sample is not None
+    for label in ("datacenter_id", "delivery_region_id", "lab_host_id", "completion_status"):
+        assert f'{label}="' in sample.group(1)
+    # Every completion status shows up in the demo, and the unhealthy host fails.
+    for status in ("complete", "lab_creation_failed", "unknown", "submitted_for_grading"):
+        assert re.search(rf'^skillable_lab_instances\{{completion_status="{status}"[^}}]*\}} [1-9]', text, re.M), status
+    assert re.search(r'^skillable_lab_instances\{completion_status="lab_creation_failed",[^}]*lab_host_id="117"\} '
+                     r'[1-9]', text, re.M)
+    assert re.search(r"^skillable_exams_total\{[^}]*\} [1-9]", text, re.M)
+    assert re.search(r"^skillable_lab_instances_running\{[^}]*\} [1-9]", text, re.M)
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: .ci/run installs Debian's prometheus package"
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_against_the_fake_the_key_never_leaks(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
+    fake.add(lab(1, NOW - 600, NOW - 60, status=20), lab(2, NOW - 300))
+    key = fake.state.api_key
+    exporter = run_exporter("--log.level=debug", env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": key})
+    metrics = exporter.get("/metrics").text
+    assert "skillable_up 1.0" in metrics
+    assert 'completion_status="lab_creation_failed"' in metrics
+    fake.state.api_key = "rotated"  # now the fake refuses the key: an error gets logged
+    fake.fault(lambda h: h.send_raw(401, f"bad key {key}".encode(), "text/plain"))
+    metrics += exporter.get("/metrics").text
+    landing = exporter.get("/").text
+    assert "Skillable Exporter" in landing and 'href="metrics"' in landing
+    assert exporter.stop() == 0  # SIGTERM is a clean shutdown
+    log = exporter.log()
+    assert "API key refused" in log
+    for output in (metrics, landing, log):
+        assert key not in output
+
+
+def test_healthz_and_landing_page_never_call_the_api(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
+    exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    for _ in range(5):
+        assert exporter.get("/healthz").text == "OK\n"
+        assert exporter.get("/").status_code == 200
+    assert fake.state.seen == []
+    assert exporter.get("/nothing-here").status_code == 404
+    assert exporter.get("/metrics").status_code == 200
+    assert len(fake.latest_requests()) == 1
+
+
+def test_scrape_timeout_header_caps_the_poll(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    fake.fault(lambda h: time.sleep(6))  # the API hangs
+    exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    started = time.monotonic()
+    response = exporter.get("/metrics", headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"})
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert elapsed < 2.0
+    assert "skillable_up 0.0" in response.text
+    assert 'reason="timeout"' in response.text

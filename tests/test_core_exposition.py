@@ -1,0 +1,145 @@
+"""The exposition: golden files linted by promtool, naming rules, and the README's metrics table."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.collector import SkillableCollector
+from exporter.config import Names
+from exporter.poller import Poller
+
+from .conftest import MonotonicStub, make_poller
+from .fakeapi import FakeSkillable, lab
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+NOW = 1_800_000_000
+
+
+def render(accounts: list[tuple[str, Poller]], names: Names | None = None) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SkillableCollector(accounts, names or Names(), 60))
+    text = generate_latest(registry).decode()
+    # The two values that differ from run to run.
+    text = re.sub(r"^(skillable_poll_duration_seconds(\{[^}]*\})?) .*$", r"\1 0.0", text, flags=re.M)
+    return re.sub(r'python_version="[^"]+"', 'python_version="3"', text)
+
+
+def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's prometheus package (.ci/run does)"
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def compare_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"exposition differs from {path}; UPDATE_GOLDEN=1 rewrites it after review"
+
+
+def scenario(fake: FakeSkillable) -> None:
+    fake.add(
+        lab(1, NOW - 3000, NOW - 600, status=4, TaskCompletePercent=100, TotalRunTimeSeconds=2400),
+        lab(2, NOW - 2000, NOW - 1900, status=20, TotalRunTimeSeconds=45, TaskCompletePercent=0),
+        lab(3, NOW - 1000, None, host=50),
+        lab(4, NOW - 900, NOW - 100, status=4, host=50, IsExam=True, ExamScore=72.5, ExamMaxPossibleScore=100,
+            ExamPassed=True, TotalRunTimeSeconds=800, TaskCompletePercent=80),
+        lab(5, NOW - 500, NOW - 200, status=99, datacenter=4, region=3, host=125, TotalRunTimeSeconds=300),
+    )
+    fake.state.stats = {"NumActive": 7, "NumSaved": 1}
+    fake.state.regions = [{"Id": 2, "Name": "Europe", "Description": None}]
+
+
+def test_golden_single_account(fake: FakeSkillable) -> None:
+    scenario(fake)
+    poller = make_poller(fake, collect_stats=True, collect_region_names=True)
+    poller.refresh(5)
+    text = render([("", poller)], Names(datacenters={"3": "US East"}, lab_hosts={"49": "host-49"}))
+    promtool_check(text)
+    compare_golden("single_account.prom", text)
+    # Independent of the golden file: values the fake's truth dictates.
+    assert 'skillable_lab_instances_ended_total{completion_status="lab_creation_failed",datacenter_id="3",' \
+           'delivery_region_id="2",lab_host_id="49"} 1.0' in text
+    assert 'skillable_lab_instances_ended_total{completion_status="unknown",datacenter_id="4",' \
+           'delivery_region_id="3",lab_host_id="125"} 1.0' in text
+    assert "skillable_up 1.0" in text
+    assert "skillable_account_active_labs 7.0" in text
+    assert 'skillable_delivery_region_info{delivery_region_id="2",delivery_region_name="Europe"} 1.0' in text
+
+
+def test_golden_failed_first_poll(fake: FakeSkillable) -> None:
+    fake.fault(lambda h: h.send_raw(502, b"<html>Bad Gateway</html>", "text/html"))
+    poller = make_poller(fake, monotonic=MonotonicStub())
+    poller.refresh(5)
+    text = render([("", poller)])
+    promtool_check(text)
+    compare_golden("failed_first_poll.prom", text)
+    assert "skillable_up 0.0" in text
+    assert 'skillable_api_request_failures_total{endpoint="LatestResults",reason="http_error"} 1.0' in text
+
+
+def test_two_accounts_carry_account_label(fake: FakeSkillable) -> None:
+    scenario(fake)
+    good = make_poller(fake)
+    good.refresh(5)
+    bad = make_poller(fake, monotonic=MonotonicStub())
+    fake.fault(lambda h: h.send_raw(500, b"boom", "text/plain"))
+    bad.refresh(5)
+    text = render([("emea", good), ("americas", bad)])
+    promtool_check(text)
+    assert 'skillable_up{account="emea"} 1.0' in text
+    assert 'skillable_up{account="americas"} 0.0' in text
+    lab_lines = [line for line in text.splitlines() if line.startswith("skillable_lab_instances")]
+    assert lab_lines and all('account="' in line for line in lab_lines)
+
+
+def test_single_account_has_no_account_label(fake: FakeSkillable) -> None:
+    scenario(fake)
+    poller = make_poller(fake)
+    poller.refresh(5)
+    assert 'account="' not in render([("", poller)])
+
+
+def metric_names(text: str) -> set[str]:
+    return set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
+
+
+def test_names_follow_conventions(fake: FakeSkillable) -> None:
+    scenario(fake)
+    poller = make_poller(fake, collect_stats=True)
+    poller.refresh(5)
+    text = render([("", poller)])
+    for name in metric_names(text):
+        assert name.startswith("skillable_"), name
+        assert re.fullmatch(r"[a-z_]+", name), name
+    for banned in ("user", "class", "ip_address", "lab_instance_id", "instance_id"):
+        assert not re.search(rf'[{{,]{banned}="', text), banned
+    assert "user-secret-555" not in text and "203.0.113.9" not in text
+
+
+README_ROW = re.compile(r"^\| `(skillable_[a-z_]+)` \| (\w+) \|", re.M)
+
+
+def test_readme_metrics_table_matches_the_code(fake: FakeSkillable) -> None:
+    scenario(fake)
+    poller = make_poller(fake, collect_stats=True, collect_region_names=True)
+    poller.refresh(5)
+    text = render([("", poller)], Names(datacenters={"3": "x"}, lab_hosts={"49": "y"}))
+    served = dict(re.findall(r"^# TYPE (\S+) (\w+)$", text, flags=re.M))
+    documented = dict(README_ROW.findall((ROOT / "README.md").read_text()))
+    assert documented == served
+
+
+@pytest.mark.parametrize("name", ["single_account.prom", "failed_first_poll.prom"])
+def test_golden_files_are_clean_for_promtool(name: str) -> None:
+    promtool_check((GOLDEN / name).read_text())
