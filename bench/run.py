@@ -1,0 +1,487 @@
+"""The benchmark: the exporter against the decode floor and the afternoon-script baseline, one run, one payload.
+
+    python bench/run.py            # 1k, 10k and 100k windows; writes BENCHMARKS.md
+    python bench/run.py --quick    # 1k and 10k, fewer samples (< 60 s); add --no-write to leave BENCHMARKS.md
+
+Every process is separate: the simulator (exporter.demo with a frozen clock and
+the /_bench hooks), the baseline (bench/baseline.py) and the exporter
+(python -m exporter). BENCHMARKS.md explains the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+LABS_PER_MINUTE = 25  # about 50 changes (starts + ends) per simulated minute
+# window minutes -> about 1k, 10k and 100k results at 25 labs per minute
+SIZES = {"1k": 22, "10k": 350, "100k": 3950}
+STEP_SECONDS = 60  # the simulator's clock moves this much between steady-state polls
+OVERLAP_MINUTES = 2  # the exporter's default --skillable.overlap-minutes
+CONCURRENT_SCRAPES = 50
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+# -- the floor's typed record: the same fields the exporter reads --------------
+
+class Record(msgspec.Struct, rename="pascal", gc=False):
+    lab_instance_id: int
+    start: int | None = None
+    end: int | None = None
+    completion_status: int | None = None
+    total_run_time_seconds: int | None = None
+    task_complete_percent: float | None = None
+    is_exam: bool | None = None
+    exam_passed: bool | None = None
+    exam_score: float | None = None
+    exam_max_possible_score: float | None = None
+    lab_host_id: int | None = None
+    datacenter_id: int | None = None
+    delivery_region_id: int | None = None
+
+
+class Envelope(msgspec.Struct):
+    Results: list[Record] | None = None
+    Status: int | None = None
+    Error: str | None = None
+
+
+DECODER = msgspec.json.Decoder(Envelope)
+
+
+# -- small HTTP helpers ----------------------------------------------------------
+
+def split_url(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def http_get(url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 300) -> bytes:
+    """One GET on a fresh connection; the body is read into a buffer of its announced length."""
+    host, port = split_url(url)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        length = response.getheader("Content-Length")
+        if length is None:
+            body = response.read()
+        else:
+            buf = bytearray(int(length))
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = response.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            body = bytes(buf) if got == len(buf) else bytes(buf[:got])
+        if response.status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {response.status}")
+        return body
+    finally:
+        conn.close()
+
+
+def timed_get(url: str, path: str = "/metrics") -> tuple[float, bytes]:
+    start = time.perf_counter()
+    body = http_get(url, path)
+    return time.perf_counter() - start, body
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+# -- the simulator ---------------------------------------------------------------
+
+class Simulator:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter.demo", "--listen", "127.0.0.1:0",
+             "--labs-per-minute", str(LABS_PER_MINUTE), "--freeze-clock", "--bench-hooks"],
+            stdout=subprocess.PIPE, cwd=ROOT, text=True,
+        )
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            raise RuntimeError("the simulator did not print its URL")
+
+    def counters(self) -> dict[str, Any]:
+        return json.loads(http_get(self.url, "/_bench/counters"))
+
+    def advance(self, seconds: float, warm: list[int]) -> dict[str, Any]:
+        query = f"advance={seconds}&warm={','.join(map(str, warm))}"
+        return json.loads(http_get(self.url, f"/_bench/clock?{query}"))
+
+    def catch_up(self, warm: list[int]) -> None:
+        """Put the frozen clock on a whole minute at least 60 s ahead of real time, so that the
+        exporter (on real time) never finds the simulator's events older than its own horizon."""
+        now = self.counters()["now"]
+        target = (math.floor(time.time() / 60) + 2) * 60
+        self.advance(max(0.0, target - now), warm)
+
+    def latest(self, minutes: int) -> bytes:
+        return http_get(self.url, f"/LatestResults?minutes={minutes}", {"api_key": "bench"})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# -- the targets under test ------------------------------------------------------
+
+class Target:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                http_get(self.url, "/healthz", timeout=5)
+                return
+            except (ConnectionError, OSError, RuntimeError):
+                self.check_alive()
+                time.sleep(0.002)
+        raise RuntimeError(f"{self.name} did not start")
+
+    def first_good_scrape(self, timeout: float = 300) -> tuple[float, bytes]:
+        """Seconds from the process start to the first /metrics answer with skillable_up 1."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                body = http_get(self.url, "/metrics", timeout=timeout)
+            except (ConnectionError, OSError):
+                self.check_alive()
+                time.sleep(0.002)
+                continue
+            if re.search(rb"^skillable_up 1\.0$", body, re.M):
+                return time.perf_counter() - self.started, body
+        raise RuntimeError(f"{self.name}: no good scrape")
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            assert self.proc.stderr is not None
+            raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read().decode(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_baseline(sim: Simulator, window: int) -> Target:
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "baseline.py"), "--port", str(port), "--url", sim.url,
+            "--window-minutes", str(window)]
+    return Target("baseline", argv, dict(os.environ), port)
+
+
+def start_exporter(sim: Simulator, window: int, min_interval: float = 0.0) -> Target:
+    port = free_port()
+    argv = [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}",
+            f"--skillable.window-minutes={window}", "--skillable.timeout=120",
+            f"--skillable.min-poll-interval={min_interval}", "--no-collector.stats",
+            "--no-collector.delivery-regions", "--log.level=warn"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    env.update(SKILLABLE_API_URL=sim.url, SKILLABLE_API_KEY="bench")
+    return Target("exporter", argv, env, port)
+
+
+# -- measurements ----------------------------------------------------------------
+
+@dataclass
+class Result:
+    size: str
+    window_minutes: int
+    results: int = 0
+    payload_bytes: int = 0
+    floor_read: float = 0.0
+    floor_decode: float = 0.0
+    m: dict[str, dict[str, float]] = field(default_factory=lambda: {"baseline": {}, "exporter": {}})
+
+    @property
+    def floor(self) -> float:
+        return self.floor_read + self.floor_decode
+
+
+def measure_floor(sim: Simulator, res: Result, reps: int) -> None:
+    reads, decodes = [], []
+    body = b""
+    for _ in range(reps):
+        start = time.perf_counter()
+        body = sim.latest(res.window_minutes)
+        reads.append(time.perf_counter() - start)
+    for _ in range(reps):
+        start = time.perf_counter()
+        env = DECODER.decode(body)
+        decodes.append(time.perf_counter() - start)
+        res.results = len(env.Results or [])
+        del env
+    res.payload_bytes = len(body)
+    res.floor_read = statistics.median(reads)
+    res.floor_decode = statistics.median(decodes)
+
+
+def latest_counters(sim: Simulator) -> tuple[int, int]:
+    c = sim.counters()
+    return c["requests"].get("latestresults", 0), c["bytes_sent"]
+
+
+def steady(sim: Simulator, target: Target, warm: list[int], samples: int, warmup: int) -> dict[str, float]:
+    """Scrapes with the simulator's clock moved STEP_SECONDS before each; the body each asks for is prebuilt."""
+    for _ in range(warmup):
+        sim.advance(STEP_SECONDS, warm)
+        timed_get(target.url)
+    req0, bytes0 = latest_counters(sim)
+    latencies = []
+    body = b""
+    for _ in range(samples):
+        sim.advance(STEP_SECONDS, warm)
+        latency, body = timed_get(target.url)
+        latencies.append(latency)
+    req1, bytes1 = latest_counters(sim)
+    return {
+        "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+        "bytes_per_poll": (bytes1 - bytes0) / samples, "requests_per_scrape": (req1 - req0) / samples,
+        "exposition_bytes": len(body),
+    }
+
+
+def concurrent_scrapes(target: Target, n: int) -> list[bytes]:
+    barrier = threading.Barrier(n)
+    bodies: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            barrier.wait()
+            bodies.append(http_get(target.url, "/metrics"))
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} concurrent scrapes failed: {errors[0]!r}")
+    return bodies
+
+
+def poll_duration(body: bytes) -> float:
+    match = re.search(rb"^skillable_poll_duration_seconds ([0-9.e+-]+)$", body, re.M)
+    if not match:
+        raise RuntimeError("no skillable_poll_duration_seconds in the exposition")
+    return float(match.group(1))
+
+
+def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
+    window = SIZES[size]
+    res = Result(size, window)
+    big = size == "100k"
+    incremental = [1 + OVERLAP_MINUTES]  # what the exporter asks for when less than a minute went by
+
+    sim.catch_up([window])
+    measure_floor(sim, res, reps=3 if big or quick else 5)
+    log(f"{size}: {res.results} results, {res.payload_bytes / 1e6:.1f} MB; floor read {res.floor_read:.3f}s "
+        f"decode {res.floor_decode:.3f}s")
+
+    # The baseline: cold, then steady state (it fetches the whole window every time).
+    sim.catch_up([window])
+    base = start_baseline(sim, window)
+    try:
+        cold, body = base.first_good_scrape()
+        b = res.m["baseline"]
+        b["cold"] = cold
+        b.update(steady(sim, base, [window], samples=3 if quick else (8 if big else 20), warmup=1))
+        b["rss"] = peak_rss_mb(base.proc.pid)
+    finally:
+        base.stop()
+    log(f"{size}: baseline cold {b['cold']:.3f}s steady p50 {b['p50']:.3f}s rss {b['rss']:.0f} MB")
+
+    # The exporter: cold start and full sync, then steady state with ~50 changes per poll.
+    sim.catch_up([window])
+    exp = start_exporter(sim, window)
+    try:
+        cold, body = exp.first_good_scrape()
+        e = res.m["exporter"]
+        e["cold"] = cold
+        e["sync"] = poll_duration(body)
+        e.update(steady(sim, exp, incremental, samples=30 if quick else 200, warmup=2))
+        e["rss"] = peak_rss_mb(exp.proc.pid)
+        e["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+        e["hosts"] = len(set(re.findall(rb'lab_host_id="([^"]+)"', body)))
+    finally:
+        exp.stop()
+
+    # A second exporter: 50 concurrent scrapes fired while its cold poll is in flight, with
+    # --skillable.min-poll-interval set so a scrape landing after that poll reuses it too.
+    # Then scrapes with no poll due time the exposition alone.
+    sim.catch_up([window])
+    exp2 = start_exporter(sim, window, min_interval=3600)
+    try:
+        exp2.wait_listening()
+        req0, _ = latest_counters(sim)
+        bodies = concurrent_scrapes(exp2, CONCURRENT_SCRAPES)
+        req1, _ = latest_counters(sim)
+        e["concurrent_requests"] = req1 - req0
+        e["concurrent_good"] = sum(1 for body in bodies if re.search(rb"^skillable_up 1\.0$", body, re.M))
+        times = [timed_get(exp2.url)[0] for _ in range(20 if quick else 50)]
+        e["exposition_time"] = statistics.median(times)
+    finally:
+        exp2.stop()
+    log(f"{size}: exporter cold {e['cold']:.3f}s sync {e['sync']:.3f}s steady p50 {e['p50'] * 1000:.1f}ms "
+        f"p99 {e['p99'] * 1000:.1f}ms bytes/poll {e['bytes_per_poll']:.0f} rss {e['rss']:.0f} MB "
+        f"concurrent→{e['concurrent_requests']} requests")
+    return res
+
+
+# -- report ----------------------------------------------------------------------
+
+def machine_facts() -> list[str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return [
+        f"- Machine: {os.cpu_count()} CPUs ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}",
+        f"- Python {platform.python_version()}; msgspec {version('msgspec')}, "
+        f"prometheus-client {version('prometheus-client')}, requests {version('requests')}",
+        f"- Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, simulator at {LABS_PER_MINUTE} labs/minute "
+        f"(~{2 * LABS_PER_MINUTE} changes per simulated minute), clock moved {STEP_SECONDS} s between steady polls",
+    ]
+
+
+def fmt_s(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def report(results: list[Result]) -> str:
+    lines = ["| window | measure | floor | baseline | exporter | exporter / floor | baseline / exporter | target |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        b, e = r.m["baseline"], r.m["exporter"]
+        big = r.size == "100k"
+        w = f"{r.size} ({r.results} results, {r.payload_bytes / 1e6:.1f} MB, {r.window_minutes} min)"
+
+        def row(measure: str, floor: str, base: str, exp: str, ef: str, be: str, target: str) -> None:
+            lines.append(f"| {w} | {measure} | {floor} | {base} | {exp} | {ef} | {be} | {target} |")
+
+        def verdict(ok: bool, text: str) -> str:
+            return f"{text} {'met' if ok else 'MISSED'}"
+
+        row("floor: socket read + msgspec decode", f"{fmt_s(r.floor_read)} + {fmt_s(r.floor_decode)}",
+            "", "", "", "", "")
+        row("cold start to first good scrape", "", fmt_s(b["cold"]), fmt_s(e["cold"]),
+            f"{e['cold'] / r.floor:.1f}x", f"{b['cold'] / e['cold']:.1f}x",
+            verdict(e["cold"] <= 0.6 * b["cold"], "exporter ≤ 0.6x baseline") if big else "")
+        row("full-window sync (exporter's poll)", fmt_s(r.floor), "", fmt_s(e["sync"]),
+            f"{e['sync'] / r.floor:.2f}x", "", verdict(e["sync"] <= 3 * r.floor, "≤ 3x floor") if big else "")
+        row("steady scrape latency p50", "", fmt_s(b["p50"]), fmt_s(e["p50"]), "",
+            f"{b['p50'] / e['p50']:.0f}x", verdict(b["p50"] >= 20 * e["p50"], "≥ 20x") if big else "")
+        row("steady scrape latency p99", "", fmt_s(b["p99"]), fmt_s(e["p99"]), "",
+            f"{b['p99'] / e['p99']:.0f}x", verdict(b["p99"] >= 20 * e["p99"], "≥ 20x") if big else "")
+        share = e["bytes_per_poll"] / r.payload_bytes
+        row("upstream bytes per steady poll", "", f"{b['bytes_per_poll'] / 1e6:.1f} MB",
+            f"{e['bytes_per_poll'] / 1e3:.1f} kB ({share:.2%} of window)", "",
+            f"{b['bytes_per_poll'] / e['bytes_per_poll']:.0f}x", verdict(share < 0.01, "< 1% of window") if big else "")
+        row("peak RSS (VmHWM)", "", f"{b['rss']:.0f} MB", f"{e['rss']:.0f} MB", "", f"{b['rss'] / e['rss']:.1f}x",
+            verdict(b["rss"] >= 2 * e["rss"], "exporter ≤ half") if big else "")
+        row("exposition: time with no poll due / size", "", f"— / {b['exposition_bytes'] / 1e3:.1f} kB",
+            f"{fmt_s(e['exposition_time'])} / {e['exposition_bytes'] / 1e3:.1f} kB ({e['series']} series, "
+            f"{e['hosts']} hosts)", "", "", "")
+        row(f"upstream requests for {CONCURRENT_SCRAPES} concurrent scrapes", "", "",
+            f"{e['concurrent_requests']} ({e['concurrent_good']} good answers)", "", "",
+            verdict(e["concurrent_requests"] == 1, "exactly 1"))
+    return "\n".join(lines)
+
+
+def write_benchmarks(table: str, facts: list[str], command: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    block = "\n".join([BEGIN, f"Last run: `{command}`", "", *facts, "", table, END])
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1k and 10k windows only, fewer samples (< 60 s)")
+    parser.add_argument("--sizes", help="comma-separated subset of " + ",".join(SIZES))
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
+    args = parser.parse_args(argv)
+    sizes = args.sizes.split(",") if args.sizes else (["1k", "10k"] if args.quick else list(SIZES))
+    started = time.monotonic()
+
+    def log(text: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    sim = Simulator()
+    try:
+        results = [measure_size(sim, size, args.quick, log) for size in sizes]
+    finally:
+        sim.stop()
+    facts = machine_facts()
+    table = report(results)
+    print("\n".join(facts) + "\n\n" + table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ | {"floor": r.floor} for r in results], indent=2))
+    if not args.no_write:
+        command = "python bench/run.py" + (" --quick" if args.quick else "") + (
+            f" --sizes {args.sizes}" if args.sizes else "")
+        write_benchmarks(table, facts, command)
+        log("wrote BENCHMARKS.md")
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
