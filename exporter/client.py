@@ -11,7 +11,6 @@ import email.utils
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 import requests
 
@@ -28,12 +27,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
-
-
-@dataclass
-class Response:
-    body: bytes
-    status: int
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
