@@ -64,6 +64,7 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    SKILLABLE_EXPORTER_LISTEN_ADDRESS=0.0.0.0:10180 \
     SKILLABLE_STATE_FILE=/var/lib/skillable-exporter/state.json \
     HEALTHCHECK_URL=http://127.0.0.1:10180/healthz
 
@@ -73,11 +74,14 @@ EXPOSE 10180
 
 # No curl in slim images: the stdlib does the probe. urlopen raises (exit 1)
 # on a refused connection, a timeout or any non-2xx answer. /healthz never
-# calls the Skillable API, so this is cheap. Set HEALTHCHECK_URL when the
-# exporter listens elsewhere (e.g. --network host with another port).
+# calls the Skillable API and needs no basic auth, so this is cheap. Set
+# HEALTHCHECK_URL when the exporter listens elsewhere (another port with
+# --network host, or https:// with a web config file; the certificate is not
+# verified for this loopback probe).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('HEALTHCHECK_URL', 'http://127.0.0.1:10180/healthz'), timeout=4)"]
+    CMD ["python3", "-c", "import os, ssl, urllib.request; urllib.request.urlopen(os.environ.get('HEALTHCHECK_URL', 'http://127.0.0.1:10180/healthz'), timeout=4, context=ssl._create_unverified_context())"]
 
-# The listen address is part of the entrypoint so that `docker run IMAGE --demo`
-# still listens on all interfaces; a later --web.listen-address overrides it.
-ENTRYPOINT ["skillable-exporter", "--web.listen-address=0.0.0.0:10180"]
+# Arguments go straight to the exporter: `docker run IMAGE --demo`. The listen
+# address comes from SKILLABLE_EXPORTER_LISTEN_ADDRESS above (all interfaces,
+# as a container must); --web.listen-address overrides it.
+ENTRYPOINT ["skillable-exporter"]

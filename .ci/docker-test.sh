@@ -197,13 +197,14 @@ import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     print("\n".join(tomllib.load(f)["build-system"]["requires"]))' "$REPO/pyproject.toml")
 mapfile -t build_requires <<<"$build_requires"
-"$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$ctx/wheels" "$REPO" >"$WORK/pip.log" 2>&1 ||
+# Build from the copy: an in-tree build leaves build/ and *.egg-info behind.
+"$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$ctx/wheels" "$ctx" >"$WORK/pip.log" 2>&1 ||
     { tail -n 20 "$WORK/pip.log" >&2; fail "pip wheel of the project failed"; }
 "$PYTHON" -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$ctx/wheels" \
     "${build_requires[@]}" >>"$WORK/pip.log" 2>&1 ||
     { tail -n 20 "$WORK/pip.log" >&2; fail "pip download of the build backend failed"; }
 # The image builds its own wheel of the project: leave only the dependencies.
-rm -f "$ctx"/wheels/skillable_exporter-*.whl
+rm -rf "$ctx"/wheels/skillable_exporter-*.whl "$ctx/build" "$ctx"/*.egg-info
 log "wheels: $(cd "$ctx/wheels" && ls | tr '\n' ' ')"
 
 ############################################################################
@@ -236,12 +237,13 @@ log "docker run --demo on 127.0.0.1:$port (host network, read-only root filesyst
     fail "docker run failed"
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2
+    local limit=$1 what=$2
+    local deadline=$((SECONDS + limit))
     shift 2
     until "$@"; do
         [[ $("$DOCKER" inspect -f '{{.State.Running}}' "$CONTAINER") == true ]] ||
             fail "container exited (status $("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")) while waiting for $what"
-        ((SECONDS < deadline)) || fail "timed out after $1 s waiting for $what"
+        ((SECONDS < deadline)) || fail "timed out after $limit s waiting for $what"
         sleep 0.2
     done
 }
@@ -266,6 +268,20 @@ log "docker reports the container healthy"
 uid=$("$DOCKER" exec "$CONTAINER" python3 -c 'import os; print(os.getuid())')
 [[ $uid == "$UID_EXPECTED" ]] || fail "exporter runs as uid $uid, expected $UID_EXPECTED"
 log "runs as uid $uid"
+
+state_written() {
+    "$DOCKER" exec "$CONTAINER" python3 -c \
+        'import os, sys; sys.exit(os.path.getsize(os.environ["SKILLABLE_STATE_FILE"]) == 0)' 2>/dev/null
+}
+# TODO(issue 5): make this fatal once the exporter writes its state file;
+# until then a missing file is only reported.
+if (wait_for 15 "the state file on the writable volume" state_written) 2>/dev/null; then
+    log "state file written to the volume (root filesystem read-only)"
+else
+    log "WARNING: no state file at \$SKILLABLE_STATE_FILE after 15 s (state file support not in the exporter yet?)"
+fi
+echo "---- container log ----"
+"$DOCKER" logs "$CONTAINER" 2>&1 | head -n 20
 
 "$DOCKER" stop -t 10 "$CONTAINER" >/dev/null
 log "container stopped (exit status $("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER"))"
