@@ -128,7 +128,9 @@ log "repo $REPO"
 
 log "installing docker.io and debootstrap"
 export DEBIAN_FRONTEND=noninteractive
-apt_install() { apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null; }
+# With recommends, as measured in real-components.md (apparmor among them: a host
+# with AppArmor enabled needs apparmor_parser for the docker-default profile).
+apt_install() { apt-get install -y -qq docker.io debootstrap >/dev/null; }
 apt_install || { apt-get update -qq && apt_install; } || fail "apt-get install docker.io debootstrap failed"
 DOCKER=/usr/bin/docker # Debian's client, matching Debian's dockerd (not a newer one on PATH)
 [[ -x $DOCKER && -x /usr/sbin/dockerd ]] || fail "docker.io did not provide /usr/bin/docker and /usr/sbin/dockerd"
