@@ -7,6 +7,7 @@ The HTTP server asks this object for an exposition; it refreshes the pollers
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +33,14 @@ class AccountStatus:
 
 
 class ExporterApp:
-    def __init__(self, config: Config, make_client: Callable[[str, str], SkillableClient] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        make_client: Callable[[str, str], SkillableClient] | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock` and `monotonic` are for tests: the wall clock polls are timed by, and the backoff clock."""
         self.config = config
         make = make_client or (lambda url, key: SkillableClient(url, key, config.max_response_bytes))
         self.pollers: dict[str, Poller] = {
@@ -44,6 +52,8 @@ class ExporterApp:
                 max_lab_hosts=config.max_lab_hosts,
                 collect_stats=config.collect_stats,
                 collect_region_names=config.collect_delivery_regions,
+                clock=clock,
+                monotonic=monotonic,
             )
             for account in config.accounts
         }

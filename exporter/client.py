@@ -2,7 +2,12 @@
 
 Skillable documents no HTTP error codes and no rate limits, so every kind of
 answer is expected: each failure becomes an ApiError with a short `reason`
-that the failure counter uses as a label.
+that the failure counter uses as a label (docs/failure-modes.md lists them).
+
+`timeout` in requests bounds each socket operation, not the whole answer: a
+server that trickles its headers or body one byte at a time never trips it. So
+every request also has a watchdog that shuts the connection's socket down at
+the deadline, which makes the blocked read return at once.
 """
 
 from __future__ import annotations
@@ -11,13 +16,30 @@ import email.utils
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
 
 CHUNK_BYTES = 256 * 1024
 CONNECT_TIMEOUT_CAP = 5.0
+
+# The bounded set of failure reasons the client raises (the poller adds a few).
+CONNECT_TIMEOUT = "connect_timeout"  # no TCP connection within the connect timeout
+CONNECT_ERROR = "connect_error"  # refused, name not resolved, TLS handshake or certificate refused
+TIMEOUT = "timeout"  # connected, but the whole answer did not arrive before the deadline
+CONNECTION_RESET = "connection_reset"  # the connection was reset or closed before the whole answer
+UNAUTHORIZED = "unauthorized"  # HTTP 401 or 403: the API key was refused
+RATE_LIMITED = "rate_limited"  # HTTP 429
+HTTP_ERROR = "http_error"  # any other status but 200 (5xx, 404, a redirect)
+TOO_LARGE = "too_large"  # the body exceeds --skillable.max-response-bytes
+INVALID_RESPONSE = "invalid_response"  # the body cannot be read as what it claims to be
 
 
 class ApiError(Exception):
@@ -27,6 +49,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+
+
+@dataclass
+class Response:
+    body: bytes
+    status: int
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -45,12 +73,108 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+# -- the deadline watchdog ---------------------------------------------------
+
+_current = threading.local()  # the _Deadline of the request this thread is making
+
+
+class _Deadline:
+    """Shuts down the socket of the connection a request uses once the deadline passes."""
+
+    def __init__(self, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._connection: HTTPConnection | None = None
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _current.deadline = None
+
+    def attach(self, connection: HTTPConnection) -> None:
+        with self._lock:
+            self._connection = connection
+            fired = self.fired
+        if fired:
+            _shutdown(connection)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            connection = self._connection
+        if connection is not None:
+            _shutdown(connection)
+
+
+def _shutdown(connection: HTTPConnection) -> None:
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _attach(connection: HTTPConnection) -> None:
+    deadline: _Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.attach(connection)
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _attach(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:  # a reused keep-alive connection
+        _attach(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _attach(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self)
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter with connections the deadline watchdog can find (proxied ones excepted)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+# -- the client --------------------------------------------------------------
+
+
 class SkillableClient:
     def __init__(self, base_url: str, api_key: str, max_response_bytes: int) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._max_bytes = max_response_bytes
         self._session = requests.Session()
+        adapter = _WatchedAdapter()
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._session.headers["User-Agent"] = f"skillable-exporter/{__version__}"
         self._session.headers["Accept"] = "application/json"
 
@@ -60,16 +184,21 @@ class SkillableClient:
     def close(self) -> None:
         self._session.close()
 
+    def redact(self, text: str) -> str:
+        """`text` with the API key blanked out, for anything that reaches a log or a metric."""
+        return text.replace(self._api_key, "<redacted>") if self._api_key else text
+
     def get(self, endpoint: str, params: dict[str, int] | None, timeout: float) -> bytes:
         """GET <base>/<endpoint> and return the body of a 200 answer, within `timeout` seconds in total."""
         deadline = time.monotonic() + timeout
         try:
-            return self._get(endpoint, params, deadline)
+            with _Deadline(timeout) as watchdog:
+                return self._get(endpoint, params, deadline, watchdog)
         except ApiError as exc:
-            raise ApiError(exc.reason, self._redact(str(exc)), exc.retry_after) from None
+            raise ApiError(exc.reason, self.redact(str(exc)), exc.retry_after) from None
 
-    def _get(self, endpoint: str, params: dict[str, int] | None, deadline: float) -> bytes:
-        remaining = deadline - time.monotonic()
+    def _get(self, endpoint: str, params: dict[str, int] | None, deadline: float, watchdog: _Deadline) -> bytes:
+        remaining = max(deadline - time.monotonic(), 0.001)
         try:
             response = self._session.get(
                 f"{self._base_url}/{endpoint}",
@@ -79,13 +208,11 @@ class SkillableClient:
                 stream=True,
                 allow_redirects=False,
             )
-        except requests.Timeout:
-            raise ApiError("timeout", f"{endpoint}: no answer within {remaining:.1f}s") from None
         except requests.RequestException as exc:
-            raise ApiError("connection_error", f"{endpoint}: {type(exc).__name__}") from None
+            raise _request_error(endpoint, exc, watchdog.fired, "no answer") from None
         with response:
             self._check_status(endpoint, response)
-            return self._read_body(endpoint, response, deadline)
+            return self._read_body(endpoint, response, deadline, watchdog)
 
     def _check_status(self, endpoint: str, response: requests.Response) -> None:
         status = response.status_code
@@ -93,48 +220,55 @@ class SkillableClient:
             return
         retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
         if status in (401, 403):
-            raise ApiError("unauthorized", f"{endpoint}: HTTP {status}: the API key was refused")
+            raise ApiError(UNAUTHORIZED, f"{endpoint}: HTTP {status}: the API key was refused")
         if status == 429:
-            raise ApiError("rate_limited", f"{endpoint}: HTTP 429 Too Many Requests", retry_after)
-        raise ApiError("http_error", f"{endpoint}: HTTP {status}", retry_after)
+            raise ApiError(RATE_LIMITED, f"{endpoint}: HTTP 429 Too Many Requests", retry_after)
+        raise ApiError(HTTP_ERROR, f"{endpoint}: HTTP {status}", retry_after)
 
-    def _read_body(self, endpoint: str, response: requests.Response, deadline: float) -> bytes:
+    def _read_body(
+        self, endpoint: str, response: requests.Response, deadline: float, watchdog: _Deadline
+    ) -> bytes:
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self._max_bytes:
-            raise ApiError("too_large", f"{endpoint}: body of {length} bytes exceeds the limit")
-        # A per-read timeout does not bound a body that trickles in; a watchdog
-        # shuts the socket down at the deadline so the read below returns.
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shutdown, (response,))
-        watchdog.daemon = True
-        watchdog.start()
+            raise ApiError(TOO_LARGE, f"{endpoint}: body of {length} bytes exceeds the limit of {self._max_bytes}")
         chunks: list[bytes] = []
         size = 0
         try:
+            # Decoded (gunzipped) bytes are counted, so a compressed bomb stops at the cap too.
             for chunk in response.iter_content(CHUNK_BYTES):
                 size += len(chunk)
                 if size > self._max_bytes:
-                    raise ApiError("too_large", f"{endpoint}: body exceeds {self._max_bytes} bytes")
+                    raise ApiError(TOO_LARGE, f"{endpoint}: body exceeds the limit of {self._max_bytes} bytes")
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
                     break
         except requests.RequestException as exc:
-            if time.monotonic() < deadline:
-                raise ApiError("connection_error", f"{endpoint}: body cut off ({type(exc).__name__})") from None
-        finally:
-            watchdog.cancel()
-        if time.monotonic() > deadline:
-            raise ApiError("timeout", f"{endpoint}: body not complete before the deadline")
+            raise _request_error(endpoint, exc, watchdog.fired, "body cut off") from None
+        if watchdog.fired or time.monotonic() > deadline:
+            raise ApiError(TIMEOUT, f"{endpoint}: body not complete before the deadline ({size} bytes read)")
         return b"".join(chunks)
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "<redacted>") if self._api_key else text
+
+def _request_error(endpoint: str, exc: requests.RequestException, fired: bool, what: str) -> ApiError:
+    """Map what requests raised to a failure reason."""
+    name = type(exc).__name__
+    cause = _root_cause(exc)
+    if isinstance(exc, requests.ConnectTimeout):
+        return ApiError(CONNECT_TIMEOUT, f"{endpoint}: no connection within the connect timeout")
+    if fired or isinstance(exc, requests.Timeout) or isinstance(cause, urllib3.exceptions.ReadTimeoutError):
+        return ApiError(TIMEOUT, f"{endpoint}: {what}: the deadline passed")
+    if isinstance(exc, requests.exceptions.SSLError) or isinstance(cause, urllib3.exceptions.NewConnectionError):
+        detail = type(cause).__name__ if cause is not None else name
+        return ApiError(CONNECT_ERROR, f"{endpoint}: cannot connect ({detail})")
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return ApiError(INVALID_RESPONSE, f"{endpoint}: {what}: body does not match its Content-Encoding")
+    detail = f"{name}: {type(cause).__name__}" if cause is not None else name
+    return ApiError(CONNECTION_RESET, f"{endpoint}: {what}: connection reset or closed ({detail})")
 
 
-def _shutdown(response: requests.Response) -> None:
-    connection = getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+def _root_cause(exc: BaseException) -> BaseException | None:
+    """The urllib3 error requests wrapped (MaxRetryError's reason, or the first argument)."""
+    inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+    if isinstance(inner, urllib3.exceptions.MaxRetryError) and inner.reason is not None:
+        return inner.reason
+    return inner

@@ -8,6 +8,7 @@ in memory, which is both cheaper and keeps personal data out of the process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 
@@ -38,22 +39,27 @@ def status_name(code: int | None) -> str:
     return STATUS_NAMES.get(code, UNKNOWN_STATUS)
 
 
+# JSON integers can be of any size; ids and times beyond 64 bits make a record invalid
+# instead of reaching arithmetic that would overflow (float() of a 400-digit run time).
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class LabResult(msgspec.Struct, rename="pascal", frozen=True, gc=False):
     """One LabResult. Only LabInstanceId is required; every other field may be null or absent."""
 
-    lab_instance_id: int
-    start: int | None = None
-    end: int | None = None
-    completion_status: int | None = None
-    total_run_time_seconds: int | None = None
+    lab_instance_id: Int64
+    start: Int64 | None = None
+    end: Int64 | None = None
+    completion_status: Int64 | None = None
+    total_run_time_seconds: Int64 | None = None
     task_complete_percent: float | None = None
     is_exam: bool | None = None
     exam_passed: bool | None = None
     exam_score: float | None = None
     exam_max_possible_score: float | None = None
-    lab_host_id: int | None = None
-    datacenter_id: int | None = None
-    delivery_region_id: int | None = None
+    lab_host_id: Int64 | None = None
+    datacenter_id: Int64 | None = None
+    delivery_region_id: Int64 | None = None
 
 
 class _Envelope(msgspec.Struct):
@@ -70,8 +76,15 @@ class _LenientEnvelope(msgspec.Struct):
     Error: str | None = None
 
 
+MAX_ERROR_CHARS = 300  # of an upstream Error message, as kept in logs
+
+
 class DecodeError(Exception):
     """The body is not a LatestResults answer at all (not JSON, wrong shape)."""
+
+
+class NotJsonError(DecodeError):
+    """The body is not JSON at all: an HTML error or login page, plain text, nothing."""
 
 
 class UpstreamError(Exception):
@@ -103,6 +116,7 @@ def decode_latest_results(body: bytes) -> Batch:
     except msgspec.ValidationError:
         pass
     except msgspec.DecodeError as exc:
+        _check_json(body)
         raise DecodeError(f"response is not valid JSON: {exc}") from None
     try:
         lenient = _lenient.decode(body)
@@ -119,9 +133,18 @@ def decode_latest_results(body: bytes) -> Batch:
     return Batch(results, invalid)
 
 
+def _check_json(body: bytes) -> None:
+    """Raise NotJsonError when the body does not even start like a JSON document."""
+    start = body.lstrip()[:1]
+    if start not in (b"{", b"["):
+        kind = "an empty body" if not start else ("HTML" if start == b"<" else "not JSON")
+        raise NotJsonError(f"response is {kind}, not JSON ({len(body)} bytes)")
+
+
 def _check_status(status: int | None, error: str | None) -> None:
     if status != 1:
-        raise UpstreamError(error or f"Status {status!r} without an error message")
+        message = error if error else f"Status {status!r} without an error message"
+        raise UpstreamError(message[:MAX_ERROR_CHARS])
 
 
 class _DeliveryRegion(msgspec.Struct, rename="pascal"):
@@ -136,8 +159,8 @@ class _DeliveryRegions(msgspec.Struct):
 
 
 class _Stats(msgspec.Struct):
-    NumActive: int | None = None
-    NumSaved: int | None = None
+    NumActive: Int64 | None = None
+    NumSaved: Int64 | None = None
     Status: int | None = None
     Error: str | None = None
 
@@ -153,6 +176,7 @@ def decode_delivery_regions(body: bytes) -> dict[int, str]:
     try:
         env = msgspec.json.decode(body, type=_DeliveryRegions, strict=False)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        _check_json(body)
         raise DecodeError(f"response is not a DeliveryRegions object: {exc}") from None
     _check_status(env.Status, env.Error)
     return {r.id: r.name for r in env.DeliveryRegions or [] if r.name}
@@ -163,6 +187,7 @@ def decode_stats(body: bytes) -> AccountStats:
     try:
         env = msgspec.json.decode(body, type=_Stats, strict=False)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        _check_json(body)
         raise DecodeError(f"response is not a Stats object: {exc}") from None
     _check_status(env.Status, env.Error)
     return AccountStats(env.NumActive, env.NumSaved)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -19,14 +20,32 @@ from typing import Callable
 
 from .client import ApiError, SkillableClient
 from .config import MAX_WINDOW_MINUTES
-from .model import AccountStats, DecodeError, UpstreamError, decode_delivery_regions, decode_latest_results, decode_stats
+from .model import (
+    AccountStats,
+    DecodeError,
+    NotJsonError,
+    UpstreamError,
+    decode_delivery_regions,
+    decode_latest_results,
+    decode_stats,
+)
 from .state import FleetState, Snapshot
 
 log = logging.getLogger(__name__)
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
+MAX_RETRY_AFTER_SECONDS = 3600.0  # a longer Retry-After is cut to this, so one bad header never stops polling
 REGION_NAMES_REFRESH_SECONDS = 3600.0
+
+# Failure reasons the poller adds to the client's (client.py): see docs/failure-modes.md.
+NOT_JSON = "not_json"
+INVALID_RESPONSE = "invalid_response"
+API_ERROR = "api_error"
+UNAUTHORIZED = "unauthorized"
+INTERNAL_ERROR = "internal_error"
+# Skillable answers a bad key with HTTP 200, Status 0 and an Error about the key.
+_KEY_ERROR = re.compile(r"api[ _-]?key|unauthori[sz]ed|forbidden|not authenticated", re.IGNORECASE)
 
 
 @dataclass
@@ -63,6 +82,7 @@ class Poller:
         collect_region_names: bool = False,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        on_poll: Callable[[Poller], None] | None = None,
     ) -> None:
         self.client = client
         self.window_minutes = window_minutes
@@ -80,8 +100,12 @@ class Poller:
         self._last_attempt: float | None = None
         self._not_before = 0.0  # monotonic time before which no poll is made (backoff, Retry-After)
         self._failures_in_row = 0
-        self._unauthorized_logged = False
+        self._failing_reason: str | None = None  # the reason last logged, until a poll succeeds
         self._region_names_at: float | None = None
+        self._closed = False
+        # Called by the polling thread after every poll, while it still holds the
+        # single flight: no other poll changes the state meanwhile (persistence).
+        self.on_poll = on_poll
 
     # -- scheduling --------------------------------------------------------
 
@@ -91,16 +115,27 @@ class Poller:
             if self._in_flight:
                 self._done.wait_for(lambda: not self._in_flight, timeout)
                 return
-            if not self._due():
+            if self._closed or not self._due():
                 return
             self._in_flight = True
             self._last_attempt = self._monotonic()
         try:
             self._poll(timeout)
+            if self.on_poll is not None:
+                try:
+                    self.on_poll(self)
+                except Exception:  # noqa: BLE001 - saving must never fail a scrape
+                    log.exception("after-poll hook failed")
         finally:
             with self._lock:
                 self._in_flight = False
                 self._done.notify_all()
+
+    def stop(self, timeout: float) -> bool:
+        """No more polls; wait up to `timeout` s for one in flight. True if none is left running."""
+        with self._lock:
+            self._closed = True
+            return self._done.wait_for(lambda: not self._in_flight, timeout)
 
     def _due(self) -> bool:
         now = self._monotonic()
@@ -143,9 +178,6 @@ class Poller:
             body = self._call("LatestResults", {"minutes": minutes}, timeout)
             batch = decode_latest_results(body)
             del body  # the raw payload is not kept past decoding
-        except (ApiError, DecodeError, UpstreamError) as exc:
-            self._record_failure("LatestResults", exc)
-        else:
             with self._lock:
                 self.state.apply(batch.results, self._horizon(now))
                 self.state.invalid_total += batch.invalid
@@ -153,11 +185,10 @@ class Poller:
                 self.health.up = True
                 self.health.last_success = now
                 self.health.last_minutes = minutes
-            self._failures_in_row = 0
-            self._unauthorized_logged = False
-            if batch.invalid:
-                log.warning("skipped invalid results count=%d", batch.invalid)
-            log.debug("poll ok minutes=%d results=%d", minutes, len(batch.results))
+        except Exception as exc:  # noqa: BLE001 - no answer, however odd, may fail the scrape
+            self._record_failure("LatestResults", exc)
+        else:
+            self._record_success(minutes, len(batch.results), batch.invalid)
         self._extras(deadline)
         with self._lock:
             self.health.last_duration = self._monotonic() - started
@@ -167,7 +198,7 @@ class Poller:
         if self.collect_stats and self._left(deadline) > 0.2:
             try:
                 stats = decode_stats(self._call("stats", None, self._left(deadline)))
-            except (ApiError, DecodeError, UpstreamError) as exc:
+            except Exception as exc:  # noqa: BLE001
                 self._count_failure("stats", exc)
                 stats = None
             with self._lock:
@@ -176,7 +207,7 @@ class Poller:
             self._region_names_at = self._monotonic()
             try:
                 names = decode_delivery_regions(self._call("deliveryregions", None, self._left(deadline)))
-            except (ApiError, DecodeError, UpstreamError) as exc:
+            except Exception as exc:  # noqa: BLE001
                 self._count_failure("deliveryregions", exc)
             else:
                 with self._lock:
@@ -200,6 +231,8 @@ class Poller:
         reason = failure_reason(exc)
         with self._lock:
             self.health.failures[(endpoint, reason)] += 1
+        if reason == INTERNAL_ERROR:
+            log.error("bug: unexpected error handling the %s answer", endpoint, exc_info=exc)
         return reason
 
     def _record_failure(self, endpoint: str, exc: Exception) -> None:
@@ -211,20 +244,41 @@ class Poller:
         delay *= random.uniform(0.5, 1.0)  # jitter, so HA pairs do not retry in step
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
-            delay = max(delay, retry_after)
+            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_SECONDS))
         self._not_before = self._monotonic() + delay
-        if reason == "unauthorized":
-            # A bad key fails every poll; say so once until it works again.
-            if not self._unauthorized_logged:
-                log.error("API key refused endpoint=%s: check SKILLABLE_API_KEY / the key file", endpoint)
-                self._unauthorized_logged = True
+        message = self.client.redact(str(exc))
+        if reason == self._failing_reason:
+            # The same failure again: the first one was logged; a flood of them helps no one.
+            log.debug("poll failed again endpoint=%s reason=%s failures_in_row=%d retry_in=%.1fs error=%s",
+                      endpoint, reason, self._failures_in_row, delay, message)
             return
-        log.warning("poll failed endpoint=%s reason=%s retry_in=%.1fs error=%s", endpoint, reason, delay, exc)
+        self._failing_reason = reason
+        if reason == UNAUTHORIZED:
+            log.error("API key refused endpoint=%s: check SKILLABLE_API_KEY or the key file; "
+                      "logged once until a poll succeeds error=%s", endpoint, message)
+        else:
+            log.warning("poll failed endpoint=%s reason=%s retry_in=%.1fs error=%s "
+                        "(repeats of this reason are logged at debug level until a poll succeeds)",
+                        endpoint, reason, delay, message)
+
+    def _record_success(self, minutes: int, results: int, invalid: int) -> None:
+        if self._failures_in_row:
+            log.info("poll recovered after %d failed polls minutes=%d", self._failures_in_row, minutes)
+        self._failures_in_row = 0
+        self._failing_reason = None
+        if invalid:
+            log.warning("skipped invalid results count=%d", invalid)
+        log.debug("poll ok minutes=%d results=%d", minutes, results)
 
 
 def failure_reason(exc: Exception) -> str:
+    """The bounded `reason` label for a failed request."""
     if isinstance(exc, ApiError):
         return exc.reason
     if isinstance(exc, UpstreamError):
-        return "api_error"
-    return "invalid_response"
+        return UNAUTHORIZED if _KEY_ERROR.search(str(exc)) else API_ERROR
+    if isinstance(exc, NotJsonError):
+        return NOT_JSON
+    if isinstance(exc, DecodeError):
+        return INVALID_RESPONSE
+    return INTERNAL_ERROR

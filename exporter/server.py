@@ -46,6 +46,9 @@ class Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     protocol_version = "HTTP/1.1"
     timeout = 60  # a client that sends nothing is dropped
+    # Headers and body go out in two writes; with Nagle on, the body waits for the
+    # client's delayed ACK and every keep-alive scrape takes 40 ms longer.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)

@@ -4,19 +4,27 @@ It shares no code with exporter/ (not even the simulator), so counts the
 exporter reports can be checked against the fake's own truth. Tests add lab
 records as plain dicts, move the fake's clock, and queue faults that the next
 requests play instead of a normal answer.
+
+The fault helpers at the end of this file (http_status, retry_after, hang,
+trickle, reset, truncated_json, html_page, ...) build such faults; `blackhole()`
+makes the whole server stop answering TCP connects, for connect timeouts.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
+import struct
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
-Fault = Callable[[BaseHTTPRequestHandler], None]
+Fault = Callable[["_Handler"], None]
 
 
 def lab(
@@ -74,21 +82,32 @@ class Seen:
 class FakeState:
     now: float
     records: list[dict[str, Any]] = field(default_factory=list)
-    faults: list[Fault] = field(default_factory=list)
+    faults: list[tuple[str | None, Fault]] = field(default_factory=list)
+    sticky_fault: Fault | None = None  # played by every request until heal()
     seen: list[Seen] = field(default_factory=list)
     api_key: str = "test-key-0123456789"
     stats: dict[str, Any] = field(default_factory=lambda: {"NumActive": 4, "NumSaved": 2})
     regions: list[dict[str, Any]] = field(default_factory=list)
     extra_top_level: dict[str, Any] = field(default_factory=dict)
+    live_offset: float | None = None  # set: the clock is the wall clock plus this offset
 
 
 class FakeSkillable(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 4
 
-    def __init__(self, now: float | None = None) -> None:
+    def __init__(self, now: float | None = None, live: bool = False) -> None:
+        """`live`: the fake's clock follows the wall clock (for an exporter in another process)."""
         super().__init__(("127.0.0.1", 0), _Handler)
         self.state = FakeState(now=float(now if now is not None else int(time.time())))
+        if live:
+            self.state.live_offset = 0.0 if now is None else now - time.time()
         self.lock = threading.Lock()
+        self.released = threading.Event()  # set on stop: slow faults end at once
+        self._connections: set[socket.socket] = set()
+        self._start_serving()
+
+    def _start_serving(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
@@ -98,11 +117,15 @@ class FakeSkillable(ThreadingHTTPServer):
 
     def clock(self) -> float:
         """The fake's clock; give it to the exporter's poller so both agree on 'now'."""
-        return self.state.now
+        offset = self.state.live_offset
+        return self.state.now if offset is None else time.time() + offset
 
     def advance(self, seconds: float) -> None:
         with self.lock:
-            self.state.now += seconds
+            if self.state.live_offset is None:
+                self.state.now += seconds
+            else:
+                self.state.live_offset += seconds
 
     def add(self, *records: dict[str, Any]) -> None:
         with self.lock:
@@ -114,64 +137,170 @@ class FakeSkillable(ThreadingHTTPServer):
                 if record["LabInstanceId"] == instance_id:
                     record.update(fields)
 
-    def fault(self, *faults: Fault) -> None:
-        """Queue faults; each of the next requests plays one instead of answering normally."""
+    def fault(self, *faults: Fault, endpoint: str | None = None) -> None:
+        """Queue faults; each of the next requests (to `endpoint`, if given) plays one instead of answering."""
         with self.lock:
-            self.state.faults.extend(faults)
+            self.state.faults.extend((endpoint.lower() if endpoint else None, f) for f in faults)
+
+    def fault_always(self, fault: Fault) -> None:
+        """Every request plays `fault` until heal()."""
+        with self.lock:
+            self.state.sticky_fault = fault
+
+    def heal(self) -> None:
+        with self.lock:
+            self.state.sticky_fault = None
+            self.state.faults.clear()
 
     def changed_within(self, minutes: float) -> list[dict[str, Any]]:
-        """The fake's truth: records that started or ended within the last `minutes`."""
-        since = self.state.now - minutes * 60
+        """The fake's truth: records that started or ended within the last `minutes`.
+
+        A record with neither Start nor End is returned by every call (the worst
+        case for an exporter that must count it once).
+        """
+        now = self.clock()
+        since = now - minutes * 60
         return [
             r for r in self.state.records
-            if since < r["Start"] <= self.state.now
-            or (r["End"] is not None and since < r["End"] <= self.state.now)
+            if (r.get("Start") is None and r.get("End") is None)
+            or (isinstance(r.get("Start"), (int, float)) and since < r["Start"] <= now)
+            or (isinstance(r.get("End"), (int, float)) and since < r["End"] <= now)
         ]
 
     def latest_requests(self) -> list[Seen]:
         return [s for s in self.state.seen if s.path.lower().endswith("/latestresults")]
 
-    def stop(self) -> None:
+    @contextmanager
+    def blackhole(self) -> Iterator[None]:
+        """While inside, TCP connects to the fake hang (SYNs are dropped): a connect timeout.
+
+        The accept loop stops, open keep-alive connections are closed, and the
+        listen queue is filled with connections nobody accepts; Linux then drops
+        further SYNs. Loopback only.
+        """
         self.shutdown()
+        self._close_connections()
+        fillers: list[socket.socket] = []
+        try:
+            for _ in range(self.request_queue_size + 4):
+                filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                filler.setblocking(False)
+                try:
+                    filler.connect(self.server_address)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                fillers.append(filler)
+            time.sleep(0.05)
+            yield
+        finally:
+            for filler in fillers:
+                filler.close()
+            self._start_serving()
+
+    @contextmanager
+    def refusing(self) -> Iterator[None]:
+        """While inside, nothing listens on the fake's port: connects are refused."""
+        self.shutdown()
+        self._close_connections()
+        self.socket.close()
+        try:
+            yield
+        finally:
+            self.socket = socket.socket(self.address_family, self.socket_type)
+            self.server_bind()  # the same port again (SO_REUSEADDR)
+            self.server_activate()
+            self._start_serving()
+
+    def _close_connections(self) -> None:
+        with self.lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.released.set()
+        self.shutdown()
+        self._close_connections()
         self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that went away mid-answer is what fault tests are about
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: FakeSkillable
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # no 40 ms delayed-ACK stall per keep-alive request
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.lock:
+            self.server._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    @property
+    def endpoint(self) -> str:
+        return urlsplit(self.path).path.rsplit("/", 1)[-1].lower()
+
+    @property
+    def minutes(self) -> int | None:
+        value = parse_qs(urlsplit(self.path).query).get("minutes", [""])[0]
+        return int(value) if value.isdigit() else None
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        query = parse_qs(url.query)
-        minutes = int(query["minutes"][0]) if query.get("minutes", [""])[0].isdigit() else None
+        endpoint = self.endpoint
         with self.server.lock:
             state = self.server.state
-            state.seen.append(Seen(url.path, minutes, self.headers.get("api_key"), state.now))
-            fault = state.faults.pop(0) if state.faults else None
+            state.seen.append(Seen(url.path, self.minutes, self.headers.get("api_key"), self.server.clock()))
+            fault = state.sticky_fault
+            if fault is None:
+                for i, (target, queued) in enumerate(state.faults):
+                    if target is None or target == endpoint:
+                        fault = queued
+                        del state.faults[i]
+                        break
         if fault is not None:
             fault(self)
             return
-        if self.headers.get("api_key") != state.api_key:
+        self.answer()
+
+    def answer(self) -> None:
+        """The normal answer to this request."""
+        if self.headers.get("api_key") != self.server.state.api_key:
             self.send_json({"Status": 0, "Error": "Invalid API key"})
             return
-        endpoint = url.path.rsplit("/", 1)[-1].lower()
-        with self.server.lock:
-            if endpoint == "latestresults":
-                if minutes is None or not 1 <= minutes <= 10080:
-                    payload: dict[str, Any] = {"Results": None, "Status": 0, "Error": "Timeframe cannot exceed 7 days"}
-                else:
-                    payload = {"Results": self.server.changed_within(minutes), "Status": 1, "Error": None}
-                    payload.update(state.extra_top_level)
-            elif endpoint == "stats":
-                payload = {**state.stats, "Status": 1, "Error": None}
-            elif endpoint == "deliveryregions":
-                payload = {"DeliveryRegions": state.regions, "Status": 1, "Error": None}
-            else:
-                payload = {}
+        payload = self.payload()
         if not payload:
             self.send_raw(404, b"not found", "text/plain")
         else:
             self.send_json(payload)
+
+    def payload(self) -> dict[str, Any]:
+        endpoint, minutes = self.endpoint, self.minutes
+        with self.server.lock:
+            state = self.server.state
+            if endpoint == "latestresults":
+                if minutes is None or not 1 <= minutes <= 10080:
+                    return {"Results": None, "Status": 0, "Error": "Timeframe cannot exceed 7 days"}
+                payload = {"Results": self.server.changed_within(minutes), "Status": 1, "Error": None}
+                payload.update(state.extra_top_level)
+                return payload
+            if endpoint == "stats":
+                return {**state.stats, "Status": 1, "Error": None}
+            if endpoint == "deliveryregions":
+                return {"DeliveryRegions": state.regions, "Status": 1, "Error": None}
+            return {}
 
     def send_json(self, payload: Any, status: int = 200) -> None:
         self.send_raw(status, json.dumps(payload).encode(), "application/json")
@@ -185,5 +314,171 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep, but end early when the fake stops. True if the full time passed."""
+        return not self.server.released.wait(seconds)
+
+    def reset_connection(self) -> None:
+        """Close with an RST instead of a FIN."""
+        self.wfile.flush()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
+
+
+# -- faults ------------------------------------------------------------------
+# Each returns a Fault: a function that answers (or fails to answer) one request.
+
+
+def http_status(status: int, body: bytes = b"", ctype: str = "text/plain", headers: dict[str, str] | None = None) -> Fault:
+    """An HTTP error status, e.g. 500, 502, 401, 403, 404."""
+    return lambda h: h.send_raw(status, body or f"error {status}".encode(), ctype, headers)
+
+
+def retry_after(status: int, value: str) -> Fault:
+    """429 or 503 with a Retry-After header (seconds or an HTTP date)."""
+    return http_status(status, b"slow down", "text/plain", {"Retry-After": value})
+
+
+def hang(seconds: float = 30.0) -> Fault:
+    """Read the request, then send nothing for `seconds` (a read timeout)."""
+
+    def play(h: _Handler) -> None:
+        h.wait(seconds)
+        h.close_connection = True
+
+    return play
+
+
+def trickle(every: float = 0.2, total: float = 30.0, headers_too: bool = False) -> Fault:
+    """Answer one byte every `every` seconds, so no single read ever times out.
+
+    With `headers_too` even the status line and headers trickle; otherwise the
+    headers come at once and the body trickles.
+    """
+
+    def play(h: _Handler) -> None:
+        body = json.dumps(h.payload()).encode()
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) + 20_000}\r\n\r\n"
+        ).encode()
+        data = (head if headers_too else b"") + body + b" " * 20_000
+        h.close_connection = True
+        try:
+            if not headers_too:
+                h.wfile.write(head)
+                h.wfile.flush()
+            deadline = time.monotonic() + total
+            for i in range(len(data)):
+                if time.monotonic() > deadline or not h.wait(every):
+                    return
+                h.wfile.write(data[i:i + 1])
+                h.wfile.flush()
+        except OSError:
+            return
+
+    return play
+
+
+def reset(after_body_bytes: int | None = None) -> Fault:
+    """Reset the connection: at once (None), or after the headers and this many body bytes."""
+
+    def play(h: _Handler) -> None:
+        if after_body_bytes is not None:
+            body = json.dumps(h.payload()).encode()
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body[:after_body_bytes])
+        h.reset_connection()
+
+    return play
+
+
+def short_body(fraction: float = 0.5) -> Fault:
+    """Content-Length of the full answer, but only part of it before a clean close."""
+
+    def play(h: _Handler) -> None:
+        body = json.dumps(h.payload()).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body[: int(len(body) * fraction)])
+        h.close_connection = True
+
+    return play
+
+
+def truncated_json(fraction: float = 0.5) -> Fault:
+    """The normal JSON cut short, sent as if it were complete (a proxy that cut it)."""
+
+    def play(h: _Handler) -> None:
+        body = json.dumps(h.payload()).encode()
+        h.send_raw(200, body[: int(len(body) * fraction)], "application/json")
+
+    return play
+
+
+def html_page(status: int = 200) -> Fault:
+    """An HTML page (a proxy's error or login page) with status 200."""
+    page = b"<!DOCTYPE html><html><head><title>Service Unavailable</title></head><body>Maintenance</body></html>"
+    return http_status(status, page, "text/html; charset=utf-8")
+
+
+def status_error(message: str = "Something broke") -> Fault:
+    """HTTP 200 with Status 0 and an Error, as Skillable documents its errors."""
+    return lambda h: h.send_json({"Results": None, "Status": 0, "Error": message})
+
+
+def json_body(payload: Any) -> Fault:
+    """Any JSON with status 200 (wrong types, wrong shape)."""
+    return lambda h: h.send_json(payload)
+
+
+def with_records(*records: Any) -> Fault:
+    """A successful LatestResults answer with these records added to the normal ones (raw, any shape)."""
+
+    def play(h: _Handler) -> None:
+        payload = h.payload()
+        payload["Results"] = list(payload.get("Results") or []) + list(records)
+        h.send_json(payload)
+
+    return play
+
+
+def oversized(size: int, content_length: bool = True, gzipped: bool = False) -> Fault:
+    """A 200 body of `size` bytes of valid JSON: announced by Content-Length, or chunked, or gzipped."""
+
+    def play(h: _Handler) -> None:
+        filler = b'{"Status": 1, "Error": null, "Pad": "' + b"x" * size + b'", "Results": []}'
+        h.close_connection = True
+        try:
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            if gzipped:
+                body = gzip.compress(filler, compresslevel=9)
+                h.send_header("Content-Encoding", "gzip")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+            elif content_length:
+                h.send_header("Content-Length", str(len(filler)))
+                h.end_headers()
+                h.wfile.write(filler)
+            else:
+                h.send_header("Transfer-Encoding", "chunked")
+                h.end_headers()
+                for i in range(0, len(filler), 65536):
+                    part = filler[i:i + 65536]
+                    h.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            return
+
+    return play
