@@ -33,7 +33,7 @@ readonly CONTAINER=skillable-exporter-ci-$$
 readonly UID_EXPECTED=65532
 readonly DEBOOTSTRAP_ARGS=(--variant=minbase --include=python3,python3-venv bookworm)
 readonly DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-readonly PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-python3}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO
@@ -124,7 +124,6 @@ log "repo $REPO"
 [[ -f $REPO/Dockerfile ]] || fail "no Dockerfile in $REPO"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
     fail "$PYTHON is not Python 3.11; the wheels must match the image's Debian 12 python3.11 (set PYTHON=...)"
-"$PYTHON" -m pip --version >/dev/null 2>&1 || fail "$PYTHON has no pip (install python3-pip or set PYTHON=...)"
 
 log "installing docker.io and debootstrap"
 export DEBIAN_FRONTEND=noninteractive
@@ -137,6 +136,14 @@ DOCKER=/usr/bin/docker # Debian's client, matching Debian's dockerd (not a newer
 
 WORK=$(mktemp -d /tmp/skillable-docker-test.XXXXXX)
 log "work directory $WORK"
+
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+    # Debian's python3 comes without pip; a throw-away venv has it.
+    log "$PYTHON has no pip: creating a venv for it"
+    "$PYTHON" -m venv "$WORK/venv" >/dev/null 2>&1 ||
+        fail "$PYTHON has neither pip nor a working venv module (apt-get install python3-venv, or set PYTHON=...)"
+    PYTHON="$WORK/venv/bin/python"
+fi
 
 ############################################################################
 log "starting a private dockerd"
