@@ -24,7 +24,9 @@ BUILTIN_VARIABLES = {
     "__range_s": "3600",
     "__interval_ms": "60000",
 }
-_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+# ${name}, ${name:format}, $name, [[name]]. A name starts with a letter or "_", so
+# label_replace's "$1" is left alone, as Grafana leaves it (no variable is named 1).
+_VARIABLE = re.compile(r"\$\{([A-Za-z_]\w*)(?::\w+)?\}|\$([A-Za-z_]\w*)|\[\[([A-Za-z_]\w*)\]\]")
 
 
 def dashboard_paths() -> list[Path]:

@@ -211,6 +211,20 @@ def test_every_dashboard_panel_query_returns_data(scraped: Stack) -> None:
     assert not nan_only, f"panel queries over gauges that return only NaN: {nan_only}"
 
 
+def test_legends_show_names_and_fall_back_to_ids(scraped: Stack) -> None:
+    """Delivery regions are named by the demo's /deliveryregions; its hosts have no names."""
+    overview = load(ROOT / "grafana/dashboards/skillable-overview.json")
+    by_panel = {q.panel: q.expr for q in panel_queries(overview)}
+    regions = scraped.query(substitute(by_panel["Failure ratio by delivery region (window)"]))
+    assert {r["metric"]["delivery_region_id"]: r["metric"]["delivery_region_name"] for r in regions} == {
+        "1": "North America", "2": "Europe", "3": "Asia Pacific"}
+    hosts = scraped.query(substitute(by_panel["Worst lab hosts (failure ratio, window)"]))
+    assert len(hosts) == 10
+    assert all(h["metric"]["lab_host_name"] == h["metric"]["lab_host_id"] for h in hosts)
+    worst = max((h for h in hosts if not math.isnan(float(h["value"][1]))), key=lambda h: float(h["value"][1]))
+    assert worst["metric"]["lab_host_id"] == DEMO_FAILING_HOST["lab_host_id"]
+
+
 def _label_values(stack: Stack, selector: str, label: str) -> set[str]:
     r = requests.get(f"{stack.prometheus_url}/api/v1/series", params={"match[]": selector}, timeout=5)
     body = r.json()
