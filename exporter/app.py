@@ -57,15 +57,15 @@ class ExporterApp:
             )
             for account in config.accounts
         }
-        self.registry = self._registry(list(self.pollers.items()))
-        self._probe_registries = {
-            name: self._registry([(name, poller)]) for name, poller in self.pollers.items()
+        self.collector = self._collector(list(self.pollers.items()))
+        self._probe_collectors = {
+            name: self._collector([(name, poller)]) for name, poller in self.pollers.items()
         }
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
 
-    def _registry(self, accounts: list[tuple[str, Poller]]) -> CollectorRegistry:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SkillableCollector(accounts, self.config.names, self.config.window_minutes))
-        return registry
+    def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
+        return SkillableCollector(accounts, self.config.names, self.config.window_minutes)
 
     def poll_timeout(self, scrape_timeout_header: str | None) -> float:
         """Deadline for this scrape's polls: the configured timeout, capped by Prometheus' own."""
@@ -82,7 +82,7 @@ class ExporterApp:
         """Refresh every account (in parallel), then render. Returns (body, content type)."""
         self._refresh(list(self.pollers.values()), self.poll_timeout(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        return self.collector.exposition(encoder, content_type), content_type
 
     def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""
@@ -91,7 +91,7 @@ class ExporterApp:
             return None
         self._refresh([poller], self.poll_timeout(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
-        return encoder(self._probe_registries[account]), content_type
+        return self._probe_collectors[account].exposition(encoder, content_type), content_type
 
     @staticmethod
     def _refresh(pollers: list[Poller], timeout: float) -> None:

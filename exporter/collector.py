@@ -8,7 +8,8 @@ costs no upstream request.
 from __future__ import annotations
 
 import platform
-from typing import Iterable, Iterator, Sequence
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -22,10 +23,11 @@ from . import __version__
 from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
-from .state import Histogram, Region
+from .state import Histogram, Region, Snapshot
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
 REGION = ["datacenter_id", "delivery_region_id"]
+RENDERED_KEPT = 4  # expositions cached at once, one per content type
 SHARED_POLL_NOTE = (
     " Values come from the most recent poll, which concurrent scrapes share and"
     " which is reused for --skillable.min-poll-interval seconds."
@@ -40,13 +42,40 @@ class SkillableCollector(Collector):
         # The account label appears only when several accounts are configured,
         # so the single-account case keeps the simple label set.
         self._account_label = len(self._accounts) > 1
+        # The last exposition per encoder, with what it was rendered from (see exposition()).
+        self._render_lock = threading.Lock()
+        self._rendered: dict[str, tuple[list[tuple[Snapshot, str]], bytes]] = {}
 
     def describe(self) -> Iterable[Metric]:
         # Describing must not poll: an empty list keeps the registry from calling collect().
         return []
 
     def collect(self) -> Iterator[Metric]:
-        views = [(name, poller.view()) for name, poller in self._accounts]
+        yield from self._families([(name, poller.view()) for name, poller in self._accounts])
+
+    def exposition(self, encoder: Callable[[Any], bytes], content_type: str) -> bytes:
+        """What `encoder(registry)` would give, rendered again only when a poll changed something.
+
+        Rendering is most of a scrape that does not poll (min-poll-interval, scrapes
+        sharing one poll). A poller's snapshot is the same object until its state
+        changes, and the health is compared by value, so a cached body is reused
+        exactly while every input of collect() is unchanged. One render at a time:
+        concurrent scrapes after a poll wait for the first one and reuse its body.
+        Bodies are kept by content type (which names the encoding), a few at most.
+        """
+        with self._render_lock:
+            views = [(name, poller.view()) for name, poller in self._accounts]
+            key = [(view.snapshot, repr(view.health)) for _, view in views]
+            cached = self._rendered.get(content_type)
+            if cached is not None and _same_inputs(cached[0], key):
+                return cached[1]
+            body = encoder(_Collected(list(self._families(views))))
+            if len(self._rendered) >= RENDERED_KEPT:  # the Accept header picks the key: keep it bounded
+                self._rendered.clear()
+            self._rendered[content_type] = (key, body)
+            return body
+
+    def _families(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
         yield from self._lab_metrics(views)
         yield from self._health_metrics(views)
         yield from self._info_metrics(views)
@@ -229,6 +258,20 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
+
+
+class _Collected:
+    """Families already collected, in the shape an encoder takes (anything with collect())."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _same_inputs(old: list[tuple[Snapshot, str]], new: list[tuple[Snapshot, str]]) -> bool:
+    return len(old) == len(new) and all(o[0] is n[0] and o[1] == n[1] for o, n in zip(old, new))
 
 
 def _id_order(key: str) -> tuple[int, str]:

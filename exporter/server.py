@@ -10,6 +10,7 @@ import gzip
 import html
 import logging
 import socket
+import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +34,8 @@ class ExporterServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
         self.web = web
+        self._gzip_lock = threading.Lock()
+        self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
         super().__init__(address, Handler)
         if web is not None and web.ssl_context is not None:
             self.socket = web.ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
@@ -40,6 +43,17 @@ class ExporterServer(ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+    def gzipped(self, body: bytes) -> bytes:
+        """gzip of `body`. The exposition is the same bytes object until a poll changes it,
+        so keeping the last one compresses it once, not once per scrape."""
+        with self._gzip_lock:
+            if self._gzipped is not None and self._gzipped[0] is body:
+                return self._gzipped[1]
+        compressed = gzip.compress(body, compresslevel=1)
+        with self._gzip_lock:
+            self._gzipped = (body, compressed)
+        return compressed
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -93,7 +107,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, compress: bool = False) -> None:
         if compress and "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body, compresslevel=1)
+            body = self.server.gzipped(body)
             encoding = "gzip"
         else:
             encoding = None

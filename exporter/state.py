@@ -27,6 +27,10 @@ Region = tuple[str, str]  # datacenter_id, delivery_region_id
 
 UNKNOWN_ID = "unknown"
 OVERFLOW_HOST = "other"
+OVERFLOW_PLACE: tuple[str, str, str] = (OVERFLOW_HOST, OVERFLOW_HOST, OVERFLOW_HOST)
+# Label combinations (places) allowed beyond one per tracked host: room for hosts seen under
+# "unknown" ids and for the overflow host in each region. Series <= 26 per place + 40 per region.
+EXTRA_PLACES = 100
 
 RUN_TIME_BUCKETS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
 RATIO_BUCKETS: tuple[float, ...] = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1)
@@ -207,13 +211,16 @@ class FleetState:
                 self.host_overflow_total += 1
             return place
         host = _label(r.lab_host_id)
-        if host not in self.hosts:
-            if len(self.hosts) >= self.max_lab_hosts:
-                self.host_overflow_total += 1
-                host = OVERFLOW_HOST
-            else:
-                self.hosts.add(host)
-        place = (_label(r.datacenter_id), _label(r.delivery_region_id), host)
+        overflow = host not in self.hosts and len(self.hosts) >= self.max_lab_hosts
+        place = (_label(r.datacenter_id), _label(r.delivery_region_id), OVERFLOW_HOST if overflow else host)
+        if place not in self.places and len(self.places) >= self.max_lab_hosts + EXTRA_PLACES:
+            # The total-series guard: hosts are capped above, but their datacenter and region ids are
+            # not, so the label combinations (26 series each) are capped too; the rest share one.
+            overflow, place = True, OVERFLOW_PLACE
+        if overflow:
+            self.host_overflow_total += 1
+        elif host not in self.hosts:
+            self.hosts.add(host)
         self.places.add(place)
         if len(self._place_of) >= PLACE_CACHE_SIZE:
             self._place_of.clear()

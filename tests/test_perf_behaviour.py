@@ -1,0 +1,331 @@
+"""Behaviour behind the performance work (issue 4): caches that must never serve stale data,
+eviction by age, bounded state, the series guard, and the benchmark's own plumbing.
+
+No timings here: bench/run.py measures speed; these tests check that the fast paths
+give the same answers as the plain ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import choose_encoder
+
+from exporter.__main__ import build_parser
+from exporter.app import ExporterApp
+from exporter.config import load_config
+from exporter.demo import BenchClock, Traffic, latest_results_body, start_simulator
+from exporter.model import LabResult, decode_latest_results
+from exporter.server import ExporterServer
+from exporter.state import EXTRA_PLACES, OVERFLOW_PLACE, FleetState, Histogram, Instance
+
+from .conftest import MonotonicStub
+from .fakeapi import FakeSkillable, lab
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = 1_800_000_000
+OPENMETRICS = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3"
+
+
+def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
+           datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
+    return LabResult(lab_instance_id=instance_id, start=start, end=end, completion_status=status,
+                     lab_host_id=host, datacenter_id=datacenter, delivery_region_id=region, **extra)
+
+
+def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
+    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
+    config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    return ExporterApp(config, clock=fake.clock, monotonic=mono)
+
+
+def registry_text(app: ExporterApp) -> bytes:
+    """The plain path: prometheus_client rendering the registry, no cache involved."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(app.collector)
+    return generate_latest(registry)
+
+
+# -- the exposition cache ------------------------------------------------------
+
+def test_exposition_is_reused_between_polls_and_rendered_again_after_one(fake: FakeSkillable) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    mono = MonotonicStub()
+    app = make_app(fake, mono, "--skillable.min-poll-interval=30")
+    first, _ = app.metrics("", None)
+    again, _ = app.metrics("", None)  # no poll due: the very same body
+    assert again is first
+    assert first == registry_text(app)
+
+    fake.advance(60)
+    fake.add(lab(2, NOW + 10, NOW + 30, status=20))
+    mono.advance(31)
+    after_poll, _ = app.metrics("", None)
+    assert after_poll is not first
+    assert after_poll == registry_text(app)
+    assert b'completion_status="lab_creation_failed"' in after_poll
+    assert re.search(rb'^skillable_lab_instances_ended_total\{completion_status="lab_creation_failed"[^}]*\} 1\.0$',
+                     after_poll, re.M)
+    app.close()
+
+
+def test_a_failed_poll_changes_the_exposition_even_with_the_state_unchanged(fake: FakeSkillable) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    mono = MonotonicStub()
+    app = make_app(fake, mono)
+    good, _ = app.metrics("", None)
+    assert b"skillable_up 1.0" in good
+    fake.fault(lambda h: h.send_raw(502, b"bad gateway", "text/plain"))
+    bad, _ = app.metrics("", None)
+    assert b"skillable_up 0.0" in bad
+    assert bad == registry_text(app)
+    app.close()
+
+
+def test_each_content_type_gets_its_own_cached_body(fake: FakeSkillable) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
+    text, text_type = app.metrics("", None)
+    om, om_type = app.metrics(OPENMETRICS, None)
+    assert text_type.startswith("text/plain") and om_type.startswith("application/openmetrics-text")
+    assert om.endswith(b"# EOF\n") and not text.endswith(b"# EOF\n")
+    encoder, _ = choose_encoder(OPENMETRICS)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(app.collector)
+    assert om == encoder(registry)
+    assert app.metrics(OPENMETRICS, None)[0] is om
+    assert app.metrics("", None)[0] is text
+    app.close()
+
+
+def test_the_cache_stays_small_whatever_accept_headers_arrive(fake: FakeSkillable) -> None:
+    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
+    for version in range(20):
+        app.metrics(f"text/plain;version=1.{version}.0;escaping=underscores", None)
+    assert len(app.collector._rendered) <= 4
+    app.close()
+
+
+def test_probe_has_its_own_cache(fake: FakeSkillable) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
+    metrics, _ = app.metrics("", None)
+    probe = app.probe("", "", None)
+    assert probe is not None and probe[0] == metrics
+    app.close()
+
+
+def test_gzip_of_an_unchanged_exposition_is_reused(fake: FakeSkillable) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
+    server = ExporterServer(("127.0.0.1", 0), app)
+    body, _ = app.metrics("", None)
+    packed = server.gzipped(body)
+    assert gzip.decompress(packed) == body
+    assert server.gzipped(body) is packed
+    assert gzip.decompress(server.gzipped(b"other")) == b"other"
+    server.server_close()
+    app.close()
+
+
+# -- snapshots -------------------------------------------------------------------
+
+def test_snapshot_is_the_same_object_until_the_state_changes() -> None:
+    state = FleetState(10)
+    state.apply([result(1, NOW - 100)], NOW - 3600)
+    snap = state.snapshot()
+    assert state.snapshot() is snap
+    state.apply([result(1, NOW - 100, NOW - 10)], NOW - 3600)
+    changed = state.snapshot()
+    assert changed is not snap and sum(changed.running.values()) == 0
+    state.invalid_total += 1  # the poller adds to it directly
+    assert state.snapshot() is not changed and state.snapshot().invalid_total == 1
+    before_evict = state.snapshot()
+    assert state.evict(NOW) == 1
+    assert state.snapshot() is not before_evict and state.snapshot().tracked == 0
+    unchanged = state.snapshot()
+    assert state.evict(NOW) == 0 and state.snapshot() is unchanged
+    state.changed()
+    assert state.snapshot() is not unchanged
+
+
+# -- eviction by age ---------------------------------------------------------------
+
+def test_eviction_keeps_instances_that_changed_since_and_forgets_the_rest() -> None:
+    state = FleetState(10)
+    state.apply([result(i, NOW - 3000 + i) for i in range(10)], NOW - 7200)  # running, last change = start
+    state.apply([result(3, None, NOW - 100), result(7, None, NOW - 50)], NOW - 7200)  # two end later
+    assert state.evict(NOW - 1000) == 8
+    assert sorted(state.instances) == [3, 7]
+    snap = state.snapshot()
+    assert sum(snap.instances.values()) == 2 and sum(snap.running.values()) == 0
+    assert state.evict(NOW - 60) == 1 and sorted(state.instances) == [7]
+
+
+def test_an_evicted_instance_that_comes_back_is_tracked_and_evicted_again() -> None:
+    state = FleetState(10)
+    state.apply([result(1, NOW - 500, NOW - 400)], NOW - 3600)
+    assert state.evict(NOW - 300) == 1
+    state.apply([result(1, NOW - 500, NOW - 100)], NOW - 3600)
+    assert list(state.instances) == [1]
+    assert state.evict(NOW - 300) == 0
+    assert state.evict(NOW) == 1 and not state.instances
+
+
+def test_eviction_index_stays_bounded_under_many_updates() -> None:
+    state = FleetState(10)
+    for step in range(200):
+        # every poll moves every instance's last change on: one new index entry each
+        state.apply([result(i, NOW - 10_000 + step) for i in range(50)], NOW - 20_000)
+        state.evict(NOW - 20_000)
+    assert len(state.instances) == 50
+    assert len(state._by_age) <= 2 * len(state.instances) + 1024
+
+
+def test_eviction_works_on_a_state_filled_from_outside() -> None:
+    """Restoring from a state file fills `instances` directly, bypassing apply()."""
+    state = FleetState(10)
+    place = ("1", "1", "1")
+    for i in range(5):
+        state.instances[i] = Instance(place, "complete", NOW - 900, NOW - 800 + i * 100, float(NOW - 800 + i * 100))
+        state.by_status[(place, "complete")] += 1
+        state.places.add(place)
+    assert state.evict(NOW - 550) == 3
+    assert sorted(state.instances) == [3, 4]
+    assert state.by_status[(place, "complete")] == 2
+
+
+def test_eviction_agrees_with_a_full_scan_on_simulated_traffic() -> None:
+    """The heap must forget exactly what scanning every instance would."""
+    traffic = Traffic(labs_per_minute=20, seed=3)
+    state = FleetState(2000)
+    now = float(NOW)
+    window = 60 * 60
+    last = None
+    for step in range(40):
+        minutes = 60 if last is None else 3
+        batch = decode_latest_results(latest_results_body(traffic, now, minutes))
+        horizon = now - window if last is None else min(now - window, last - 120)
+        state.apply(batch.results, horizon)
+        cutoff = now - window
+        expected = {k for k, inst in state.instances.items() if inst.last_change >= cutoff}
+        state.evict(cutoff)
+        assert set(state.instances) == expected
+        last, now = now, now + 90
+
+
+# -- histograms ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,bucket", [(0, 0), (60, 0), (60.5, 1), (86400, 8), (86401, 9), (math.nan, 9)])
+def test_histogram_buckets_are_upper_inclusive(value: float, bucket: int) -> None:
+    hist = Histogram((60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400))
+    hist.observe(value)
+    assert hist.counts.index(1) == bucket
+
+
+# -- cardinality ---------------------------------------------------------------------
+
+def test_host_overflow_counts_every_instance_on_a_host_beyond_the_limit() -> None:
+    state = FleetState(2)
+    state.apply([result(i, NOW - 100, host=10 + i % 4) for i in range(8)], NOW - 3600)  # hosts 10..13
+    hosts = {place[2] for place in state.places}
+    assert hosts == {"10", "11", "other"}
+    assert state.host_overflow_total == 4  # instances on hosts 12 and 13, each counted
+    state.apply([result(100, NOW - 50, host=13), result(101, NOW - 50, host=10)], NOW - 3600)
+    assert state.host_overflow_total == 5
+    assert state.snapshot().host_overflow_total == 5
+
+
+def test_label_combinations_are_capped_so_total_series_stay_bounded() -> None:
+    """A host limit alone leaves datacenter and region ids unbounded: the place cap folds the excess."""
+    hosts = 3
+    state = FleetState(hosts)
+    many = [result(i, NOW - 100, host=i % hosts, datacenter=i, region=i) for i in range(hosts + EXTRA_PLACES + 50)]
+    state.apply(many, NOW - 3600)
+    assert len(state.places) == hosts + EXTRA_PLACES + 1  # the cap plus the shared overflow place
+    assert OVERFLOW_PLACE in state.places
+    assert state.host_overflow_total == 50
+    assert state.snapshot().started[OVERFLOW_PLACE] == 50
+    # A known combination keeps its own labels after the cap is reached.
+    state.apply([result(10_000, NOW - 50, host=1, datacenter=1, region=1)], NOW - 3600)
+    assert state.host_overflow_total == 50
+
+
+def test_exposition_series_grow_by_26_per_lab_host(fake: FakeSkillable) -> None:
+    """What BENCHMARKS.md states per 100 lab hosts, counted in the exposition itself."""
+    series = {}
+    for hosts in (10, 20):
+        state = FleetState(2000)
+        state.apply([result(i, NOW - 100, NOW - 50, host=i, datacenter=1, region=1) for i in range(hosts)],
+                    NOW - 3600)
+        app = make_app(fake, MonotonicStub())
+        next(iter(app.pollers.values())).state = state
+        text, _ = app.metrics("", None)
+        series[hosts] = sum(1 for line in text.splitlines()
+                            if line.startswith((b"skillable_lab_instances", b"skillable_exams")))
+        app.close()
+    assert series[20] - series[10] == 26 * 10
+
+
+# -- the simulator's bench hooks and the benchmark itself ----------------------------
+
+def test_simulator_bench_hooks_freeze_move_and_count() -> None:
+    clock = BenchClock(frozen=True)
+    sim = start_simulator(labs_per_minute=5, clock=clock)
+    sim.bench_hooks = True
+    try:
+        def get(path: str, **headers: str) -> bytes:
+            request = urllib.request.Request(sim.url + path, headers=headers)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.read()
+
+        first = get("/LatestResults?minutes=30", api_key="k")
+        assert get("/LatestResults?minutes=30", api_key="k") == first  # frozen: same body
+        counters = json.loads(get("/_bench/counters"))
+        assert counters["requests"] == {"latestresults": 2} and counters["bytes_sent"] == 2 * len(first)
+        moved = json.loads(get("/_bench/clock?advance=60&warm=3"))
+        assert moved["now"] == pytest.approx(counters["now"] + 60)
+        assert moved["requests"] == {"latestresults": 2}  # warming is not counted
+        assert get("/LatestResults?minutes=30", api_key="k") != first
+    finally:
+        sim.shutdown()
+        sim.server_close()
+
+
+def test_bench_hooks_are_off_by_default() -> None:
+    sim = start_simulator(labs_per_minute=5)
+    try:
+        with urllib.request.urlopen(sim.url + "/_bench/counters", timeout=10) as response:
+            body = json.loads(response.read())
+        assert "bytes_sent" not in body and body["Status"] == 0  # an ordinary API refusal
+        with urllib.request.urlopen(sim.url + "/_bench/clock?advance=600", timeout=10) as response:
+            assert "now" not in json.loads(response.read())
+    finally:
+        sim.shutdown()
+        sim.server_close()
+
+
+def test_bench_quick_smoke(tmp_path: Path) -> None:
+    """The benchmark runs end to end on the 1k window and writes nothing unless asked."""
+    out = tmp_path / "bench.json"
+    before = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
+    subprocess.run([sys.executable, "bench/run.py", "--quick", "--sizes", "1k", "--no-write", "--json", str(out)],
+                   cwd=ROOT, check=True, timeout=120, capture_output=True)
+    after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
+    assert before == after
+    [row] = json.loads(out.read_text())
+    assert row["results"] > 500
+    exporter = row["m"]["exporter"]
+    assert exporter["concurrent_requests"] == 1 and exporter["concurrent_good"] == 50
+    assert exporter["requests_per_scrape"] == 1.0  # every steady scrape polled once, incrementally
+    assert exporter["bytes_per_poll"] < row["payload_bytes"]
