@@ -15,6 +15,7 @@ from . import __version__
 from .app import ExporterApp
 from .config import SETTINGS, Account, Config, ConfigError, load_config
 from .logs import setup_logging
+from .persistence import StateStore, check_state_path
 from .server import ExporterServer
 from .webconfig import WebConfig, load_web_config
 
@@ -63,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(vars(args), os.environ, demo=args.demo)
         web = load_web_config(config.web_config_file) if config.web_config_file else None
+        if config.state_file:
+            check_state_path(config.state_file)
     except ConfigError as exc:
         print(f"skillable-exporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -83,6 +86,9 @@ def serve(config: Config, web: WebConfig | None) -> int:
         config = dataclasses.replace(config, accounts=(account,))
         log.info("demo mode: simulated Skillable API at %s", simulator.url)
     app = ExporterApp(config)
+    store = StateStore(config.state_file) if config.state_file else None
+    if store is not None:
+        store.attach(app.pollers)  # before the first scrape can poll
     try:
         server = ExporterServer(parse_listen_address(config.listen_address), app, web)
     except OSError as exc:
@@ -105,6 +111,8 @@ def serve(config: Config, web: WebConfig | None) -> int:
     stop.wait()
     server.shutdown()
     server.server_close()
+    if store is not None:
+        store.shutdown(app.pollers, config.timeout + 1)
     app.close()
     if simulator is not None:
         simulator.shutdown()
