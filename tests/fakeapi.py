@@ -333,7 +333,9 @@ class _Handler(BaseHTTPRequestHandler):
 # Each returns a Fault: a function that answers (or fails to answer) one request.
 
 
-def http_status(status: int, body: bytes = b"", ctype: str = "text/plain", headers: dict[str, str] | None = None) -> Fault:
+def http_status(
+    status: int, body: bytes = b"", ctype: str = "text/plain", headers: dict[str, str] | None = None
+) -> Fault:
     """An HTTP error status, e.g. 500, 502, 401, 403, 404."""
     return lambda h: h.send_raw(status, body or f"error {status}".encode(), ctype, headers)
 

@@ -1,0 +1,213 @@
+"""Property tests: whatever the API sends, the decoder returns records or a typed error, never a crash;
+a bad record never sinks its batch; and whatever records decode, the state and the exposition hold."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.collector import SkillableCollector
+from exporter.config import Names
+from exporter.model import (
+    Batch,
+    DecodeError,
+    LabResult,
+    UpstreamError,
+    decode_delivery_regions,
+    decode_latest_results,
+    decode_stats,
+)
+from exporter.poller import Poller
+from exporter.state import FleetState
+
+from .conftest import make_poller
+from .fakeapi import FakeSkillable, lab, with_records
+from .harness import parse, total
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+INT64 = 2**63 - 1
+
+# -- strategies -----------------------------------------------------------------------
+
+json_scalars = (
+    st.none() | st.booleans() | st.text(max_size=20)
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=30,
+)
+
+INT_FIELDS = ("LabInstanceId", "Start", "End", "CompletionStatus", "TotalRunTimeSeconds",
+              "LabHostId", "DatacenterId", "DeliveryRegionId")
+FLOAT_FIELDS = ("TaskCompletePercent", "ExamScore", "ExamMaxPossibleScore")
+BOOL_FIELDS = ("IsExam", "ExamPassed")
+FIELDS = INT_FIELDS + FLOAT_FIELDS + BOOL_FIELDS
+
+# Values a field may take in a hostile payload: anything JSON, with the edges weighted in.
+chaos_values = (
+    json_values
+    | st.sampled_from([0, -1, INT64, INT64 + 1, -(2**63), -(2**63) - 1, 10**30, 10**400, 1e308, -1e308, 0.5,
+                       "12", "x", True, False, None, [], {}, "", "1e999"])
+)
+
+chaos_record = st.dictionaries(
+    st.sampled_from(FIELDS) | st.text(max_size=8), chaos_values, max_size=len(FIELDS) + 3
+)
+
+envelopes = st.fixed_dictionaries(
+    {},
+    optional={
+        "Results": st.none() | st.lists(chaos_record | json_values, max_size=8) | json_values,
+        "Status": st.sampled_from([1, 0, 2, -1, None, "1", "0", 1.0, True, [], {}]) | json_values,
+        "Error": st.none() | st.text(max_size=40) | json_values,
+        "Extra": json_values,
+    },
+)
+
+# Records that are certainly valid: the right types, 64-bit integers, finite floats.
+ints = st.integers(min_value=-(2**63), max_value=INT64)
+valid_record = st.fixed_dictionaries(
+    {"LabInstanceId": ints},
+    optional={
+        **{name: st.none() | ints for name in INT_FIELDS[1:]},
+        **{name: st.none() | st.floats(allow_nan=False, allow_infinity=False, width=64) for name in FLOAT_FIELDS},
+        **{name: st.none() | st.booleans() for name in BOOL_FIELDS},
+        "UserId": st.text(max_size=5), "IpAddress": st.text(max_size=5),
+    },
+)
+# Records that are certainly invalid: no id, an id out of range, or a field holding a structure.
+invalid_record = st.one_of(
+    valid_record.map(lambda r: {k: v for k, v in r.items() if k != "LabInstanceId"}),
+    valid_record.map(lambda r: {**r, "LabInstanceId": None}),
+    st.tuples(valid_record, st.integers(min_value=INT64 + 1, max_value=2**80)).map(
+        lambda t: {**t[0], "LabInstanceId": t[1]}),
+    st.tuples(valid_record, st.sampled_from(FIELDS), st.sampled_from([[1], {"a": 1}, [], {}])).map(
+        lambda t: {**t[0], t[1]: t[2]}),
+    st.sampled_from([None, 5, "record", [], [1, 2], True]),
+)
+
+
+def decode(body: bytes) -> Batch | None:
+    """decode_latest_results, allowing only its typed errors."""
+    try:
+        return decode_latest_results(body)
+    except (DecodeError, UpstreamError):
+        return None
+
+
+def check_state_and_exposition(results: list[LabResult]) -> None:
+    """Whatever decoded must fold into the state and render, with sane numbers."""
+    state = FleetState(max_lab_hosts=50)
+    now = 1_800_000_000
+    state.apply(results, now - 3600)
+    state.apply(results, now - 3500)  # the same batch again: an overlapping poll
+    state.evict(now - 3600)
+    snap = state.snapshot()
+    assert all(v >= 0 for v in snap.instances.values())
+    assert all(v >= 0 for v in snap.running.values())
+    assert sum(snap.instances.values()) == snap.tracked == len(state.instances)
+    assert sum(snap.started.values()) <= len({r.lab_instance_id for r in results})
+    for table in (snap.run_time, snap.task_completion, snap.exam_score):
+        for hist in table.values():
+            assert math.isfinite(hist.total) and all(c >= 0 for c in hist.counts)
+
+
+# -- properties ----------------------------------------------------------------------
+
+
+@PROPERTY
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_give_records_or_a_typed_error(body: bytes) -> None:
+    batch = decode(body)
+    if batch is not None:
+        check_state_and_exposition(batch.results)
+
+
+@PROPERTY
+@given(json_values)
+def test_arbitrary_json_gives_records_or_a_typed_error(value: Any) -> None:
+    batch = decode(json.dumps(value).encode())
+    if batch is not None:
+        check_state_and_exposition(batch.results)
+
+
+@PROPERTY
+@given(envelopes)
+def test_latestresults_shaped_payloads_never_crash(payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    batch = decode(body)
+    if batch is None:
+        return
+    results = payload.get("Results")
+    # A batch that decodes accounts for every record: used or counted as invalid.
+    assert len(batch.results) + batch.invalid == (len(results) if isinstance(results, list) else 0)
+    for r in batch.results:
+        assert isinstance(r, LabResult) and -(2**63) <= r.lab_instance_id <= INT64
+    check_state_and_exposition(batch.results)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.booleans(), valid_record, invalid_record), max_size=15))
+def test_a_bad_record_never_sinks_the_batch(mix: list[tuple[bool, dict[str, Any], Any]]) -> None:
+    records = [good if is_good else bad for is_good, good, bad in mix]
+    body = json.dumps({"Results": records, "Status": 1, "Error": None}).encode()
+    batch = decode_latest_results(body)  # never an error: the envelope is fine
+    valid = [good for is_good, good, _ in mix if is_good]
+    assert [r.lab_instance_id for r in batch.results] == [r["LabInstanceId"] for r in valid]
+    assert batch.invalid == len(records) - len(valid)
+    for decoded, raw in zip(batch.results, valid):
+        assert decoded.start == raw.get("Start") and decoded.exam_score == raw.get("ExamScore")
+    check_state_and_exposition(batch.results)
+
+
+@PROPERTY
+@given(json_values | envelopes)
+def test_stats_and_delivery_regions_never_crash(value: Any) -> None:
+    body = json.dumps(value).encode()
+    for decoder in (decode_stats, decode_delivery_regions):
+        try:
+            decoder(body)
+        except (DecodeError, UpstreamError):
+            pass
+
+
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.booleans(), valid_record, invalid_record), min_size=1, max_size=10))
+def test_invalid_records_are_counted_in_the_exposition(mix: list[tuple[bool, dict[str, Any], Any]]) -> None:
+    """Through real HTTP and the collector: skillable_results_invalid_total counts the skipped records."""
+    fake = FakeSkillable(now=1_800_000_000)
+    try:
+        fake.add(lab(1, 1_800_000_000 - 600, 1_800_000_000 - 60, status=4))
+        records = [good if is_good else bad for is_good, good, bad in mix]
+        fake.fault(with_records(*records), endpoint="LatestResults")
+        poller: Poller = make_poller(fake)
+        poller.refresh(5)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SkillableCollector([("", poller)], Names(), 60))
+        samples = parse(generate_latest(registry).decode())
+        assert total(samples, "skillable_up") == 1
+        assert total(samples, "skillable_results_invalid_total") == sum(1 for is_good, *_ in mix if not is_good)
+        # The good record from the fake is always there, whatever its neighbours.
+        assert total(samples, "skillable_lab_instances_ended_total", completion_status="complete") >= 1
+        poller.client.close()
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("value", ["1e999", "-1e999"])
+def test_infinite_numbers_are_an_invalid_record(value: str) -> None:
+    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"ExamScore":%s,"ExamMaxPossibleScore":1},'
+            '{"LabInstanceId":2}]}' % value).encode()
+    batch = decode_latest_results(body)
+    assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
