@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from exporter.__main__ import build_parser
 from exporter.app import ExporterApp
 from exporter.config import load_config
 from exporter.demo import BenchClock, Traffic, latest_results_body, start_simulator
-from exporter.model import LabResult, decode_latest_results
+from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
 from exporter.server import ExporterServer
 from exporter.state import EXTRA_PLACES, OVERFLOW_PLACE, FleetState, Histogram, Instance
 
@@ -329,3 +330,97 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert exporter["concurrent_requests"] == 1 and exporter["concurrent_good"] == 50
     assert exporter["requests_per_scrape"] == 1.0  # every steady scrape polled once, incrementally
     assert exporter["bytes_per_poll"] < row["payload_bytes"]
+
+
+# -- the hand-inlined apply() against the plain per-result rules ----------------------
+
+class ReferenceState:
+    """The rules of FleetState written plainly, one result at a time, with a full-scan eviction."""
+
+    def __init__(self, max_hosts: int) -> None:
+        self.max_hosts = max_hosts
+        self.instances: dict[int, list[Any]] = {}  # id -> [place, status, start, end, last, ended, exam]
+        self.hosts: set[str] = set()
+        self.started: Counter[Any] = Counter()
+        self.ended: Counter[Any] = Counter()
+        self.exams: Counter[Any] = Counter()
+        self.passed: Counter[Any] = Counter()
+        self.run_time: Counter[Any] = Counter()
+        self.overflow = 0
+
+    def apply(self, results: list[LabResult], horizon: float) -> None:
+        for r in results:
+            status = STATUS_NAMES.get(r.completion_status, "unknown")
+            inst = self.instances.get(r.lab_instance_id)
+            if inst is None:
+                host = "unknown" if r.lab_host_id is None else str(r.lab_host_id)
+                if host not in self.hosts:
+                    if len(self.hosts) >= self.max_hosts:
+                        self.overflow += 1
+                        host = "other"
+                    else:
+                        self.hosts.add(host)
+                place = tuple("unknown" if v is None else str(v) for v in (r.datacenter_id, r.delivery_region_id)) + (host,)
+                inst = [place, status, r.start, r.end, max(r.start or 0, r.end or 0), False, False]
+                self.instances[r.lab_instance_id] = inst
+                if r.start is None or r.start >= horizon:
+                    self.started[place] += 1
+            else:
+                inst[1] = status
+                inst[2] = r.start if r.start is not None else inst[2]
+                inst[3] = r.end if r.end is not None else inst[3]
+                inst[4] = max(inst[4], r.start or 0, r.end or 0)
+            event = r.end if r.end is not None else r.start
+            in_horizon = event is None or event >= horizon
+            if r.end is not None and not inst[5] and in_horizon:
+                inst[5] = True
+                self.ended[(inst[0], status)] += 1
+                if r.total_run_time_seconds is not None and r.total_run_time_seconds >= 0:
+                    self.run_time[inst[0][:2]] += r.total_run_time_seconds
+            if not inst[6] and (r.exam_score is not None or r.exam_passed is not None) and in_horizon:
+                inst[6] = True
+                self.exams[inst[0]] += 1
+                self.passed[inst[0]] += bool(r.exam_passed)
+
+    def evict(self, horizon: float) -> None:
+        for key in [k for k, inst in self.instances.items() if inst[4] < horizon]:
+            del self.instances[key]
+
+    def gauges(self) -> tuple[Counter[Any], Counter[Any]]:
+        by_status = Counter((inst[0], inst[1]) for inst in self.instances.values())
+        running = Counter(inst[0] for inst in self.instances.values() if inst[3] is None)
+        return by_status, running
+
+
+def nonzero(counter: Any) -> dict[Any, Any]:
+    return {k: v for k, v in counter.items() if v}
+
+
+@pytest.mark.parametrize("max_hosts", [2000, 12])
+def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int) -> None:
+    traffic = Traffic(labs_per_minute=30, seed=11)
+    fast, plain = FleetState(max_hosts), ReferenceState(max_hosts)
+    window, overlap = 90 * 60, 120
+    now, last = float(NOW), None
+    for step in range(60):
+        minutes = 90 if last is None else 2 + step % 3
+        results = decode_latest_results(latest_results_body(traffic, now, minutes)).results
+        horizon = now - window if last is None else min(now - window, last - overlap)
+        fast.apply(results, horizon)
+        plain.apply(results, horizon)
+        fast.evict(now - window)
+        plain.evict(now - window)
+        by_status, running = plain.gauges()
+        snap = fast.snapshot()
+        assert set(fast.instances) == set(plain.instances)
+        assert nonzero(snap.instances) == dict(by_status)
+        assert nonzero(snap.running) == dict(running)
+        assert nonzero(snap.started) == dict(plain.started)
+        assert nonzero(snap.ended) == dict(plain.ended)
+        assert nonzero(snap.exams) == dict(plain.exams)
+        assert nonzero(snap.exams_passed) == nonzero(plain.passed)
+        assert {r: h.total for r, h in snap.run_time.items() if h.total} == dict(plain.run_time)
+        assert snap.host_overflow_total == plain.overflow
+        last, now = now, now + 60 * (1 + step % 4)
+    assert plain.overflow > 0 if max_hosts < 36 else plain.overflow == 0
+    assert sum(plain.ended.values()) > 1000 and sum(plain.exams.values()) > 100
