@@ -282,13 +282,8 @@ state_written() {
     "$DOCKER" exec "$CONTAINER" python3 -c \
         'import os, sys; sys.exit(os.path.getsize(os.environ["SKILLABLE_STATE_FILE"]) == 0)' 2>/dev/null
 }
-# TODO(issue 5): make this fatal once the exporter writes its state file;
-# until then a missing file is only reported.
-if (wait_for 15 "the state file on the writable volume" state_written) 2>/dev/null; then
-    log "state file written to the volume (root filesystem read-only)"
-else
-    log "WARNING: no state file at \$SKILLABLE_STATE_FILE after 15 s (state file support not in the exporter yet?)"
-fi
+wait_for 20 "the state file (SKILLABLE_STATE_FILE) on the writable volume" state_written
+log "state file written to the volume (root filesystem read-only)"
 echo "---- container log ----"
 "$DOCKER" logs "$CONTAINER" 2>&1 | head -n 20
 
