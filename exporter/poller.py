@@ -179,7 +179,7 @@ class Poller:
             batch = decode_latest_results(body)
             del body  # the raw payload is not kept past decoding
             with self._lock:
-                self.state.apply(batch.results, self._horizon(now))
+                self.state.apply(batch.results, self._horizon(now), seen_at=now)
                 self.state.invalid_total += batch.invalid
                 self.state.evict(now - self.window_minutes * 60)
                 self.health.up = True
@@ -263,7 +263,7 @@ class Poller:
 
     def _record_success(self, minutes: int, results: int, invalid: int) -> None:
         if self._failures_in_row:
-            log.info("poll recovered after %d failed polls minutes=%d", self._failures_in_row, minutes)
+            log.info("poll recovered failed_polls=%d minutes=%d", self._failures_in_row, minutes)
         self._failures_in_row = 0
         self._failing_reason = None
         if invalid:

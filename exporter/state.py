@@ -153,8 +153,12 @@ class FleetState:
 
     # -- updates -----------------------------------------------------------
 
-    def apply(self, results: Iterable[LabResult], horizon: float) -> None:
+    def apply(self, results: Iterable[LabResult], horizon: float, seen_at: float = 0) -> None:
         """Fold one poll's results in. Events older than `horizon` are not counted (see module doc).
+
+        `seen_at` (the poll's time) stands in for the last change of a result with
+        neither Start nor End, so it is remembered, and counted once, for as long
+        as the API keeps returning it, instead of being evicted by the same poll.
 
         This loop runs once per result (100,000 times for a large cold poll), so it
         keeps its names local and its work inline; the profile in BENCHMARKS.md shows why.
@@ -174,12 +178,13 @@ class FleetState:
         for r in results:
             status = status_of(r.completion_status, UNKNOWN_STATUS)  # None and unknown codes: "unknown"
             key, start, end = r.lab_instance_id, r.start, r.end
+            stamp = max(start or 0, end or 0) if start is not None or end is not None else seen_at
             inst = instances.get(key)
             if inst is None:
                 place = place_of.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id))
                 if place is None or place[2] == OVERFLOW_HOST:  # new ids, or the overflow to count
                     place = self._place(r)
-                inst = Instance(place, status, start, end, max(start or 0, end or 0))
+                inst = Instance(place, status, start, end, stamp)
                 instances[key] = inst
                 aged.append((inst.last_change, key))
                 by_status[(place, status)] += 1
@@ -197,7 +202,7 @@ class FleetState:
                     inst.start = start
                 if end is not None:
                     inst.end = end
-                last_change = max(inst.last_change, start or 0, end or 0)
+                last_change = max(inst.last_change, stamp)
                 if last_change != inst.last_change:
                     inst.last_change = last_change
                     aged.append((last_change, key))

@@ -202,7 +202,6 @@ def test_records_with_wrong_types_are_skipped_and_counted_not_a_failure(
     assert total(scrape.samples, "skillable_lab_instances_ended_total", completion_status="lab_creation_failed") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the next commit (state: seen_at for timestamp-less records)")
 def test_record_with_every_nullable_field_null_is_counted_once(
     fake: FakeSkillable, harness: Callable[..., Harness]
 ) -> None:
@@ -320,7 +319,7 @@ def test_bad_key_is_logged_once_not_per_poll(
     assert len([r for r in caplog.records if "API key refused" in r.getMessage()]) == 1
     fake.heal()
     assert h.scrape().up == 1
-    assert any("recovered after 15 failed polls" in r.getMessage() for r in caplog.records)
+    assert any("poll recovered failed_polls=15" in r.getMessage() for r in caplog.records)
     fake.fault_always(f.http_status(403))  # broken again later: said again, once
     for _ in range(3):
         h.mono.advance(400)
