@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(setting.flag, dest=setting.dest, metavar="VALUE", default=None,
                                 help=setting.help + env + default)
+    # exporter-toolkit's spelling of the same flag, so operators can keep their unit files and manifests.
+    parser.add_argument("--web.config.file", dest="web_config_file", metavar="VALUE", default=None,
+                        help=argparse.SUPPRESS)
     return parser
 
 

@@ -44,6 +44,11 @@ class ExporterServer(ThreadingHTTPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that speaks plain HTTP to the TLS port, fails the handshake or hangs up
+        # mid-answer is the client's problem: one debug line, not a traceback on stderr.
+        log.debug("connection from %s failed", client_address[0] if client_address else "?", exc_info=True)
+
     def gzipped(self, body: bytes) -> bytes:
         """gzip of `body`. The exposition is the same bytes object until a poll changes it,
         so keeping the last one compresses it once, not once per scrape."""

@@ -1,0 +1,383 @@
+"""The endpoint: TLS and basic auth from an exporter-toolkit web config, with throw-away certificates
+and real HTTPS clients (requests and curl); the key file's permissions; the API key in no output."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import bcrypt
+import pytest
+import requests
+
+from exporter.client import SkillableClient
+from exporter.config import ConfigError, load_config, read_key_file
+from exporter.webconfig import WebConfig, load_web_config
+
+from . import fakeapi as f
+from .conftest import ROOT, free_port
+from .fakeapi import FakeSkillable, lab
+
+NOW = 1_800_000_000
+USER, PASSWORD = "prometheus", "correct horse battery staple"
+
+
+# -- throw-away certificates (the openssl CLI; .ci/run installs Debian's openssl) -----------------
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    tool = shutil.which("openssl")
+    assert tool, "the openssl command is missing: install Debian's openssl package (.ci/run does)"
+    result = subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def issue(cwd: Path, name: str, extensions: str) -> None:
+    """A P-256 key and a certificate for it, signed by the test CA."""
+    (cwd / f"{name}.ext").write_text(extensions)
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("certs")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=skillable-exporter test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            cwd=cwd)
+    issue(cwd, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    issue(cwd, "client", "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                         "extendedKeyUsage=clientAuth\n")
+    for key in cwd.glob("*.key"):
+        key.chmod(0o600)
+    return cwd
+
+
+def web_config(folder: Path, tls: bool = True, users: bool = True, client_auth: bool = False) -> Path:
+    lines = []
+    if tls:
+        lines += ["tls_server_config:", "  cert_file: server.crt", "  key_file: server.key"]  # relative paths
+        if client_auth:
+            lines += ["  client_auth_type: RequireAndVerifyClientCert", "  client_ca_file: ca.crt"]
+    if users:
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+        lines += ["basic_auth_users:", f"  {USER}: {hashed}", f"  other: {hashed}"]
+    path = folder / f"web-{tls}-{users}-{client_auth}.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- the exporter process --------------------------------------------------------------------
+
+
+class Exporter:
+    """`python -m exporter` with a web config; ready once /healthz answers over its scheme."""
+
+    def __init__(self, fake: FakeSkillable, log_path: Path, *args: str, https: bool, ca: Path | None,
+                 cert: tuple[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.cert = cert
+        self.base = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
+        self.ca = str(ca) if ca else True
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+        env.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
+                    "SKILLABLE_COLLECTOR_STATS": "false", "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"})
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            try:
+                if requests.get(self.base + "/healthz", verify=self.ca, cert=cert, timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError(f"exporter did not come up: {self.log()}")
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.ca)
+        kwargs.setdefault("cert", self.cert)
+        return requests.get(self.base + path, timeout=15, **kwargs)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        if not self._log.closed:
+            self._log.close()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def start(fake: FakeSkillable, tmp_path: Path) -> Iterator[Any]:
+    started: list[Exporter] = []
+
+    def run(*args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None) -> Exporter:
+        started.append(Exporter(fake, tmp_path / f"exporter-{len(started)}.log", *args, https=https, ca=ca,
+                                cert=cert))
+        return started[-1]
+
+    yield run
+    for exporter in started:
+        exporter.stop()
+
+
+def curl(*args: str) -> tuple[int, str]:
+    tool = shutil.which("curl")
+    assert tool, "curl is missing: install Debian's curl package (.ci/run does)"
+    result = subprocess.run([tool, "-sS", "--max-time", "15", "-w", "\n%{http_code}", *args],
+                            capture_output=True, text=True, timeout=30)
+    body, _, code = result.stdout.rpartition("\n")
+    return int(code or 0), body + result.stderr
+
+
+# -- TLS and basic auth ---------------------------------------------------------------------------
+
+
+def test_tls_and_basic_auth_with_requests_and_curl(start: Any, fake: FakeSkillable, certs: Path) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    exporter = start(f"--web.config-file={web_config(certs)}", https=True, ca=certs / "ca.crt")
+    url = exporter.base + "/metrics"
+
+    ok = exporter.get("/metrics", auth=(USER, PASSWORD))
+    assert ok.status_code == 200 and "skillable_up 1.0" in ok.text
+    polls = len(fake.latest_requests())
+    for auth in (None, (USER, "wrong"), ("nobody", PASSWORD), (USER, ""), ("", "")):
+        refused = exporter.get("/metrics", auth=auth)
+        assert refused.status_code == 401, auth
+        assert refused.headers["WWW-Authenticate"].startswith("Basic ")
+        assert "skillable_" not in refused.text
+    assert exporter.get("/", auth=None).status_code == 401  # the landing page names accounts: protected too
+    assert exporter.get("/probe?account=x", auth=None).status_code == 401
+    assert len(fake.latest_requests()) == polls  # a refused scrape never reaches the API
+    # Malformed Authorization headers are refused, not an error.
+    for header in ("Basic", "Basic !!!", "Bearer abc", "Basic " + base64.b64encode(b"no-colon").decode()):
+        assert exporter.get("/metrics", headers={"Authorization": header}).status_code == 401
+
+    # /healthz stays open (liveness probes carry no password), but only over TLS.
+    assert exporter.get("/healthz").text == "OK\n"
+
+    code, body = curl("--cacert", str(certs / "ca.crt"), "-u", f"{USER}:{PASSWORD}", url)
+    assert code == 200 and "skillable_up 1.0" in body
+    code, _ = curl("--cacert", str(certs / "ca.crt"), "-u", f"{USER}:nope", url)
+    assert code == 401
+    code, _ = curl("--cacert", str(certs / "ca.crt"), url)
+    assert code == 401
+    code, body = curl("--cacert", str(certs / "ca.crt"), "--compressed", "-u", f"{USER}:{PASSWORD}", url)
+    assert code == 200 and "skillable_up" in body
+
+    # It is real TLS: an unknown CA is refused by both clients, and plain HTTP gets no metrics.
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, auth=(USER, PASSWORD), timeout=5)
+    code, _ = curl("-u", f"{USER}:{PASSWORD}", url)
+    assert code == 0
+    plain = f"http://127.0.0.1:{exporter.port}/metrics"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(plain, auth=(USER, PASSWORD), timeout=5)
+    with socket.create_connection(("127.0.0.1", exporter.port), timeout=5) as raw:
+        raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.settimeout(5)
+        try:
+            answer = raw.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            answer = b""
+    assert b"skillable_" not in answer
+    assert exporter.get("/metrics", auth=(USER, PASSWORD)).status_code == 200  # it shrugged all that off
+    assert exporter.proc.poll() is None
+    assert exporter.stop() == 0
+    assert "Traceback" not in exporter.log()
+    assert "listening address=https://" in exporter.log()
+
+
+def test_basic_auth_without_tls(start: Any, certs: Path) -> None:
+    exporter = start(f"--web.config-file={web_config(certs, tls=False)}")
+    assert exporter.get("/metrics").status_code == 401
+    assert exporter.get("/metrics", auth=(USER, PASSWORD)).status_code == 200
+    assert exporter.get("/healthz").status_code == 200
+
+
+def test_tls_without_users_needs_no_password(start: Any, certs: Path) -> None:
+    exporter = start(f"--web.config-file={web_config(certs, users=False)}", https=True, ca=certs / "ca.crt")
+    assert exporter.get("/metrics").status_code == 200
+
+
+def test_client_certificates_when_required(start: Any, certs: Path) -> None:
+    config = web_config(certs, client_auth=True)
+    cert = (str(certs / "client.crt"), str(certs / "client.key"))
+    exporter = start(f"--web.config-file={config}", https=True, ca=certs / "ca.crt", cert=cert)
+    url = exporter.base + "/metrics"
+    assert requests.get(url, auth=(USER, PASSWORD), verify=str(certs / "ca.crt"), cert=cert,
+                        timeout=15).status_code == 200
+    with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
+        requests.get(url, auth=(USER, PASSWORD), verify=str(certs / "ca.crt"), timeout=15)
+    code, _ = curl("--cacert", str(certs / "ca.crt"), "--cert", cert[0], "--key", cert[1],
+                   "-u", f"{USER}:{PASSWORD}", url)
+    assert code == 200
+
+
+def test_exporter_toolkit_flag_name_is_accepted(start: Any, certs: Path) -> None:
+    """Operators reuse their exporter-toolkit flags: --web.config.file works as well as --web.config-file."""
+    exporter = start(f"--web.config.file={web_config(certs)}", https=True, ca=certs / "ca.crt")
+    assert exporter.get("/metrics").status_code == 401
+    assert exporter.get("/metrics", auth=(USER, PASSWORD)).status_code == 200
+
+
+def test_without_a_web_config_plain_http_is_unchanged(start: Any) -> None:
+    exporter = start()
+    assert exporter.get("/metrics").status_code == 200
+    assert exporter.get("/metrics", auth=("anyone", "anything")).status_code == 200  # credentials are ignored
+    assert exporter.get("/").status_code == 200
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"https://127.0.0.1:{exporter.port}/metrics", verify=False, timeout=5)
+
+
+def test_default_listen_address_is_loopback() -> None:
+    config = load_config({}, {"SKILLABLE_API_KEY": "k"})
+    assert config.listen_address == "127.0.0.1:10180"
+
+
+@pytest.mark.parametrize(
+    "content, setting",
+    [
+        ("tls_server_config:\n  cert_file: server.crt\n", "tls_server_config"),
+        ("tls_server_config:\n  cert_file: nope.crt\n  key_file: server.key\n", "cert_file"),
+        ("basic_auth_users:\n  prometheus: plaintext-password\n", "basic_auth_users.prometheus"),
+        ("tls_config:\n  cert_file: server.crt\n", "tls_config"),
+        ("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  client_auth_type: Maybe\n",
+         "client_auth_type"),
+        ("basic_auth_users: [a, b]\n", "basic_auth_users"),
+        ("{{{", "web.config-file"),
+    ],
+)
+def test_a_bad_web_config_stops_start_up_with_one_line(content: str, setting: str, certs: Path) -> None:
+    path = certs / "bad-web.yml"
+    path.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "exporter", f"--web.config-file={path}", "--config.check"],
+                            env={**os.environ, "SKILLABLE_API_KEY": "k"}, capture_output=True, text=True,
+                            cwd=ROOT, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert setting in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_password_check_costs_the_same_for_unknown_users(monkeypatch: pytest.MonkeyPatch, certs: Path) -> None:
+    web = load_web_config(str(web_config(certs, tls=False)))
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+
+    def header(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert web.check_authorization(header(USER, PASSWORD))
+    assert not web.check_authorization(header(USER, "wrong"))
+    assert not web.check_authorization(header("nobody", PASSWORD))  # a bcrypt check all the same
+    assert len(calls) == 3
+    assert WebConfig().check_authorization(None)  # no users: open
+
+
+# -- the API key file ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, allowed", [(0o600, True), (0o400, True), (0o640, True), (0o644, False),
+                                           (0o604, False), (0o602, False), (0o601, False)])
+def test_key_file_readable_by_others_is_refused(mode: int, allowed: bool, tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text("secret-key-42\n")
+    path.chmod(mode)
+    if allowed:
+        assert read_key_file("skillable.api-key-file", str(path)) == "secret-key-42"
+    else:
+        with pytest.raises(ConfigError, match="readable by other users") as info:
+            read_key_file("skillable.api-key-file", str(path))
+        assert "secret-key-42" not in str(info.value)
+    result = subprocess.run([sys.executable, "-m", "exporter", f"--skillable.api-key-file={path}", "--config.check"],
+                            env={k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")},
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == (0 if allowed else 2), result.stderr
+    assert "secret-key-42" not in result.stdout + result.stderr
+
+
+# -- the API key in no output ----------------------------------------------------------------------
+
+
+def test_api_key_appears_in_no_output(start: Any, fake: FakeSkillable, tmp_path: Path) -> None:
+    key = fake.state.api_key
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    state = tmp_path / "state.json"
+    exporter = start("--log.level=debug", f"--storage.state-file={state}", "--skillable.min-poll-interval=0")
+    outputs = [exporter.get("/metrics").text, exporter.get("/").text]
+    # Answers that echo the key back, each a different failure path into the log.
+    echoes = [
+        f.status_error(f"Invalid API key {key}"),
+        f.status_error(f"Internal error for key {key}"),
+        f.http_status(401, f"bad key {key}".encode()),
+        f.http_status(500, f"trace: api_key={key}".encode()),
+        f.html_page(200),
+        lambda h: h.send_raw(302, b"", "text/plain", {"Location": f"https://evil.example/?k={key}"}),
+        lambda h: h.send_raw(200, f'{{"Status": 1, "Results": [{{"LabInstanceId": "{key}"}}]}}'.encode(),
+                             "application/json"),
+    ]
+    for echo in echoes:
+        fake.fault(echo, endpoint="LatestResults")
+        played = False
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the fault is played and a good poll reset the backoff
+            text = exporter.get("/metrics").text
+            outputs.append(text)
+            played = played or not fake.state.faults
+            if played and "skillable_up 1.0" in text:
+                break
+            time.sleep(0.2)
+        assert played
+    outputs.append(exporter.get("/").text)
+    assert exporter.stop() == 0
+    outputs += [exporter.log(), state.read_text()]
+    assert "reason=unauthorized" in exporter.log() or "API key refused" in exporter.log()
+    for output in outputs:
+        assert key not in output
+    assert any("<redacted>" in output for output in outputs)  # the key was there to leak, and was blanked
+
+
+def test_api_key_not_in_reprs_or_exception_text(fake: FakeSkillable) -> None:
+    key = fake.state.api_key
+    config = load_config({}, {"SKILLABLE_API_KEY": key, "SKILLABLE_API_URL": fake.url})
+    client = SkillableClient(fake.url, key, 1 << 20)
+    assert key not in repr(config) and key not in repr(config.accounts[0]) and key not in repr(client)
+    fake.fault(f.http_status(401, key.encode()), f.reset())
+    for _ in range(2):
+        with pytest.raises(Exception) as info:
+            client.get("LatestResults", {"minutes": 5}, 5)
+        assert key not in str(info.value) and key not in repr(info.value)
+    client.close()
+
+
+def test_tls_context_refuses_old_protocols(certs: Path) -> None:
+    web = load_web_config(str(web_config(certs)))
+    assert web.ssl_context is not None
+    assert web.ssl_context.minimum_version >= ssl.TLSVersion.TLSv1_2
