@@ -23,6 +23,7 @@ from . import __version__
 from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
+from .render import LineEncoder
 from .state import Histogram, Region, Snapshot
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
@@ -45,6 +46,7 @@ class SkillableCollector(Collector):
         # The last exposition per encoder, with what it was rendered from (see exposition()).
         self._render_lock = threading.Lock()
         self._rendered: dict[str, tuple[list[tuple[Snapshot, str]], bytes]] = {}
+        self._line_encoders: dict[str, LineEncoder] = {}
 
     def describe(self) -> Iterable[Metric]:
         # Describing must not poll: an empty list keeps the registry from calling collect().
@@ -61,7 +63,8 @@ class SkillableCollector(Collector):
         changes, and the health is compared by value, so a cached body is reused
         exactly while every input of collect() is unchanged. One render at a time:
         concurrent scrapes after a poll wait for the first one and reuse its body.
-        Bodies are kept by content type (which names the encoding), a few at most.
+        Bodies are kept by content type (which names the encoding), a few at most,
+        and written by a LineEncoder, which gives the encoder's bytes (see render.py).
         """
         with self._render_lock:
             views = [(name, poller.view()) for name, poller in self._accounts]
@@ -69,9 +72,13 @@ class SkillableCollector(Collector):
             cached = self._rendered.get(content_type)
             if cached is not None and _same_inputs(cached[0], key):
                 return cached[1]
-            body = encoder(_Collected(list(self._families(views))))
             if len(self._rendered) >= RENDERED_KEPT:  # the Accept header picks the key: keep it bounded
                 self._rendered.clear()
+                self._line_encoders.clear()
+            line_encoder = self._line_encoders.get(content_type)
+            if line_encoder is None:
+                line_encoder = self._line_encoders[content_type] = LineEncoder(encoder)
+            body = line_encoder(list(self._families(views)))
             self._rendered[content_type] = (key, body)
             return body
 
@@ -258,16 +265,6 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
-
-
-class _Collected:
-    """Families already collected, in the shape an encoder takes (anything with collect())."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
 
 
 def _same_inputs(old: list[tuple[Snapshot, str]], new: list[tuple[Snapshot, str]]) -> bool:

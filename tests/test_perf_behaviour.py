@@ -424,3 +424,82 @@ def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int) -
         last, now = now, now + 60 * (1 + step % 4)
     assert plain.overflow > 0 if max_hosts < 36 else plain.overflow == 0
     assert sum(plain.ended.values()) > 1000 and sum(plain.exams.values()) > 100
+
+
+# -- the line encoder gives the encoders' own bytes ------------------------------------
+
+ENCODINGS = [
+    "",
+    "text/plain;version=0.0.4",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=values",
+    "application/openmetrics-text",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8",
+    "application/openmetrics-text;version=1.0.0;escaping=dots",
+    OPENMETRICS,
+]
+
+
+def odd_families(step: int) -> list[Any]:
+    """Every shape an encoder treats specially, values moving with `step`."""
+    from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                                InfoMetricFamily, Metric, SummaryMetricFamily)
+    from prometheus_client.samples import Exemplar
+
+    gauge = GaugeMetricFamily("skillable_odd", 'Help with "quotes", a \\ and a\nnewline; é.', labels=["a", "b_c"])
+    gauge.add_metric(['x"y', "line\nbreak"], step)
+    gauge.add_metric(["back\\slash", "ünïcode"], float("nan"))
+    gauge.add_metric(["inf", "1"], float("inf") if step % 2 else float("-inf"))
+    gauge.add_metric(["big", "1"], 1e22 + step)
+    gauge.add_metric(["small", "1"], 1.5e-7 * step)
+    counter = CounterMetricFamily("skillable_things", "Things.", labels=["z", "a"], created=1_700_000_000.5)
+    counter.add_metric(["1", "2"], step, created=1_700_000_001)
+    plain_counter = CounterMetricFamily("skillable_plain", "Plain.", labels=["k"])
+    plain_counter.add_metric(["v"], 3 + step, timestamp=1_700_000_000 if step % 2 else None)
+    with_exemplar = CounterMetricFamily("skillable_ex", "Exemplar.", labels=["k"])
+    with_exemplar.add_metric(["v"], step, exemplar=Exemplar({"trace_id": "abc"}, 1.0, 1_700_000_000))
+    hist = HistogramMetricFamily("skillable_seconds", "Seconds.", labels=["r"], unit="seconds")
+    hist.add_metric(["1"], [("0.5", step), ("+Inf", step + 1)], sum_value=2.5 * step)
+    summary = SummaryMetricFamily("skillable_sum", "Summary.", count_value=step, sum_value=1.5)
+    info = InfoMetricFamily("skillable_build", "Build.", value={"version": "1.0", "odd": 'a"b'})
+    untyped = Metric("skillable_untyped", "Untyped.", "unknown")
+    untyped.add_sample("skillable_untyped", {"x": "1"}, step)
+    dotted = GaugeMetricFamily("skillable.dotted.name", "Not a legacy name.", labels=["ok"])
+    dotted.add_metric(["1"], step)
+    empty = GaugeMetricFamily("skillable_empty", "No samples.", labels=["a"])
+    return [gauge, counter, plain_counter, with_exemplar, hist, summary, info, untyped, dotted, empty]
+
+
+@pytest.mark.parametrize("accept", ENCODINGS)
+def test_line_encoder_writes_exactly_what_the_encoder_writes(accept: str) -> None:
+    from exporter.render import LineEncoder, _Families
+
+    encoder, _ = choose_encoder(accept)
+    fast = LineEncoder(encoder)
+    for step in range(4):  # kept prefixes and headers are reused with new values
+        families = odd_families(step)
+        assert fast(families) == encoder(_Families(families))
+    assert len(fast._prefixes) >= 5  # the plain families did take the fast path
+
+
+@pytest.mark.parametrize("accept", ENCODINGS)
+def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkillable, accept: str,
+                                                                tmp_path: Path) -> None:
+    config = tmp_path / "names.yml"
+    config.write_text('names:\n  datacenters: {3: "US \\"East\\" \\\\ é"}\n  lab_hosts: {49: "line\\nbreak"}\n')
+    mono = MonotonicStub()
+    app = make_app(fake, mono, "--config.file", str(config))
+    encoder, _ = choose_encoder(accept)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(app.collector)
+    for step in range(5):
+        fake.add(lab(100 + step, NOW + step * 60 - 30, NOW + step * 60 - 5, status=[4, 20, 1, 99, 3][step],
+                     host=49 + step % 2, IsExam=True, ExamScore=50 + step, ExamMaxPossibleScore=100,
+                     ExamPassed=step % 2 == 0))
+        body, _ = app.metrics(accept, None)
+        assert body == encoder(registry)
+        fake.advance(60)
+        mono.advance(1)
+    [line_encoder] = app.collector._line_encoders.values()
+    assert len(line_encoder._prefixes) > 26  # every lab series went the fast way
+    app.close()

@@ -1,0 +1,123 @@
+"""Exposition rendering that gives exactly the bytes of a prometheus_client encoder, faster.
+
+Both of prometheus_client's encoders (the text format and OpenMetrics, with any
+escaping) write a family as a header (HELP, TYPE, maybe UNIT) followed by one line
+per sample: the sample's name and labels, escaped and sorted, a space,
+floatToGoString(value) and a newline; OpenMetrics ends the body with '# EOF'.
+Between two polls only the values change, so LineEncoder asks the real encoder
+once for each family's header and for each sample's text before the value, keeps
+them, and writes a body by joining strings. Profiled at a 100k-result window,
+the encoder was 59% of a steady-state scrape, escaping and sorting labels per sample.
+
+It vouches only for what it checked: a family with anything else (timestamps,
+exemplars, _created samples, a sample whose line does not come out as prefix +
+value) goes through the real encoder as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
+
+Encoder = Callable[[Any], bytes]
+MAX_PREFIXES = 250_000  # sample prefixes kept per encoder (26 per lab host); cleared beyond
+MAX_VALUES = 10_000  # formatted values kept
+
+
+class _Families:
+    """Families in the shape an encoder takes (anything with collect())."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+class _NotPlain(Exception):
+    """The encoder's output for a family is not header + prefix/value lines: use the encoder."""
+
+
+class _NotConcatenable(Exception):
+    """The encoder's output is not one piece per family and a trailer: use it for the whole body."""
+
+
+class LineEncoder:
+    """`encoder` for a list of families, with the encoder's own bytes, from kept pieces."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self._encoder = encoder
+        self._trailer = encoder(_Families([])).decode()
+        self._headers: dict[tuple[str, str, str, str], str] = {}
+        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._values: dict[float, str] = {}
+
+    def __call__(self, families: list[Metric]) -> bytes:
+        out: list[str] = []
+        try:
+            for family in families:
+                try:
+                    out.extend(self._family(family))
+                except _NotPlain:
+                    out.append(self._encode([family]))
+        except _NotConcatenable:
+            return self._encoder(_Families(families))
+        out.append(self._trailer)
+        return "".join(out).encode("utf-8")
+
+    def _family(self, family: Metric) -> list[str]:
+        names = {family.name, family.name + "_total", family.name + "_bucket", family.name + "_count",
+                 family.name + "_sum"}
+        lines = [self._header(family)]
+        prefixes, values = self._prefixes, self._values
+        for s in family.samples:
+            if s.name not in names or s.timestamp is not None or s.exemplar is not None \
+                    or s.native_histogram is not None or s.value is None:
+                raise _NotPlain
+            prefix = prefixes.get((s.name, tuple(s.labels.items())))
+            if prefix is None:
+                prefix = self._prefix(family, s)
+            value = values.get(s.value)
+            if value is None:
+                value = floatToGoString(s.value)
+                if s.value == s.value:  # NaN is never found again: do not fill the table with it
+                    if len(values) >= MAX_VALUES:
+                        values.clear()
+                    values[s.value] = value
+            lines.append(prefix)
+            lines.append(value)
+            lines.append("\n")
+        return lines
+
+    def _header(self, family: Metric) -> str:
+        key = (family.name, family.type, family.documentation, family.unit)
+        header = self._headers.get(key)
+        if header is None:
+            empty = copy.copy(family)
+            empty.samples = []
+            header = self._headers[key] = self._encode([empty])
+        return header
+
+    def _prefix(self, family: Metric, sample: Sample) -> str:
+        one = copy.copy(family)
+        one.samples = [sample]
+        text, header = self._encode([one]), self._header(family)
+        value = " " + floatToGoString(sample.value) + "\n"
+        line = text[len(header):]
+        if not text.startswith(header) or not line.endswith(value) or line.count("\n") != 1:
+            raise _NotPlain
+        prefix = line[: -len(value)] + " "
+        if len(self._prefixes) >= MAX_PREFIXES:
+            self._prefixes.clear()
+        self._prefixes[(sample.name, tuple(sample.labels.items()))] = prefix
+        return prefix
+
+    def _encode(self, families: list[Metric]) -> str:
+        text = self._encoder(_Families(families)).decode("utf-8")
+        if not text.endswith(self._trailer):
+            raise _NotConcatenable
+        return text[: len(text) - len(self._trailer)]
