@@ -11,6 +11,7 @@ the /_bench hooks), the baseline (bench/baseline.py) and the exporter
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import json
 import math
@@ -36,6 +37,13 @@ SIZES = {"1k": 22, "10k": 350, "100k": 3950}
 STEP_SECONDS = 60  # the simulator's clock moves this much between steady-state polls
 OVERLAP_MINUTES = 2  # the exporter's default --skillable.overlap-minutes
 CONCURRENT_SCRAPES = 50
+# What Prometheus 3 sends by default (scrape_protocols OpenMetrics 1.0.0 first), and gzip.
+PROMETHEUS_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+              "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+              "text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -73,8 +81,9 @@ def split_url(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def http_get(url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 300) -> bytes:
-    """One GET on a fresh connection; the body is read into a buffer of its announced length."""
+def fetch(url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 300) -> tuple[bytes, str]:
+    """One GET on a fresh connection: (body as sent, its Content-Encoding). The body is read
+    into a buffer of its announced length."""
     host, port = split_url(url)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -94,15 +103,26 @@ def http_get(url: str, path: str, headers: dict[str, str] | None = None, timeout
             body = bytes(buf) if got == len(buf) else bytes(buf[:got])
         if response.status != 200:
             raise RuntimeError(f"GET {path}: HTTP {response.status}")
-        return body
+        return body, response.getheader("Content-Encoding") or ""
     finally:
         conn.close()
 
 
-def timed_get(url: str, path: str = "/metrics") -> tuple[float, bytes]:
+def http_get(url: str, path: str, headers: dict[str, str] | None = None, timeout: float = 300) -> bytes:
+    return fetch(url, path, headers, timeout)[0]
+
+
+def scrape(url: str, timeout: float = 300) -> tuple[float, int, bytes]:
+    """A scrape as Prometheus makes it: (seconds, bytes on the wire, the exposition)."""
     start = time.perf_counter()
-    body = http_get(url, path)
-    return time.perf_counter() - start, body
+    body, encoding = fetch(url, "/metrics", PROMETHEUS_HEADERS, timeout)
+    seconds = time.perf_counter() - start
+    return seconds, len(body), gzip.decompress(body) if encoding == "gzip" else body
+
+
+def timed_get(url: str) -> tuple[float, bytes]:
+    seconds, _, body = scrape(url)
+    return seconds, body
 
 
 def free_port() -> int:
@@ -186,7 +206,7 @@ class Target:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                body = http_get(self.url, "/metrics", timeout=timeout)
+                body = scrape(self.url, timeout)[2]
             except (ConnectionError, OSError):
                 self.check_alive()
                 time.sleep(0.002)
@@ -274,16 +294,16 @@ def steady(sim: Simulator, target: Target, warm: list[int], samples: int, warmup
         timed_get(target.url)
     req0, bytes0 = latest_counters(sim)
     latencies = []
-    body = b""
+    body, wire = b"", 0
     for _ in range(samples):
         sim.advance(STEP_SECONDS, warm)
-        latency, body = timed_get(target.url)
+        latency, wire, body = scrape(target.url)
         latencies.append(latency)
     req1, bytes1 = latest_counters(sim)
     return {
         "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
         "bytes_per_poll": (bytes1 - bytes0) / samples, "requests_per_scrape": (req1 - req0) / samples,
-        "exposition_bytes": len(body),
+        "exposition_bytes": len(body), "exposition_wire_bytes": wire,
     }
 
 
@@ -295,7 +315,7 @@ def concurrent_scrapes(target: Target, n: int) -> list[bytes]:
     def one() -> None:
         try:
             barrier.wait()
-            bodies.append(http_get(target.url, "/metrics"))
+            bodies.append(scrape(target.url)[2])
         except BaseException as exc:  # noqa: BLE001 (reported below)
             errors.append(exc)
 
@@ -442,9 +462,11 @@ def report(results: list[Result]) -> str:
             f"{b['bytes_per_poll'] / e['bytes_per_poll']:.0f}x", verdict(share < 0.01, "< 1% of window") if big else "")
         row("peak RSS (VmHWM)", "", f"{b['rss']:.0f} MB", f"{e['rss']:.0f} MB", "", f"{b['rss'] / e['rss']:.1f}x",
             verdict(b["rss"] >= 2 * e["rss"], "exporter ≤ half") if big else "")
-        row("exposition: time with no poll due / size", "", f"— / {b['exposition_bytes'] / 1e3:.1f} kB",
-            f"{fmt_s(e['exposition_time'])} / {e['exposition_bytes'] / 1e3:.1f} kB ({e['series']} series, "
-            f"{e['hosts']} hosts)", "", "", "")
+        row("exposition: time with no poll due / size (on the wire)", "",
+            f"— / {b['exposition_bytes'] / 1e3:.1f} kB ({b['exposition_wire_bytes'] / 1e3:.1f} kB)",
+            f"{fmt_s(e['exposition_time'])} / {e['exposition_bytes'] / 1e3:.1f} kB "
+            f"({e['exposition_wire_bytes'] / 1e3:.1f} kB gzip); {e['series']} series, {e['hosts']} hosts",
+            "", "", "")
         row(f"upstream requests for {CONCURRENT_SCRAPES} concurrent scrapes", "", "",
             f"{e['concurrent_requests']} ({e['concurrent_good']} good answers)", "", "",
             verdict(e["concurrent_requests"] == 1, "exactly 1"))
