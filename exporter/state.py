@@ -139,6 +139,8 @@ class FleetState:
         # Derived, not state: raw (datacenter, region, host) ids -> Place, so that a
         # result costs one dict lookup instead of three str() calls and a set check.
         self._place_of: dict[tuple[int | None, int | None, int | None], Place] = {}
+        # Derived too: raw ids and status code -> (place, status, (place, status)) for new instances.
+        self._bundles: dict[tuple[int | None, ...], tuple[Place, str, tuple[Place, str]]] = {}
         # Derived, not state: (last_change, instance id) for every instance, a min-heap that
         # evict() pops from, so a poll costs O(changes), not O(instances). Entries whose
         # instance has changed since are stale and skipped; see _age_index().
@@ -171,28 +173,33 @@ class FleetState:
         ended = self.ended
         run_time = self.run_time
         task_completion = self.task_completion
-        place_of = self._place_of
+        bundles = self._bundles
         status_of = STATUS_NAMES.get
         by_age = self._age_index()
         aged: list[tuple[int, int]] = []  # into by_age at the end: one heapify beats 100,000 pushes
         for r in results:
-            status = status_of(r.completion_status, UNKNOWN_STATUS)  # None and unknown codes: "unknown"
             key, start, end = r.lab_instance_id, r.start, r.end
-            stamp = max(start or 0, end or 0) if start is not None or end is not None else seen_at
+            if start is not None and end is not None:
+                stamp = end if end >= start else start
+            else:
+                stamp = max(start or 0, end or 0) if start is not None or end is not None else seen_at
             inst = instances.get(key)
             if inst is None:
-                place = place_of.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id))
-                if place is None or place[2] == OVERFLOW_HOST:  # new ids, or the overflow to count
-                    place = self._place(r)
+                # One lookup gives the labels, the status and the keys derived from them.
+                bundle = bundles.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status))
+                if bundle is None:
+                    bundle = self._bundle(r)
+                place, status, place_status = bundle
                 inst = Instance(place, status, start, end, stamp)
                 instances[key] = inst
-                aged.append((inst.last_change, key))
-                by_status[(place, status)] += 1
+                aged.append((stamp, key))
+                by_status[place_status] += 1
                 if end is None:
                     running[place] += 1
                 if start is None or start >= horizon:
                     started[place] += 1
             else:
+                status = status_of(r.completion_status, UNKNOWN_STATUS)  # None and unknown codes: "unknown"
                 place = inst.place
                 by_status[(place, inst.status)] -= 1
                 if inst.end is None:
@@ -206,14 +213,15 @@ class FleetState:
                 if last_change != inst.last_change:
                     inst.last_change = last_change
                     aged.append((last_change, key))
-                by_status[(place, status)] += 1
+                place_status = (place, status)
+                by_status[place_status] += 1
                 if inst.end is None:
                     running[place] += 1
             if end is not None:
                 if end >= horizon and not inst.ended_counted:
                     inst.ended_counted = True
                     # Counting an end, inlined: it runs for nearly every result of a cold poll.
-                    ended[(place, status)] += 1
+                    ended[place_status] += 1
                     region = place[:2]
                     seconds = r.total_run_time_seconds
                     if seconds is not None and seconds >= 0:
@@ -223,7 +231,13 @@ class FleetState:
                     percent = r.task_complete_percent
                     if percent is not None:
                         hist = task_completion.get(region) or _histogram(task_completion, region, RATIO_BUCKETS)
-                        hist.observe(min(max(percent / 100.0, 0.0), 1.0))
+                        ratio = percent / 100.0  # clamped to 0..1 as min(max()) would: NaN stays NaN
+                        if ratio < 0.0:
+                            ratio = 0.0
+                        elif ratio > 1.0:
+                            ratio = 1.0
+                        hist.counts[bisect_left(RATIO_BUCKETS, ratio) if ratio == ratio else -1] += 1
+                        hist.total += ratio
                 if end < horizon:
                     continue
             elif start is not None and start < horizon:
@@ -237,6 +251,17 @@ class FleetState:
         else:
             for entry in aged:
                 heapq.heappush(by_age, entry)
+
+    def _bundle(self, r: LabResult) -> tuple[Place, str, tuple[Place, str]]:
+        """(place, status, (place, status)) of a new instance; kept unless it overflowed (counted each time)."""
+        place = self._place(r)
+        status = STATUS_NAMES.get(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
+        bundle = (place, status, (place, status))
+        if place[2] != OVERFLOW_HOST:
+            if len(self._bundles) >= PLACE_CACHE_SIZE:
+                self._bundles.clear()
+            self._bundles[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status)] = bundle
+        return bundle
 
     def _place(self, r: LabResult) -> Place:
         key = (r.datacenter_id, r.delivery_region_id, r.lab_host_id)

@@ -28,7 +28,7 @@ from exporter.config import load_config
 from exporter.demo import BenchClock, Traffic, latest_results_body, start_simulator
 from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
 from exporter.server import ExporterServer
-from exporter.state import EXTRA_PLACES, OVERFLOW_PLACE, FleetState, Histogram, Instance
+from exporter.state import EXTRA_PLACES, OVERFLOW_PLACE, RATIO_BUCKETS, FleetState, Histogram, Instance
 
 from .conftest import MonotonicStub
 from .fakeapi import FakeSkillable, lab
@@ -346,6 +346,7 @@ class ReferenceState:
         self.exams: Counter[Any] = Counter()
         self.passed: Counter[Any] = Counter()
         self.run_time: Counter[Any] = Counter()
+        self.task: dict[Any, list[int]] = {}
         self.overflow = 0
 
     def apply(self, results: list[LabResult], horizon: float) -> None:
@@ -377,6 +378,10 @@ class ReferenceState:
                 self.ended[(inst[0], status)] += 1
                 if r.total_run_time_seconds is not None and r.total_run_time_seconds >= 0:
                     self.run_time[inst[0][:2]] += r.total_run_time_seconds
+                if r.task_complete_percent is not None:
+                    ratio = min(max(r.task_complete_percent / 100.0, 0.0), 1.0)
+                    counts = self.task.setdefault(inst[0][:2], [0] * 12)
+                    counts[next((i for i, b in enumerate(RATIO_BUCKETS) if ratio <= b), 11)] += 1
             if not inst[6] and (r.exam_score is not None or r.exam_passed is not None) and in_horizon:
                 inst[6] = True
                 self.exams[inst[0]] += 1
@@ -420,6 +425,7 @@ def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int) -
         assert nonzero(snap.exams) == dict(plain.exams)
         assert nonzero(snap.exams_passed) == nonzero(plain.passed)
         assert {r: h.total for r, h in snap.run_time.items() if h.total} == dict(plain.run_time)
+        assert {r: h.counts for r, h in snap.task_completion.items() if any(h.counts)} == plain.task
         assert snap.host_overflow_total == plain.overflow
         last, now = now, now + 60 * (1 + step % 4)
     assert plain.overflow > 0 if max_hosts < 36 else plain.overflow == 0
