@@ -20,7 +20,6 @@ import copy
 from typing import Any, Callable
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 Encoder = Callable[[Any], bytes]
@@ -72,15 +71,17 @@ class LineEncoder:
     def _family(self, family: Metric) -> list[str]:
         names = {family.name, family.name + "_total", family.name + "_bucket", family.name + "_count",
                  family.name + "_sum"}
-        lines = [self._header(family)]
         prefixes, values = self._prefixes, self._values
+        keys = []
         for s in family.samples:
             if s.name not in names or s.timestamp is not None or s.exemplar is not None \
                     or s.native_histogram is not None or s.value is None:
                 raise _NotPlain
-            prefix = prefixes.get((s.name, tuple(s.labels.items())))
-            if prefix is None:
-                prefix = self._prefix(family, s)
+            keys.append((s.name, tuple(s.labels.items())))
+        if any(key not in prefixes for key in keys):
+            self._learn(family, keys)
+        lines = [self._header(family)]
+        for key, s in zip(keys, family.samples):
             value = values.get(s.value)
             if value is None:
                 value = floatToGoString(s.value)
@@ -88,7 +89,7 @@ class LineEncoder:
                     if len(values) >= MAX_VALUES:
                         values.clear()
                     values[s.value] = value
-            lines.append(prefix)
+            lines.append(prefixes[key])
             lines.append(value)
             lines.append("\n")
         return lines
@@ -102,19 +103,19 @@ class LineEncoder:
             header = self._headers[key] = self._encode([empty])
         return header
 
-    def _prefix(self, family: Metric, sample: Sample) -> str:
-        one = copy.copy(family)
-        one.samples = [sample]
-        text, header = self._encode([one]), self._header(family)
-        value = " " + floatToGoString(sample.value) + "\n"
-        line = text[len(header):]
-        if not text.startswith(header) or not line.endswith(value) or line.count("\n") != 1:
+    def _learn(self, family: Metric, keys: list[tuple[str, tuple[tuple[str, str], ...]]]) -> None:
+        """Take the prefix of every sample of `family` from one run of the encoder."""
+        text, header = self._encode([family]), self._header(family)
+        lines = text[len(header):].split("\n")
+        if not text.startswith(header) or lines[-1] != "" or len(lines) != len(keys) + 1:
             raise _NotPlain
-        prefix = line[: -len(value)] + " "
-        if len(self._prefixes) >= MAX_PREFIXES:
+        if len(self._prefixes) + len(keys) > MAX_PREFIXES:
             self._prefixes.clear()
-        self._prefixes[(sample.name, tuple(sample.labels.items()))] = prefix
-        return prefix
+        for key, sample, line in zip(keys, family.samples, lines):
+            value = " " + floatToGoString(sample.value)
+            if not line.endswith(value):
+                raise _NotPlain
+            self._prefixes[key] = line[: -len(value)] + " "
 
     def _encode(self, families: list[Metric]) -> str:
         text = self._encoder(_Families(families)).decode("utf-8")
