@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -40,8 +41,13 @@ _TLS_VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
-# Checked for unknown users, so a wrong user name takes as long as a wrong password.
-_DUMMY_HASH = bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=10))
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Checked for unknown users, so a wrong user name takes as long as a wrong password.
+    Made when a config with users is loaded, not at import: it costs ~60 ms of every start."""
+    return bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=10))
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class WebConfig:
             return False
         hashed = self.users.get(user)
         # bcrypt.checkpw compares in constant time; the dummy keeps timing equal for unknown users.
-        ok = bcrypt.checkpw(password, hashed if hashed is not None else _DUMMY_HASH)
+        ok = bcrypt.checkpw(password, hashed if hashed is not None else _dummy_hash())
         return ok and hashed is not None
 
 
@@ -89,6 +95,8 @@ def load_web_config(path: str) -> WebConfig:
         if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
             raise ConfigError(f"{SETTING}: basic_auth_users.{user}", "expected a bcrypt hash")
         users[str(user).encode()] = hashed.encode()
+    if users:
+        _dummy_hash()
     return WebConfig(context, users)
 
 
