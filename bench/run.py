@@ -406,6 +406,36 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
     return res
 
 
+def series_per_100_hosts() -> tuple[int, int, int]:
+    """Series in the exposition for 100 and 200 lab hosts (one datacenter and region), and per region.
+
+    Counted in what the exporter's own collector serves, not computed from a formula."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporter.collector import SkillableCollector
+    from exporter.config import Names
+    from exporter.model import LabResult
+    from exporter.poller import Health, PollView
+    from exporter.state import FleetState
+
+    class Stub:
+        def __init__(self, state: FleetState) -> None:
+            self.state = state
+
+        def view(self) -> PollView:
+            return PollView(self.state.snapshot(), Health(up=True))
+
+    def series(hosts: int, regions: int) -> int:
+        state = FleetState(10_000)
+        state.apply([LabResult(i, start=1000, end=2000, completion_status=4, lab_host_id=i,
+                               datacenter_id=i % regions, delivery_region_id=1) for i in range(hosts)], 0)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SkillableCollector([("", Stub(state))], Names(), 60))  # type: ignore[list-item]
+        return sum(1 for line in generate_latest(registry).splitlines() if not line.startswith(b"#"))
+
+    return series(100, 1), series(200, 1), series(200, 2) - series(200, 1)
+
+
 # -- report ----------------------------------------------------------------------
 
 def machine_facts(load_before: tuple[float, float, float]) -> list[str]:
@@ -473,9 +503,9 @@ def report(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_benchmarks(table: str, facts: list[str], command: str) -> None:
+def write_benchmarks(table: str, facts: list[str], command: str, series: str) -> None:
     path = ROOT / "BENCHMARKS.md"
-    block = "\n".join([BEGIN, f"Last run: `{command}`", "", *facts, "", table, END])
+    block = "\n".join([BEGIN, f"Last run: `{command}`", "", *facts, "", table, "", series, END])
     text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
@@ -505,13 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         sim.stop()
     facts = machine_facts(load_before)
     table = report(results)
-    print("\n".join(facts) + "\n\n" + table)
+    s100, s200, per_region = series_per_100_hosts()
+    series = (f"Series per 100 lab hosts, counted in the exposition: {s200 - s100} "
+              f"(100 hosts: {s100} series in all, 200 hosts: {s200}); each further datacenter/region pair "
+              f"adds {per_region}.")
+    print("\n".join(facts) + "\n\n" + table + "\n\n" + series)
     if args.json:
         Path(args.json).write_text(json.dumps([r.__dict__ | {"floor": r.floor} for r in results], indent=2))
     if not args.no_write:
         command = "python bench/run.py" + (" --quick" if args.quick else "") + (
             f" --sizes {args.sizes}" if args.sizes else "")
-        write_benchmarks(table, facts, command)
+        write_benchmarks(table, facts, command, series)
         log("wrote BENCHMARKS.md")
     log("done")
     return 0
