@@ -125,6 +125,17 @@ def timed_get(url: str) -> tuple[float, bytes]:
     return seconds, body
 
 
+def die_with_parent() -> None:
+    """In a child before exec: be sent SIGTERM when the benchmark dies, however it dies (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     import socket
 
@@ -152,7 +163,7 @@ class Simulator:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter.demo", "--listen", "127.0.0.1:0",
              "--labs-per-minute", str(LABS_PER_MINUTE), "--freeze-clock", "--bench-hooks"],
-            stdout=subprocess.PIPE, cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, cwd=ROOT, text=True, preexec_fn=die_with_parent,
         )
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
@@ -188,7 +199,8 @@ class Target:
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=die_with_parent)
 
     def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
