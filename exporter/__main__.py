@@ -82,11 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(config: Config, web: WebConfig | None) -> int:
     simulator = None
     if config.demo:
-        from .demo import start_simulator
+        from .demo import DATACENTER_NAMES, LAB_HOST_NAMES, start_simulator
 
         simulator = start_simulator()
         account = Account("", simulator.url, "demo", config.window_minutes)
-        config = dataclasses.replace(config, accounts=(account,))
+        names = config.names
+        if not names.datacenters and not names.lab_hosts:  # show off the name joins, unless the user has names
+            names = dataclasses.replace(names, datacenters=DATACENTER_NAMES, lab_hosts=LAB_HOST_NAMES)
+        config = dataclasses.replace(config, accounts=(account,), names=names)
         log.info("demo mode: simulated Skillable API at %s", simulator.url)
     app = ExporterApp(config)
     store = StateStore(config.state_file) if config.state_file else None

@@ -33,6 +33,12 @@ DATACENTERS: dict[int, tuple[int, range]] = {
     4: (3, range(128, 137)),
 }
 DELIVERY_REGIONS = {1: "North America", 2: "Europe", 3: "Asia Pacific"}
+# Names the demo puts in the config, as a user would (the API has no list of datacenters or hosts).
+DATACENTER_NAMES = {"1": "US West", "2": "US East", "3": "EU West", "4": "AP Southeast"}
+LAB_HOST_NAMES = {
+    str(host): f"{DATACENTER_NAMES[str(dc)].lower().replace(' ', '-')}-host-{host}"
+    for dc, (_, hosts) in DATACENTERS.items() for host in hosts
+}
 UNHEALTHY_HOST = 117
 UNHEALTHY_FAILURE_SHARE = 0.6
 MAX_LAB_SECONDS = 8 * 3600

@@ -33,6 +33,9 @@ def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None: 
     assert re.search(r'^skillable_lab_instances\{completion_status="lab_creation_failed",[^}]*lab_host_id="117"\} '
                      r'[1-9]', text, re.M)
     assert re.search(r"^skillable_exams_total\{[^}]*\} [1-9]", text, re.M)
+    # The demo names its datacenters and hosts, as a user's config would.
+    assert 'skillable_lab_host_info{lab_host_id="117",lab_host_name="eu-west-host-117"} 1.0' in text
+    assert 'skillable_datacenter_info{datacenter_id="3",datacenter_name="EU West"} 1.0' in text
     assert re.search(r"^skillable_lab_instances_running\{[^}]*\} [1-9]", text, re.M)
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: .ci/run installs Debian's prometheus package"

@@ -51,6 +51,8 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 STARTUP_DEADLINE = 20.0  # Prometheus holds new targets ~5 s before the first scrape
 DATA_DEADLINE = 30.0
+DATACENTER_NAMES = {"1": "US West", "2": "US East", "3": "EU West", "4": "AP Southeast"}
+HOST_NAMES = {"117": "flaky-host-117"}
 DEMO_FAILING_HOST = {"lab_host_id": "117", "datacenter_id": "3"}
 OVERRIDE_LABEL = {"test_override": "for-0s"}
 METRIC_NAME = re.compile(r"\b(skillable_[a-z_]+?)(?:_bucket)?\b(?=[{\[(\s])")
@@ -147,8 +149,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                             "static_configs": [{"targets": [f"127.0.0.1:{ports['exporter']}"]}]}],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # Names for datacenters and for one host only, so legends show both names and the id fallback.
+    (work / "exporter.yml").write_text(yaml.safe_dump({"names": {"datacenters": DATACENTER_NAMES,
+                                                                  "lab_hosts": HOST_NAMES}}))
     try:
-        _start(s, "exporter", [sys.executable, "-m", "exporter", "--demo",
+        _start(s, "exporter", [sys.executable, "-m", "exporter", "--demo", f"--config.file={work / 'exporter.yml'}",
                                f"--web.listen-address=127.0.0.1:{ports['exporter']}"], cwd=ROOT)
         _start(s, "alertmanager", [alertmanager, f"--config.file={ROOT / 'alertmanager/alertmanager.yml'}",
                                    f"--storage.path={work / 'am'}",
@@ -212,7 +217,7 @@ def test_every_dashboard_panel_query_returns_data(scraped: Stack) -> None:
 
 
 def test_legends_show_names_and_fall_back_to_ids(scraped: Stack) -> None:
-    """Delivery regions are named by the demo's /deliveryregions; its hosts have no names."""
+    """Delivery regions are named by the demo's /deliveryregions; hosts by the config, where it names them."""
     overview = load(ROOT / "grafana/dashboards/skillable-overview.json")
     by_panel = {q.panel: q.expr for q in panel_queries(overview)}
     regions = scraped.query(substitute(by_panel["Failure ratio by delivery region (window)"]))
@@ -220,7 +225,9 @@ def test_legends_show_names_and_fall_back_to_ids(scraped: Stack) -> None:
         "1": "North America", "2": "Europe", "3": "Asia Pacific"}
     hosts = scraped.query(substitute(by_panel["Worst lab hosts (failure ratio, window)"]))
     assert len(hosts) == 10
-    assert all(h["metric"]["lab_host_name"] == h["metric"]["lab_host_id"] for h in hosts)
+    for h in hosts:
+        assert h["metric"]["lab_host_name"] == HOST_NAMES.get(h["metric"]["lab_host_id"], h["metric"]["lab_host_id"])
+    assert any(h["metric"]["lab_host_id"] not in HOST_NAMES for h in hosts)  # the fallback is exercised
     worst = max((h for h in hosts if not math.isnan(float(h["value"][1]))), key=lambda h: float(h["value"][1]))
     assert worst["metric"]["lab_host_id"] == DEMO_FAILING_HOST["lab_host_id"]
 
