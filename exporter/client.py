@@ -245,7 +245,7 @@ class SkillableClient:
         except requests.RequestException as exc:
             raise _request_error(endpoint, exc, watchdog.fired, "body cut off") from None
         if watchdog.fired or time.monotonic() > deadline:
-            raise ApiError(TIMEOUT, f"{endpoint}: body not complete before the deadline ({size} bytes read)")
+            raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({size} body bytes read)")
         return b"".join(chunks)
 
 
