@@ -18,7 +18,7 @@ import heapq
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import msgspec
 
@@ -37,6 +37,11 @@ EXTRA_PLACES = 100
 RUN_TIME_BUCKETS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
 RATIO_BUCKETS: tuple[float, ...] = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1)
 PLACE_CACHE_SIZE = 65536  # raw id triples remembered by FleetState._place; cleared when full
+
+# The slots of a bundle (FleetState._bundle): what a new instance's raw ids and status code
+# stand for, the counts of new instances seen in the current apply() until it adds them to
+# the Counters, and the region's histograms once known.
+_PLACE, _STATUS, _PLACE_STATUS, _NEW, _RUNNING, _STARTED, _ENDED, _RUN_TIME, _TASK = range(9)
 
 
 class Instance(msgspec.Struct, gc=False):
@@ -140,7 +145,7 @@ class FleetState:
         # result costs one dict lookup instead of three str() calls and a set check.
         self._place_of: dict[tuple[int | None, int | None, int | None], Place] = {}
         # Derived too: raw ids and status code -> (place, status, (place, status)) for new instances.
-        self._bundles: dict[tuple[int | None, ...], tuple[Place, str, tuple[Place, str]]] = {}
+        self._bundles: dict[tuple[int | None, ...], list[Any]] = {}
         # Derived, not state: (last_change, instance id) for every instance, a min-heap that
         # evict() pops from, so a poll costs O(changes), not O(instances). Entries whose
         # instance has changed since are stale and skipped; see _age_index().
@@ -150,8 +155,10 @@ class FleetState:
         self._snapshot: tuple[tuple[int, ...], Snapshot] | None = None
 
     def changed(self) -> None:
-        """Mark the state as changed, so the next snapshot() is taken afresh."""
+        """Mark the state as changed, so the next snapshot() is taken afresh (and nothing derived is reused)."""
         self._version += 1
+        self._place_of.clear()
+        self._bundles.clear()
 
     # -- updates -----------------------------------------------------------
 
@@ -169,99 +176,128 @@ class FleetState:
         instances = self.instances
         by_status = self.by_status
         running = self.running
-        started = self.started
         ended = self.ended
         run_time = self.run_time
         task_completion = self.task_completion
         bundles = self._bundles
         status_of = STATUS_NAMES.get
         by_age = self._age_index()
-        aged: list[tuple[int, int]] = []  # into by_age at the end: one heapify beats 100,000 pushes
-        for r in results:
-            key, start, end = r.lab_instance_id, r.start, r.end
-            if start is not None and end is not None:
-                stamp = end if end >= start else start
+        aged: list[tuple[float, int]] = []  # into by_age at the end: one heapify beats 100,000 pushes
+        touched: list[list[Any]] = []  # bundles holding counts of new instances, added up at the end
+        try:
+            for r in results:
+                key, start, end = r.lab_instance_id, r.start, r.end
+                if start is not None and end is not None:
+                    stamp = end if end >= start else start
+                else:
+                    stamp = max(start or 0, end or 0) if start is not None or end is not None else seen_at
+                inst = instances.get(key)
+                if inst is None:
+                    # A new instance: one lookup gives its labels and status, and its counts go
+                    # into the bundle (list slots, no hashing) until the end of apply().
+                    bundle = bundles.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status))
+                    if bundle is None:
+                        bundle = self._bundle(r)
+                    if not bundle[_NEW]:
+                        touched.append(bundle)
+                    bundle[_NEW] += 1
+                    place = bundle[_PLACE]
+                    inst = Instance(place, bundle[_STATUS], start, end, stamp)
+                    instances[key] = inst
+                    aged.append((stamp, key))
+                    if start is None or start >= horizon:
+                        bundle[_STARTED] += 1
+                    if end is None:
+                        bundle[_RUNNING] += 1
+                        if start is not None and start < horizon:
+                            continue
+                    elif end >= horizon:
+                        inst.ended_counted = True
+                        bundle[_ENDED] += 1
+                        seconds = r.total_run_time_seconds
+                        if seconds is not None and seconds >= 0:
+                            hist = bundle[_RUN_TIME] or self._bundle_histogram(bundle, _RUN_TIME)
+                            hist.counts[bisect_left(RUN_TIME_BUCKETS, seconds)] += 1  # an int is never NaN
+                            hist.total += seconds
+                        percent = r.task_complete_percent
+                        if percent is not None:
+                            hist = bundle[_TASK] or self._bundle_histogram(bundle, _TASK)
+                            _observe_ratio(hist, percent / 100.0)
+                    else:
+                        continue
+                else:
+                    place = inst.place
+                    status = status_of(r.completion_status, UNKNOWN_STATUS)  # None and unknown codes: "unknown"
+                    by_status[(place, inst.status)] -= 1
+                    if inst.end is None:
+                        running[place] -= 1
+                    inst.status = status
+                    if start is not None:
+                        inst.start = start
+                    if end is not None:
+                        inst.end = end
+                    last_change = max(inst.last_change, stamp)
+                    if last_change != inst.last_change:
+                        inst.last_change = last_change
+                        aged.append((last_change, key))
+                    by_status[(place, status)] += 1
+                    if inst.end is None:
+                        running[place] += 1
+                    if end is not None:
+                        if end >= horizon and not inst.ended_counted:
+                            inst.ended_counted = True
+                            ended[(place, status)] += 1
+                            region = place[:2]
+                            seconds = r.total_run_time_seconds
+                            if seconds is not None and seconds >= 0:
+                                _histogram(run_time, region, RUN_TIME_BUCKETS).observe(seconds)
+                            if r.task_complete_percent is not None:
+                                _observe_ratio(_histogram(task_completion, region, RATIO_BUCKETS),
+                                               r.task_complete_percent / 100.0)
+                        if end < horizon:
+                            continue
+                    elif start is not None and start < horizon:
+                        continue
+                if not inst.exam_counted and (r.exam_score is not None or r.exam_passed is not None):
+                    inst.exam_counted = True
+                    self._count_exam(place, r)
+        finally:
+            for bundle in touched:
+                place, place_status = bundle[_PLACE], bundle[_PLACE_STATUS]
+                by_status[place_status] += bundle[_NEW]
+                if bundle[_RUNNING]:
+                    running[place] += bundle[_RUNNING]
+                if bundle[_STARTED]:
+                    self.started[place] += bundle[_STARTED]
+                if bundle[_ENDED]:
+                    ended[place_status] += bundle[_ENDED]
+                bundle[_NEW] = bundle[_RUNNING] = bundle[_STARTED] = bundle[_ENDED] = 0
+            if len(aged) > len(by_age) // 8:
+                by_age.extend(aged)
+                heapq.heapify(by_age)
             else:
-                stamp = max(start or 0, end or 0) if start is not None or end is not None else seen_at
-            inst = instances.get(key)
-            if inst is None:
-                # One lookup gives the labels, the status and the keys derived from them.
-                bundle = bundles.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status))
-                if bundle is None:
-                    bundle = self._bundle(r)
-                place, status, place_status = bundle
-                inst = Instance(place, status, start, end, stamp)
-                instances[key] = inst
-                aged.append((stamp, key))
-                by_status[place_status] += 1
-                if end is None:
-                    running[place] += 1
-                if start is None or start >= horizon:
-                    started[place] += 1
-            else:
-                status = status_of(r.completion_status, UNKNOWN_STATUS)  # None and unknown codes: "unknown"
-                place = inst.place
-                by_status[(place, inst.status)] -= 1
-                if inst.end is None:
-                    running[place] -= 1
-                inst.status = status
-                if start is not None:
-                    inst.start = start
-                if end is not None:
-                    inst.end = end
-                last_change = max(inst.last_change, stamp)
-                if last_change != inst.last_change:
-                    inst.last_change = last_change
-                    aged.append((last_change, key))
-                place_status = (place, status)
-                by_status[place_status] += 1
-                if inst.end is None:
-                    running[place] += 1
-            if end is not None:
-                if end >= horizon and not inst.ended_counted:
-                    inst.ended_counted = True
-                    # Counting an end, inlined: it runs for nearly every result of a cold poll.
-                    ended[place_status] += 1
-                    region = place[:2]
-                    seconds = r.total_run_time_seconds
-                    if seconds is not None and seconds >= 0:
-                        hist = run_time.get(region) or _histogram(run_time, region, RUN_TIME_BUCKETS)
-                        hist.counts[bisect_left(RUN_TIME_BUCKETS, seconds)] += 1  # an int is never NaN
-                        hist.total += seconds
-                    percent = r.task_complete_percent
-                    if percent is not None:
-                        hist = task_completion.get(region) or _histogram(task_completion, region, RATIO_BUCKETS)
-                        ratio = percent / 100.0  # clamped to 0..1 as min(max()) would: NaN stays NaN
-                        if ratio < 0.0:
-                            ratio = 0.0
-                        elif ratio > 1.0:
-                            ratio = 1.0
-                        hist.counts[bisect_left(RATIO_BUCKETS, ratio) if ratio == ratio else -1] += 1
-                        hist.total += ratio
-                if end < horizon:
-                    continue
-            elif start is not None and start < horizon:
-                continue
-            if not inst.exam_counted and (r.exam_score is not None or r.exam_passed is not None):
-                inst.exam_counted = True
-                self._count_exam(place, r)
-        if len(aged) > len(by_age) // 8:
-            by_age.extend(aged)
-            heapq.heapify(by_age)
-        else:
-            for entry in aged:
-                heapq.heappush(by_age, entry)
+                for entry in aged:
+                    heapq.heappush(by_age, entry)
 
-    def _bundle(self, r: LabResult) -> tuple[Place, str, tuple[Place, str]]:
-        """(place, status, (place, status)) of a new instance; kept unless it overflowed (counted each time)."""
+    def _bundle(self, r: LabResult) -> list[Any]:
+        """The bundle for a new instance's raw ids and status code (see _PLACE and the slots after it).
+        Kept for the next instances with the same ids, unless its host overflowed (counted each time)."""
         place = self._place(r)
         status = STATUS_NAMES.get(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
-        bundle = (place, status, (place, status))
+        bundle: list[Any] = [place, status, (place, status), 0, 0, 0, 0, None, None]
         if place[2] != OVERFLOW_HOST:
             if len(self._bundles) >= PLACE_CACHE_SIZE:
                 self._bundles.clear()
             self._bundles[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status)] = bundle
         return bundle
+
+    def _bundle_histogram(self, bundle: list[Any], slot: int) -> Histogram:
+        if slot == _RUN_TIME:
+            table, bounds = self.run_time, RUN_TIME_BUCKETS
+        else:
+            table, bounds = self.task_completion, RATIO_BUCKETS
+        hist = bundle[slot] = _histogram(table, bundle[_PLACE][:2], bounds)
+        return hist
 
     def _place(self, r: LabResult) -> Place:
         key = (r.datacenter_id, r.delivery_region_id, r.lab_host_id)
@@ -361,6 +397,16 @@ class FleetState:
 
 def _label(value: int | None) -> str:
     return UNKNOWN_ID if value is None else str(value)
+
+
+def _observe_ratio(hist: Histogram, ratio: float) -> None:
+    """Histogram.observe of a ratio clamped to 0..1 as min(max()) would clamp it (NaN stays NaN), inlined."""
+    if ratio < 0.0:
+        ratio = 0.0
+    elif ratio > 1.0:
+        ratio = 1.0
+    hist.counts[bisect_left(RATIO_BUCKETS, ratio) if ratio == ratio else -1] += 1
+    hist.total += ratio
 
 
 def _histogram(table: dict[Region, Histogram], region: Region, bounds: tuple[float, ...]) -> Histogram:

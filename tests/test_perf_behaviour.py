@@ -509,3 +509,26 @@ def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkill
     [line_encoder] = app.collector._line_encoders.values()
     assert len(line_encoder._prefixes) > 26  # every lab series went the fast way
     app.close()
+
+
+def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
+    """The counts of new instances wait in their bundle until apply() ends; a second sighting in
+    the same payload must still see them."""
+    fast, plain = FleetState(2000), ReferenceState(2000)
+    batch = [
+        result(1, NOW - 600, None, status=3),
+        result(2, NOW - 500, NOW - 100, status=20, total_run_time_seconds=400, task_complete_percent=10.0),
+        result(1, NOW - 600, NOW - 50, status=4, total_run_time_seconds=550, task_complete_percent=100.0),
+        result(3, NOW - 400, None, status=3),
+        result(3, NOW - 400, None, status=3),
+        result(2, NOW - 500, NOW - 100, status=20, total_run_time_seconds=400, task_complete_percent=10.0),
+    ]
+    fast.apply(batch, NOW - 3600)
+    plain.apply(batch, NOW - 3600)
+    by_status, running = plain.gauges()
+    snap = fast.snapshot()
+    assert nonzero(snap.instances) == dict(by_status)
+    assert nonzero(snap.running) == dict(running) == {("1", "1", "1"): 1}
+    assert nonzero(snap.started) == dict(plain.started) == {("1", "1", "1"): 3}
+    assert nonzero(snap.ended) == dict(plain.ended)
+    assert sum(h.count for h in snap.run_time.values()) == 2
