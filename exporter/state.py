@@ -144,7 +144,8 @@ class FleetState:
         # Derived, not state: raw (datacenter, region, host) ids -> Place, so that a
         # result costs one dict lookup instead of three str() calls and a set check.
         self._place_of: dict[tuple[int | None, int | None, int | None], Place] = {}
-        # Derived too: raw ids and status code -> (place, status, (place, status)) for new instances.
+        # Derived too: raw ids and status code of a new instance -> its bundle (see _PLACE). Bundles
+        # hold the region's Histogram objects: code that replaces those calls changed().
         self._bundles: dict[tuple[int | None, ...], list[Any]] = {}
         # Derived, not state: (last_change, instance id) for every instance, a min-heap that
         # evict() pops from, so a poll costs O(changes), not O(instances). Entries whose
