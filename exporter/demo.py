@@ -267,6 +267,7 @@ class SimulatorServer(ThreadingHTTPServer):
 class _SimulatorHandler(BaseHTTPRequestHandler):
     server: SimulatorServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # no delayed-ACK stall between headers and body (see server.py)
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
