@@ -1,7 +1,7 @@
 """The benchmark: the exporter against the decode floor and the afternoon-script baseline, one run, one payload.
 
     python bench/run.py            # 1k, 10k and 100k windows; writes BENCHMARKS.md
-    python bench/run.py --quick    # 1k and 10k, fewer samples (< 60 s); add --no-write to leave BENCHMARKS.md
+    python bench/run.py --quick    # one start per target, fewer samples (< 60 s); --no-write leaves BENCHMARKS.md
 
 Every process is separate: the simulator (exporter.demo with a frozen clock and
 the /_bench hooks), the baseline (bench/baseline.py) and the exporter
@@ -360,7 +360,7 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
         f"decode {res.floor_decode:.3f}s")
 
     # The baseline: cold (median of a few fresh starts), then steady state (it fetches the whole window).
-    reps = 1 if quick else 3
+    reps = 1 if quick else 5
     b = res.m["baseline"]
     colds = []
     for rep in range(reps):
@@ -374,6 +374,7 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
         finally:
             base.stop()
     b["cold"] = statistics.median(colds)
+    log(f"{size}: baseline cold starts {', '.join(f'{c:.3f}' for c in colds)} s")
     log(f"{size}: baseline cold {b['cold']:.3f}s steady p50 {b['p50']:.3f}s rss {b['rss']:.0f} MB")
 
     # The exporter: cold start and full sync, then steady state with ~50 changes per poll.
@@ -387,7 +388,7 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
             colds.append(cold)
             syncs.append(poll_duration(body))
             if rep == reps - 1:
-                e.update(steady(sim, exp, incremental, samples=30 if quick else 200, warmup=2))
+                e.update(steady(sim, exp, incremental, samples=50 if quick else 200, warmup=2))
                 e["rss"] = peak_rss_mb(exp.proc.pid)
                 e["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
                 e["hosts"] = len(set(re.findall(rb'lab_host_id="([^"]+)"', body)))
@@ -395,6 +396,8 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
             exp.stop()
     e["cold"] = statistics.median(colds)
     e["sync"] = statistics.median(syncs)
+    log(f"{size}: exporter cold starts {', '.join(f'{c:.3f}' for c in colds)} s, "
+        f"syncs {', '.join(f'{c:.3f}' for c in syncs)} s")
 
     # A second exporter: 50 concurrent scrapes fired while its cold poll is in flight, with
     # --skillable.min-poll-interval set so a scrape landing after that poll reuses it too.
@@ -528,12 +531,12 @@ def write_benchmarks(table: str, facts: list[str], command: str, series: str) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1k and 10k windows only, fewer samples (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="one cold start per target, fewer samples (< 60 s)")
     parser.add_argument("--sizes", help="comma-separated subset of " + ",".join(SIZES))
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
     args = parser.parse_args(argv)
-    sizes = args.sizes.split(",") if args.sizes else (["1k", "10k"] if args.quick else list(SIZES))
+    sizes = args.sizes.split(",") if args.sizes else list(SIZES)
     started = time.monotonic()
     load_before = os.getloadavg()
 
