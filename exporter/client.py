@@ -155,12 +155,20 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
 class _WatchedAdapter(HTTPAdapter):
-    """requests' adapter with connections the deadline watchdog can find (proxied ones excepted)."""
+    """requests' adapter with connections the deadline watchdog can find, direct or through a proxy."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        return manager
 
 
 # -- the client --------------------------------------------------------------
@@ -255,11 +263,15 @@ def _request_error(endpoint: str, exc: requests.RequestException, fired: bool, w
     cause = _root_cause(exc)
     if isinstance(exc, requests.ConnectTimeout):
         return ApiError(CONNECT_TIMEOUT, f"{endpoint}: no connection within the connect timeout")
+    if isinstance(cause, urllib3.exceptions.NewConnectionError):
+        # A refused connect or a failed name lookup (NameResolutionError), also one that hung past the deadline.
+        return ApiError(CONNECT_ERROR, f"{endpoint}: cannot connect ({type(cause).__name__})")
     if fired or isinstance(exc, requests.Timeout) or isinstance(cause, urllib3.exceptions.ReadTimeoutError):
+        # Checked before SSLError: the watchdog shutting a TLS connection down surfaces as one.
         return ApiError(TIMEOUT, f"{endpoint}: {what}: the deadline passed")
-    if isinstance(exc, requests.exceptions.SSLError) or isinstance(cause, urllib3.exceptions.NewConnectionError):
+    if isinstance(exc, requests.exceptions.SSLError):
         detail = type(cause).__name__ if cause is not None else name
-        return ApiError(CONNECT_ERROR, f"{endpoint}: cannot connect ({detail})")
+        return ApiError(CONNECT_ERROR, f"{endpoint}: TLS failed ({detail})")
     if isinstance(exc, requests.exceptions.ContentDecodingError):
         return ApiError(INVALID_RESPONSE, f"{endpoint}: {what}: body does not match its Content-Encoding")
     detail = f"{name}: {type(cause).__name__}" if cause is not None else name

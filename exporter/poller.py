@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
+POLL_MARGIN_SECONDS = 0.1  # at most, between a poll's deadline and the end of the scrape's wait for it
 MAX_RETRY_AFTER_SECONDS = 3600.0  # a longer Retry-After is cut to this, so one bad header never stops polling
 REGION_NAMES_REFRESH_SECONDS = 3600.0
 
@@ -110,15 +111,26 @@ class Poller:
     # -- scheduling --------------------------------------------------------
 
     def refresh(self, timeout: float) -> None:
-        """Make sure a poll happened recently enough, waiting at most `timeout` seconds."""
+        """Make sure a poll happened recently enough, waiting at most `timeout` seconds.
+
+        The poll runs in a thread of its own and the caller only waits for it, so a
+        scrape never waits longer than `timeout`, even for what no deadline can
+        interrupt (a DNS lookup that hangs): it then answers from the last poll, and
+        the late poll lands when it ends. At most one poll runs at a time.
+        """
         with self._lock:
-            if self._in_flight:
-                self._done.wait_for(lambda: not self._in_flight, timeout)
-                return
-            if self._closed or not self._due():
-                return
-            self._in_flight = True
-            self._last_attempt = self._monotonic()
+            if not self._in_flight:
+                if self._closed or not self._due():
+                    return
+                self._in_flight = True
+                self._last_attempt = self._monotonic()
+                # The poll's own deadline ends a little before the wait does, so a poll that
+                # keeps its deadline (every one but a hung DNS lookup) lands in this scrape.
+                poll_timeout = timeout - min(POLL_MARGIN_SECONDS, timeout / 10)
+                threading.Thread(target=self._run_poll, args=(poll_timeout,), name="poll", daemon=True).start()
+            self._done.wait_for(lambda: not self._in_flight, timeout)
+
+    def _run_poll(self, timeout: float) -> None:
         try:
             self._poll(timeout)
             if self.on_poll is not None:
@@ -229,6 +241,10 @@ class Poller:
 
     def _count_failure(self, endpoint: str, exc: Exception) -> str:
         reason = failure_reason(exc)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            # A Retry-After from any endpoint holds every poll of this account: the limit is the key's.
+            self._not_before = max(self._not_before, self._monotonic() + min(retry_after, MAX_RETRY_AFTER_SECONDS))
         with self._lock:
             self.health.failures[(endpoint, reason)] += 1
         if reason == INTERNAL_ERROR:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -96,9 +97,12 @@ class FakeSkillable(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 4
 
-    def __init__(self, now: float | None = None, live: bool = False) -> None:
-        """`live`: the fake's clock follows the wall clock (for an exporter in another process)."""
+    def __init__(self, now: float | None = None, live: bool = False, tls: ssl.SSLContext | None = None) -> None:
+        """`live`: the fake's clock follows the wall clock (for an exporter in another process).
+        `tls`: serve HTTPS with this server context, as the real API does."""
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.tls = tls
+        self._wrap()
         self.state = FakeState(now=float(now if now is not None else int(time.time())))
         if live:
             self.state.live_offset = 0.0 if now is None else now - time.time()
@@ -107,13 +111,18 @@ class FakeSkillable(ThreadingHTTPServer):
         self._connections: set[socket.socket] = set()
         self._start_serving()
 
+    def _wrap(self) -> None:
+        if self.tls is not None:
+            self.socket = self.tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
     def _start_serving(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/api/v3"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server_address[1]}/api/v3"
 
     def clock(self) -> float:
         """The fake's clock; give it to the exporter's poller so both agree on 'now'."""
@@ -209,6 +218,7 @@ class FakeSkillable(ThreadingHTTPServer):
             self.socket = socket.socket(self.address_family, self.socket_type)
             self.server_bind()  # the same port again (SO_REUSEADDR)
             self.server_activate()
+            self._wrap()
             self._start_serving()
 
     def _close_connections(self) -> None:

@@ -17,7 +17,8 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
 
@@ -25,6 +26,7 @@ from . import fakeapi as f
 from .fakeapi import FakeSkillable, lab
 from .harness import MAX_BODY, SCRAPE_TIMEOUT, Harness, Samples, Scrape, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
+from .tlsutil import certs, server_context  # noqa: F401 (certs: the fixture)
 
 NOW = 1_800_000_000
 
@@ -105,13 +107,39 @@ CASES: dict[str, Case] = {
 def test_fault_keeps_counters_and_first_good_poll_recovers_the_gap(
     name: str, fake: FakeSkillable, harness: Callable[..., Harness]
 ) -> None:
-    case = CASES[name]
+    check_fault(CASES[name], fake, harness())
+
+
+# The real API speaks HTTPS: the faults where TLS changes what the client sees, again over TLS.
+HTTPS_CASES = ["http_500", "connect_timeout", "connection_refused", "read_timeout", "trickling_body",
+               "trickling_headers", "reset_before_answer", "reset_mid_body", "body_shorter_than_content_length",
+               "html_page_200", "oversized_gzip_bomb"]
+
+
+@pytest.fixture
+def tls_fake(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSkillable]:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certs / "ca.crt"))  # the client trusts the test CA
+    server = FakeSkillable(now=NOW, tls=server_context(certs))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name", HTTPS_CASES)
+def test_fault_over_https(name: str, tls_fake: FakeSkillable) -> None:
+    h = Harness(tls_fake)
+    try:
+        assert h.app.config.accounts[0].api_url.startswith("https://")
+        check_fault(CASES[name], tls_fake, h)
+    finally:
+        h.close()
+
+
+def check_fault(case: Case, fake: FakeSkillable, h: Harness) -> None:
     fake.add(
         lab(1, NOW - 40 * 60, NOW - 30 * 60, status=4),
         lab(2, NOW - 20 * 60),  # running; ends during the fault
         lab(3, NOW - 10 * 60, NOW - 5 * 60, status=20),
     )
-    h = harness()
     first = h.scrape()
     assert first.status == 200 and first.up == 1
     assert_counts_match_truth(fake, first.samples)
@@ -379,3 +407,64 @@ def test_exporter_process_survives_faults_and_recovers_alone(run_exporter) -> No
         assert exporter.stop() == 0
     finally:
         live.stop()
+
+
+def test_a_hanging_dns_lookup_never_holds_a_scrape(
+    fake: FakeSkillable, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getaddrinfo cannot be interrupted: the poll runs in its own thread, and the scrape answers on time."""
+    import socket
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def slow(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "api.slow-dns.test":
+            release.wait(8)  # a resolver that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = harness(SKILLABLE_API_URL=fake.url.replace("127.0.0.1", "api.slow-dns.test"))
+    try:
+        first = h.scrape()
+        assert first.status == 200 and first.elapsed < SCRAPE_TIMEOUT
+        assert first.up == 0 and first.failures() == 0  # the poll has not ended yet
+        second = h.scrape()  # the same poll is still in flight: no second lookup, an answer on time
+        assert second.status == 200 and second.elapsed < SCRAPE_TIMEOUT
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while h.poller.view().health.failures[("LatestResults", "connect_error")] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert h.scrape().failures("connect_error") == 1
+
+
+def test_retry_after_from_stats_holds_every_poll(fake: FakeSkillable, harness: Callable[..., Harness]) -> None:
+    h = harness(SKILLABLE_COLLECTOR_STATS="true")
+    fake.fault(f.retry_after(429, "300"), endpoint="stats")
+    assert h.scrape().up == 1  # LatestResults worked; /stats was rate limited
+    assert h.scrape().failures() == 0
+    seen = len(fake.state.seen)
+    for _ in range(5):
+        h.mono.advance(59)
+        h.scrape()
+    assert len(fake.state.seen) == seen  # no endpoint is asked before Retry-After expires
+    h.mono.advance(10)
+    assert h.scrape().up == 1
+    assert [s.path.rsplit("/", 1)[-1] for s in fake.state.seen[seen:]] == ["LatestResults", "stats"]
+
+
+def test_an_untrusted_api_certificate_is_a_connect_error(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    server = FakeSkillable(now=NOW, tls=server_context(certs))
+    h = Harness(server)
+    try:
+        scrape = h.scrape()
+        assert scrape.up == 0 and scrape.failures("connect_error") == 1
+        assert server.latest_requests() == []  # the key never went to a server it could not verify
+    finally:
+        h.close()
+        server.stop()

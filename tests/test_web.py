@@ -25,44 +25,10 @@ from exporter.webconfig import WebConfig, load_web_config
 from . import fakeapi as f
 from .conftest import ROOT, free_port
 from .fakeapi import FakeSkillable, lab
+from .tlsutil import certs  # noqa: F401 (the fixture)
 
 NOW = 1_800_000_000
 USER, PASSWORD = "prometheus", "correct horse battery staple"
-
-
-# -- throw-away certificates (the openssl CLI; .ci/run installs Debian's openssl) -----------------
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    tool = shutil.which("openssl")
-    assert tool, "the openssl command is missing: install Debian's openssl package (.ci/run does)"
-    result = subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-
-
-def issue(cwd: Path, name: str, extensions: str) -> None:
-    """A P-256 key and a certificate for it, signed by the test CA."""
-    (cwd / f"{name}.ext").write_text(extensions)
-    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cwd = tmp_path_factory.mktemp("certs")
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=skillable-exporter test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            cwd=cwd)
-    issue(cwd, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
-    issue(cwd, "client", "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                         "extendedKeyUsage=clientAuth\n")
-    for key in cwd.glob("*.key"):
-        key.chmod(0o600)
-    return cwd
 
 
 def web_config(folder: Path, tls: bool = True, users: bool = True, client_auth: bool = False) -> Path:
