@@ -468,3 +468,48 @@ def test_an_untrusted_api_certificate_is_a_connect_error(certs: Path, monkeypatc
     finally:
         h.close()
         server.stop()
+
+
+def test_an_outage_longer_than_seven_days_asks_for_the_seven_days_the_api_allows(
+    fake: FakeSkillable, harness: Callable[..., Harness]
+) -> None:
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = harness()
+    assert h.scrape().up == 1
+    fake.fault_always(f.http_status(503))
+    for _ in range(3):
+        fake.advance(3 * 86400)  # nine days of outage
+        h.mono.advance(3 * 86400)
+        assert h.scrape().up == 0
+    fake.add(lab(2, int(fake.clock()) - 8 * 86400, int(fake.clock()) - 8 * 86400 + 60, status=4),  # lost: too old
+             lab(3, int(fake.clock()) - 6 * 86400, int(fake.clock()) - 6 * 86400 + 60, status=20))
+    fake.heal()
+    h.mono.advance(400)
+    healed = h.scrape()
+    assert healed.up == 1
+    assert fake.latest_requests()[-1].minutes == 10080  # the API's limit, not 9 days
+    assert total(healed.samples, "skillable_lab_instances_ended_total", completion_status="lab_creation_failed") == 1
+    assert total(healed.samples, "skillable_lab_instances_ended_total", completion_status="complete") == 1
+
+
+def test_a_bug_handling_an_answer_is_internal_error_not_a_failed_scrape(
+    fake: FakeSkillable, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from exporter.state import FleetState
+
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = harness()
+    real = FleetState.apply
+
+    def broken(self: FleetState, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(FleetState, "apply", broken)
+    scrape = h.scrape()
+    assert scrape.status == 200 and scrape.up == 0 and scrape.failures("internal_error") == 1
+    assert any(r.levelno == logging.ERROR and r.exc_info for r in caplog.records)
+    monkeypatch.setattr(FleetState, "apply", real)
+    h.mono.advance(5)
+    healed = h.scrape()
+    assert healed.up == 1 and total(healed.samples, "skillable_lab_instances_ended_total") == 1
