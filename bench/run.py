@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -348,7 +349,50 @@ def poll_duration(body: bytes) -> float:
     return float(match.group(1))
 
 
-def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
+class Profiler:
+    """py-spy recording one exporter process (--py-spy DIR), written as speedscope JSON."""
+
+    def __init__(self, directory: str | None, name: str, pid: int) -> None:
+        self.proc = None
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.path = Path(directory) / f"{name}.speedscope.json"
+            beside = Path(sys.executable).parent / "py-spy"
+            spy = str(beside) if beside.exists() else shutil.which("py-spy")
+            if spy is None:
+                raise SystemExit("--py-spy needs py-spy: pip install py-spy")
+            self.proc = subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--rate", "1000", "--format", "speedscope",
+                 "--output", str(self.path), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            time.sleep(0.3)  # let it attach before the first scrape
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(2)  # py-spy writes its file on SIGINT
+            self.proc.wait(30)
+
+    def summary(self, top: int = 15) -> str:
+        """The functions of exporter/ with the largest share of the recorded samples (inclusive)."""
+        if self.proc is None or not self.path.exists():
+            return ""
+        doc = json.loads(self.path.read_text())
+        frames = doc["shared"]["frames"]
+        shares: dict[str, float] = {}
+        total = 0.0
+        for profile in doc["profiles"]:
+            for stack, weight in zip(profile["samples"], profile["weights"]):
+                names = {f"{frames[i]['name']} ({Path(frames[i].get('file', '')).name})"
+                         for i in stack if "/exporter/" in frames[i].get("file", "")}
+                if names:
+                    total += weight
+                    for name in names:
+                        shares[name] = shares.get(name, 0.0) + weight
+        rows = sorted(shares.items(), key=lambda item: -item[1])[:top]
+        return "\n".join(f"  {weight / total:6.1%}  {name}" for name, weight in rows)
+
+
+def measure_size(sim: Simulator, size: str, quick: bool, log: Any, profile_dir: str | None = None) -> Result:
     window = SIZES[size]
     res = Result(size, window)
     big = size == "100k"
@@ -383,6 +427,7 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
     for rep in range(reps):
         sim.catch_up([window])
         exp = start_exporter(sim, window)
+        profiler = Profiler(profile_dir if rep == reps - 1 else None, f"exporter-{size}", exp.proc.pid)
         try:
             cold, body = exp.first_good_scrape()
             colds.append(cold)
@@ -393,7 +438,10 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any) -> Result:
                 e["series"] = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
                 e["hosts"] = len(set(re.findall(rb'lab_host_id="([^"]+)"', body)))
         finally:
+            profiler.stop()
             exp.stop()
+        if profiler.proc is not None:
+            log(f"{size}: exporter profile {profiler.path} (cold start and steady state):\n{profiler.summary()}")
     e["cold"] = statistics.median(colds)
     e["sync"] = statistics.median(syncs)
     log(f"{size}: exporter cold starts {', '.join(f'{c:.3f}' for c in colds)} s, "
@@ -535,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated subset of " + ",".join(SIZES))
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
+    parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
+                        help="record the exporter (last cold start and its steady state) with py-spy into DIR; "
+                             "the profiler slows what it records, so take timings from a run without it")
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",") if args.sizes else list(SIZES)
     started = time.monotonic()
@@ -545,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sim = Simulator()
     try:
-        results = [measure_size(sim, size, args.quick, log) for size in sizes]
+        results = [measure_size(sim, size, args.quick, log, args.py_spy) for size in sizes]
     finally:
         sim.stop()
     facts = machine_facts(load_before)
