@@ -160,6 +160,7 @@ class FleetState:
         self._version += 1
         self._place_of.clear()
         self._bundles.clear()
+        self._by_age_of = None  # rebuilt from `instances` by the next apply() or evict()
 
     # -- updates -----------------------------------------------------------
 

@@ -206,6 +206,17 @@ def test_eviction_works_on_a_state_filled_from_outside() -> None:
     assert state.by_status[(place, "complete")] == 2
 
 
+def test_changed_makes_eviction_see_instances_added_from_outside() -> None:
+    state = FleetState(10)
+    state.apply([result(i, NOW - 900 + i) for i in range(5)], NOW - 3600)
+    state.evict(NOW - 3600)  # a heap of five, all live
+    place = ("1", "1", "1")
+    state.instances[99] = Instance(place, "complete", NOW - 5000, NOW - 4000, NOW - 4000)
+    state.by_status[(place, "complete")] += 1
+    state.changed()
+    assert state.evict(NOW - 3600) == 1 and 99 not in state.instances
+
+
 def test_eviction_agrees_with_a_full_scan_on_simulated_traffic() -> None:
     """The heap must forget exactly what scanning every instance would."""
     traffic = Traffic(labs_per_minute=20, seed=3)
