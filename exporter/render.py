@@ -17,6 +17,7 @@ value) goes through the real encoder as it is.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 from prometheus_client.metrics_core import Metric
@@ -83,11 +84,13 @@ class LineEncoder:
         lines = [self._header(family)]
         for key, s in zip(keys, family.samples):
             value = values.get(s.value)
-            if value is None:
+            if value is None or (s.value == 0 and math.copysign(1.0, s.value) < 0):  # -0.0 finds 0.0's text
                 value = floatToGoString(s.value)
-                if s.value == s.value:  # NaN is never found again: do not fill the table with it
+                if s.value == s.value and s.value != 0:  # NaN is never found again; zero has two signs
                     if len(values) >= MAX_VALUES:
                         values.clear()
+                    values[s.value] = value
+                elif s.value == 0 and value == "0.0":
                     values[s.value] = value
             lines.append(prefixes[key])
             lines.append(value)
