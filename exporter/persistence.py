@@ -15,8 +15,9 @@ It holds ids, counts and times only: no API key and no personal data. Each write
 goes to a temporary file in the same folder, is fsynced, and renamed over the
 old one, so a crash leaves the old file or the new one, never half of one. The
 encoding happens in the polling thread while it still holds the poll (so no
-other poll changes the state meanwhile, and no lock is taken); the disk write
-happens in a writer thread of its own, so no scrape ever waits for a disk.
+other poll changes the state meanwhile, and no lock is taken) but after the
+scrapes waiting for the poll were let go; the disk write happens in a writer
+thread of its own. No scrape waits for the encoding or for a disk.
 A missing, unreadable, corrupt or foreign-version file gives one warning and a
 clean start.
 """

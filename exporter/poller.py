@@ -104,6 +104,7 @@ class Poller:
         self._failing_reason: str | None = None  # the reason last logged, until a poll succeeds
         self._region_names_at: float | None = None
         self._closed = False
+        self._result_in = False  # the poll in flight has its result in; only its after-poll hook runs
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
@@ -123,19 +124,26 @@ class Poller:
                 if self._closed or not self._due():
                     return
                 self._in_flight = True
+                self._result_in = False
                 self._last_attempt = self._monotonic()
                 # The poll's own deadline ends a little before the wait does, so a poll that
                 # keeps its deadline (every one but a hung DNS lookup) lands in this scrape.
                 poll_timeout = timeout - min(POLL_MARGIN_SECONDS, timeout / 10)
                 threading.Thread(target=self._run_poll, args=(poll_timeout,), name="poll", daemon=True).start()
-            self._done.wait_for(lambda: not self._in_flight, timeout)
+            # Waiting ends when the poll's result is in, not when its after-poll hook is done.
+            self._done.wait_for(lambda: not self._in_flight or self._result_in, timeout)
 
     def _run_poll(self, timeout: float) -> None:
         try:
-            self._poll(timeout)
+            try:
+                self._poll(timeout)
+            finally:
+                with self._lock:
+                    self._result_in = True
+                    self._done.notify_all()
             if self.on_poll is not None:
                 try:
-                    self.on_poll(self)
+                    self.on_poll(self)  # still in flight: no other poll changes the state meanwhile
                 except Exception:  # noqa: BLE001 - saving must never fail a scrape
                     log.exception("after-poll hook failed")
         finally:

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -368,3 +369,23 @@ def test_sigkill_between_polls_then_restart_continues_every_counter(
         assert "restored state" in restarted.log()
     finally:
         live.stop()
+
+
+def test_scrapes_never_wait_for_the_save(fake: FakeSkillable) -> None:
+    from .conftest import MonotonicStub, make_poller
+
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    mono = MonotonicStub()
+    poller = make_poller(fake, monotonic=mono)
+    saving = threading.Event()
+    poller.on_poll = lambda p: (saving.set(), time.sleep(1.5))  # a slow disk, or a huge state to encode
+    started = time.monotonic()
+    poller.refresh(5)
+    assert time.monotonic() - started < 1.0 and poller.view().health.up  # the result, without the save
+    assert saving.wait(5)
+    mono.advance(60)
+    started = time.monotonic()
+    poller.refresh(5)  # the save still runs: no second poll starts, and no waiting for it either
+    assert time.monotonic() - started < 0.5
+    assert len(fake.latest_requests()) == 1
+    assert poller.stop(5)  # stop() waits for the save
