@@ -72,7 +72,8 @@ class SkillableCollector(Collector):
             cached = self._rendered.get(content_type)
             if cached is not None and _same_inputs(cached[0], key):
                 return cached[1]
-            if len(self._rendered) >= RENDERED_KEPT:  # the Accept header picks the key: keep it bounded
+            if content_type not in self._rendered and len(self._rendered) >= RENDERED_KEPT:
+                # The Accept header picks the key: keep it bounded.
                 self._rendered.clear()
                 self._line_encoders.clear()
             line_encoder = self._line_encoders.get(content_type)
