@@ -113,13 +113,13 @@ def test_the_cache_stays_small_whatever_accept_headers_arrive(fake: FakeSkillabl
     mono = MonotonicStub()
     app = make_app(fake, mono, "--skillable.min-poll-interval=30")
     for version in range(20):
-        app.metrics(f"text/plain;version=1.{version}.0;escaping=underscores", None)
-    assert len(app.collector._rendered) <= 4
+        app.metrics(f"application/openmetrics-text;version=1.{version}.0", None)
+    assert len(app.collector._rendered) == 4  # each version names its own content type; four are kept
     kept = dict(app.collector._line_encoders)
-    last = app.metrics("text/plain;version=1.19.0;escaping=underscores", None)[0]
+    last = app.metrics("application/openmetrics-text;version=1.19.0", None)[0]
     fake.advance(60)
     mono.advance(31)  # a poll: the kept type is rendered again...
-    assert app.metrics("text/plain;version=1.19.0;escaping=underscores", None)[0] is not last
+    assert app.metrics("application/openmetrics-text;version=1.19.0", None)[0] is not last
     assert app.collector._line_encoders == kept  # ...without dropping what the others learnt
     app.close()
 
