@@ -195,6 +195,38 @@ def test_overview_has_an_error_budget_panel() -> None:
         assert f"instance:skillable_lab_delivery_errors:ratio_rate{window}" in exprs
 
 
+# The bounded `reason` label of skillable_api_request_failures_total, as the
+# exporter sets it. docs/failure-modes.md ("Failure reasons") is the reference.
+FAILURE_REASONS = {"connect_timeout", "connect_error", "timeout", "connection_reset", "unauthorized",
+                   "rate_limited", "http_error", "too_large", "not_json", "invalid_response", "api_error",
+                   "internal_error"}
+RETIRED_REASONS = {"connection_error"}
+
+
+def _documented_reasons() -> set[str]:
+    text = (ROOT / "docs/failure-modes.md").read_text()
+    section = text.split("## Failure reasons", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
+
+
+def test_failure_reasons_in_the_dashboard_and_docs_are_the_exporters() -> None:
+    assert _documented_reasons() == FAILURE_REASONS
+    exporter = load(ROOT / "grafana/dashboards/skillable-exporter.json")
+    panel = next(p for p in all_panels(exporter) if p.get("title") == "API failures per minute by reason")
+    listed = re.search(r"reason \(([a-z_, ]+)[;)]", panel["description"])
+    assert listed, panel["description"]
+    assert set(listed.group(1).split(", ")) == FAILURE_REASONS
+    runbook = (ROOT / "docs/monitoring.md").read_text().split("### SkillableExporterNotPolling", 1)[1]
+    runbook = runbook.split("\n### ", 1)[0]
+    assert {r for r in FAILURE_REASONS if f"`{r}`" not in runbook} == set(), "NotPolling runbook misses reasons"
+    # No stale reason anywhere in the monitoring pack, its docs or the generated copies.
+    paths = [*dashboard_paths(), *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "prometheus").rglob("*.yml")),
+             *sorted((ROOT / "deploy/kubernetes/generated").glob("*.yaml")), ROOT / "alertmanager/alertmanager.yml"]
+    for path in paths:
+        for retired in RETIRED_REASONS:
+            assert retired not in path.read_text(), f"{path.relative_to(ROOT)} still names reason {retired}"
+
+
 # -- grafana-foundation-sdk round trip ------------------------------------------
 
 def _lost_keys(before: Any, after: Any, path: str = "") -> list[str]:
