@@ -7,6 +7,7 @@ costs no upstream request.
 
 from __future__ import annotations
 
+import copy
 import platform
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -23,11 +24,12 @@ from . import __version__
 from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
-from .render import LineEncoder
+from .render import LineEncoder, Rows
 from .state import Histogram, Region, Snapshot
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
 REGION = ["datacenter_id", "delivery_region_id"]
+HISTOGRAM_TABLES = ("run_time", "task_completion", "exam_score")
 RENDERED_KEPT = 4  # expositions cached at once, one per content type
 SHARED_POLL_NOTE = (
     " Values come from the most recent poll, which concurrent scrapes share and"
@@ -79,12 +81,17 @@ class SkillableCollector(Collector):
             line_encoder = self._line_encoders.get(content_type)
             if line_encoder is None:
                 line_encoder = self._line_encoders[content_type] = LineEncoder(encoder)
-            body = line_encoder(list(self._families(views)))
+            body = line_encoder(list(self._parts(views)))
             self._rendered[content_type] = (key, body)
             return body
 
     def _families(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
         yield from self._lab_metrics(views)
+        yield from self._health_metrics(views)
+        yield from self._info_metrics(views)
+
+    def _parts(self, views: list[tuple[str, PollView]]) -> Iterator[Metric | Rows]:
+        yield from self._lab_parts(views)
         yield from self._health_metrics(views)
         yield from self._info_metrics(views)
 
@@ -102,68 +109,120 @@ class SkillableCollector(Collector):
 
     # -- lab metrics -------------------------------------------------------
 
-    def _lab_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
+    def _lab_families(self) -> dict[str, Metric]:
+        """The lab metric families, empty, in the order they are exposed."""
         window = f"the last {self._window_minutes} minutes (the lookback window)"
-        instances = GaugeMetricFamily(
-            "skillable_lab_instances",
-            f"Lab instances whose last state change was within {window}, by current completion status."
-            + SHARED_POLL_NOTE,
-            labels=self._labels(PLACE + ["completion_status"]),
-        )
-        running = GaugeMetricFamily(
-            "skillable_lab_instances_running",
-            f"Lab instances that started within {window} and have not ended." + SHARED_POLL_NOTE,
-            labels=self._labels(PLACE),
-        )
-        started = CounterMetricFamily(
-            "skillable_lab_instances_started_total",
-            "Lab instances seen starting, each counted once however many polls return it.",
-            labels=self._labels(PLACE),
-        )
-        ended = CounterMetricFamily(
-            "skillable_lab_instances_ended_total",
-            "Lab instances seen ending, counted once under the completion status they ended with.",
-            labels=self._labels(PLACE + ["completion_status"]),
-        )
-        exams = CounterMetricFamily(
-            "skillable_exams_total", "Scored exams, counted once when their score first appears.",
-            labels=self._labels(PLACE),
-        )
-        passed = CounterMetricFamily(
-            "skillable_exams_passed_total", "Scored exams that the learner passed.",
-            labels=self._labels(PLACE),
-        )
-        run_time = HistogramMetricFamily(
-            "skillable_lab_run_time_seconds",
-            "Total run time of ended lab instances, observed once per instance.",
-            labels=self._labels(REGION),
-        )
-        task = HistogramMetricFamily(
-            "skillable_lab_task_completion_ratio",
-            "Share of integrated tasks completed (0-1) in ended lab instances.",
-            labels=self._labels(REGION),
-        )
-        score = HistogramMetricFamily(
-            "skillable_exam_score_ratio",
-            "Exam score divided by the maximum possible score (0-1), observed once per scored exam.",
-            labels=self._labels(REGION),
-        )
+        return {
+            "instances": GaugeMetricFamily(
+                "skillable_lab_instances",
+                f"Lab instances whose last state change was within {window}, by current completion status."
+                + SHARED_POLL_NOTE,
+                labels=self._labels(PLACE + ["completion_status"]),
+            ),
+            "running": GaugeMetricFamily(
+                "skillable_lab_instances_running",
+                f"Lab instances that started within {window} and have not ended." + SHARED_POLL_NOTE,
+                labels=self._labels(PLACE),
+            ),
+            "started": CounterMetricFamily(
+                "skillable_lab_instances_started_total",
+                "Lab instances seen starting, each counted once however many polls return it.",
+                labels=self._labels(PLACE),
+            ),
+            "ended": CounterMetricFamily(
+                "skillable_lab_instances_ended_total",
+                "Lab instances seen ending, counted once under the completion status they ended with.",
+                labels=self._labels(PLACE + ["completion_status"]),
+            ),
+            "run_time": HistogramMetricFamily(
+                "skillable_lab_run_time_seconds",
+                "Total run time of ended lab instances, observed once per instance.",
+                labels=self._labels(REGION),
+            ),
+            "task_completion": HistogramMetricFamily(
+                "skillable_lab_task_completion_ratio",
+                "Share of integrated tasks completed (0-1) in ended lab instances.",
+                labels=self._labels(REGION),
+            ),
+            "exam_score": HistogramMetricFamily(
+                "skillable_exam_score_ratio",
+                "Exam score divided by the maximum possible score (0-1), observed once per scored exam.",
+                labels=self._labels(REGION),
+            ),
+            "exams": CounterMetricFamily(
+                "skillable_exams_total", "Scored exams, counted once when their score first appears.",
+                labels=self._labels(PLACE),
+            ),
+            "exams_passed": CounterMetricFamily(
+                "skillable_exams_passed_total", "Scored exams that the learner passed.",
+                labels=self._labels(PLACE),
+            ),
+        }
+
+    def _lab_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
+        f = self._lab_families()
         for account, view in views:
             snap = view.snapshot
             for place in snap.places:
                 labels = self._values(account, place)
-                running.add_metric(labels, snap.running[place])
-                started.add_metric(labels, snap.started[place])
-                exams.add_metric(labels, snap.exams[place])
-                passed.add_metric(labels, snap.exams_passed[place])
+                f["running"].add_metric(labels, snap.running[place])
+                f["started"].add_metric(labels, snap.started[place])
+                f["exams"].add_metric(labels, snap.exams[place])
+                f["exams_passed"].add_metric(labels, snap.exams_passed[place])
                 for status in ALL_STATUSES:
                     with_status = self._values(account, (*place, status))
-                    instances.add_metric(with_status, snap.instances[(place, status)])
-                    ended.add_metric(with_status, snap.ended[(place, status)])
-            self._add_histograms(run_time, snap.run_time, account)
-            self._add_histograms(task, snap.task_completion, account)
-            self._add_histograms(score, snap.exam_score, account)
-        yield from (instances, running, started, ended, run_time, task, score, exams, passed)
+                    f["instances"].add_metric(with_status, snap.instances[(place, status)])
+                    f["ended"].add_metric(with_status, snap.ended[(place, status)])
+            for table in HISTOGRAM_TABLES:
+                self._add_histograms(f[table], getattr(snap, table), account)
+        yield from f.values()
+
+    def _lab_parts(self, views: list[tuple[str, PollView]]) -> Iterator[Metric | Rows]:
+        """What _lab_metrics yields, for the renderer: the per-place families as Rows (keys and
+        values straight from the snapshots, no Sample objects), the histograms as families."""
+        for table, family in self._lab_families().items():
+            if table in HISTOGRAM_TABLES:
+                for account, view in views:
+                    self._add_histograms(family, getattr(view.snapshot, table), account)
+                yield family
+                continue
+            per_status = table in ("instances", "ended")
+            keys, values = self._place_rows(views, table, per_status)
+
+            def make(family: Metric = family, table: str = table, per_status: bool = per_status) -> Metric:
+                filled = copy.copy(family)
+                filled.samples = []
+                self._place_rows(views, table, per_status, filled)
+                return filled
+
+            yield Rows(family, keys, values, make)
+
+    def _place_rows(
+        self, views: list[tuple[str, PollView]], table: str, per_status: bool, family: Metric | None = None
+    ) -> tuple[list[Any], list[float]]:
+        """Keys (unique in the family) and values of one per-place family, in _lab_metrics' order;
+        with `family`, also its samples, the way _lab_metrics adds them."""
+        keys: list[Any] = []
+        values: list[float] = []
+        single = not self._account_label
+        for account, view in views:
+            counts = getattr(view.snapshot, table)
+            for place in view.snapshot.places:
+                if per_status:
+                    for status in ALL_STATUSES:
+                        key = (place, status)
+                        value = counts[key]
+                        keys.append(key if single else (account, key))
+                        values.append(value)
+                        if family is not None:
+                            family.add_metric(self._values(account, (*place, status)), value)
+                else:
+                    value = counts[place]
+                    keys.append(place if single else (account, place))
+                    values.append(value)
+                    if family is not None:
+                        family.add_metric(self._values(account, place), value)
+        return keys, values
 
     # -- exporter health ---------------------------------------------------
 

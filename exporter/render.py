@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
@@ -38,6 +39,18 @@ class _Families:
         return self._families
 
 
+@dataclass
+class Rows:
+    """A family given as rows rather than samples: the family (its header), a key per sample
+    that is unique in the family and stable across renders, the values, and `make`, which
+    returns the family with its samples (in key order) for when the encoder has to be asked."""
+
+    family: Metric
+    keys: list[Hashable]
+    values: list[float]
+    make: Callable[[], Metric]
+
+
 class _NotPlain(Exception):
     """The encoder's output for a family is not header + prefix/value lines: use the encoder."""
 
@@ -55,47 +68,80 @@ class LineEncoder:
         self._headers: dict[tuple[str, str, str, str], str] = {}
         self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         self._values: dict[float, str] = {}
+        self._row_prefixes: dict[str, dict[Hashable, str]] = {}  # family name -> row key -> prefix
 
-    def __call__(self, families: list[Metric]) -> bytes:
+    def __call__(self, parts: list[Metric | Rows]) -> bytes:
         out: list[str] = []
         try:
-            for family in families:
+            for part in parts:
                 try:
-                    out.extend(self._family(family))
+                    out.extend(self._rows(part) if isinstance(part, Rows) else self._family(part))
                 except _NotPlain:
-                    out.append(self._encode([family]))
+                    out.append(self._encode([part.make() if isinstance(part, Rows) else part]))
         except _NotConcatenable:
-            return self._encoder(_Families(families))
+            return self._encoder(_Families([p.make() if isinstance(p, Rows) else p for p in parts]))
         out.append(self._trailer)
         return "".join(out).encode("utf-8")
 
+    def _rows(self, rows: Rows) -> list[str]:
+        family = rows.family
+        prefixes = self._row_prefixes.get(family.name)
+        if prefixes is None or any(key not in prefixes for key in rows.keys):
+            made = rows.make()
+            keys = [(s.name, tuple(s.labels.items())) for s in made.samples]
+            self._check_plain(made)
+            if len(keys) != len(rows.keys):
+                raise _NotPlain
+            self._learn(made, keys)
+            prefixes = self._row_prefixes.setdefault(family.name, {})
+            if len(prefixes) + len(keys) > MAX_PREFIXES:
+                prefixes.clear()
+            for row_key, key in zip(rows.keys, keys):
+                prefixes[row_key] = self._prefixes[key]
+        lines = [self._header(family)]
+        text = self._text
+        for key, value in zip(rows.keys, rows.values):
+            lines.append(prefixes[key])
+            lines.append(text(value))
+            lines.append("\n")
+        return lines
+
     def _family(self, family: Metric) -> list[str]:
+        self._check_plain(family)
+        prefixes = self._prefixes
+        keys = [(s.name, tuple(s.labels.items())) for s in family.samples]
+        if any(key not in prefixes for key in keys):
+            self._learn(family, keys)
+        lines = [self._header(family)]
+        text = self._text
+        for key, s in zip(keys, family.samples):
+            lines.append(prefixes[key])
+            lines.append(text(s.value))
+            lines.append("\n")
+        return lines
+
+    @staticmethod
+    def _check_plain(family: Metric) -> None:
         names = {family.name, family.name + "_total", family.name + "_bucket", family.name + "_count",
                  family.name + "_sum"}
-        prefixes, values = self._prefixes, self._values
-        keys = []
         for s in family.samples:
             if s.name not in names or s.timestamp is not None or s.exemplar is not None \
                     or s.native_histogram is not None or s.value is None:
                 raise _NotPlain
-            keys.append((s.name, tuple(s.labels.items())))
-        if any(key not in prefixes for key in keys):
-            self._learn(family, keys)
-        lines = [self._header(family)]
-        for key, s in zip(keys, family.samples):
-            value = values.get(s.value)
-            if value is None or (s.value == 0 and math.copysign(1.0, s.value) < 0):  # -0.0 finds 0.0's text
-                value = floatToGoString(s.value)
-                if s.value == s.value and s.value != 0:  # NaN is never found again; zero has two signs
-                    if len(values) >= MAX_VALUES:
-                        values.clear()
-                    values[s.value] = value
-                elif s.value == 0 and value == "0.0":
-                    values[s.value] = value
-            lines.append(prefixes[key])
-            lines.append(value)
-            lines.append("\n")
-        return lines
+
+    def _text(self, number: float) -> str:
+        """floatToGoString(number), from a table of the values seen."""
+        values = self._values
+        text = values.get(number)
+        if text is None or (number == 0 and math.copysign(1.0, number) < 0):  # -0.0 finds 0.0's text
+            text = floatToGoString(number)
+            if number == number and number != 0:  # NaN is never found again; zero has two signs
+                if len(values) >= MAX_VALUES:
+                    values.clear()
+                values[number] = text
+            elif number == 0 and text == "0.0":
+                values[number] = text
+        return text
 
     def _header(self, family: Metric) -> str:
         key = (family.name, family.type, family.documentation, family.unit)

@@ -554,3 +554,43 @@ def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
     assert nonzero(snap.started) == dict(plain.started) == {("1", "1", "1"): 3}
     assert nonzero(snap.ended) == dict(plain.ended)
     assert sum(h.count for h in snap.run_time.values()) == 2
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS])
+def test_exposition_of_several_accounts_equals_the_encoder(fake: FakeSkillable, accept: str) -> None:
+    from exporter.collector import SkillableCollector
+    from exporter.config import Names
+
+    from .conftest import make_poller
+
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, None, host=50))
+    emea, americas = make_poller(fake), make_poller(fake, max_lab_hosts=1)
+    collector = SkillableCollector([("emea", emea), ("americas", americas)], Names(), 60)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    encoder, content_type = choose_encoder(accept)
+    for step in range(3):
+        emea.refresh(5)
+        americas.refresh(5)
+        body = collector.exposition(encoder, content_type)
+        assert body == encoder(registry)
+        assert b'account="americas"' in body and b'lab_host_id="other"' in body
+        fake.advance(60)
+        fake.add(lab(10 + step, NOW + step * 60, NOW + step * 60 + 30, status=20, host=51 + step))
+
+
+def test_rows_the_encoder_writes_otherwise_go_through_the_encoder() -> None:
+    from prometheus_client.metrics_core import CounterMetricFamily
+
+    from exporter.render import LineEncoder, Rows, _Families
+
+    def make() -> Any:
+        family = CounterMetricFamily("skillable_stamped", "Stamped.", labels=["k"])
+        family.add_metric(["a"], 1, timestamp=1_700_000_000)
+        family.add_metric(["b"], 2, timestamp=1_700_000_000)
+        return family
+
+    empty = CounterMetricFamily("skillable_stamped", "Stamped.", labels=["k"])
+    for accept in ENCODINGS:
+        encoder, _ = choose_encoder(accept)
+        assert LineEncoder(encoder)([Rows(empty, ["a", "b"], [1, 2], make)]) == encoder(_Families([make()]))
