@@ -97,6 +97,27 @@ def test_every_alert_label_used_by_the_routes_exists() -> None:
     assert severities <= routed
 
 
+
+def _regex_matcher(matcher: str) -> re.Pattern[str]:
+    name, op, value = re.fullmatch(r'(\w+)(=~|=)"(.*)"', matcher).groups()
+    assert name == "alertname", matcher
+    return re.compile(value if op == "=~" else re.escape(value))
+
+
+def test_every_exporter_health_alert_inhibits_the_alerts_it_explains() -> None:
+    """Down, not polling and never polled: lab, exam and API alerts of that exporter are noise."""
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    [rule] = [r for r in config["inhibit_rules"] if any("SkillableExporterDown" in m for m in r["source_matchers"])]
+    [source] = [_regex_matcher(m) for m in rule["source_matchers"] if m.startswith("alertname")]
+    [target] = [_regex_matcher(m) for m in rule["target_matchers"] if m.startswith("alertname")]
+    names = {a["alert"] for a in alerts()}
+    health = {n for n in names if n.startswith("SkillableExporter")}
+    assert health >= {"SkillableExporterDown", "SkillableExporterNotPolling", "SkillableExporterNeverPolled"}
+    assert {n for n in health if not source.fullmatch(n)} == set()
+    assert {n for n in names - health if not target.fullmatch(n)} == set()
+    assert not any(target.fullmatch(n) for n in health)
+    assert rule["equal"] == ["job", "instance"]
+
 # -- conventions ----------------------------------------------------------------
 
 def test_recording_rules_are_named_level_metric_operations() -> None:
