@@ -61,7 +61,12 @@ RUN mkdir -p /var/lib/skillable-exporter /etc/skillable-exporter \
 COPY --from=build /opt/venv /opt/venv
 
 # PATH is spelled out: an imported base image may carry no PATH at all.
+# MALLOC_ARENA_MAX=2: with glibc's default (up to 8 malloc arenas per core)
+# the threads that serve concurrent scrapes spread over many arenas; under 50
+# concurrent scrapers the RSS climbed from 41 to 83 MB before flattening. With
+# 2 arenas it stays near 50 MB. musl-based images ignore it.
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    MALLOC_ARENA_MAX=2 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SKILLABLE_EXPORTER_LISTEN_ADDRESS=0.0.0.0:10180 \
