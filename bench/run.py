@@ -494,6 +494,8 @@ def series_per_100_hosts() -> tuple[int, int, int]:
     from exporter.state import FleetState
 
     class Stub:
+        window_minutes = 60
+
         def __init__(self, state: FleetState) -> None:
             self.state = state
 

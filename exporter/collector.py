@@ -295,9 +295,10 @@ class SkillableCollector(Collector):
             if h.stats is not None and h.stats.saved is not None:
                 saved.add_metric(labels, h.stats.saved)
         window = GaugeMetricFamily(
-            "skillable_lookback_window_seconds", "The lookback window the lab gauges cover.",
-            value=self._window_minutes * 60,
+            "skillable_lookback_window_seconds", "The lookback window the lab gauges cover.", labels=no_labels,
         )
+        for account, poller in self._accounts:  # each account may have its own window
+            window.add_metric(self._values(account, []), poller.window_minutes * 60)
         build = GaugeMetricFamily(
             "skillable_exporter_build_info", "Version of skillable-exporter, always 1.",
             labels=["version", "python_version"],

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import client
 from .client import ApiError, SkillableClient
 from .config import MAX_WINDOW_MINUTES
 from .model import (
@@ -45,6 +46,12 @@ INVALID_RESPONSE = "invalid_response"
 API_ERROR = "api_error"
 UNAUTHORIZED = "unauthorized"
 INTERNAL_ERROR = "internal_error"
+# Every reason a failure can be counted under, so each series exists at 0 from the start.
+FAILURE_REASONS: tuple[str, ...] = (
+    client.CONNECT_TIMEOUT, client.CONNECT_ERROR, client.TIMEOUT, client.CONNECTION_RESET, UNAUTHORIZED,
+    client.RATE_LIMITED, client.HTTP_ERROR, client.TOO_LARGE, NOT_JSON, INVALID_RESPONSE, API_ERROR,
+    INTERNAL_ERROR,
+)
 # Skillable answers a bad key with HTTP 200, Status 0 and an Error about the key.
 _KEY_ERROR = re.compile(r"api[ _-]?key|unauthori[sz]ed|forbidden|not authenticated", re.IGNORECASE)
 
@@ -93,6 +100,10 @@ class Poller:
         self.collect_region_names = collect_region_names
         self.state = FleetState(max_lab_hosts)
         self.health = Health()
+        for endpoint in self.endpoints():
+            self.health.requests[endpoint] = 0
+            for reason in FAILURE_REASONS:
+                self.health.failures[(endpoint, reason)] = 0
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
@@ -108,6 +119,10 @@ class Poller:
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
+
+    def endpoints(self) -> list[str]:
+        """The API endpoints this poller calls."""
+        return ["LatestResults"] + ["stats"] * self.collect_stats + ["deliveryregions"] * self.collect_region_names
 
     # -- scheduling --------------------------------------------------------
 

@@ -49,6 +49,8 @@ def test_one_failing_account_never_hides_the_other(
         in text
     # Each account asks for its own window.
     assert broken.latest_requests()[0].minutes == 120
+    assert 'skillable_lookback_window_seconds{account="americas"} 7200.0' in text
+    assert 'skillable_lookback_window_seconds{account="emea"} 3600.0' in text
     assert fake.latest_requests()[0].minutes == 60
 
     probe = exporter.get("/probe?account=emea").text

@@ -75,6 +75,8 @@ def test_golden_single_account(fake: FakeSkillable) -> None:
     assert "skillable_up 1.0" in text
     assert "skillable_account_active_labs 7.0" in text
     assert 'skillable_delivery_region_info{delivery_region_id="2",delivery_region_name="Europe"} 1.0' in text
+    # Every failure reason of every endpoint polled exists at 0 before anything failed.
+    assert len(re.findall(r'^skillable_api_request_failures_total\{[^}]*\} 0\.0$', text, re.M)) == 3 * 12
 
 
 def test_golden_failed_first_poll(fake: FakeSkillable) -> None:

@@ -394,8 +394,8 @@ def test_exporter_process_survives_faults_and_recovers_alone(run_exporter) -> No
             response = exporter.get("/metrics", headers=headers)
             assert response.status_code == 200 and time.monotonic() - started < 2
             samples = parse(response.text)
-            reasons = {dict(labels)["reason"] for (n, labels) in samples
-                       if n == "skillable_api_request_failures_total"}
+            reasons = {dict(labels)["reason"] for (n, labels), value in samples.items()
+                       if n == "skillable_api_request_failures_total" and value > 0}
             if total(samples, "skillable_up") == 1 and len(reasons) == 3:
                 break
             assert exporter.proc.poll() is None
