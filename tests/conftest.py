@@ -62,29 +62,44 @@ def free_port() -> int:
 
 
 class ExporterProcess:
-    """`python -m exporter ...` as a user would run it, with its log captured to a file."""
+    """`python -m exporter ...` as a user would run it, with its log captured to a file.
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    Ready once /healthz answers; with `https`, over TLS, checked against `verify` (a CA file)
+    and presenting `cert` (a client certificate) on every request.
+    """
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, https: bool = False,
+        verify: str | bool = True, cert: tuple[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
+        self.verify = verify
+        self.cert = cert
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}", *args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exporter exited early: {self.log()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if self.get("/healthz", timeout=1).status_code == 200:
                     return
             except requests.ConnectionError:
                 time.sleep(0.05)
         raise RuntimeError(f"exporter did not come up: {self.log()}")
 
+    @property
+    def base(self) -> str:
+        return self.url
+
     def get(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("cert", self.cert)
         return requests.get(self.url + path, timeout=kwargs.pop("timeout", 15), **kwargs)
 
     def log(self) -> str:
@@ -96,7 +111,7 @@ class ExporterProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)

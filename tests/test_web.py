@@ -23,7 +23,7 @@ from exporter.config import ConfigError, load_config, read_key_file
 from exporter.webconfig import WebConfig, load_web_config
 
 from . import fakeapi as f
-from .conftest import ROOT, free_port
+from .conftest import ROOT, ExporterProcess
 from .fakeapi import FakeSkillable, lab
 from .tlsutil import certs  # noqa: F401 (the fixture)
 
@@ -48,58 +48,20 @@ def web_config(folder: Path, tls: bool = True, users: bool = True, client_auth: 
 # -- the exporter process --------------------------------------------------------------------
 
 
-class Exporter:
-    """`python -m exporter` with a web config; ready once /healthz answers over its scheme."""
-
-    def __init__(self, fake: FakeSkillable, log_path: Path, *args: str, https: bool, ca: Path | None,
-                 cert: tuple[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.cert = cert
-        self.base = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
-        self.ca = str(ca) if ca else True
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
-        env.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
-                    "SKILLABLE_COLLECTOR_STATS": "false", "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"})
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}", *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if requests.get(self.base + "/healthz", verify=self.ca, cert=cert, timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError(f"exporter did not come up: {self.log()}")
-
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("verify", self.ca)
-        kwargs.setdefault("cert", self.cert)
-        return requests.get(self.base + path, timeout=15, **kwargs)
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(15)
-        if not self._log.closed:
-            self._log.close()
-        return int(self.proc.returncode)
+def Exporter(fake: FakeSkillable, log_path: Path, *args: str, https: bool, ca: Path | None,  # noqa: N802
+             cert: tuple[str, str] | None = None) -> ExporterProcess:
+    """`python -m exporter` with a web config, against the fake."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    env.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
+                "SKILLABLE_COLLECTOR_STATS": "false", "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"})
+    return ExporterProcess(list(args), env, log_path, https=https, verify=str(ca) if ca else True, cert=cert)
 
 
 @pytest.fixture
 def start(fake: FakeSkillable, tmp_path: Path) -> Iterator[Any]:
-    started: list[Exporter] = []
+    started: list[ExporterProcess] = []
 
-    def run(*args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None) -> Exporter:
+    def run(*args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None) -> ExporterProcess:
         started.append(Exporter(fake, tmp_path / f"exporter-{len(started)}.log", *args, https=https, ca=ca,
                                 cert=cert))
         return started[-1]
