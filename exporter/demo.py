@@ -91,6 +91,14 @@ class Traffic:
                 self._cache[minute] = labs
         return labs
 
+    def _forget_before(self, minute: int) -> None:
+        """Drop minutes no query can reach any more (older than 7 days plus the longest lab),
+        so a demo that runs for weeks does not grow."""
+        with self._lock:
+            if len(self._cache) > 10080 + MAX_LAB_SECONDS // 60 + 60:
+                for old in [m for m in self._cache if m < minute]:
+                    del self._cache[old]
+
     def _generate(self, minute: int) -> tuple[Lab, ...]:
         rng = random.Random(f"{self.seed}:{minute}")
         whole = int(self.labs_per_minute)
@@ -130,6 +138,7 @@ class Traffic:
         since = now - minutes * 60
         first = math.floor((since - MAX_LAB_SECONDS) / 60)
         last = math.floor(now / 60)
+        self._forget_before(math.floor((now - 10080 * 60 - MAX_LAB_SECONDS) / 60))
         out: list[tuple[Lab, bool]] = []
         for minute in range(first, last + 1):
             for lab in self.labs_starting_in(minute):

@@ -85,3 +85,16 @@ def test_scrape_timeout_header_caps_the_poll(run_exporter, fake: FakeSkillable) 
     assert elapsed < 2.0
     assert "skillable_up 0.0" in response.text
     assert 'reason="timeout"' in response.text
+
+
+def test_demo_traffic_is_deterministic_and_bounded_in_memory() -> None:
+    from exporter.demo import MAX_LAB_SECONDS, Traffic
+
+    a, b = Traffic(labs_per_minute=2.0), Traffic(labs_per_minute=2.0)
+    now = 1_800_000_000.0
+    assert a.changed_within(now, 60) == b.changed_within(now, 60)
+    limit = 10080 + MAX_LAB_SECONDS // 60 + 60
+    for day in range(10):  # ten days of a long-running demo, polled once a simulated hour
+        for hour in range(24):
+            a.changed_within(now + day * 86400 + hour * 3600, 60)
+    assert len(a._cache) <= limit + 24 * 60 + MAX_LAB_SECONDS // 60
