@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import yaml
 
@@ -217,6 +217,16 @@ class Config:
         return self.accounts[0].window_minutes
 
 
+def check_mapping(where: str, value: Any, allowed: Collection[str], expected: str) -> dict[str, Any]:
+    """`value` as a mapping whose keys are all in `allowed`, else a ConfigError naming the setting."""
+    if not isinstance(value, dict):
+        raise ConfigError(where, f"expected {expected}")
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}", "unknown setting")
+    return value
+
+
 def _walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = tree
     for part in path:
@@ -356,11 +366,7 @@ def _listed_account(
     index: int, entry: Any, values: Mapping[str, Any], environ: Mapping[str, str]
 ) -> Account:
     where = f"accounts[{index}]"
-    if not isinstance(entry, dict):
-        raise ConfigError(where, "expected a mapping with name and api_key_env or api_key_file")
-    for key in entry:
-        if key not in _ACCOUNT_KEYS:
-            raise ConfigError(f"{where}.{key}", "unknown setting")
+    entry = check_mapping(where, entry, _ACCOUNT_KEYS, "a mapping with name and api_key_env or api_key_file")
     name = entry.get("name")
     if not isinstance(name, str) or not _ACCOUNT_NAME.match(name):
         raise ConfigError(f"{where}.name", "expected 1-64 letters, digits, '_', '.' or '-'")

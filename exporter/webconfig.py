@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import bcrypt
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, check_mapping
 
 SETTING = "web.config-file"
+_TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version"}
 _CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
@@ -79,11 +80,7 @@ def load_web_config(path: str) -> WebConfig:
         raise ConfigError(SETTING, f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError:
         raise ConfigError(SETTING, f"{path} is not valid YAML") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(SETTING, f"{path} must hold a mapping")
-    for key in tree:
-        if key not in ("tls_server_config", "basic_auth_users", "http_server_config"):
-            raise ConfigError(f"{SETTING}: {key}", "unknown setting")
+    tree = check_mapping(SETTING, tree, _TOP_KEYS, f"{path} to hold a mapping")
     base = os.path.dirname(os.path.abspath(path))
     tls = tree.get("tls_server_config")
     context = _ssl_context(tls, base) if tls else None
@@ -100,13 +97,9 @@ def load_web_config(path: str) -> WebConfig:
     return WebConfig(context, users)
 
 
-def _ssl_context(tls: object, base: str) -> ssl.SSLContext:
+def _ssl_context(raw: object, base: str) -> ssl.SSLContext:
     where = f"{SETTING}: tls_server_config"
-    if not isinstance(tls, dict):
-        raise ConfigError(where, "expected a mapping")
-    for key in tls:
-        if key not in _TLS_KEYS:
-            raise ConfigError(f"{where}.{key}", "unknown setting")
+    tls = check_mapping(where, raw, _TLS_KEYS, "a mapping")
     if not tls.get("cert_file") or not tls.get("key_file"):
         raise ConfigError(where, "cert_file and key_file are both required")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
