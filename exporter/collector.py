@@ -25,10 +25,11 @@ from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
 from .render import LineEncoder, Rows
-from .state import Histogram, Region, Snapshot
+from .state import Snapshot
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
 REGION = ["datacenter_id", "delivery_region_id"]
+PER_STATUS_TABLES = ("instances", "ended")  # families with a completion_status label
 HISTOGRAM_TABLES = ("run_time", "task_completion", "exam_score")
 RENDERED_KEPT = 4  # expositions cached at once, one per content type
 SHARED_POLL_NOTE = (
@@ -103,10 +104,6 @@ class SkillableCollector(Collector):
     def _values(self, account: str, values: Sequence[str]) -> list[str]:
         return ([account, *values]) if self._account_label else list(values)
 
-    def _add_histograms(self, family: HistogramMetricFamily, table: dict[Region, Histogram], account: str) -> None:
-        for region, hist in table.items():
-            family.add_metric(self._values(account, region), hist.cumulative(), hist.total)
-
     # -- lab metrics -------------------------------------------------------
 
     def _lab_families(self) -> dict[str, Metric]:
@@ -160,33 +157,22 @@ class SkillableCollector(Collector):
         }
 
     def _lab_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
-        f = self._lab_families()
-        for account, view in views:
-            snap = view.snapshot
-            for place in snap.places:
-                labels = self._values(account, place)
-                f["running"].add_metric(labels, snap.running[place])
-                f["started"].add_metric(labels, snap.started[place])
-                f["exams"].add_metric(labels, snap.exams[place])
-                f["exams_passed"].add_metric(labels, snap.exams_passed[place])
-                for status in ALL_STATUSES:
-                    with_status = self._values(account, (*place, status))
-                    f["instances"].add_metric(with_status, snap.instances[(place, status)])
-                    f["ended"].add_metric(with_status, snap.ended[(place, status)])
-            for table in HISTOGRAM_TABLES:
-                self._add_histograms(f[table], getattr(snap, table), account)
-        yield from f.values()
+        for table, family in self._lab_families().items():
+            if table in HISTOGRAM_TABLES:
+                self._fill_histograms(family, views, table)
+            else:
+                self._place_rows(views, table, table in PER_STATUS_TABLES, family)
+            yield family
 
     def _lab_parts(self, views: list[tuple[str, PollView]]) -> Iterator[Metric | Rows]:
         """What _lab_metrics yields, for the renderer: the per-place families as Rows (keys and
         values straight from the snapshots, no Sample objects), the histograms as families."""
         for table, family in self._lab_families().items():
             if table in HISTOGRAM_TABLES:
-                for account, view in views:
-                    self._add_histograms(family, getattr(view.snapshot, table), account)
+                self._fill_histograms(family, views, table)
                 yield family
                 continue
-            per_status = table in ("instances", "ended")
+            per_status = table in PER_STATUS_TABLES
             keys, values = self._place_rows(views, table, per_status)
 
             def make(family: Metric = family, table: str = table, per_status: bool = per_status) -> Metric:
@@ -196,6 +182,11 @@ class SkillableCollector(Collector):
                 return filled
 
             yield Rows(family, keys, values, make)
+
+    def _fill_histograms(self, family: Metric, views: list[tuple[str, PollView]], table: str) -> None:
+        for account, view in views:
+            for region, hist in getattr(view.snapshot, table).items():
+                family.add_metric(self._values(account, region), hist.cumulative(), hist.total)
 
     def _place_rows(
         self, views: list[tuple[str, PollView]], table: str, per_status: bool, family: Metric | None = None
