@@ -27,9 +27,6 @@ STATUS_NAMES: dict[int, str] = {
 }
 UNKNOWN_STATUS = "unknown"
 ALL_STATUSES: tuple[str, ...] = (*STATUS_NAMES.values(), UNKNOWN_STATUS)
-FAILURE_STATUSES: frozenset[str] = frozenset(
-    {"storage_provisioning_failed", "lab_creation_failed", "resume_failed", "save_failed"}
-)
 
 
 def status_name(code: int | None) -> str:

@@ -68,9 +68,6 @@ class Handler(BaseHTTPRequestHandler):
     # delayed ACK of the headers (40 ms on Linux), which showed as the scrape latency p99.
     disable_nagle_algorithm = True
     timeout = 60  # a client that sends nothing is dropped
-    # Headers and body go out in two writes; with Nagle on, the body waits for the
-    # client's delayed ACK and every keep-alive scrape takes 40 ms longer.
-    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
