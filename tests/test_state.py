@@ -1,37 +1,25 @@
-"""Behaviour behind the performance work (issue 4): caches that must never serve stale data,
-eviction by age, bounded state, the series guard, and the benchmark's own plumbing.
-
-No timings here: bench/run.py measures speed; these tests check that the fast paths
-give the same answers as the plain ones.
-"""
+"""FleetState: eviction by age, bounded state, the series guard, and a differential test of
+apply/evict against a plain reference implementation of the counting rules."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
-import re
-import subprocess
-import sys
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import choose_encoder
 
 from exporter.__main__ import build_parser
 from exporter.app import ExporterApp
 from exporter.config import load_config
-from exporter.demo import BenchClock, Traffic, latest_results_body, start_simulator
+from exporter.demo import Traffic, latest_results_body
 from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
-from exporter.server import ExporterServer
 from exporter.state import EXTRA_PLACES, OVERFLOW_PLACE, RATIO_BUCKETS, FleetState, Histogram, Instance
 
 from .conftest import MonotonicStub
-from .fakeapi import FakeSkillable, lab
+from .fakeapi import FakeSkillable
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_800_000_000
@@ -58,95 +46,6 @@ def registry_text(app: ExporterApp) -> bytes:
 
 
 # -- the exposition cache ------------------------------------------------------
-
-def test_exposition_is_reused_between_polls_and_rendered_again_after_one(fake: FakeSkillable) -> None:
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
-    mono = MonotonicStub()
-    app = make_app(fake, mono, "--skillable.min-poll-interval=30")
-    first, _ = app.metrics("", None)
-    again, _ = app.metrics("", None)  # no poll due: the very same body
-    assert again is first
-    assert first == registry_text(app)
-
-    fake.advance(60)
-    fake.add(lab(2, NOW + 10, NOW + 30, status=20))
-    mono.advance(31)
-    after_poll, _ = app.metrics("", None)
-    assert after_poll is not first
-    assert after_poll == registry_text(app)
-    assert b'completion_status="lab_creation_failed"' in after_poll
-    assert re.search(rb'^skillable_lab_instances_ended_total\{completion_status="lab_creation_failed"[^}]*\} 1\.0$',
-                     after_poll, re.M)
-    app.close()
-
-
-def test_a_failed_poll_changes_the_exposition_even_with_the_state_unchanged(fake: FakeSkillable) -> None:
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
-    mono = MonotonicStub()
-    app = make_app(fake, mono)
-    good, _ = app.metrics("", None)
-    assert b"skillable_up 1.0" in good
-    fake.fault(lambda h: h.send_raw(502, b"bad gateway", "text/plain"))
-    bad, _ = app.metrics("", None)
-    assert b"skillable_up 0.0" in bad
-    assert bad == registry_text(app)
-    app.close()
-
-
-def test_each_content_type_gets_its_own_cached_body(fake: FakeSkillable) -> None:
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
-    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
-    text, text_type = app.metrics("", None)
-    om, om_type = app.metrics(OPENMETRICS, None)
-    assert text_type.startswith("text/plain") and om_type.startswith("application/openmetrics-text")
-    assert om.endswith(b"# EOF\n") and not text.endswith(b"# EOF\n")
-    encoder, _ = choose_encoder(OPENMETRICS)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(app.collector)
-    assert om == encoder(registry)
-    assert app.metrics(OPENMETRICS, None)[0] is om
-    assert app.metrics("", None)[0] is text
-    app.close()
-
-
-def test_the_cache_stays_small_whatever_accept_headers_arrive(fake: FakeSkillable) -> None:
-    mono = MonotonicStub()
-    app = make_app(fake, mono, "--skillable.min-poll-interval=30")
-    for version in range(20):
-        app.metrics(f"application/openmetrics-text;version=1.{version}.0", None)
-    assert len(app.collector._rendered) == 4  # each version names its own content type; four are kept
-    kept = dict(app.collector._line_encoders)
-    last = app.metrics("application/openmetrics-text;version=1.19.0", None)[0]
-    fake.advance(60)
-    mono.advance(31)  # a poll: the kept type is rendered again...
-    assert app.metrics("application/openmetrics-text;version=1.19.0", None)[0] is not last
-    assert app.collector._line_encoders == kept  # ...without dropping what the others learnt
-    app.close()
-
-
-def test_probe_has_its_own_cache(fake: FakeSkillable) -> None:
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
-    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
-    metrics, _ = app.metrics("", None)
-    probe = app.probe("", "", None)
-    assert probe is not None and probe[0] == metrics
-    app.close()
-
-
-def test_gzip_of_an_unchanged_exposition_is_reused(fake: FakeSkillable) -> None:
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
-    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
-    server = ExporterServer(("127.0.0.1", 0), app)
-    body, _ = app.metrics("", None)
-    packed = server.gzipped(body)
-    assert gzip.decompress(packed) == body
-    assert server.gzipped(body) is packed
-    assert gzip.decompress(server.gzipped(b"other")) == b"other"
-    server.server_close()
-    app.close()
-
-
-# -- snapshots -------------------------------------------------------------------
 
 def test_snapshot_is_the_same_object_until_the_state_changes() -> None:
     state = FleetState(10)
@@ -280,77 +179,6 @@ def test_label_combinations_are_capped_so_total_series_stay_bounded() -> None:
     assert state.host_overflow_total == 50
 
 
-def test_exposition_series_grow_by_26_per_lab_host(fake: FakeSkillable) -> None:
-    """What BENCHMARKS.md states per 100 lab hosts, counted in the exposition itself."""
-    series = {}
-    for hosts in (10, 20):
-        state = FleetState(2000)
-        state.apply([result(i, NOW - 100, NOW - 50, host=i, datacenter=1, region=1) for i in range(hosts)],
-                    NOW - 3600)
-        app = make_app(fake, MonotonicStub())
-        next(iter(app.pollers.values())).state = state
-        text, _ = app.metrics("", None)
-        series[hosts] = sum(1 for line in text.splitlines()
-                            if line.startswith((b"skillable_lab_instances", b"skillable_exams")))
-        app.close()
-    assert series[20] - series[10] == 26 * 10
-
-
-# -- the simulator's bench hooks and the benchmark itself ----------------------------
-
-def test_simulator_bench_hooks_freeze_move_and_count() -> None:
-    clock = BenchClock(frozen=True)
-    sim = start_simulator(labs_per_minute=5, clock=clock)
-    sim.bench_hooks = True
-    try:
-        def get(path: str, **headers: str) -> bytes:
-            request = urllib.request.Request(sim.url + path, headers=headers)
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.read()
-
-        first = get("/LatestResults?minutes=30", api_key="k")
-        assert get("/LatestResults?minutes=30", api_key="k") == first  # frozen: same body
-        counters = json.loads(get("/_bench/counters"))
-        assert counters["requests"] == {"latestresults": 2} and counters["bytes_sent"] == 2 * len(first)
-        moved = json.loads(get("/_bench/clock?advance=60&warm=3"))
-        assert moved["now"] == pytest.approx(counters["now"] + 60)
-        assert moved["requests"] == {"latestresults": 2}  # warming is not counted
-        assert get("/LatestResults?minutes=30", api_key="k") != first
-    finally:
-        sim.shutdown()
-        sim.server_close()
-
-
-def test_bench_hooks_are_off_by_default() -> None:
-    sim = start_simulator(labs_per_minute=5)
-    try:
-        with urllib.request.urlopen(sim.url + "/_bench/counters", timeout=10) as response:
-            body = json.loads(response.read())
-        assert "bytes_sent" not in body and body["Status"] == 0  # an ordinary API refusal
-        with urllib.request.urlopen(sim.url + "/_bench/clock?advance=600", timeout=10) as response:
-            assert "now" not in json.loads(response.read())
-    finally:
-        sim.shutdown()
-        sim.server_close()
-
-
-def test_bench_quick_smoke(tmp_path: Path) -> None:
-    """The benchmark runs end to end on the 1k window and writes nothing unless asked."""
-    out = tmp_path / "bench.json"
-    before = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
-    subprocess.run([sys.executable, "bench/run.py", "--quick", "--sizes", "1k", "--no-write", "--json", str(out)],
-                   cwd=ROOT, check=True, timeout=120, capture_output=True)
-    after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
-    assert before == after
-    [row] = json.loads(out.read_text())
-    assert row["results"] > 500
-    exporter = row["m"]["exporter"]
-    assert exporter["concurrent_requests"] == 1 and exporter["concurrent_good"] == 50
-    assert exporter["requests_per_scrape"] == 1.0  # every steady scrape polled once, incrementally
-    assert exporter["bytes_per_poll"] < row["payload_bytes"]
-
-
-# -- the hand-inlined apply() against the plain per-result rules ----------------------
 
 class ReferenceState:
     """The rules of FleetState written plainly, one result at a time, with a full-scan eviction."""
@@ -452,87 +280,6 @@ def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int) -
 
 # -- the line encoder gives the encoders' own bytes ------------------------------------
 
-ENCODINGS = [
-    "",
-    "text/plain;version=0.0.4",
-    "text/plain;version=1.0.0;escaping=allow-utf-8",
-    "text/plain;version=1.0.0;escaping=values",
-    "application/openmetrics-text",
-    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8",
-    "application/openmetrics-text;version=1.0.0;escaping=dots",
-    OPENMETRICS,
-]
-
-
-def odd_families(step: int) -> list[Any]:
-    """Every shape an encoder treats specially, values moving with `step`."""
-    from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                                InfoMetricFamily, Metric, SummaryMetricFamily)
-    from prometheus_client.samples import Exemplar
-
-    gauge = GaugeMetricFamily("skillable_odd", 'Help with "quotes", a \\ and a\nnewline; é.', labels=["a", "b_c"])
-    gauge.add_metric(['x"y', "line\nbreak"], step)
-    gauge.add_metric(["back\\slash", "ünïcode"], float("nan"))
-    gauge.add_metric(["inf", "1"], float("inf") if step % 2 else float("-inf"))
-    gauge.add_metric(["big", "1"], 1e22 + step)
-    gauge.add_metric(["small", "1"], 1.5e-7 * step)
-    gauge.add_metric(["zero", "1"], 0.0)
-    gauge.add_metric(["zero", "2"], -0.0)
-    gauge.add_metric(["zero", "3"], 0)
-    gauge.add_metric(["huge", "int"], 2**63 - 1)
-    counter = CounterMetricFamily("skillable_things", "Things.", labels=["z", "a"], created=1_700_000_000.5)
-    counter.add_metric(["1", "2"], step, created=1_700_000_001)
-    plain_counter = CounterMetricFamily("skillable_plain", "Plain.", labels=["k"])
-    plain_counter.add_metric(["v"], 3 + step, timestamp=1_700_000_000 if step % 2 else None)
-    with_exemplar = CounterMetricFamily("skillable_ex", "Exemplar.", labels=["k"])
-    with_exemplar.add_metric(["v"], step, exemplar=Exemplar({"trace_id": "abc"}, 1.0, 1_700_000_000))
-    hist = HistogramMetricFamily("skillable_seconds", "Seconds.", labels=["r"], unit="seconds")
-    hist.add_metric(["1"], [("0.5", step), ("+Inf", step + 1)], sum_value=2.5 * step)
-    summary = SummaryMetricFamily("skillable_sum", "Summary.", count_value=step, sum_value=1.5)
-    info = InfoMetricFamily("skillable_build", "Build.", value={"version": "1.0", "odd": 'a"b'})
-    untyped = Metric("skillable_untyped", "Untyped.", "unknown")
-    untyped.add_sample("skillable_untyped", {"x": "1"}, step)
-    dotted = GaugeMetricFamily("skillable.dotted.name", "Not a legacy name.", labels=["ok"])
-    dotted.add_metric(["1"], step)
-    empty = GaugeMetricFamily("skillable_empty", "No samples.", labels=["a"])
-    return [gauge, counter, plain_counter, with_exemplar, hist, summary, info, untyped, dotted, empty]
-
-
-@pytest.mark.parametrize("accept", ENCODINGS)
-def test_line_encoder_writes_exactly_what_the_encoder_writes(accept: str) -> None:
-    from exporter.render import LineEncoder, _Families
-
-    encoder, _ = choose_encoder(accept)
-    fast = LineEncoder(encoder)
-    for step in range(4):  # kept prefixes and headers are reused with new values
-        families = odd_families(step)
-        assert fast(families) == encoder(_Families(families))
-    assert len(fast._prefixes) >= 5  # the plain families did take the fast path
-
-
-@pytest.mark.parametrize("accept", ENCODINGS)
-def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkillable, accept: str,
-                                                                tmp_path: Path) -> None:
-    config = tmp_path / "names.yml"
-    config.write_text('names:\n  datacenters: {3: "US \\"East\\" \\\\ é"}\n  lab_hosts: {49: "line\\nbreak"}\n')
-    mono = MonotonicStub()
-    app = make_app(fake, mono, "--config.file", str(config))
-    encoder, _ = choose_encoder(accept)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(app.collector)
-    for step in range(5):
-        fake.add(lab(100 + step, NOW + step * 60 - 30, NOW + step * 60 - 5, status=[4, 20, 1, 99, 3][step],
-                     host=49 + step % 2, IsExam=True, ExamScore=50 + step, ExamMaxPossibleScore=100,
-                     ExamPassed=step % 2 == 0))
-        body, _ = app.metrics(accept, None)
-        assert body == encoder(registry)
-        fake.advance(60)
-        mono.advance(1)
-    [line_encoder] = app.collector._line_encoders.values()
-    assert len(line_encoder._prefixes) > 26  # every lab series went the fast way
-    app.close()
-
-
 def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
     """The counts of new instances wait in their bundle until apply() ends; a second sighting in
     the same payload must still see them."""
@@ -556,41 +303,3 @@ def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
     assert sum(h.count for h in snap.run_time.values()) == 2
 
 
-@pytest.mark.parametrize("accept", ["", OPENMETRICS])
-def test_exposition_of_several_accounts_equals_the_encoder(fake: FakeSkillable, accept: str) -> None:
-    from exporter.collector import SkillableCollector
-    from exporter.config import Names
-
-    from .conftest import make_poller
-
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, None, host=50))
-    emea, americas = make_poller(fake), make_poller(fake, max_lab_hosts=1)
-    collector = SkillableCollector([("emea", emea), ("americas", americas)], Names(), 60)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    encoder, content_type = choose_encoder(accept)
-    for step in range(3):
-        emea.refresh(5)
-        americas.refresh(5)
-        body = collector.exposition(encoder, content_type)
-        assert body == encoder(registry)
-        assert b'account="americas"' in body and b'lab_host_id="other"' in body
-        fake.advance(60)
-        fake.add(lab(10 + step, NOW + step * 60, NOW + step * 60 + 30, status=20, host=51 + step))
-
-
-def test_rows_the_encoder_writes_otherwise_go_through_the_encoder() -> None:
-    from prometheus_client.metrics_core import CounterMetricFamily
-
-    from exporter.render import LineEncoder, Rows, _Families
-
-    def make() -> Any:
-        family = CounterMetricFamily("skillable_stamped", "Stamped.", labels=["k"])
-        family.add_metric(["a"], 1, timestamp=1_700_000_000)
-        family.add_metric(["b"], 2, timestamp=1_700_000_000)
-        return family
-
-    empty = CounterMetricFamily("skillable_stamped", "Stamped.", labels=["k"])
-    for accept in ENCODINGS:
-        encoder, _ = choose_encoder(accept)
-        assert LineEncoder(encoder)([Rows(empty, ["a", "b"], [1, 2], make)]) == encoder(_Families([make()]))
