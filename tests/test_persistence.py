@@ -212,8 +212,10 @@ def test_saved_after_every_poll_atomically_and_privately(
         # Failed polls are saved too: their failure counter must survive a SIGKILL as well.
         assert saved.requests["LatestResults"] == i + 1
         assert sum(fl.count for fl in saved.failures) == (1 if i >= 2 else 0)
-    assert sorted(os.listdir(tmp_path)) == ["state.json"]  # no temporary file left behind
+    # No temporary file left behind; the lock file stays (deleting one races with the next holder).
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.lock"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(str(path) + ".lock").st_mode) == 0o600
     text = path.read_text()
     assert fake.state.api_key not in text and "user-secret-555" not in text and "203.0.113.9" not in text
 
@@ -229,6 +231,7 @@ def test_a_failing_disk_never_fails_a_scrape_and_is_logged_once(
     assert h.store.flush(5)
     caplog.set_level(logging.INFO, logger="exporter")
     (folder / "state.json").unlink()
+    (folder / "state.json.lock").unlink()
     folder.rmdir()
     folder.write_text("a file where the folder was")  # every write now fails
     for _ in range(4):
