@@ -9,6 +9,7 @@ keeps it from counting anything twice.
 The file is JSON, keyed by account name:
 
     {"format": "skillable-exporter-state", "version": 1, "saved_at": <unix time>,
+     "api_urls": {"<name>": "https://host/path"},
      "accounts": {"<name>": {"last_success": ..., "requests": {...}, "instances": [...], ...}}}
 
 It holds ids, counts and times only: no API key and no personal data. Each write
@@ -67,7 +68,7 @@ import time
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import msgspec
@@ -286,10 +287,10 @@ def decode_account(raw: bytes) -> tuple[AccountState, int, str]:
         pass  # the slow path below finds what is wrong, entry by entry
     problems: list[str] = []
     account = salvage(raw, AccountState, problems)
-    return account, len(problems), problems[0]
+    return account, len(problems), problems[0] if problems else ""
 
 
-def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "") -> Any:
+def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "account") -> Any:
     """Decode a struct of type `kind`, leaving out the bad entries of its lists and mappings.
 
     The rules: an element of a list field, or a value of a mapping field, that fails
@@ -301,14 +302,14 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "") -
     try:
         fields = _raw_fields.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise StateFileError(f"{where or 'account'}: {exc}") from None
-    info = {f.encode_name: f for f in msgspec.structs.fields(kind)}
-    unknown = sorted(set(fields) - set(info))
+        raise StateFileError(f"{where}: {exc}") from None
+    declared = {f.encode_name: f for f in msgspec.structs.fields(kind)}
+    unknown = sorted(set(fields) - set(declared))
     if unknown:
-        raise StateFileError(f"{where or 'account'}: unknown field {unknown[0]!r}")
+        raise StateFileError(f"{where}: unknown field {unknown[0]!r}")
     values: dict[str, Any] = {}
-    for name, f in info.items():
-        path = f"{where}.{name}" if where else name
+    for name, f in declared.items():
+        path = name if where == "account" else f"{where}.{name}"
         if name not in fields:
             if f.required:
                 raise StateFileError(f"{path} is missing")
@@ -316,16 +317,12 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "") -
         origin, args = typing.get_origin(f.type), typing.get_args(f.type)
         try:
             if origin is list:
-                values[f.name] = [
-                    item for i, entry in enumerate(_decoder(list[msgspec.Raw]).decode(fields[name]))
-                    if (item := _entry(entry, args[0], f"{path}[{i}]", problems)) is not _BAD
-                ]
+                items = enumerate(_decoder(list[msgspec.Raw]).decode(fields[name]))
+                values[f.name] = [value for _, value in _good_entries(items, args[0], path, problems)]
             elif origin is dict:
-                values[f.name] = {
-                    key: item for key, entry in _decoder(dict[args[0], msgspec.Raw]).decode(fields[name]).items()
-                    if (item := _entry(entry, args[1], f"{path}[{key!r}]", problems)) is not _BAD
-                }
-            elif isinstance(f.type, type) and issubclass(f.type, msgspec.Struct) and not f.type.__struct_config__.array_like:
+                mapping = _decoder(dict[args[0], msgspec.Raw]).decode(fields[name])
+                values[f.name] = dict(_good_entries(mapping.items(), args[1], path, problems))
+            elif _is_object_struct(f.type):
                 values[f.name] = salvage(fields[name], f.type, problems, path)
             else:
                 values[f.name] = _decoder(f.type).decode(fields[name])
@@ -334,15 +331,21 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "") -
     return kind(**values)
 
 
-_BAD = object()
+def _good_entries(entries: Iterable[tuple[Any, bytes]], kind: Any, path: str,
+                  problems: list[str]) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs whose value decodes as `kind`; each other one is described in `problems`."""
+    good: list[tuple[Any, Any]] = []
+    for key, raw in entries:
+        try:
+            good.append((key, _decoder(kind).decode(raw)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            problems.append(f"{path}[{key!r}]: {exc}")
+    return good
 
 
-def _entry(raw: bytes, kind: Any, path: str, problems: list[str]) -> Any:
-    try:
-        return _decoder(kind).decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        problems.append(f"{path}: {exc}")
-        return _BAD
+def _is_object_struct(kind: Any) -> bool:
+    return (isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+            and not kind.__struct_config__.array_like)
 
 
 def load_state_file(path: str) -> SavedFile:
