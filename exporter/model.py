@@ -44,7 +44,7 @@ Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 # read the strings "NaN" and "Infinity" as floats, and one NaN would poison a histogram sum for
 # good. NaN fails both bounds and the infinities one, so a non-finite value makes its record invalid.
 Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
-# A count the API reports (labs active, labs saved): never below zero.
+# A count (labs active, a counter in the state file): a 64-bit integer, never below zero.
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 

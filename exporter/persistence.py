@@ -74,7 +74,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .config import ConfigError
-from .model import Finite, Int64
+from .model import Count, Finite, Int64
 from .state import RATIO_BUCKETS, RUN_TIME_BUCKETS, FleetState, Histogram, Instance
 
 if TYPE_CHECKING:
@@ -87,8 +87,7 @@ VERSION = 1
 SETTING = "storage.state-file"
 LOCK_SUFFIX = ".lock"
 
-# The value rules of the file, applied as it is read.
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a counter: never below zero
+# The value rules of the file, applied as it is read (with model.py's Count, Finite and Int64).
 Sum = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]  # a histogram's sum of values >= 0
 
 
