@@ -86,6 +86,7 @@ FORMAT = "skillable-exporter-state"
 VERSION = 1
 SETTING = "storage.state-file"
 LOCK_SUFFIX = ".lock"
+UNREADABLE_URL = "(unreadable)"
 
 # The value rules of the file, applied as it is read (with model.py's Count, Finite and Int64).
 Sum = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]  # a histogram's sum of values >= 0
@@ -164,7 +165,7 @@ class _File(msgspec.Struct):
     format: str
     version: int
     accounts: dict[str, msgspec.Raw]  # each account read on its own: one bad account never sinks the others
-    api_urls: dict[str, str] = {}  # account -> the API URL it was saved for (api_identity); absent before
+    api_urls: dict[str, Any] = {}  # account -> the API URL it was saved for (api_identity); absent before
     saved_at: float | None = None  # for people reading the file; never used
 
 
@@ -362,7 +363,9 @@ def load_state_file(path: str) -> SavedFile:
         whole = msgspec.json.decode(data, type=_File)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise StateFileError(f"corrupt ({exc})") from None
-    saved = SavedFile({}, dict(whole.api_urls))
+    # A URL that is not a string proves no account's identity: it matches none (see StateStore.load).
+    urls = {name: url if isinstance(url, str) else UNREADABLE_URL for name, url in whole.api_urls.items()}
+    saved = SavedFile({}, urls)
     for name, raw in whole.accounts.items():
         try:
             account, left_out, first = decode_account(raw)

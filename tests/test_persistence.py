@@ -663,6 +663,23 @@ def test_files_without_api_urls_are_restored_as_before(
     assert total(parse(generate_latest(h.app.registry).decode()), "skillable_lab_instances_ended_total") == 1
 
 
+def test_an_unreadable_api_url_restores_nothing_into_that_account_only(
+    fake: FakeSkillable, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.json"
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = Harness(fake, str(path))
+    h.scrape()
+    h.close()
+    doc = json.loads(path.read_text())
+    doc["accounts"]["second"] = doc["accounts"][""]
+    doc["api_urls"]["second"] = {"not": "a url"}
+    path.write_text(json.dumps(doc))
+    saved = load_state_file(str(path))
+    assert set(saved.accounts) == {"", "second"} and saved.api_urls["second"] == "(unreadable)"
+    assert saved.api_urls[""] == fake.url
+
+
 def test_api_identity_keeps_no_credentials() -> None:
     assert api_identity("https://user:secret@api.example.com:8443/api/v3/?key=k#x") == \
         "https://api.example.com:8443/api/v3"
