@@ -448,8 +448,11 @@ def lock_state_file(path: str) -> int:
                                        "file of its own") from None
         except OSError as exc:
             raise ConfigError(SETTING, f"cannot lock {lock_path}: {exc.strerror}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid is for the message of the next process only: a full disk must not stop the start
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
     except BaseException:
         os.close(fd)
         raise
