@@ -133,6 +133,17 @@ class Poller:
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
 
+    def reconfigure(self, client: SkillableClient | None, window_minutes: int, overlap_minutes: int,
+                    min_interval: float) -> None:
+        """A config reload: a new client (new key or URL) if given, a new window and intervals.
+        The state, the counters and the health stay; a poll in flight ends with the old client."""
+        with self._lock:
+            if client is not None:
+                self.client = client
+            self.window_minutes = window_minutes
+            self.overlap_minutes = overlap_minutes
+            self.min_interval = min_interval
+
     def endpoints(self) -> list[str]:
         """The API endpoints this poller calls."""
         return ["LatestResults"] + ["stats"] * self.collect_stats + ["deliveryregions"] * self.collect_region_names
