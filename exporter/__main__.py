@@ -129,17 +129,7 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
         log.error("cannot listen", extra={"address": config.listen_address, "err": exc.strerror or str(exc)})
         return 1
 
-    def load_again() -> tuple[Config, WebConfig | None]:
-        new, new_web = reload_config()
-        server.check_web(new_web)  # raises ConfigError for what only a restart can change
-        return with_demo(new, demo_url), new_web
-
-    def apply(new: Config, new_web: WebConfig | None) -> None:
-        server.set_web(new_web)
-        setup_logging(new.log_level, new.log_format)
-
-    reloader = Reloader(app, load_again, apply)
-    server.reload = reloader.reload
+    reloader = make_reloader(app, server, reload_config, demo_url)
     stop = threading.Event()
     reload_requested = threading.Event()
     wake = threading.Event()
@@ -181,6 +171,27 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
         simulator.server_close()
     log.info("stopped")
     return 0
+
+
+def make_reloader(
+    app: ExporterApp, server: ExporterServer, reload_config: Callable[[], tuple[Config, WebConfig | None]],
+    demo_url: str | None = None,
+) -> Reloader:
+    """The reload of SIGHUP and POST /-/reload: the app takes the config, the server the web
+    config, and logging its level and format."""
+
+    def load_again() -> tuple[Config, WebConfig | None]:
+        new, new_web = reload_config()
+        server.check_web(new_web)  # raises ConfigError for what only a restart can change
+        return with_demo(new, demo_url), new_web
+
+    def apply(new: Config, new_web: WebConfig | None) -> None:
+        server.set_web(new_web)
+        setup_logging(new.log_level, new.log_format)
+
+    reloader = Reloader(app, load_again, apply)
+    server.reload = reloader.reload
+    return reloader
 
 
 def with_demo(config: Config, demo_url: str | None) -> Config:
