@@ -128,16 +128,14 @@ class ExporterApp:
         """Refresh every account (in parallel), then render. Returns (body, content type)."""
         self._refresh(list(self.pollers.values()), self.poll_timeout(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
-        return self._with_runtime(self.collector.exposition(encoder, content_type), encoder), content_type
+        return self.collector.exposition(encoder, content_type), content_type
 
-    def _with_runtime(self, body: bytes, encoder: Callable[[Any], bytes]) -> bytes:
-        """`body` followed by the runtime metrics, in the same format. They change on every
-        scrape (CPU, memory), so they are rendered each time, apart from the cached body;
-        OpenMetrics ends with one `# EOF`, so the first body's is dropped."""
-        runtime = encoder(self.runtime)
-        if body.endswith(EOF_LINE):
-            body = body[: -len(EOF_LINE)]
-        return body + runtime
+    def runtime_metrics(self, accept: str) -> bytes:
+        """The exporter's own process metrics and reload gauges, in the format `accept` picks.
+        /metrics sends them after the exposition (server.py). They change every scrape (CPU,
+        memory), so they are rendered each time, apart from the cached exposition."""
+        encoder, _ = choose_encoder(accept)
+        return encoder(self.runtime)
 
     def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""

@@ -12,13 +12,14 @@ import logging
 import socket
 import threading
 import time
+import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import ssl
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from .app import AccountStatus, ExporterApp
+from .app import EOF_LINE, AccountStatus, ExporterApp
 from .config import ConfigError
 from .version import build_info
 from .webconfig import SETTING as WEB_SETTING, WebConfig
@@ -40,6 +41,8 @@ class ExporterServer(ThreadingHTTPServer):
         self.reload: Callable[[], str | None] | None = None
         self._gzip_lock = threading.Lock()
         self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
+        # (body, gzip output so far, the compressor's state after it): see gzipped_with_tail().
+        self._gzip_head: tuple[bytes, bytes, Any] | None = None
         super().__init__(address, Handler)
         if web is not None and web.ssl_context is not None:
             # Every handshake runs this callback (with or without SNI), which hands the connection
@@ -81,6 +84,27 @@ class ExporterServer(ThreadingHTTPServer):
             self._gzipped = (body, compressed)
         return compressed
 
+    def gzipped_with_tail(self, body: bytes, tail: bytes) -> tuple[bytes, bytes]:
+        """One gzip stream of `body` (without its OpenMetrics `# EOF` line) then `tail`, in two
+        pieces. The compressor's state after `body` is kept with its output, so while the
+        exposition is unchanged a scrape compresses only the tail (the runtime metrics)."""
+        with self._gzip_lock:
+            cached = self._gzip_head if self._gzip_head is not None and self._gzip_head[0] is body else None
+        if cached is None:
+            compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: a gzip header
+            cached = (body, compressor.compress(_without_eof(body)), compressor)
+            with self._gzip_lock:
+                self._gzip_head = cached
+        with self._gzip_lock:
+            rest = cached[2].copy()
+        return cached[1], rest.compress(tail) + rest.flush()
+
+
+def _without_eof(body: bytes) -> memoryview:
+    """The exposition minus OpenMetrics' closing `# EOF` (the runtime metrics bring their own)."""
+    view = memoryview(body)
+    return view[: len(body) - len(EOF_LINE)] if body.endswith(EOF_LINE) else view
+
 
 class Handler(BaseHTTPRequestHandler):
     server: ExporterServer
@@ -99,10 +123,9 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if url.path == "/metrics":
-            body, ctype = self.server.app.metrics(
-                self.headers.get("Accept", ""), self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
-            )
-            self._send(HTTPStatus.OK, body, ctype, compress=True)
+            accept = self.headers.get("Accept", "")
+            body, ctype = self.server.app.metrics(accept, self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"))
+            self._send_metrics(body, ctype, self.server.app.runtime_metrics(accept))
         elif url.path == "/probe":
             account = parse_qs(url.query).get("account", [""])[0]
             answer = self.server.app.probe(
@@ -150,6 +173,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"Unauthorized\n")
         return False
+
+    def _send_metrics(self, body: bytes, content_type: str, runtime: bytes) -> None:
+        """The (cached) exposition followed by the runtime metrics, gzipped if the client takes it."""
+        compress = "gzip" in self.headers.get("Accept-Encoding", "")
+        if compress:
+            parts: tuple[bytes | memoryview, ...] = self.server.gzipped_with_tail(body, runtime)
+        else:
+            parts = (_without_eof(body), runtime)
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
+        if compress:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        for part in parts:
+            self.wfile.write(part)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, compress: bool = False) -> None:
         if compress and "gzip" in self.headers.get("Accept-Encoding", ""):
