@@ -36,7 +36,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
-        parser.exit(0, version_text())
+        sys.stdout.write(version_text())  # stdout, as Prometheus' binaries print it
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
