@@ -112,6 +112,23 @@ def config_check_summary(path: str | None, config: Config) -> str:
 
 
 def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tuple[Config, WebConfig | None]]) -> int:
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    wake = threading.Event()
+    stop_signal: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Only flags here: the main loop below does the work, outside the signal handler.
+        if signum == signal.SIGHUP:
+            reload_requested.set()
+        else:
+            stop_signal.append(signal.Signals(signum).name)
+            stop.set()
+        wake.set()
+
+    # First of all: from here on no signal Prometheus tooling sends ends the process unplanned.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     simulator = None
     if config.demo:
         from .demo import start_simulator
@@ -131,22 +148,6 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
         return 1
 
     reloader = make_reloader(app, server, reload_config, demo_url)
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    wake = threading.Event()
-    stop_signal: list[str] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        # Only flags here: the main loop below does the work, outside the signal handler.
-        if signum == signal.SIGHUP:
-            reload_requested.set()
-        else:
-            stop_signal.append(signal.Signals(signum).name)
-            stop.set()
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     scheme = "https" if web is not None and web.ssl_context is not None else "http"
     log.info("listening", extra={

@@ -49,8 +49,9 @@ def start(run_exporter: Any, fake: FakeSkillable, tmp_path: Path) -> tuple[Any, 
     key_file.chmod(0o600)
     config = tmp_path / "config.yaml"
     write_config(config, "Before", key_file)
+    # Every scrape polls (whatever the default interval), so a scrape after a reload uses its key.
     exporter = run_exporter(f"--config.file={config}", f"--storage.state-file={tmp_path / 'state.json'}",
-                            env={"SKILLABLE_API_URL": fake.url})
+                            "--skillable.min-poll-interval=0", env={"SKILLABLE_API_URL": fake.url})
     return exporter, config, key_file
 
 
