@@ -184,3 +184,26 @@ def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path:
         server.shutdown()
         server.server_close()
         app.close()
+
+
+def test_what_a_reload_applies_and_what_waits_for_a_restart(fake: FakeSkillable) -> None:
+    env = {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key}
+    app = ExporterApp(load_config({}, env))
+    poller = app.pollers[""]
+    try:
+        waiting = app.reconfigure(load_config({}, env | {
+            "SKILLABLE_WINDOW_MINUTES": "120", "SKILLABLE_MIN_POLL_INTERVAL": "7", "SKILLABLE_TIMEOUT": "3",
+            "SKILLABLE_MAX_LAB_HOSTS": "5", "SKILLABLE_STATE_FILE": "/tmp/elsewhere.json",
+        }))
+        assert sorted(waiting) == ["skillable.max-lab-hosts", "storage.state-file"]
+        assert app.pollers[""] is poller  # the same poller: its state and counters
+        assert (poller.window_minutes, poller.min_interval, app.config.timeout) == (120, 7, 3)
+        assert (app.config.max_lab_hosts, app.config.state_file) == (2000, None)  # kept until a restart
+        assert app.status()[0].window_minutes == 120
+        client = poller.client
+        app.reconfigure(load_config({}, env | {"SKILLABLE_WINDOW_MINUTES": "120"}))
+        assert poller.client is client  # same key and URL: the connection pool is kept
+        app.reconfigure(load_config({}, env | {"SKILLABLE_API_KEY": "another"}))
+        assert poller.client is not client
+    finally:
+        app.close()
