@@ -39,6 +39,13 @@ WORKDIR /src
 # exporter/ and an optional wheels/ directory.
 COPY . /src
 
+# Build details for `--version` and skillable_exporter_build_info:
+#   docker build --build-arg REVISION="$(git rev-parse HEAD)" \
+#                --build-arg BRANCH="$(git rev-parse --abbrev-ref HEAD)" .
+ARG REVISION=unknown
+ARG BRANCH=unknown
+RUN python3 -m exporter.version --write --revision="${REVISION}" --branch="${BRANCH}" --build-user=docker
+
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip wheel --no-deps --wheel-dir /tmp/dist /src \
  && /opt/venv/bin/pip install /tmp/dist/*.whl \

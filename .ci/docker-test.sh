@@ -219,10 +219,12 @@ log "wheels: $(cd "$ctx/wheels" && ls | tr '\n' ' ')"
 ############################################################################
 log "docker build (network none, base $BASE_IMAGE)"
 t_build=$SECONDS
+revision=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
 "$DOCKER" build --network none -f "$ctx/Dockerfile" -t "$IMAGE" \
     --build-arg "BASE=$BASE_IMAGE" \
     --build-arg PIP_NO_INDEX=1 \
     --build-arg PIP_FIND_LINKS=/src/wheels \
+    --build-arg "REVISION=$revision" \
     "$ctx" >"$WORK/build.log" 2>&1 ||
     { tail -n 30 "$WORK/build.log" >&2; fail "docker build failed (log above)"; }
 log "image built in $((SECONDS - t_build)) s, $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
@@ -266,7 +268,8 @@ metrics_ok() {
         grep -Eq '^skillable_up(\{[^}]*\})? 1(\.0)?$' "$WORK/metrics.txt"
 }
 wait_for 30 "/metrics with skillable_up 1" metrics_ok
-grep -q '^skillable_exporter_build_info' "$WORK/metrics.txt" || fail "/metrics has no skillable_exporter_build_info"
+grep -q "^skillable_exporter_build_info{.*revision=\"$revision\"" "$WORK/metrics.txt" ||
+    fail "/metrics has no skillable_exporter_build_info with revision=\"$revision\" (the REVISION build argument)"
 grep -q '^skillable_lab_instances' "$WORK/metrics.txt" || fail "/metrics has no skillable_lab_instances* series"
 log "/metrics serves $(grep -vc '^#' "$WORK/metrics.txt") samples, skillable_up 1"
 

@@ -1,4 +1,4 @@
-"""Command line: flags, configuration, logging, then serve until SIGTERM."""
+"""Command line: flags, configuration, logging, then serve until SIGTERM; SIGHUP reloads."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import os
 import signal
 import sys
 import threading
-from typing import NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from . import __version__
-from .app import ExporterApp
+from .app import ExporterApp, Reloader
 from .config import SETTINGS, Account, Config, ConfigError, load_config
 from .logs import setup_logging
 from .persistence import StateStore, check_state_path
 from .server import ExporterServer
+from .version import build_info, version_text
 from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
@@ -29,19 +29,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"{self.prog}: invalid command line: {message}\n")
 
 
+class _VersionAction(argparse.Action):
+    """--version: the version block of Prometheus' Go exporters, then exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
+        sys.stdout.write(version_text())  # stdout, as Prometheus' binaries print it
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="skillable-exporter",
         allow_abbrev=False,
         description="Prometheus exporter for Skillable (Lab on Demand) lab results. "
-        "The API key comes from SKILLABLE_API_KEY or --skillable.api-key-file, never from a flag.",
+        "The API key comes from SKILLABLE_API_KEY or --skillable.api-key-file, never from a flag. "
+        "SIGHUP or POST /-/reload reloads the config file and the web config.",
     )
     parser.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML config file")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
-                        help="validate the configuration and exit")
+                        help="validate the configuration (without reading API keys) and exit")
     parser.add_argument("--demo", action="store_true",
                         help="serve metrics from a built-in simulation of the Skillable API (no account needed)")
-    parser.add_argument("--version", action="version", version=f"skillable-exporter {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and build details and exit")
     for setting in SETTINGS:
         env = f" (env {setting.env})" if setting.env else ""
         default = f" [default: {setting.default}]" if setting.default not in (None, "") else ""
@@ -62,24 +74,61 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def load(flags: dict[str, Any], demo: bool, read_keys: bool = True) -> tuple[Config, WebConfig | None]:
+    """Everything a start or a reload reads: flags, environment, config file, web config."""
+    config = load_config(flags, os.environ, demo=demo, read_keys=read_keys)
+    web = load_web_config(config.web_config_file) if config.web_config_file else None
+    return config, web
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    flags = vars(args)
     try:
-        config = load_config(vars(args), os.environ, demo=args.demo)
-        web = load_web_config(config.web_config_file) if config.web_config_file else None
+        config, web = load(flags, args.demo, read_keys=not args.config_check)
         if config.state_file:
             check_state_path(config.state_file)
     except ConfigError as exc:
         print(f"skillable-exporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.config_check:
-        print("skillable-exporter: configuration is valid")
+        print(config_check_summary(args.config_file, config))
         return 0
     setup_logging(config.log_level, config.log_format)
-    return serve(config, web)
+    return serve(config, web, lambda: load(flags, args.demo))
 
 
-def serve(config: Config, web: WebConfig | None) -> int:
+def config_check_summary(path: str | None, config: Config) -> str:
+    checked = f"configuration file {path}" if path else "configuration (flags and environment)"
+    extra = f", web config {config.web_config_file}" if config.web_config_file else ""
+    missing = [account.name or "default" for account in config.accounts if not account.api_key]
+    if config.demo:
+        keys = ""
+    elif missing:
+        keys = f"; API key not checked (none set) for: {', '.join(missing)}"
+    else:
+        keys = "; API keys found, not tried against the API"
+    return f"skillable-exporter: {checked}{extra} is valid: {len(config.accounts)} account(s){keys}"
+
+
+def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tuple[Config, WebConfig | None]]) -> int:
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    wake = threading.Event()
+    stop_signal: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Only flags here: the main loop below does the work, outside the signal handler.
+        if signum == signal.SIGHUP:
+            reload_requested.set()
+        else:
+            stop_signal.append(signal.Signals(signum).name)
+            stop.set()
+        wake.set()
+
+    # First of all: from here on no signal Prometheus tooling sends ends the process unplanned.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     try:
         store = StateStore(config.state_file) if config.state_file else None  # locks the file: first
     except ConfigError as exc:
@@ -87,48 +136,82 @@ def serve(config: Config, web: WebConfig | None) -> int:
         return EXIT_CONFIG
     simulator = None
     if config.demo:
-        from .demo import DATACENTER_NAMES, LAB_HOST_NAMES, start_simulator
+        from .demo import start_simulator
 
         simulator = start_simulator()
-        account = Account("", simulator.url, "demo", config.window_minutes)
-        names = config.names
-        if not names.datacenters and not names.lab_hosts:  # show off the name joins, unless the user has names
-            names = dataclasses.replace(names, datacenters=DATACENTER_NAMES, lab_hosts=LAB_HOST_NAMES)
-        config = dataclasses.replace(config, accounts=(account,), names=names)
-        log.info("demo mode: simulated Skillable API at %s", simulator.url)
+        log.info("demo mode: simulated Skillable API", extra={"address": simulator.url})
+    demo_url = simulator.url if simulator is not None else None
+    config = with_demo(config, demo_url)
     app = ExporterApp(config)
     if store is not None:
         store.attach(app.pollers)  # before the first scrape can poll
     try:
         server = ExporterServer(parse_listen_address(config.listen_address), app, web)
     except OSError as exc:
-        log.error("cannot listen on %s: %s", config.listen_address, exc.strerror or exc)
+        log.error("cannot listen", extra={"address": config.listen_address, "err": exc.strerror or str(exc)})
         return 1
-    stop = threading.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    reloader = make_reloader(app, server, reload_config, demo_url)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     scheme = "https" if web is not None and web.ssl_context is not None else "http"
-    log.info(
-        "listening address=%s://%s:%d version=%s accounts=%d window_minutes=%d",
-        scheme, *server.server_address[:2], __version__, len(config.accounts), config.window_minutes,
-    )
-    stop.wait()
+    log.info("listening", extra={
+        "address": f"{scheme}://{server.server_address[0]}:{server.server_address[1]}",
+        "version": build_info().version, "revision": build_info().revision,
+        "accounts": len(config.accounts), "window_minutes": config.window_minutes,
+    })
+    while not stop.is_set():
+        wake.wait()
+        wake.clear()
+        if reload_requested.is_set() and not stop.is_set():
+            reload_requested.clear()
+            log.info("received SIGHUP, reloading the configuration")
+            reloader.reload()
+    log.info("shutting down", extra={"signal": stop_signal[0] if stop_signal else ""})
     server.shutdown()
     server.server_close()
     if store is not None:
-        store.shutdown(app.pollers, config.timeout + 1)
+        store.shutdown(app.pollers, app.config.timeout + 1)
     app.close()
     if simulator is not None:
         simulator.shutdown()
         simulator.server_close()
     log.info("stopped")
     return 0
+
+
+def make_reloader(
+    app: ExporterApp, server: ExporterServer, reload_config: Callable[[], tuple[Config, WebConfig | None]],
+    demo_url: str | None = None,
+) -> Reloader:
+    """The reload of SIGHUP and POST /-/reload: the app takes the config, the server the web
+    config, and logging its level and format."""
+
+    def load_again() -> tuple[Config, WebConfig | None]:
+        new, new_web = reload_config()
+        server.check_web(new_web)  # raises ConfigError for what only a restart can change
+        return with_demo(new, demo_url), new_web
+
+    def apply(new: Config, new_web: WebConfig | None) -> None:
+        server.set_web(new_web)
+        setup_logging(new.log_level, new.log_format)
+
+    reloader = Reloader(app, load_again, apply)
+    server.reload = reloader.reload
+    return reloader
+
+
+def with_demo(config: Config, demo_url: str | None) -> Config:
+    """In demo mode, the one account polls the simulator, and the demo's names stand in for
+    the user's (unless the user has some)."""
+    if demo_url is None:
+        return config
+    from .demo import DATACENTER_NAMES, LAB_HOST_NAMES
+
+    account = Account("", demo_url, "demo", config.window_minutes)
+    names = config.names
+    if not names.datacenters and not names.lab_hosts:  # show off the name joins, unless the user has names
+        names = dataclasses.replace(names, datacenters=DATACENTER_NAMES, lab_hosts=LAB_HOST_NAMES)
+    return dataclasses.replace(config, accounts=(account,), names=names)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,29 @@
-"""Wiring: the pollers of every configured account, the collector and the registry they feed.
+"""Wiring: the pollers of every configured account, the collector and the registry they feed,
+and the config reload (SIGHUP, POST /-/reload).
 
 The HTTP server asks this object for an exposition; it refreshes the pollers
-(within the scrape's deadline) and renders the registry from their state.
+(within the scrape's deadline) and renders the registry from their state, then
+appends the exporter's own runtime metrics (process_*, python_*, the reload gauges).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Gauge
 from prometheus_client.exposition import choose_encoder
 
 from .client import SkillableClient
 from .collector import SkillableCollector
-from .config import Config
-from .poller import Poller
+from .config import SETTINGS, Account, Config, ConfigError
+from .poller import Failure, Poller
+
+log = logging.getLogger(__name__)
 
 # Prometheus sends X-Prometheus-Scrape-Timeout-Seconds; answering this much
 # earlier leaves room to render and send the exposition.
@@ -25,11 +31,24 @@ TIMEOUT_OFFSET_SECONDS = 0.5
 MIN_POLL_TIMEOUT_SECONDS = 0.5
 
 
+# Config fields a reload applies; a change of any other one waits for a restart (and says so).
+RELOADABLE = frozenset({
+    "accounts", "names", "min_poll_interval", "overlap_minutes", "timeout", "max_response_bytes",
+    "log_level", "log_format", "web_config_file",
+})
+EOF_LINE = b"# EOF\n"
+
+
 @dataclass(frozen=True)
 class AccountStatus:
+    """What the landing page shows of one account; read from memory, never from the API."""
+
     name: str
     up: bool
     last_success: float | None
+    failure: Failure | None  # the LatestResults failure run it is in, if any
+    window_minutes: int
+    min_poll_interval: float
 
 
 class ExporterApp:
@@ -42,10 +61,12 @@ class ExporterApp:
     ) -> None:
         """`clock` and `monotonic` are for tests: the wall clock polls are timed by, and the backoff clock."""
         self.config = config
-        make = make_client or (lambda url, key: SkillableClient(url, key, config.max_response_bytes))
+        self._make_client = make_client or (
+            lambda url, key: SkillableClient(url, key, self.config.max_response_bytes)
+        )
         self.pollers: dict[str, Poller] = {
             account.name: Poller(
-                make(account.api_url, account.api_key),
+                self._make_client(account.api_url, account.api_key),
                 window_minutes=account.window_minutes,
                 overlap_minutes=config.overlap_minutes,
                 min_interval=config.min_poll_interval,
@@ -54,18 +75,43 @@ class ExporterApp:
                 collect_region_names=config.collect_delivery_regions,
                 clock=clock,
                 monotonic=monotonic,
+                account=account.name,
             )
             for account in config.accounts
         }
-        self.collector = self._collector(list(self.pollers.items()))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._build_collectors()
+        # The exporter's own process: client_python's standard collectors, and the reload gauges.
+        self.runtime = CollectorRegistry(auto_describe=True)
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.runtime.register(standard)
+        self.reload_successful = Gauge(
+            "skillable_exporter_config_last_reload_successful",
+            "1 if the last configuration reload (or the start) succeeded, else 0.", registry=self.runtime,
+        )
+        self.reload_success_time = Gauge(
+            "skillable_exporter_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration reload (or of the start).", registry=self.runtime,
+        )
+        self.reload_successful.set(1)
+        self.reload_success_time.set(clock())
+
+    def _build_collectors(self) -> None:
+        """The collectors read the config's names and windows; a reload builds them again
+        (which also drops the expositions they cached under the old config)."""
+        collector = self._collector(list(self.pollers.items()))
         self._probe_collectors = {
             name: self._collector([(name, poller)]) for name, poller in self.pollers.items()
         }
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
+        if getattr(self, "collector", None) is not None:
+            self.registry.unregister(self.collector)
+        self.collector = collector
+        self.registry.register(collector)
 
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
-        return SkillableCollector(accounts, self.config.names, self.config.window_minutes)
+        windows = {poller.window_minutes for _, poller in accounts}
+        window = windows.pop() if len(windows) == 1 else None  # HELP names a window only if all share it
+        return SkillableCollector(accounts, self.config.names, window)
 
     def poll_timeout(self, scrape_timeout_header: str | None) -> float:
         """Deadline for this scrape's polls: the configured timeout, capped by Prometheus' own."""
@@ -83,6 +129,13 @@ class ExporterApp:
         self._refresh(list(self.pollers.values()), self.poll_timeout(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
         return self.collector.exposition(encoder, content_type), content_type
+
+    def runtime_metrics(self, accept: str) -> bytes:
+        """The exporter's own process metrics and reload gauges, in the format `accept` picks.
+        /metrics sends them after the exposition (server.py). They change every scrape (CPU,
+        memory), so they are rendered each time, apart from the cached exposition."""
+        encoder, _ = choose_encoder(accept)
+        return encoder(self.runtime)
 
     def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""
@@ -106,9 +159,90 @@ class ExporterApp:
 
     def status(self) -> list[AccountStatus]:
         return [
-            AccountStatus(name, p.health.up, p.health.last_success) for name, p in self.pollers.items()
+            AccountStatus(name, p.health.up, p.health.last_success, p.failing.get("LatestResults"),
+                          p.window_minutes, p.min_interval)
+            for name, p in self.pollers.items()
         ]
+
+    # -- reload --------------------------------------------------------------
+
+    def reconfigure(self, new: Config) -> list[str]:
+        """Apply a reloaded config; return the settings whose change waits for a restart.
+
+        Applied: names, every kept account's key, key file, URL and window, the poll interval,
+        overlap and timeout, the response limit (and logging and the web config, which the
+        caller applies). Accounts are matched by name; state and counters stay. Everything
+        else (listen address, state file, limits sized at start, collectors, which accounts
+        exist) keeps its running value until a restart.
+        """
+        old = self.config
+        waiting = [
+            _setting_name(f.name) for f in dataclasses.fields(Config)
+            if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)
+        ]
+        by_name = {account.name: account for account in new.accounts}
+        names = [account.name for account in old.accounts]
+        if set(by_name) != set(names):
+            waiting.append("accounts (added or removed)")
+        accounts = tuple(by_name.get(account.name, account) for account in old.accounts)
+        kept = {f.name: getattr(old, f.name) for f in dataclasses.fields(Config) if f.name not in RELOADABLE}
+        self.config = dataclasses.replace(new, **kept, accounts=accounts)
+        limit_changed = new.max_response_bytes != old.max_response_bytes
+        for before, after in zip(old.accounts, accounts):
+            changed = limit_changed or (before.api_url, before.api_key) != (after.api_url, after.api_key)
+            self.pollers[after.name].reconfigure(
+                self._make_client(after.api_url, after.api_key) if changed else None,
+                after.window_minutes, self.config.overlap_minutes, self.config.min_poll_interval,
+            )
+        self._build_collectors()
+        return waiting
 
     def close(self) -> None:
         for poller in self.pollers.values():
             poller.client.close()
+
+
+def _setting_name(field_name: str) -> str:
+    """The documented name of a Config field's setting (listen_address -> web.listen-address)."""
+    for setting in SETTINGS:
+        if setting.dest.endswith(field_name):
+            return setting.name
+    return field_name
+
+
+class Reloader:
+    """SIGHUP and POST /-/reload: read the configuration again and apply it, one reload at a time.
+
+    `load` reads the config file, the flags and the environment as at start and returns
+    (Config, anything the caller applies); `apply` gets both after the app took the config
+    (the web config, logging). A config that does not load is refused with one log line;
+    the running one stays, and skillable_exporter_config_last_reload_successful says 0
+    until a reload succeeds, as blackbox_exporter does.
+    """
+
+    def __init__(self, app: ExporterApp, load: Callable[[], tuple[Config, Any]],
+                 apply: Callable[[Config, Any], None], clock: Callable[[], float] = time.time) -> None:
+        self._app = app
+        self._load = load
+        self._apply = apply
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def reload(self) -> str | None:
+        """Reload; None on success, else the one-line reason the new config was refused."""
+        with self._lock:
+            try:
+                config, extra = self._load()
+            except ConfigError as exc:
+                self._app.reload_successful.set(0)
+                log.error("config reload refused, keeping the running config", extra={"reason": str(exc)})
+                return str(exc)
+            waiting = self._app.reconfigure(config)
+            self._apply(self._app.config, extra)
+            self._app.reload_successful.set(1)
+            self._app.reload_success_time.set(self._clock())
+            fields: dict[str, object] = {"accounts": len(self._app.pollers)}
+            if waiting:
+                fields["needs_restart"] = ",".join(waiting)
+            log.info("config reloaded", extra=fields)
+            return None

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import email.utils
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
@@ -177,6 +179,7 @@ class _WatchedAdapter(HTTPAdapter):
 class SkillableClient:
     def __init__(self, base_url: str, api_key: str, max_response_bytes: int) -> None:
         self._base_url = base_url.rstrip("/")
+        self._host = urlsplit(self._base_url).netloc.rpartition("@")[2]  # for error messages: never userinfo
         self._api_key = api_key
         self._max_bytes = max_response_bytes
         self._session = requests.Session()
@@ -222,7 +225,7 @@ class SkillableClient:
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            raise _request_error(endpoint, exc, watchdog.fired, "no answer") from None
+            raise _request_error(endpoint, exc, watchdog.fired, "no answer", self._host) from None
         with response:
             self._check_status(endpoint, response)
             return self._read_body(endpoint, response, deadline, watchdog)
@@ -256,31 +259,46 @@ class SkillableClient:
                 if time.monotonic() > deadline:
                     break
         except requests.RequestException as exc:
-            raise _request_error(endpoint, exc, watchdog.fired, "body cut off") from None
+            raise _request_error(endpoint, exc, watchdog.fired, "body cut off", self._host) from None
         if watchdog.fired or time.monotonic() > deadline:
             raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({size} body bytes read)")
         return b"".join(chunks)
 
 
-def _request_error(endpoint: str, exc: requests.RequestException, fired: bool, what: str) -> ApiError:
-    """Map what requests raised to a failure reason."""
+def _request_error(
+    endpoint: str, exc: requests.RequestException, fired: bool, what: str, host: str = "?"
+) -> ApiError:
+    """Map what requests raised to a failure reason; connect failures name the host and the cause."""
     name = type(exc).__name__
     cause = _root_cause(exc)
     if isinstance(exc, requests.ConnectTimeout):
         return ApiError(CONNECT_TIMEOUT, f"{endpoint}: no connection within the connect timeout")
     if isinstance(cause, urllib3.exceptions.NewConnectionError):
         # A refused connect or a failed name lookup (NameResolutionError), also one that hung past the deadline.
-        return ApiError(CONNECT_ERROR, f"{endpoint}: cannot connect ({type(cause).__name__})")
+        return ApiError(CONNECT_ERROR, f"{endpoint}: cannot connect to {host}: {_os_error(cause)}")
     if fired or isinstance(exc, requests.Timeout) or isinstance(cause, urllib3.exceptions.ReadTimeoutError):
         # Checked before SSLError: the watchdog shutting a TLS connection down surfaces as one.
         return ApiError(TIMEOUT, f"{endpoint}: {what}: the deadline passed")
     if isinstance(exc, requests.exceptions.SSLError):
-        detail = type(cause).__name__ if cause is not None else name
-        return ApiError(CONNECT_ERROR, f"{endpoint}: TLS failed ({detail})")
+        detail = _os_error(cause) if cause is not None else name
+        return ApiError(CONNECT_ERROR, f"{endpoint}: TLS with {host} failed: {detail}")
     if isinstance(exc, requests.exceptions.ContentDecodingError):
         return ApiError(INVALID_RESPONSE, f"{endpoint}: {what}: body does not match its Content-Encoding")
     detail = f"{name}: {type(cause).__name__}" if cause is not None else name
     return ApiError(CONNECTION_RESET, f"{endpoint}: {what}: connection reset or closed ({detail})")
+
+
+def _os_error(cause: BaseException) -> str:
+    """The socket, DNS or TLS error under a urllib3 error ("[Errno 111] Connection refused"),
+    else the urllib3 error's class name: never the object's repr with its addresses."""
+    inner: BaseException | None = cause
+    while inner is not None and not isinstance(inner, OSError | ssl.SSLError):
+        inner = inner.__cause__ or inner.__context__
+    if isinstance(inner, ssl.SSLError):
+        return f"{type(inner).__name__}: {inner.reason or inner}"
+    if isinstance(inner, OSError) and not isinstance(inner, urllib3.exceptions.HTTPError):
+        return str(inner) or type(inner).__name__
+    return type(cause).__name__
 
 
 def _root_cause(exc: BaseException) -> BaseException | None:

@@ -20,12 +20,12 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
 from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
 from .render import LineEncoder, Rows
 from .state import Snapshot
+from .version import build_info
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
 REGION = ["datacenter_id", "delivery_region_id"]
@@ -39,7 +39,11 @@ SHARED_POLL_NOTE = (
 
 
 class SkillableCollector(Collector):
-    def __init__(self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int) -> None:
+    def __init__(
+        self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int | None
+    ) -> None:
+        """`window_minutes`: the window every account in `accounts` has, named in the HELP texts;
+        None when they differ (each account's is in skillable_lookback_window_seconds)."""
         self._accounts = list(accounts)
         self._names = names
         self._window_minutes = window_minutes
@@ -108,7 +112,10 @@ class SkillableCollector(Collector):
 
     def _lab_families(self) -> dict[str, Metric]:
         """The lab metric families, empty, in the order they are exposed."""
-        window = f"the last {self._window_minutes} minutes (the lookback window)"
+        if self._window_minutes is None:
+            window = "the account's lookback window (skillable_lookback_window_seconds)"
+        else:
+            window = f"the last {self._window_minutes} minutes (the lookback window)"
         return {
             "instances": GaugeMetricFamily(
                 "skillable_lab_instances",
@@ -292,9 +299,10 @@ class SkillableCollector(Collector):
             window.add_metric(self._values(account, []), poller.window_minutes * 60)
         build = GaugeMetricFamily(
             "skillable_exporter_build_info", "Version of skillable-exporter, always 1.",
-            labels=["version", "python_version"],
+            labels=["version", "revision", "python_version"],
         )
-        build.add_metric([__version__, platform.python_version()], 1)
+        info = build_info()
+        build.add_metric([info.version, info.revision, platform.python_version()], 1)
         yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, tracked)
         yield from (active, saved, window, build)
 

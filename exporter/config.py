@@ -286,8 +286,14 @@ def read_key_file(setting: str, path: str) -> str:
     return key
 
 
-def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool = False) -> Config:
-    """Build the Config from parsed flags (dest -> value or None), the environment and the file."""
+def load_config(
+    flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool = False, read_keys: bool = True
+) -> Config:
+    """Build the Config from parsed flags (dest -> value or None), the environment and the file.
+
+    With `read_keys=False` (--config.check) a missing key is no error, so a config can be linted
+    where the keys are not: an unset variable or a key file that does not exist gives an empty
+    key. A key that is there is checked as at start (a key file readable by others is refused)."""
     config_path = flags.get("config_file")
     tree = read_config_file(config_path) if config_path else {}
 
@@ -305,7 +311,7 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool
         delivery_regions=_id_names("names.delivery_regions", _walk(tree, ("names", "delivery_regions"))),
         lab_hosts=_id_names("names.lab_hosts", _walk(tree, ("names", "lab_hosts"))),
     )
-    accounts = _accounts(tree.get("accounts"), values, environ, demo)
+    accounts = _accounts(tree.get("accounts"), values, _KeySource(environ, read_keys), demo)
     return Config(
         listen_address=values["web_listen_address"],
         web_config_file=values["web_config_file"],
@@ -325,17 +331,34 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool
     )
 
 
-def _accounts(
-    raw: Any, values: Mapping[str, Any], environ: Mapping[str, str], demo: bool
-) -> tuple[Account, ...]:
+@dataclass(frozen=True)
+class _KeySource:
+    """Where API keys come from; with `required` False a missing one is "" instead of an error."""
+
+    environ: Mapping[str, str]
+    required: bool
+
+    def from_file(self, setting: str, path: str) -> str:
+        if not self.required and not os.path.lexists(path):
+            return ""
+        return read_key_file(setting, path)
+
+    def from_env(self, setting: str, name: str, problem: str) -> str:
+        key = self.environ.get(name, "").strip()
+        if not key and self.required:
+            raise ConfigError(setting, problem)
+        return key
+
+
+def _accounts(raw: Any, values: Mapping[str, Any], keys: _KeySource, demo: bool) -> tuple[Account, ...]:
     if demo:
         # Demo mode swaps in the loopback simulator; the CLI fills in its URL.
         return (Account("", "", "demo", values["skillable_window_minutes"]),)
     if raw is None:
-        return (_single_account(values, environ),)
+        return (_single_account(values, keys),)
     if not isinstance(raw, list) or not raw:
         raise ConfigError("accounts", "expected a non-empty list of accounts")
-    accounts = tuple(_listed_account(i, entry, values, environ) for i, entry in enumerate(raw))
+    accounts = tuple(_listed_account(i, entry, values, keys) for i, entry in enumerate(raw))
     seen: set[str] = set()
     for account in accounts:
         if account.name in seen:
@@ -344,17 +367,13 @@ def _accounts(
     return accounts
 
 
-def _single_account(values: Mapping[str, Any], environ: Mapping[str, str]) -> Account:
+def _single_account(values: Mapping[str, Any], keys: _KeySource) -> Account:
     key_file = values["skillable_api_key_file"]
     if key_file:
-        key = read_key_file("skillable.api-key-file", key_file)
+        key = keys.from_file("skillable.api-key-file", key_file)
     else:
-        key = environ.get("SKILLABLE_API_KEY", "").strip()
-        if not key:
-            raise ConfigError(
-                "skillable.api-key-file",
-                "no API key: set SKILLABLE_API_KEY or skillable.api_key_file (or run with --demo)",
-            )
+        key = keys.from_env("skillable.api-key-file", "SKILLABLE_API_KEY",
+                            "no API key: set SKILLABLE_API_KEY or skillable.api_key_file (or run with --demo)")
     return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"])
 
 
@@ -363,22 +382,20 @@ _ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minut
 
 
 def _listed_account(
-    index: int, entry: Any, values: Mapping[str, Any], environ: Mapping[str, str]
+    index: int, entry: Any, values: Mapping[str, Any], keys: _KeySource
 ) -> Account:
     where = f"accounts[{index}]"
     entry = check_mapping(where, entry, _ACCOUNT_KEYS, "a mapping with name and api_key_env or api_key_file")
     name = entry.get("name")
     if not isinstance(name, str) or not _ACCOUNT_NAME.match(name):
         raise ConfigError(f"{where}.name", "expected 1-64 letters, digits, '_', '.' or '-'")
-    if entry.get("api_key_file"):
-        key = read_key_file(f"{where}.api_key_file", _text(f"{where}.api_key_file", entry["api_key_file"]))
-    elif entry.get("api_key_env"):
-        env_name = _text(f"{where}.api_key_env", entry["api_key_env"])
-        key = environ.get(env_name, "").strip()
-        if not key:
-            raise ConfigError(f"{where}.api_key_env", f"environment variable {env_name} is empty or unset")
-    else:
+    if not entry.get("api_key_file") and not entry.get("api_key_env"):
         raise ConfigError(where, "needs api_key_env or api_key_file")
+    if entry.get("api_key_file"):
+        key = keys.from_file(f"{where}.api_key_file", _text(f"{where}.api_key_file", entry["api_key_file"]))
+    else:
+        env_name = _text(f"{where}.api_key_env", entry["api_key_env"])
+        key = keys.from_env(f"{where}.api_key_env", env_name, f"environment variable {env_name} is empty or unset")
     url = _url(f"{where}.api_url", entry["api_url"]) if entry.get("api_url") else values["skillable_api_url"]
     window = values["skillable_window_minutes"]
     if entry.get("window_minutes") is not None:

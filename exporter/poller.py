@@ -70,6 +70,15 @@ class Health:
     region_names: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """An endpoint's current run of failures: since when, why (the reason label), the error."""
+
+    since: float
+    reason: str
+    error: str
+
+
 @dataclass
 class PollView:
     """What the collector reads: a snapshot of the state plus the health, copied under the lock."""
@@ -91,8 +100,10 @@ class Poller:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         on_poll: Callable[[Poller], None] | None = None,
+        account: str = "",
     ) -> None:
         self.client = client
+        self.account = account  # its name in log lines ("" for the single unnamed account)
         self.window_minutes = window_minutes
         self.overlap_minutes = overlap_minutes
         self.min_interval = min_interval
@@ -112,13 +123,26 @@ class Poller:
         self._last_attempt: float | None = None
         self._not_before = 0.0  # monotonic time before which no poll is made (backoff, Retry-After)
         self._failures_in_row = 0
-        self._failing_reason: str | None = None  # the reason last logged, until a poll succeeds
+        # Per endpoint, the failure run it is in (the first failure's time and reason), until
+        # that endpoint answers again: logged once per run, shown on the landing page.
+        self.failing: dict[str, Failure] = {}
         self._region_names_at: float | None = None
         self._closed = False
         self._result_in = False  # the poll in flight has its result in; only its after-poll hook runs
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
+
+    def reconfigure(self, client: SkillableClient | None, window_minutes: int, overlap_minutes: int,
+                    min_interval: float) -> None:
+        """A config reload: a new client (new key or URL) if given, a new window and intervals.
+        The state, the counters and the health stay; a poll in flight ends with the old client."""
+        with self._lock:
+            if client is not None:
+                self.client = client
+            self.window_minutes = window_minutes
+            self.overlap_minutes = overlap_minutes
+            self.min_interval = min_interval
 
     def endpoints(self) -> list[str]:
         """The API endpoints this poller calls."""
@@ -160,7 +184,7 @@ class Poller:
                 try:
                     self.on_poll(self)  # still in flight: no other poll changes the state meanwhile
                 except Exception:  # noqa: BLE001 - saving must never fail a scrape
-                    log.exception("after-poll hook failed")
+                    log.exception("after-poll hook failed", extra=self._fields())
         finally:
             with self._lock:
                 self._in_flight = False
@@ -236,6 +260,8 @@ class Poller:
             except Exception as exc:  # noqa: BLE001
                 self._count_failure("stats", exc)
                 stats = None
+            else:
+                self._endpoint_recovered("stats")
             with self._lock:
                 self.health.stats = stats
         if self.collect_region_names and self._region_names_due() and self._left(deadline) > 0.2:
@@ -245,6 +271,7 @@ class Poller:
             except Exception as exc:  # noqa: BLE001
                 self._count_failure("deliveryregions", exc)
             else:
+                self._endpoint_recovered("deliveryregions")
                 with self._lock:
                     self.health.region_names = names
 
@@ -262,7 +289,17 @@ class Poller:
 
     # -- failures ----------------------------------------------------------
 
-    def _count_failure(self, endpoint: str, exc: Exception) -> str:
+    def _fields(self, **values: object) -> dict[str, object]:
+        """Log fields (logs.py), with the account's name first when it has one."""
+        return ({"account": self.account} if self.account else {}) | values
+
+    def _count_failure(self, endpoint: str, exc: Exception, retry_in: float | None = None) -> str:
+        """Count a failed request and log it once per failure run of its endpoint.
+
+        The first failure of a run, or a failure for another reason than the run's, is a
+        warning (an error for a refused key); repeats are debug lines, so a long outage logs
+        one line, not one per scrape. The endpoint's next success logs the recovery.
+        """
         reason = failure_reason(exc)
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
@@ -271,11 +308,34 @@ class Poller:
         with self._lock:
             self.health.failures[(endpoint, reason)] += 1
         if reason == INTERNAL_ERROR:
-            log.error("bug: unexpected error handling the %s answer", endpoint, exc_info=exc)
+            log.error("bug: unexpected error handling the answer", exc_info=exc,
+                      extra=self._fields(endpoint=endpoint, reason=reason))
+        message = self.client.redact(str(exc))
+        previous = self.failing.get(endpoint)
+        since = previous.since if previous is not None else self._clock()
+        self.failing[endpoint] = Failure(since, reason, message)
+        extra = self._fields(endpoint=endpoint, reason=reason)
+        if retry_in is not None:
+            extra["retry_in"] = f"{retry_in:.1f}s"
+        extra["error"] = message
+        if previous is not None and previous.reason == reason:
+            # The same failure again: the first one was logged; a flood of them helps no one.
+            log.debug("request failed again", extra=extra | {"failures_in_row": self._failures_in_row})
+        elif reason == UNAUTHORIZED:
+            log.error("API key refused: check SKILLABLE_API_KEY or the key file; "
+                      "logged once until the endpoint answers", extra=extra)
+        elif reason != INTERNAL_ERROR:
+            log.warning("request failed; repeats are logged at debug level until the endpoint answers",
+                        extra=extra)
         return reason
 
+    def _endpoint_recovered(self, endpoint: str) -> None:
+        failure = self.failing.pop(endpoint, None)
+        if failure is not None:
+            log.info("request recovered", extra=self._fields(
+                endpoint=endpoint, reason=failure.reason, failing_for=f"{self._clock() - failure.since:.0f}s"))
+
     def _record_failure(self, endpoint: str, exc: Exception) -> None:
-        reason = self._count_failure(endpoint, exc)
         with self._lock:
             self.health.up = False
         self._failures_in_row += 1
@@ -285,29 +345,16 @@ class Poller:
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_SECONDS))
         self._not_before = self._monotonic() + delay
-        message = self.client.redact(str(exc))
-        if reason == self._failing_reason:
-            # The same failure again: the first one was logged; a flood of them helps no one.
-            log.debug("poll failed again endpoint=%s reason=%s failures_in_row=%d retry_in=%.1fs error=%s",
-                      endpoint, reason, self._failures_in_row, delay, message)
-            return
-        self._failing_reason = reason
-        if reason == UNAUTHORIZED:
-            log.error("API key refused endpoint=%s: check SKILLABLE_API_KEY or the key file; "
-                      "logged once until a poll succeeds error=%s", endpoint, message)
-        else:
-            log.warning("poll failed endpoint=%s reason=%s retry_in=%.1fs error=%s "
-                        "(repeats of this reason are logged at debug level until a poll succeeds)",
-                        endpoint, reason, delay, message)
+        self._count_failure(endpoint, exc, retry_in=delay)
 
     def _record_success(self, minutes: int, results: int, invalid: int) -> None:
+        self._endpoint_recovered("LatestResults")
         if self._failures_in_row:
-            log.info("poll recovered failed_polls=%d minutes=%d", self._failures_in_row, minutes)
+            log.info("poll recovered", extra=self._fields(failed_polls=self._failures_in_row, minutes=minutes))
         self._failures_in_row = 0
-        self._failing_reason = None
         if invalid:
-            log.warning("skipped invalid results count=%d", invalid)
-        log.debug("poll ok minutes=%d results=%d", minutes, results)
+            log.warning("skipped invalid results", extra=self._fields(count=invalid))
+        log.debug("poll ok", extra=self._fields(minutes=minutes, results=results))
 
 
 def failure_reason(exc: Exception) -> str:

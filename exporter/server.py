@@ -1,4 +1,4 @@
-"""The HTTP endpoint: /metrics, /probe, /healthz, a landing page, 404 elsewhere.
+"""The HTTP endpoint: /metrics, /probe, /healthz, POST /-/reload, a landing page, 404 elsewhere.
 
 A plain ThreadingHTTPServer keeps the dependency list short; TLS and basic
 auth come from a web config file (see webconfig.py).
@@ -12,14 +12,17 @@ import logging
 import socket
 import threading
 import time
+import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+import ssl
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from . import __version__
-from .app import ExporterApp
-from .webconfig import WebConfig
+from .app import EOF_LINE, AccountStatus, ExporterApp
+from .config import ConfigError
+from .version import build_info
+from .webconfig import SETTING as WEB_SETTING, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,32 @@ class ExporterServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
         self.web = web
+        # POST /-/reload calls this (set by the CLI); it returns None or why the reload was refused.
+        self.reload: Callable[[], str | None] | None = None
         self._gzip_lock = threading.Lock()
         self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
+        # (body, gzip output so far, the compressor's state after it): see gzipped_with_tail().
+        self._gzip_head: tuple[bytes, bytes, Any] | None = None
         super().__init__(address, Handler)
         if web is not None and web.ssl_context is not None:
+            # Every handshake runs this callback (with or without SNI), which hands the connection
+            # the newest context: a reload swaps certificates without a new listening socket.
+            web.ssl_context.sni_callback = self._current_tls_context
             self.socket = web.ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def _current_tls_context(self, sock: ssl.SSLObject, _name: str | None, context: ssl.SSLContext) -> None:
+        current = self.web.ssl_context if self.web is not None else None
+        if current is not None and current is not context:
+            sock.context = current
+
+    def check_web(self, web: WebConfig | None) -> None:
+        """A reloaded web config may change users and certificates, not whether TLS is on."""
+        was_tls = self.web is not None and self.web.ssl_context is not None
+        if was_tls != (web is not None and web.ssl_context is not None):
+            raise ConfigError(WEB_SETTING, "turning TLS on or off needs a restart")
+
+    def set_web(self, web: WebConfig | None) -> None:
+        self.web = web
 
     @property
     def port(self) -> int:
@@ -60,6 +84,27 @@ class ExporterServer(ThreadingHTTPServer):
             self._gzipped = (body, compressed)
         return compressed
 
+    def gzipped_with_tail(self, body: bytes, tail: bytes) -> tuple[bytes, bytes]:
+        """One gzip stream of `body` (without its OpenMetrics `# EOF` line) then `tail`, in two
+        pieces. The compressor's state after `body` is kept with its output, so while the
+        exposition is unchanged a scrape compresses only the tail (the runtime metrics)."""
+        with self._gzip_lock:
+            cached = self._gzip_head if self._gzip_head is not None and self._gzip_head[0] is body else None
+        if cached is None:
+            compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: a gzip header
+            cached = (body, compressor.compress(_without_eof(body)), compressor)
+            with self._gzip_lock:
+                self._gzip_head = cached
+        with self._gzip_lock:
+            rest = cached[2].copy()
+        return cached[1], rest.compress(tail) + rest.flush()
+
+
+def _without_eof(body: bytes) -> memoryview:
+    """The exposition minus OpenMetrics' closing `# EOF` (the runtime metrics bring their own)."""
+    view = memoryview(body)
+    return view[: len(body) - len(EOF_LINE)] if body.endswith(EOF_LINE) else view
+
 
 class Handler(BaseHTTPRequestHandler):
     server: ExporterServer
@@ -78,10 +123,9 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if url.path == "/metrics":
-            body, ctype = self.server.app.metrics(
-                self.headers.get("Accept", ""), self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
-            )
-            self._send(HTTPStatus.OK, body, ctype, compress=True)
+            accept = self.headers.get("Accept", "")
+            body, ctype = self.server.app.metrics(accept, self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"))
+            self._send_metrics(body, ctype, self.server.app.runtime_metrics(accept))
         elif url.path == "/probe":
             account = parse_qs(url.query).get("account", [""])[0]
             answer = self.server.app.probe(
@@ -93,8 +137,28 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, answer[0], answer[1], compress=True)
         elif url.path == "/":
             self._send(HTTPStatus.OK, landing_page(self.server.app).encode(), "text/html; charset=utf-8")
+        elif url.path == "/-/reload":
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"This endpoint requires a POST request.\n",
+                       "text/plain; charset=utf-8")
         else:
             self._send(HTTPStatus.NOT_FOUND, b"404 page not found\n", "text/plain; charset=utf-8")
+
+    def do_POST(self) -> None:  # noqa: N802
+        # No request body is read: one sent would be taken for the next request, so close after.
+        if self.headers.get("Content-Length", "0") != "0" or "chunked" in self.headers.get("Transfer-Encoding", ""):
+            self.close_connection = True
+        if urlsplit(self.path).path != "/-/reload":
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"405 method not allowed\n", "text/plain; charset=utf-8")
+            return
+        if not self._authorized():
+            return
+        reload = self.server.reload
+        error = reload() if reload is not None else "reloading is not enabled"
+        if error is None:
+            self._send(HTTPStatus.OK, b"OK\n", "text/plain; charset=utf-8")
+        else:  # as blackbox_exporter answers
+            body = f"failed to reload config: {error}\n".encode()
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, body, "text/plain; charset=utf-8")
 
     def do_HEAD(self) -> None:  # noqa: N802
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"", "text/plain; charset=utf-8")
@@ -109,6 +173,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b"Unauthorized\n")
         return False
+
+    def _send_metrics(self, body: bytes, content_type: str, runtime: bytes) -> None:
+        """The (cached) exposition followed by the runtime metrics, gzipped if the client takes it."""
+        compress = "gzip" in self.headers.get("Accept-Encoding", "")
+        if compress:
+            parts: tuple[bytes | memoryview, ...] = self.server.gzipped_with_tail(body, runtime)
+        else:
+            parts = (_without_eof(body), runtime)
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
+        if compress:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        for part in parts:
+            self.wfile.write(part)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, compress: bool = False) -> None:
         if compress and "gzip" in self.headers.get("Accept-Encoding", ""):
@@ -128,32 +208,79 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)
 
 
+# In the manner of exporter-toolkit's landing page (web/landing_page.css).
+_CSS = """
+body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, sans-serif; margin: 0; }
+header { background-color: #e6522c; color: #fff; font-size: 1rem; padding: 1rem; }
+header h1 { margin: 0; font-size: 1.5rem; }
+main { padding: 1rem; }
+.banner { background: #fff3cd; border: 1px solid #e0b000; padding: .5rem 1rem; margin-bottom: 1rem; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; vertical-align: top; }
+.up { color: #1a7f37; font-weight: bold; }
+.failing { color: #c62828; font-weight: bold; }
+footer { padding: 1rem; color: #555; font-size: .9rem; }
+"""
+DOCS_URL = "https://docs.skillable.com/returns-information-about-all-lab-instance-results-that-have-recently-started-or-ended-1"
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp)) if timestamp else "never"
+
+
+def _account_row(status: AccountStatus) -> str:
+    """One account: up, failing since when and why, or not polled yet; its window and interval."""
+    if status.up:
+        state = '<span class="up">up</span>'
+    elif status.failure is not None:
+        failure = status.failure
+        state = (f'<span class="failing">failing</span> since {_when(failure.since)}: '
+                 f"<code>{html.escape(failure.reason)}</code> ({html.escape(failure.error)})")
+    else:
+        state = "not polled yet (the first scrape of /metrics polls)"
+    interval = f"{status.min_poll_interval:g} s" if status.min_poll_interval else "every scrape"
+    cells = (html.escape(status.name or "default"), state, _when(status.last_success),
+             f"{status.window_minutes} min", interval)
+    return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+
+
 def landing_page(app: ExporterApp) -> str:
-    rows = []
-    for status in app.status():
-        when = (
-            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.last_success))
-            if status.last_success
-            else "never"
-        )
-        state = "up" if status.up else ("not polled yet" if status.last_success is None else "down")
-        name = html.escape(status.name or "default")
-        rows.append(f"<tr><td>{name}</td><td>{state}</td><td>{when}</td></tr>")
+    """The page at /: name, version, links, and each account's polling as last seen. Read from
+    memory only: it never calls the API (and never shows a key: errors are redacted at the source)."""
+    info = build_info()
+    statuses = app.status()
     probe_links = "".join(
-        f'<li><a href="probe?account={html.escape(s.name)}">probe?account={html.escape(s.name)}</a></li>'
-        for s in app.status()
+        f'<li><a href="probe?account={html.escape(s.name)}">probe?account={html.escape(s.name)}</a>: '
+        f"the metrics of account {html.escape(s.name)} alone</li>"
+        for s in statuses
         if s.name
     )
+    banner = (
+        '<p class="banner" id="demo-banner"><strong>Demo mode:</strong> these metrics come from a built-in '
+        "simulation of the Skillable API, not from a Skillable account.</p>"
+        if app.config.demo else ""
+    )
+    version = (f"version={html.escape(info.version)}, branch={html.escape(info.branch)}, "
+               f"revision={html.escape(info.revision)}")
     return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Skillable Exporter</title></head>
+<html lang="en"><head><meta charset="utf-8"><title>Skillable Exporter</title><style>{_CSS}</style></head>
 <body>
-<h1>Skillable Exporter</h1>
-<p>Prometheus exporter for Skillable (Lab on Demand) lab results, version {html.escape(__version__)}.</p>
-<ul><li><a href="metrics">metrics</a></li><li><a href="healthz">healthz</a></li>{probe_links}</ul>
-<h2>Upstream</h2>
-<table border="1" cellpadding="4"><tr><th>account</th><th>last poll</th><th>last success</th></tr>
-{"".join(rows)}
+<header><h1>Skillable Exporter</h1></header>
+<main>
+{banner}<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
+<p id="version">Version: ({version})</p>
+<ul>
+<li><a href="metrics">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
+{probe_links}<li><a href="healthz">healthz</a>: liveness, never calls the API</li>
+<li><a href="{DOCS_URL}">Skillable LatestResults API</a>: the data behind the metrics</li>
+<li>Documentation: README.md and docs/ of the exporter's source (configuration, metrics, failure modes)</li>
+</ul>
+<h2>Accounts</h2>
+<table id="accounts"><tr><th>account</th><th>status</th><th>last success</th><th>window</th><th>min poll interval</th></tr>
+{"".join(_account_row(s) for s in statuses)}
 </table>
 <p>Polls happen when Prometheus scrapes /metrics; this page does not poll.</p>
+</main>
+<footer>skillable-exporter {html.escape(info.version)}</footer>
 </body></html>
 """

@@ -78,3 +78,31 @@ def test_bad_account_lists_name_the_setting(tmp_path: Path, text: str, setting: 
     with pytest.raises(ConfigError) as info:
         load_config(flags("--config.file", str(path)), {"K": "key"})
     assert info.value.setting == setting
+
+
+def test_window_help_text_names_each_accounts_own_window(
+    fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
+) -> None:
+    """An account with its own window_minutes: /probe's HELP names that window, and /metrics
+    (accounts with different windows) names none rather than the global one."""
+    from exporter.app import ExporterApp
+
+    flags = vars(build_parser().parse_args(["--config.file", str(write_config(tmp_path, fake, broken))]))
+    app = ExporterApp(load_config(flags, {"KEY_EMEA": "k", "KEY_AMERICAS": "k"}))
+    try:
+        both = app.collector.exposition(*_text_encoder())
+        americas = app._probe_collectors["americas"].exposition(*_text_encoder())
+        emea = app._probe_collectors["emea"].exposition(*_text_encoder())
+    finally:
+        app.close()
+    help_line = re.compile(rb"^# HELP skillable_lab_instances_running .*$", re.M)
+    assert b"the last 120 minutes" in help_line.search(americas).group(0)  # type: ignore[union-attr]
+    assert b"the last 60 minutes" in help_line.search(emea).group(0)  # type: ignore[union-attr]
+    mixed = help_line.search(both).group(0)  # type: ignore[union-attr]
+    assert b"minutes" not in mixed and b"skillable_lookback_window_seconds" in mixed
+
+
+def _text_encoder():  # type: ignore[no-untyped-def]
+    from prometheus_client.exposition import choose_encoder
+
+    return choose_encoder("")

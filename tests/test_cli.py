@@ -14,7 +14,8 @@ NOW = 1_800_000_000
 
 
 def readme_metric_names() -> set[str]:
-    return set(re.findall(r"^\| `(skillable_[a-z_]+)` \|", (ROOT / "README.md").read_text(), flags=re.M))
+    return set(re.findall(r"^\| `((?:skillable|process|python)_[a-z_]+)` \|", (ROOT / "README.md").read_text(),
+                          flags=re.M))
 
 
 def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None:  # type: ignore[no-untyped-def]
@@ -22,6 +23,8 @@ def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None: 
     text = exporter.get("/metrics").text
     served = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
     assert readme_metric_names() <= served
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "python_info"} <= served
+    assert re.search(r"^process_resident_memory_bytes [1-9]", text, flags=re.M)
     assert re.search(r"^skillable_up 1\.0$", text, flags=re.M)
     sample = re.search(r"^skillable_lab_instances\{([^}]*)\} ", text, flags=re.M)
     assert sample is not None

@@ -19,11 +19,13 @@ def flags(*argv: str) -> dict[str, object]:
     return vars(build_parser().parse_args(list(argv)))
 
 
-def run_check(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_check(*argv: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The exporter with `--config.check`, or (check=False) started for real: a bad config exits
+    2 before it listens."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     base.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "exporter", "--config.check", *argv],
+        [sys.executable, "-m", "exporter", *(["--config.check"] if check else []), *argv],
         env=base, capture_output=True, text=True, timeout=30, cwd=ROOT,
     )
 
@@ -85,8 +87,6 @@ BAD_CASES = [
      "skillable.window-minutes"),
     ("window not a number in env", "", [], {"SKILLABLE_API_KEY": "k", "SKILLABLE_WINDOW_MINUTES": "lots"},
      "skillable.window-minutes"),
-    ("missing key", "", [], {}, "skillable.api-key-file"),
-    ("unreadable key file", "", ["--skillable.api-key-file=/nonexistent/key"], {}, "skillable.api-key-file"),
     ("bad listen address", "", ["--web.listen-address=localhost"], {"SKILLABLE_API_KEY": "k"},
      "web.listen-address"),
     ("bad log format", "", ["--log.format=xml"], {"SKILLABLE_API_KEY": "k"}, "log.format"),
@@ -112,6 +112,34 @@ def test_bad_configuration_exits_2_with_one_line(
     assert len(lines) == 1, result.stderr
     assert setting in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_config_check_needs_no_api_key_and_names_the_file(tmp_path: Path) -> None:
+    result = run_check("--config.file=config.yaml")  # the shipped file, no key anywhere
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "skillable-exporter: configuration file config.yaml is valid: 1 account(s); "
+        "API key not checked (none set) for: default"
+    ]
+    listed = "accounts:\n  - {name: emea, api_key_env: KEY_EMEA}\n  - {name: us, api_key_file: /nonexistent/k}\n"
+    with_accounts = run_check("--config.file", write(tmp_path, "c.yaml", listed),
+                              env={"KEY_EMEA": "k"})
+    assert with_accounts.returncode == 0, with_accounts.stderr
+    assert with_accounts.stdout.rstrip().endswith("API key not checked (none set) for: us")
+
+
+KEY_CASES = [
+    ("missing key", []),
+    ("unreadable key file", ["--skillable.api-key-file=/nonexistent/key"]),
+]
+
+
+@pytest.mark.parametrize(("case", "argv"), KEY_CASES, ids=[c[0] for c in KEY_CASES])
+def test_a_missing_key_stops_the_start_with_one_line(case: str, argv: list[str]) -> None:
+    result = run_check("--web.listen-address=127.0.0.1:0", *argv, check=False)
+    assert result.returncode == 2, (case, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "skillable.api-key-file" in lines[0], result.stderr
 
 
 def test_world_readable_key_file_is_refused(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def test_variables_filter_every_query(dashboard: dict[str, Any]) -> None:
             parse_variable_query(variable_query_text(v))
 
 
-_SELECTOR = re.compile(r"(?<![\w:])(skillable_\w+|[a-z_]+:skillable_\w+:\w+|up|scrape_\w+)\{([^}]*)\}")
+_SELECTOR = re.compile(r"(?<![\w:])(skillable_\w+|[a-z_]+:skillable_\w+:\w+|up|scrape_\w+|process_\w+)\{([^}]*)\}")
 
 
 def test_every_selector_honours_the_job_instance_and_account_variables(dashboard: dict[str, Any]) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from exporter.app import ExporterApp
 from exporter.collector import SkillableCollector
-from exporter.config import Names
+from exporter.config import Names, load_config
 from exporter.poller import Poller
 
 from .conftest import MonotonicStub, make_poller
@@ -29,6 +30,7 @@ def render(accounts: list[tuple[str, Poller]], names: Names | None = None) -> st
     text = generate_latest(registry).decode()
     # The two values that differ from run to run.
     text = re.sub(r"^(skillable_poll_duration_seconds(\{[^}]*\})?) .*$", r"\1 0.0", text, flags=re.M)
+    text = re.sub(r'revision="[^"]+"', 'revision="unknown"', text)  # set where a package is built
     return re.sub(r'python_version="[^"]+"', 'python_version="3"', text)
 
 
@@ -129,7 +131,7 @@ def test_names_follow_conventions(fake: FakeSkillable) -> None:
     assert "user-secret-555" not in text and "203.0.113.9" not in text
 
 
-README_ROW = re.compile(r"^\| `(skillable_[a-z_]+)` \| (\w+) \|", re.M)
+README_ROW = re.compile(r"^\| `((?:skillable|process|python)_[a-z_]+)` \| (\w+) \|", re.M)
 
 
 def test_readme_metrics_table_matches_the_code(fake: FakeSkillable) -> None:
@@ -137,7 +139,9 @@ def test_readme_metrics_table_matches_the_code(fake: FakeSkillable) -> None:
     poller = make_poller(fake, collect_stats=True, collect_region_names=True)
     poller.refresh(5)
     text = render([("", poller)], Names(datacenters={"3": "x"}, lab_hosts={"49": "y"}))
-    served = dict(re.findall(r"^# TYPE (\S+) (\w+)$", text, flags=re.M))
+    # The exporter's own metrics (process_*, python_*, reload) come from the app's runtime registry.
+    runtime = generate_latest(ExporterApp(load_config({}, {"SKILLABLE_API_KEY": "k"})).runtime).decode()
+    served = dict(re.findall(r"^# TYPE (\S+) (\w+)$", text + runtime, flags=re.M))
     documented = dict(README_ROW.findall((ROOT / "README.md").read_text()))
     assert documented == served
 

@@ -347,7 +347,7 @@ def test_bad_key_is_logged_once_not_per_poll(
     assert len([r for r in caplog.records if "API key refused" in r.getMessage()]) == 1
     fake.heal()
     assert h.scrape().up == 1
-    assert any("poll recovered failed_polls=15" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage() == "poll recovered" and getattr(r, "failed_polls", None) == 15 for r in caplog.records)
     fake.fault_always(f.http_status(403))  # broken again later: said again, once
     for _ in range(3):
         h.mono.advance(400)
@@ -368,9 +368,8 @@ def test_a_long_outage_logs_one_warning_per_reason(
     for _ in range(8):
         h.scrape()
         h.mono.advance(400)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2, warnings
-    assert "reason=http_error" in warnings[0] and "reason=not_json" in warnings[1]
+    warnings = [getattr(r, "reason", None) for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["http_error", "not_json"]
 
 
 # -- a real process rides out a run of faults ------------------------------------------
