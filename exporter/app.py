@@ -6,7 +6,6 @@ The HTTP server asks this object for an exposition; it refreshes the pollers
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +21,9 @@ from .poller import Poller
 # Prometheus sends X-Prometheus-Scrape-Timeout-Seconds; answering this much
 # earlier leaves room to render and send the exposition.
 TIMEOUT_OFFSET_SECONDS = 0.5
-MIN_POLL_TIMEOUT_SECONDS = 0.5
+MIN_SCRAPE_WAIT_SECONDS = 0.5
+# A scrape waits this much past the poll's own deadline, so a poll that keeps it lands in the scrape.
+POLL_MARGIN_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ExporterApp:
                 overlap_minutes=config.overlap_minutes,
                 min_interval=config.min_poll_interval,
                 max_lab_hosts=config.max_lab_hosts,
+                timeout=config.timeout,
                 collect_stats=config.collect_stats,
                 collect_region_names=config.collect_delivery_regions,
                 clock=clock,
@@ -67,20 +69,22 @@ class ExporterApp:
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
         return SkillableCollector(accounts, self.config.names, self.config.window_minutes)
 
-    def poll_timeout(self, scrape_timeout_header: str | None) -> float:
-        """Deadline for this scrape's polls: the configured timeout, capped by Prometheus' own."""
-        timeout = self.config.timeout
+    def scrape_wait(self, scrape_timeout_header: str | None) -> float:
+        """How long this scrape waits for its polls: the configured timeout (and a margin), capped by
+        Prometheus' own. The header only shortens the wait: the poll itself always keeps
+        --skillable.timeout, so no client can make polls fail by sending a short one."""
+        wait = self.config.timeout + POLL_MARGIN_SECONDS
         try:
             scrape_timeout = float(scrape_timeout_header) if scrape_timeout_header else None
         except ValueError:
             scrape_timeout = None
         if scrape_timeout is not None and scrape_timeout > 0:
-            timeout = min(timeout, scrape_timeout - TIMEOUT_OFFSET_SECONDS)
-        return max(timeout, MIN_POLL_TIMEOUT_SECONDS)
+            wait = min(wait, scrape_timeout - TIMEOUT_OFFSET_SECONDS)
+        return max(wait, MIN_SCRAPE_WAIT_SECONDS)
 
     def metrics(self, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str]:
         """Refresh every account (in parallel), then render. Returns (body, content type)."""
-        self._refresh(list(self.pollers.values()), self.poll_timeout(scrape_timeout_header))
+        self._refresh(list(self.pollers.values()), self.scrape_wait(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
         return self.collector.exposition(encoder, content_type), content_type
 
@@ -89,20 +93,19 @@ class ExporterApp:
         poller = self.pollers.get(account)
         if poller is None:
             return None
-        self._refresh([poller], self.poll_timeout(scrape_timeout_header))
+        self._refresh([poller], self.scrape_wait(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
         return self._probe_collectors[account].exposition(encoder, content_type), content_type
 
     @staticmethod
     def _refresh(pollers: list[Poller], timeout: float) -> None:
-        if len(pollers) == 1:
-            pollers[0].refresh(timeout)
-            return
-        threads = [threading.Thread(target=p.refresh, args=(timeout,), daemon=True) for p in pollers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout + 1)
+        """Ask every account's worker for a poll at once, then wait for all within one deadline:
+        the accounts poll in parallel in their own long-lived threads, and a scrape starts none."""
+        asked = [(poller, poller.request()) for poller in pollers]
+        deadline = time.monotonic() + timeout
+        for poller, poll in asked:
+            if poll is not None:
+                poller.wait(poll, max(0.0, deadline - time.monotonic()))
 
     def status(self) -> list[AccountStatus]:
         return [

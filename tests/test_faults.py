@@ -184,7 +184,7 @@ def test_default_deadline_answers_within_prometheus_default_scrape_timeout(
     fake: FakeSkillable, harness: Callable[..., Harness]
 ) -> None:
     """With the default --skillable.timeout (9 s) and Prometheus' default 10 s scrape timeout."""
-    h = harness()
+    h = harness(SKILLABLE_TIMEOUT="9")
     fake.fault(f.trickle(every=0.05, total=60), endpoint="LatestResults")
     scrape = h.scrape(scrape_timeout=10)
     assert scrape.status == 200
