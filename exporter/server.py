@@ -2,6 +2,13 @@
 
 A plain ThreadingHTTPServer keeps the dependency list short; TLS and basic
 auth come from a web config file (see webconfig.py).
+
+Threads are bounded (Connections): each open connection holds one handler thread, at most
+MAX_CONNECTIONS of them for the whole process. When the bound is reached, or the process
+cannot start another thread (a pids limit, systemd TasksMax), the connection idle the longest
+(one waiting for a request, as a slow-header or idle flood's are) is closed to make room; a
+connection whose request is being answered is never closed. Polls never need a handler
+thread (poller.py), so a flood can slow nothing but other idle connections.
 """
 
 from __future__ import annotations
@@ -23,26 +30,131 @@ from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 64  # handler threads, process-wide: more than 50 concurrent scrapers need
+IDLE_TIMEOUT_SECONDS = 30  # a connection that sends nothing for this long is closed
+ROOM_WAIT_SECONDS = 1.0  # at the task limit, how long to wait for a closed idle connection's thread
+
+
+class Connections:
+    """The open connections of every listener, each with its handler thread, bounded.
+
+    A connection is idle from its accept (and between keep-alive requests) until a request's
+    headers are in, then busy until the answer is sent.
+    """
+
+    def __init__(self, limit: int = MAX_CONNECTIONS) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, bool] = {}  # connection -> busy; oldest first
+        self._threads: dict[socket.socket, threading.Thread] = {}
+
+    def admit(self, sock: socket.socket) -> bool:
+        """Make room for a new connection if needed. False if every open connection is busy."""
+        with self._lock:
+            if len(self._open) >= self.limit and not self._close_oldest_idle()[0]:
+                return False
+            self._open[sock] = False
+            return True
+
+    def make_room(self) -> bool:
+        """No thread could be started: close the oldest idle connection and wait for its thread."""
+        with self._lock:
+            closed, thread = self._close_oldest_idle()
+        if thread is not None:
+            thread.join(ROOM_WAIT_SECONDS)
+        return closed
+
+    def _close_oldest_idle(self) -> tuple[bool, threading.Thread | None]:
+        """(whether one was closed, its handler thread if it has one yet)."""
+        for sock, busy in self._open.items():
+            if not busy:
+                del self._open[sock]
+                try:
+                    # The socket's own shutdown, under TLS too: the thread reading it returns at once.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return True, self._threads.pop(sock, None)
+        return False, None
+
+    def started(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._threads[sock] = threading.current_thread()
+
+    def mark(self, sock: socket.socket, busy: bool) -> None:
+        with self._lock:
+            if sock in self._open:
+                del self._open[sock]  # re-inserted last: the newest idle is closed last
+                self._open[sock] = busy
+
+    def release(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+            self._threads.pop(sock, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
 
 class ExporterServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], app: ExporterApp, web: WebConfig | None = None) -> None:
-        host = address[0]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    def __init__(
+        self, address: tuple[str, int] | None, app: ExporterApp, web: WebConfig | None = None, *,
+        sock: socket.socket | None = None, connections: Connections | None = None,
+        telemetry_path: str = "/metrics",
+    ) -> None:
+        """Listen on `address`, or serve `sock`, a listening socket handed over (systemd socket activation)."""
         self.app = app
         self.web = web
+        self.connections = connections if connections is not None else Connections()
+        self.telemetry_path = telemetry_path
         self._gzip_lock = threading.Lock()
         self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
-        super().__init__(address, Handler)
+        if sock is not None:
+            self.address_family = sock.family
+            super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+        else:
+            assert address is not None
+            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            super().__init__(address, Handler)
         if web is not None and web.ssl_context is not None:
             self.socket = web.ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.admit(request):
+            log.debug("connection from %s refused: every connection is busy", client_address[0])
+            self.shutdown_request(request)
+            return
+        for attempt in range(2):
+            thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                      name="http-conn", daemon=True)
+            try:
+                thread.start()
+                return
+            except RuntimeError:  # the process is at its task limit
+                if attempt or not self.connections.make_room():
+                    break
+        log.debug("connection from %s refused: no thread can be started", client_address[0])
+        self.connections.release(request)
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        self.connections.started(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that speaks plain HTTP to the TLS port, fails the handshake or hangs up
@@ -67,7 +179,24 @@ class Handler(BaseHTTPRequestHandler):
     # Headers and body are two writes: with Nagle on, the body could wait for the client's
     # delayed ACK of the headers (40 ms on Linux), which showed as the scrape latency p99.
     disable_nagle_algorithm = True
-    timeout = 60  # a client that sends nothing is dropped
+    timeout = IDLE_TIMEOUT_SECONDS  # a client that sends nothing is dropped
+
+    def handle_one_request(self) -> None:
+        self.server.connections.mark(self.connection, busy=False)  # waiting for a request
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            self.server.connections.mark(self.connection, busy=True)  # headers in: being answered
+        return ok
+
+    def end_headers(self) -> None:
+        web = self.server.web
+        if web is not None:
+            for name, value in web.headers.items():  # http_server_config.headers, on every answer
+                self.send_header(name, value)
+        super().end_headers()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
@@ -77,7 +206,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             return
-        if url.path == "/metrics":
+        if url.path == self.server.telemetry_path:
             body, ctype = self.server.app.metrics(
                 self.headers.get("Accept", ""), self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
             )
