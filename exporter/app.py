@@ -24,6 +24,7 @@ TIMEOUT_OFFSET_SECONDS = 0.5
 MIN_SCRAPE_WAIT_SECONDS = 0.5
 # A scrape waits this much past the poll's own deadline, so a poll that keeps it lands in the scrape.
 POLL_MARGIN_SECONDS = 0.1
+DEFAULT_ACCOUNT_NAME = "default"  # what the landing page and /probe call the unnamed single account
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,28 @@ class ExporterApp:
         encoder, content_type = choose_encoder(accept)
         return self.collector.exposition(encoder, content_type), content_type
 
+    def probe_account(self, account: str) -> str | None:
+        """The account `/probe?account=` names, or None.
+
+        An account by its name; the unnamed account of a single-account config as "default" (the
+        name the landing page shows); and with one account, no `account` at all means that one.
+        """
+        if account in self.pollers and account:
+            return account
+        if account == DEFAULT_ACCOUNT_NAME and "" in self.pollers:
+            return ""
+        if not account and len(self.pollers) == 1:
+            return next(iter(self.pollers))
+        return None
+
     def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""
-        poller = self.pollers.get(account)
-        if poller is None:
+        name = self.probe_account(account)
+        if name is None:
             return None
-        self._refresh([poller], self.scrape_wait(scrape_timeout_header))
+        self._refresh([self.pollers[name]], self.scrape_wait(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
-        return self._probe_collectors[account].exposition(encoder, content_type), content_type
+        return self._probe_collectors[name].exposition(encoder, content_type), content_type
 
     @staticmethod
     def _refresh(pollers: list[Poller], timeout: float) -> None:
