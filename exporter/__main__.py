@@ -7,16 +7,17 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
-from typing import NoReturn, Sequence
+from typing import MutableMapping, NoReturn, Sequence
 
 from . import __version__
 from .app import ExporterApp
 from .config import SETTINGS, Account, Config, ConfigError, load_config
 from .logs import setup_logging
 from .persistence import StateStore, check_state_path
-from .server import ExporterServer
+from .server import Connections, ExporterServer
 from .webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("exporter")
@@ -45,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in SETTINGS:
         env = f" (env {setting.env})" if setting.env else ""
         default = f" [default: {setting.default}]" if setting.default not in (None, "") else ""
-        if isinstance(setting.default, bool):
+        if setting.name == "web.listen-address":  # repeatable, as in exporter-toolkit
+            parser.add_argument(setting.flag, dest=setting.dest, metavar="VALUE", default=None, action="append",
+                                help=setting.help + env + default)
+        elif isinstance(setting.default, bool):
             parser.add_argument(setting.flag, dest=setting.dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=setting.help + env + default)
         else:
@@ -62,6 +66,45 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+SD_LISTEN_FDS_START = 3  # systemd passes its sockets from this file descriptor on (sd_listen_fds(3))
+
+
+def systemd_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
+    """The listening sockets systemd passed to this process (socket activation), as sd_listen_fds does."""
+    try:
+        pid, count = int(environ.get("LISTEN_PID", "")), int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        count = 0
+    else:
+        count = count if pid == os.getpid() else 0
+    if count < 1:
+        raise ConfigError("web.systemd-socket", "no sockets passed: LISTEN_FDS and LISTEN_PID are not set for this process")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)  # not inherited by anything this process starts
+    return [socket.socket(fileno=fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
+
+
+def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[ExporterServer] | None:
+    """One server per listen address (or per socket systemd passed), sharing one connection bound."""
+    connections = Connections()
+    servers: list[ExporterServer] = []
+    if config.systemd_socket:
+        for sock in systemd_sockets(os.environ):
+            servers.append(ExporterServer(None, app, web, sock=sock, connections=connections,
+                                          telemetry_path=config.telemetry_path))
+        return servers
+    for address in config.listen_addresses:
+        try:
+            servers.append(ExporterServer(parse_listen_address(address), app, web, connections=connections,
+                                          telemetry_path=config.telemetry_path))
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", address, exc.strerror or exc)
+            for server in servers:
+                server.server_close()
+            return None
+    return servers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -69,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         web = load_web_config(config.web_config_file) if config.web_config_file else None
         if config.state_file:
             check_state_path(config.state_file)
+        if config.systemd_socket and not args.config_check:
+            systemd_sockets(dict(os.environ))  # checked before anything starts; taken in serve()
     except ConfigError as exc:
         print(f"skillable-exporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -95,10 +140,8 @@ def serve(config: Config, web: WebConfig | None) -> int:
     store = StateStore(config.state_file) if config.state_file else None
     if store is not None:
         store.attach(app.pollers)  # before the first scrape can poll
-    try:
-        server = ExporterServer(parse_listen_address(config.listen_address), app, web)
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", config.listen_address, exc.strerror or exc)
+    servers = listen(config, app, web)
+    if servers is None:
         return 1
     stop = threading.Event()
 
@@ -108,15 +151,17 @@ def serve(config: Config, web: WebConfig | None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     scheme = "https" if web is not None and web.ssl_context is not None else "http"
-    log.info(
-        "listening address=%s://%s:%d version=%s accounts=%d window_minutes=%d",
-        scheme, *server.server_address[:2], __version__, len(config.accounts), config.window_minutes,
-    )
+    for server in servers:
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        log.info(
+            "listening address=%s://%s:%d version=%s accounts=%d window_minutes=%d",
+            scheme, *server.server_address[:2], __version__, len(config.accounts), config.window_minutes,
+        )
     stop.wait()
-    server.shutdown()
-    server.server_close()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
     if store is not None:
         store.shutdown(app.pollers, config.timeout + 1)
     app.close()

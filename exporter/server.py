@@ -116,7 +116,7 @@ class ExporterServer(ThreadingHTTPServer):
         self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
         if sock is not None:
             self.address_family = sock.family
-            super().__init__(sock.getsockname()[:2], Handler, bind_and_activate=False)
+            super().__init__(sock.getsockname(), Handler, bind_and_activate=False)
             self.socket.close()
             self.socket = sock
             self.server_address = sock.getsockname()
