@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 64  # handler threads, process-wide: more than 50 concurrent scrapers need
 IDLE_TIMEOUT_SECONDS = 30  # a connection that sends nothing for this long is closed
 ROOM_WAIT_SECONDS = 1.0  # at the task limit, how long to wait for a closed idle connection's thread
+ROOM_ATTEMPTS, ROOM_RETRY_SECONDS = 25, 0.02  # then tries to start the new one, this far apart
 
 
 class Connections:
@@ -81,11 +82,14 @@ class Connections:
         with self._lock:
             self._threads[sock] = threading.current_thread()
 
-    def mark(self, sock: socket.socket, busy: bool) -> None:
+    def mark(self, sock: socket.socket, busy: bool) -> bool:
+        """False if the connection was closed to make room: its request (cut short) is not answered."""
         with self._lock:
-            if sock in self._open:
-                del self._open[sock]  # re-inserted last: the newest idle is closed last
-                self._open[sock] = busy
+            if sock not in self._open:
+                return False
+            del self._open[sock]  # re-inserted last: the newest idle is closed last
+            self._open[sock] = busy
+            return True
 
     def release(self, sock: socket.socket) -> None:
         with self._lock:
@@ -136,15 +140,19 @@ class ExporterServer(ThreadingHTTPServer):
             log.debug("connection from %s refused: every connection is busy", client_address[0])
             self.shutdown_request(request)
             return
-        for attempt in range(2):
+        for attempt in range(ROOM_ATTEMPTS):
             thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
                                       name="http-conn", daemon=True)
             try:
                 thread.start()
                 return
             except RuntimeError:  # the process is at its task limit
-                if attempt or not self.connections.make_room():
-                    break
+                if attempt == 0:
+                    log.debug("cannot start a handler thread (at the task limit): closing the longest-idle connection")
+                    if not self.connections.make_room():
+                        break
+                else:  # the closed connection's thread has ended, but the kernel may not have reaped it yet
+                    time.sleep(ROOM_RETRY_SECONDS)
         log.debug("connection from %s refused: no thread can be started", client_address[0])
         self.connections.release(request)
         self.shutdown_request(request)
@@ -186,10 +194,12 @@ class Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def parse_request(self) -> bool:
-        ok = super().parse_request()
-        if ok:
-            self.server.connections.mark(self.connection, busy=True)  # headers in: being answered
-        return ok
+        if not super().parse_request():
+            return False
+        if not self.server.connections.mark(self.connection, busy=True):  # headers in: being answered
+            self.close_connection = True  # closed to make room: what arrived is a fragment
+            return False
+        return True
 
     def end_headers(self) -> None:
         web = self.server.web
