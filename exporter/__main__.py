@@ -69,8 +69,9 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 SD_LISTEN_FDS_START = 3  # systemd passes its sockets from this file descriptor on (sd_listen_fds(3))
 
 
-def systemd_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
-    """The listening sockets systemd passed to this process (socket activation), as sd_listen_fds does."""
+def systemd_listen_fds(environ: MutableMapping[str, str], unset: bool = False) -> list[int]:
+    """The file descriptors of the sockets systemd passed to this process (socket activation), as
+    sd_listen_fds(3) finds them; `unset` removes the variables so nothing started later inherits them."""
     try:
         pid, count = int(environ.get("LISTEN_PID", "")), int(environ.get("LISTEN_FDS", ""))
     except ValueError:
@@ -79,9 +80,10 @@ def systemd_sockets(environ: MutableMapping[str, str]) -> list[socket.socket]:
         count = count if pid == os.getpid() else 0
     if count < 1:
         raise ConfigError("web.systemd-socket", "no sockets passed: LISTEN_FDS and LISTEN_PID are not set for this process")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        environ.pop(name, None)  # not inherited by anything this process starts
-    return [socket.socket(fileno=fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
+    if unset:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            environ.pop(name, None)
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
 
 
 def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[ExporterServer] | None:
@@ -89,8 +91,8 @@ def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[Expo
     connections = Connections()
     servers: list[ExporterServer] = []
     if config.systemd_socket:
-        for sock in systemd_sockets(os.environ):
-            servers.append(ExporterServer(None, app, web, sock=sock, connections=connections,
+        for fd in systemd_listen_fds(os.environ, unset=True):
+            servers.append(ExporterServer(None, app, web, sock=socket.socket(fileno=fd), connections=connections,
                                           telemetry_path=config.telemetry_path))
         return servers
     for address in config.listen_addresses:
@@ -113,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.state_file:
             check_state_path(config.state_file)
         if config.systemd_socket and not args.config_check:
-            systemd_sockets(dict(os.environ))  # checked before anything starts; taken in serve()
+            systemd_listen_fds(os.environ)  # checked before anything starts; taken in serve()
     except ConfigError as exc:
         print(f"skillable-exporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
