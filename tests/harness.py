@@ -89,6 +89,8 @@ class Harness:
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false",
             "SKILLABLE_MAX_RESPONSE_BYTES": str(MAX_BODY),
             "SKILLABLE_TIMEOUT": str(POLL_TIMEOUT),
+            # Tests move the monotonic clock by hand: every scrape may poll unless a test sets an interval.
+            "SKILLABLE_MIN_POLL_INTERVAL": "0",
         }
         environ.update(env)
         self.fake = fake

@@ -381,7 +381,9 @@ def test_exporter_process_survives_faults_and_recovers_alone(run_exporter) -> No
     try:
         now = int(time.time())
         live.add(lab(1, now - 600, now - 60, status=4), lab(2, now - 300))
-        exporter = run_exporter(env={"SKILLABLE_API_URL": live.url, "SKILLABLE_API_KEY": live.state.api_key,
+        # Every scrape may poll, and a poll has 1.5 s (the header no longer shortens the poll itself).
+        exporter = run_exporter("--skillable.min-poll-interval=0", "--skillable.timeout=1.5",
+                                env={"SKILLABLE_API_URL": live.url, "SKILLABLE_API_KEY": live.state.api_key,
                                      "SKILLABLE_COLLECTOR_STATS": "false"})
         headers = {"X-Prometheus-Scrape-Timeout-Seconds": "2"}
         assert "skillable_up 1.0" in exporter.get("/metrics", headers=headers).text
