@@ -97,6 +97,10 @@ CASES: dict[str, Case] = {
     "wrong_type_results": Case("invalid_response", queued(f.json_body({"Results": {"LabInstanceId": 1}, "Status": 1}))),
     "wrong_type_status": Case("invalid_response", queued(f.json_body({"Results": [], "Status": "yes"}))),
     "json_array": Case("invalid_response", queued(f.json_body([{"Status": 1}]))),
+    # 1,000 levels deep in an unknown field of one record: bad input, never a bug (issue 10 item 10).
+    "deeply_nested": Case("invalid_response", queued(lambda h: h.send_raw(
+        200, b'{"Status": 1, "Results": [{"LabInstanceId": 1, "Extra": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",
+        "application/json"))),
     "oversized_content_length": Case("too_large", queued(f.oversized(2 * MAX_BODY))),
     "oversized_chunked": Case("too_large", queued(f.oversized(2 * MAX_BODY, content_length=False))),
     "oversized_gzip_bomb": Case("too_large", queued(f.oversized(64 * MAX_BODY, gzipped=True))),
