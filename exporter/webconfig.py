@@ -5,11 +5,16 @@
       key_file: server.key
       client_auth_type: RequireAndVerifyClientCert   # optional
       client_ca_file: ca.crt                          # optional
-      min_version: TLS12                              # optional
+      min_version: TLS12                              # optional, also max_version
+      cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]   # optional, Go's names
+      curve_preferences: [X25519]                     # optional
+    http_server_config:
+      headers: {X-Frame-Options: deny}                # optional, the toolkit's five headers
     basic_auth_users:
       prometheus: $2y$10$...   # bcrypt hash, e.g. from `htpasswd -nBC 10 "" | tr -d ':\\n'`
 
-Relative paths are taken from the web config file's folder, as exporter-toolkit does.
+Relative paths are taken from the web config file's folder, as exporter-toolkit does. Every
+value is checked as the toolkit checks it; a bad one is a ConfigError naming it.
 """
 
 from __future__ import annotations
