@@ -231,7 +231,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._send(HTTPStatus.OK, answer[0], answer[1], compress=True)
         elif url.path == "/":
-            self._send(HTTPStatus.OK, landing_page(self.server.app).encode(), "text/html; charset=utf-8")
+            page = landing_page(self.server.app, self.server.telemetry_path)
+            self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
         else:
             self._send(HTTPStatus.NOT_FOUND, b"404 page not found\n", "text/plain; charset=utf-8")
 
@@ -267,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)
 
 
-def landing_page(app: ExporterApp) -> str:
+def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
     rows = []
     for status in app.status():
         when = (
@@ -288,7 +289,7 @@ def landing_page(app: ExporterApp) -> str:
 <body>
 <h1>Skillable Exporter</h1>
 <p>Prometheus exporter for Skillable (Lab on Demand) lab results, version {html.escape(__version__)}.</p>
-<ul><li><a href="metrics">metrics</a></li><li><a href="healthz">healthz</a></li>{probe_links}</ul>
+<ul><li><a href="{html.escape(telemetry_path.lstrip("/"))}">metrics</a></li><li><a href="healthz">healthz</a></li>{probe_links}</ul>
 <h2>Upstream</h2>
 <table border="1" cellpadding="4"><tr><th>account</th><th>last poll</th><th>last success</th></tr>
 {"".join(rows)}

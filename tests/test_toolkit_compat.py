@@ -153,6 +153,7 @@ def test_telemetry_path_moves_the_metrics(start: Any) -> None:
     assert "skillable_up" in exporter.get("/custom/metrics").text
     assert exporter.get("/metrics").status_code == 404
     assert exporter.get("/healthz").status_code == 200
+    assert 'href="custom/metrics"' in exporter.get("/").text  # the landing page links to it
 
 
 @pytest.mark.parametrize("path", ["metrics", "/healthz", "/", "/probe", "/a b"])
