@@ -129,4 +129,5 @@ class ExporterApp:
 
     def close(self) -> None:
         for poller in self.pollers.values():
+            poller.stop(0)  # its worker thread ends
             poller.client.close()

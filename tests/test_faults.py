@@ -24,7 +24,7 @@ import pytest
 
 from . import fakeapi as f
 from .fakeapi import FakeSkillable, lab
-from .harness import MAX_BODY, SCRAPE_TIMEOUT, Harness, Samples, Scrape, lab_counters, parse, total
+from .harness import MAX_BODY, POLL_TIMEOUT, SCRAPE_TIMEOUT, Harness, Samples, Scrape, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
 from .tlsutil import certs, server_context  # noqa: F401 (certs: the fixture)
 
@@ -446,6 +446,41 @@ def test_a_hanging_dns_lookup_never_holds_a_scrape(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert h.scrape().failures("connect_error") == 1
+
+
+def test_up_is_not_claimed_while_a_poll_is_stuck_past_its_deadline(
+    fake: FakeSkillable, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that hangs past --skillable.timeout: the last success no longer speaks for now (issue 10 item 1)."""
+    import socket
+
+    real = socket.getaddrinfo
+    hanging, release = threading.Event(), threading.Event()
+
+    def lookup(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "api.stuck-dns.test":
+            if hanging.is_set():
+                release.wait(10)
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = harness(SKILLABLE_API_URL=fake.url.replace("127.0.0.1", "api.stuck-dns.test"))
+    try:
+        assert h.scrape().up == 1
+        hanging.set()
+        h.app.pollers[""].client.close()  # no kept-alive connection: the next poll looks the name up
+        h.mono.advance(60)
+        assert h.scrape().up == 1  # the poll is late, not yet past its deadline: the last one stands
+        h.mono.advance(POLL_TIMEOUT + 1.5)  # now it is stuck past its deadline
+        stuck = h.scrape()
+        assert stuck.status == 200 and stuck.elapsed < SCRAPE_TIMEOUT
+        assert stuck.up == 0
+        assert len(fake.latest_requests()) == 1  # no second poll was started beside the stuck one
+    finally:
+        release.set()
 
 
 def test_retry_after_from_stats_holds_every_poll(fake: FakeSkillable, harness: Callable[..., Harness]) -> None:
