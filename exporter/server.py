@@ -17,6 +17,7 @@ import gzip
 import html
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -166,8 +167,14 @@ class ExporterServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that speaks plain HTTP to the TLS port, fails the handshake or hangs up
-        # mid-answer is the client's problem: one debug line, not a traceback on stderr.
-        log.debug("connection from %s failed", client_address[0] if client_address else "?", exc_info=True)
+        # mid-answer is the client's problem: one debug line, not a traceback on stderr. Only
+        # what is not a socket error (a bug) keeps its traceback, still at debug level.
+        error = sys.exc_info()[1]
+        peer = client_address[0] if client_address else "?"
+        if isinstance(error, OSError):  # resets, broken pipes, timeouts, TLS errors
+            log.debug("connection from %s failed error=%s", peer, error)
+        else:
+            log.debug("connection from %s failed", peer, exc_info=True)
 
     def gzipped(self, body: bytes) -> bytes:
         """gzip of `body`. The exposition is the same bytes object until a poll changes it,
