@@ -188,6 +188,23 @@ class ExporterServer(ThreadingHTTPServer):
         return compressed
 
 
+class _LastLine:
+    """The request's input as http.client.parse_headers reads it, remembering the last line read:
+    a complete head ends with a blank line, one cut by the client's EOF does not (and is not
+    answered, nor does it make a scrape poll)."""
+
+    def __init__(self, rfile: Any) -> None:
+        self._rfile = rfile
+        self.last = b""
+
+    def readline(self, limit: int = -1) -> bytes:
+        self.last = self._rfile.readline(limit)
+        return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rfile, name)
+
+
 class Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     protocol_version = "HTTP/1.1"
@@ -201,7 +218,15 @@ class Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def parse_request(self) -> bool:
-        if not super().parse_request():
+        rfile, watched = self.rfile, _LastLine(self.rfile)
+        self.rfile = watched  # type: ignore[assignment]
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = rfile
+        if watched.last not in (b"\r\n", b"\n"):  # the head ended at the client's EOF, cut short
+            self.close_connection = True
             return False
         if not self.server.connections.mark(self.connection, busy=True):  # headers in: being answered
             self.close_connection = True  # closed to make room: what arrived is a fragment

@@ -417,3 +417,23 @@ def test_unknown_users_are_checked_at_the_cost_of_the_configured_hashes(
     assert checked[-1][:7] == b"$2b$05$"  # the dummy hash has the configured cost
     unknown, wrong = median_seconds("nobody", "x"), median_seconds(USER, "x")
     assert unknown < wrong * 3, (unknown, wrong)  # it was 21 times slower with a fixed cost-10 dummy
+
+
+def test_a_request_head_cut_by_the_clients_eof_is_not_answered_nor_polled(fake: FakeSkillable) -> None:
+    """A flood connection that hangs up mid-head used to be answered as a full request, polling first."""
+    from .harness import Harness
+
+    h = Harness(fake)
+    try:
+        assert h.scrape().status == 200
+        polls = len(fake.latest_requests())
+        with socket.create_connection(("127.0.0.1", h.server.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaa")
+            sock.shutdown(socket.SHUT_WR)  # the client's EOF, no blank line
+            assert sock.recv(65536) == b""  # closed without an answer
+        with socket.create_connection(("127.0.0.1", h.server.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a whole head is answered
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert len(fake.latest_requests()) == polls
+    finally:
+        h.close()
