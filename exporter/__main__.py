@@ -127,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(config: Config, web: WebConfig | None) -> int:
+    try:
+        store = StateStore(config.state_file) if config.state_file else None  # locks the file: first
+    except ConfigError as exc:
+        print(f"skillable-exporter: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     simulator = None
     if config.demo:
         from .demo import DATACENTER_NAMES, LAB_HOST_NAMES, start_simulator
@@ -139,7 +144,6 @@ def serve(config: Config, web: WebConfig | None) -> int:
         config = dataclasses.replace(config, accounts=(account,), names=names)
         log.info("demo mode: simulated Skillable API at %s", simulator.url)
     app = ExporterApp(config)
-    store = StateStore(config.state_file) if config.state_file else None
     if store is not None:
         store.attach(app.pollers)  # before the first scrape can poll
     servers = listen(config, app, web)

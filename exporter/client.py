@@ -231,6 +231,11 @@ class SkillableClient:
     def __repr__(self) -> str:
         return f"SkillableClient({self._base_url!r})"
 
+    @property
+    def base_url(self) -> str:
+        """The API URL polled (no trailing slash); the state file records it, never the key."""
+        return self._base_url
+
     def close(self) -> None:
         self._session.close()
 

@@ -7,6 +7,7 @@ in memory, which is both cheaper and keeps personal data out of the process.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -39,6 +40,12 @@ def status_name(code: int | None) -> str:
 # JSON integers can be of any size; ids and times beyond 64 bits make a record invalid
 # instead of reaching arithmetic that would overflow (float() of a 400-digit run time).
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# A float that is a number: the lenient decoder (strict=False, so "12" reads as 12) would also
+# read the strings "NaN" and "Infinity" as floats, and one NaN would poison a histogram sum for
+# good. NaN fails both bounds and the infinities one, so a non-finite value makes its record invalid.
+Finite = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+# A count (labs active, a counter in the state file): a 64-bit integer, never below zero.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class LabResult(msgspec.Struct, rename="pascal", frozen=True, gc=False):
@@ -49,11 +56,11 @@ class LabResult(msgspec.Struct, rename="pascal", frozen=True, gc=False):
     end: Int64 | None = None
     completion_status: Int64 | None = None
     total_run_time_seconds: Int64 | None = None
-    task_complete_percent: float | None = None
+    task_complete_percent: Finite | None = None
     is_exam: bool | None = None
     exam_passed: bool | None = None
-    exam_score: float | None = None
-    exam_max_possible_score: float | None = None
+    exam_score: Finite | None = None
+    exam_max_possible_score: Finite | None = None
     lab_host_id: Int64 | None = None
     datacenter_id: Int64 | None = None
     delivery_region_id: Int64 | None = None
@@ -147,19 +154,19 @@ def _check_status(status: int | None, error: str | None) -> None:
 
 
 class _DeliveryRegion(msgspec.Struct, rename="pascal"):
-    id: int
+    id: Int64
     name: str | None = None
 
 
 class _DeliveryRegions(msgspec.Struct):
-    DeliveryRegions: list[_DeliveryRegion] | None = None
+    DeliveryRegions: list[msgspec.Raw] | None = None  # each decoded alone: a bad one is skipped
     Status: int | None = None
     Error: str | None = None
 
 
 class _Stats(msgspec.Struct):
-    NumActive: Int64 | None = None
-    NumSaved: Int64 | None = None
+    NumActive: Count | None = None
+    NumSaved: Count | None = None
     Status: int | None = None
     Error: str | None = None
 
@@ -170,15 +177,26 @@ class AccountStats:
     saved: int | None
 
 
+_region = msgspec.json.Decoder(_DeliveryRegion, strict=False)
+
+
 def decode_delivery_regions(body: bytes) -> dict[int, str]:
-    """Decode /deliveryregions into {id: name}."""
+    """Decode /deliveryregions into {id: name}; a region that fails validation is left out."""
     try:
         env = msgspec.json.decode(body, type=_DeliveryRegions, strict=False)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a DeliveryRegions object: {exc}") from None
     _check_status(env.Status, env.Error)
-    return {r.id: r.name for r in env.DeliveryRegions or [] if r.name}
+    names: dict[int, str] = {}
+    for raw in env.DeliveryRegions or []:
+        try:
+            region = _region.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+        if region.name:
+            names[region.id] = region.name
+    return names
 
 
 def decode_stats(body: bytes) -> AccountStats:

@@ -9,6 +9,7 @@ keeps it from counting anything twice.
 The file is JSON, keyed by account name:
 
     {"format": "skillable-exporter-state", "version": 1, "saved_at": <unix time>,
+     "api_urls": {"<name>": "https://host/path"},
      "accounts": {"<name>": {"last_success": ..., "requests": {...}, "instances": [...], ...}}}
 
 It holds ids, counts and times only: no API key and no personal data. Each write
@@ -20,21 +21,60 @@ scrapes waiting for the poll were let go; the disk write happens in a writer
 thread of its own. No scrape waits for the encoding or for a disk.
 A missing, unreadable, corrupt or foreign-version file gives one warning and a
 clean start.
+
+Hostile files and hostile neighbours (docs/failure-modes.md, "Hostile input"):
+
+- **One bad entry is left out, never the file.** Every value is checked as it is
+  read: counts are never below zero, floats are finite (NaN is written as null,
+  and null is no count), ids and times fit 64 bits. The smallest part holding a
+  bad value is left out: one element of a list (an instance, one count row, one
+  histogram), one value of a mapping (one endpoint's request count). A bad plain
+  field of an account (its `invalid_total`, say) leaves out that account, never
+  the others. Each account with a problem gives one warning; the next write
+  holds only what was kept, so the file never holds a value its reader rejects.
+- **One exporter per file.** The exporter holds an exclusive flock on
+  `<state file>.lock` for the life of the process (the state file itself is
+  replaced by each write, so its inode cannot carry the lock). A second process
+  exits 2 with one line naming --storage.state-file. The lock file holds the
+  holder's pid and is never deleted (deleting a lock file races with the next
+  process taking it).
+- **Whose accounts.** The file records, per account, the API URL it was saved for
+  (scheme, host, port and path: no user, password or query, never the key). An
+  account whose saved URL is not the one it polls now is not restored: one
+  warning and a clean start for it. The saved state stays in the file, untouched,
+  until that account's first successful poll, so a typo in the URL costs nothing
+  once fixed; the first successful poll replaces it. Files of the previous layout
+  have no URLs and are restored as before.
+- **Regular files only.** A FIFO, socket or device at the state path (or the lock
+  path) is refused at start, exit status 2; the file is opened non-blocking, so
+  even one that appears later cannot hang a start.
+- **Temporary files are recognisable.** They are named `.<state file name>.<pid>-<8 hex>.tmp`
+  in the state file's folder. A write cut short by SIGKILL or power loss leaves one
+  behind; the next start (once it holds the lock, so no live writer owns one) removes
+  every such leftover, and those of earlier versions (`.skillable-state-*.tmp`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
-import tempfile
+import re
+import secrets
+import stat
+import sys
 import threading
 import time
+import typing
 from collections import Counter
-from typing import TYPE_CHECKING, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 import msgspec
 
 from .config import ConfigError
+from .model import Count, Finite, Int64
 from .state import RATIO_BUCKETS, RUN_TIME_BUCKETS, FleetState, Histogram, Instance
 
 if TYPE_CHECKING:
@@ -45,20 +85,25 @@ log = logging.getLogger(__name__)
 FORMAT = "skillable-exporter-state"
 VERSION = 1
 SETTING = "storage.state-file"
+LOCK_SUFFIX = ".lock"
+UNREADABLE_URL = "(unreadable)"
+
+# The value rules of the file, applied as it is read (with model.py's Count, Finite and Int64).
+Sum = Annotated[float, msgspec.Meta(ge=0.0, le=sys.float_info.max)]  # a histogram's sum of values >= 0
 
 
 # -- the schema (arrays, not objects, for the large lists) ---------------------
 
 
 class _Instance(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    id: int
+    id: Int64
     datacenter: str
     region: str
     host: str
     status: str
-    start: int | None
-    end: int | None
-    last_change: float
+    start: Int64 | None
+    end: Int64 | None
+    last_change: Finite
     ended_counted: bool
     exam_counted: bool
 
@@ -67,7 +112,7 @@ class _PlaceCount(msgspec.Struct, array_like=True):
     datacenter: str
     region: str
     host: str
-    count: int
+    count: Count
 
 
 class _PlaceStatusCount(msgspec.Struct, array_like=True):
@@ -75,30 +120,30 @@ class _PlaceStatusCount(msgspec.Struct, array_like=True):
     region: str
     host: str
     status: str
-    count: int
+    count: Count
 
 
 class _Histogram(msgspec.Struct, array_like=True):
     datacenter: str
     region: str
-    counts: list[int]
-    total: float
+    counts: list[Count]
+    total: Sum
 
 
 class _Failure(msgspec.Struct, array_like=True):
     endpoint: str
     reason: str
-    count: int
+    count: Count
 
 
 class AccountState(msgspec.Struct, forbid_unknown_fields=True):
     """One account's saved state."""
 
-    last_success: float | None
-    requests: dict[str, int]
+    last_success: Finite | None
+    requests: dict[str, Count]
     failures: list[_Failure]
-    invalid_total: int
-    host_overflow_total: int
+    invalid_total: Count
+    host_overflow_total: Count
     hosts: list[str]
     places: list[tuple[str, str, str]]
     instances: list[_Instance]
@@ -119,8 +164,9 @@ class _Header(msgspec.Struct):
 class _File(msgspec.Struct):
     format: str
     version: int
-    saved_at: float
-    accounts: dict[str, msgspec.Raw]
+    accounts: dict[str, msgspec.Raw]  # each account read on its own: one bad account never sinks the others
+    api_urls: dict[str, Any] = {}  # account -> the API URL it was saved for (api_identity); absent before
+    saved_at: float | None = None  # for people reading the file; never used
 
 
 _encoder = msgspec.json.Encoder()
@@ -207,24 +253,105 @@ def restore_account(poller: Poller, saved: AccountState) -> None:
         poller.health.failures = Counter({(f.endpoint, f.reason): f.count for f in saved.failures})
 
 
-# -- the file ------------------------------------------------------------------
+# -- reading: every entry on its own ---------------------------------------------
 
 
-def check_state_path(path: str) -> None:
-    """Refuse, at start, a state file whose folder does not exist or cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(SETTING, f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(SETTING, f"folder {folder} is not writable")
-    if os.path.isdir(path):
-        raise ConfigError(SETTING, f"{path} is a folder")
+@dataclass
+class SavedFile:
+    """What a state file holds, after every value was checked."""
+
+    accounts: dict[str, AccountState]  # every account that could be read, bad entries left out
+    api_urls: dict[str, str]  # account -> the API URL it was saved for (none in files of the earlier layout)
+    refused: dict[str, str] = field(default_factory=dict)  # account -> why it cannot be restored at all
+    left_out: dict[str, tuple[int, str]] = field(default_factory=dict)  # account -> (entries left out, first one)
 
 
-def read_state_file(path: str) -> dict[str, AccountState]:
-    """Every account in the file. Raises FileNotFoundError or StateFileError."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+_raw_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
+    if kind not in _decoders:
+        _decoders[kind] = msgspec.json.Decoder(kind)
+    return _decoders[kind]
+
+
+def decode_account(raw: bytes) -> tuple[AccountState, int, str]:
+    """One account, leaving out each bad entry. Returns (account, entries left out, the first of them).
+
+    Raises StateFileError when the account itself cannot be used (see salvage).
+    """
+    try:
+        return _account_decoder.decode(raw), 0, ""
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass  # the slow path below finds what is wrong, entry by entry
+    problems: list[str] = []
+    account = salvage(raw, AccountState, problems)
+    return account, len(problems), problems[0] if problems else ""
+
+
+def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "account") -> Any:
+    """Decode a struct of type `kind`, leaving out the bad entries of its lists and mappings.
+
+    The rules: an element of a list field, or a value of a mapping field, that fails
+    validation is left out and described in `problems`. A field holding a struct (not
+    an array-like one) is salvaged the same way, one level down. Any other field that
+    fails (a plain number, a missing required field, an unknown field) fails the whole
+    struct: StateFileError.
+    """
+    try:
+        fields = _raw_fields.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise StateFileError(f"{where}: {exc}") from None
+    declared = {f.encode_name: f for f in msgspec.structs.fields(kind)}
+    unknown = sorted(set(fields) - set(declared))
+    if unknown:
+        raise StateFileError(f"{where}: unknown field {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for name, f in declared.items():
+        path = name if where == "account" else f"{where}.{name}"
+        if name not in fields:
+            if f.required:
+                raise StateFileError(f"{path} is missing")
+            continue
+        origin, args = typing.get_origin(f.type), typing.get_args(f.type)
+        try:
+            if origin is list:
+                items = enumerate(_decoder(list[msgspec.Raw]).decode(fields[name]))
+                values[f.name] = [value for _, value in _good_entries(items, args[0], path, problems)]
+            elif origin is dict:
+                mapping = _decoder(dict[args[0], msgspec.Raw]).decode(fields[name])
+                values[f.name] = dict(_good_entries(mapping.items(), args[1], path, problems))
+            elif _is_object_struct(f.type):
+                values[f.name] = salvage(fields[name], f.type, problems, path)
+            else:
+                values[f.name] = _decoder(f.type).decode(fields[name])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateFileError(f"{path}: {exc}") from None
+    return kind(**values)
+
+
+def _good_entries(entries: Iterable[tuple[Any, bytes]], kind: Any, path: str,
+                  problems: list[str]) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs whose value decodes as `kind`; each other one is described in `problems`."""
+    good: list[tuple[Any, Any]] = []
+    for key, raw in entries:
+        try:
+            good.append((key, _decoder(kind).decode(raw)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            problems.append(f"{path}[{key!r}]: {exc}")
+    return good
+
+
+def _is_object_struct(kind: Any) -> bool:
+    return (isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+            and not kind.__struct_config__.array_like)
+
+
+def load_state_file(path: str) -> SavedFile:
+    """Every account in the file, each read on its own. Raises OSError (FileNotFoundError) or
+    StateFileError when the file as a whole cannot be used (not JSON, another format or version)."""
+    data = _read_regular_file(path)
     try:
         header = msgspec.json.decode(data, type=_Header)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -234,15 +361,140 @@ def read_state_file(path: str) -> dict[str, AccountState]:
                              f"version {VERSION}")
     try:
         whole = msgspec.json.decode(data, type=_File)
-        return {name: _account_decoder.decode(raw) for name, raw in whole.accounts.items()}
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise StateFileError(f"corrupt ({exc})") from None
+    # A URL that is not a string proves no account's identity: it matches none (see StateStore.load).
+    urls = {name: url if isinstance(url, str) else UNREADABLE_URL for name, url in whole.api_urls.items()}
+    saved = SavedFile({}, urls)
+    for name, raw in whole.accounts.items():
+        try:
+            account, left_out, first = decode_account(raw)
+        except StateFileError as exc:
+            saved.refused[name] = str(exc)
+            continue
+        saved.accounts[name] = account
+        if left_out:
+            saved.left_out[name] = (left_out, first)
+    return saved
+
+
+def read_state_file(path: str) -> dict[str, AccountState]:
+    """Every account that can be restored from the file (see load_state_file)."""
+    return load_state_file(path).accounts
+
+
+def _read_regular_file(path: str) -> bytes:
+    # Non-blocking, so a FIFO put there after the start-up check cannot hang the start.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateFileError("not a regular file")
+        return handle.read()
+
+
+# -- the file on disk: checks, the lock, temporary files --------------------------
+
+
+def check_state_path(path: str) -> None:
+    """Refuse, at start, a state path whose folder does not exist or cannot be written,
+    or that is something other than a regular file (a folder, a FIFO, a socket, a device)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(SETTING, f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(SETTING, f"folder {folder} is not writable")
+    for candidate in (path, path + LOCK_SUFFIX):
+        _check_regular(candidate)
+
+
+def _check_regular(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(SETTING, f"{path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(SETTING, f"{path} is a folder")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(SETTING, f"{path} is {_file_kind(mode)}, not a regular file")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def lock_state_file(path: str) -> int:
+    """Take the exclusive lock of this state file for the life of the process; returns the fd.
+
+    Raises ConfigError when another process holds it (or it cannot be taken at all).
+    """
+    lock_path = path + LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(SETTING, f"cannot open the lock file {lock_path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(SETTING, f"{lock_path} is {_file_kind(os.fstat(fd).st_mode)}, not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(SETTING, f"{path} is in use by another exporter{pid}: give each exporter a state "
+                                       "file of its own") from None
+        except OSError as exc:
+            raise ConfigError(SETTING, f"cannot lock {lock_path}: {exc.strerror}") from None
+        try:  # the pid is for the message of the next process only: a full disk must not stop the start
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _temporary_name(path: str) -> str:
+    return f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
+def _is_temporary(name: str, path: str) -> bool:
+    """A temporary file of this state file, or one of an earlier version (named by tempfile.mkstemp)."""
+    own = rf"\.{re.escape(os.path.basename(path))}\.\d+-[0-9a-f]{{8}}\.tmp"
+    return re.fullmatch(own, name) is not None or re.fullmatch(r"\.skillable-state-\w{8}\.tmp", name) is not None
+
+
+def remove_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that interrupted writes left beside `path`. Call only holding its lock."""
+    folder = os.path.dirname(os.path.abspath(path))
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not _is_temporary(name, path):
+            continue
+        candidate = os.path.join(folder, name)
+        try:
+            if stat.S_ISREG(os.lstat(candidate).st_mode):
+                os.unlink(candidate)
+                removed.append(name)
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: the next start tries again
+    return sorted(removed)
 
 
 def write_atomically(path: str, data: bytes) -> None:
     """Temporary file in the same folder, fsync, rename over `path`, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".skillable-state-", suffix=".tmp", dir=folder)
+    temporary = os.path.join(folder, _temporary_name(path))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -267,12 +519,42 @@ def write_atomically(path: str, data: bytes) -> None:
         os.close(folder_fd)
 
 
+# -- whose accounts ------------------------------------------------------------------
+
+
+def api_identity(url: str) -> str:
+    """The API URL as the file records it: scheme, host, port and path; no user, password, query or fragment."""
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
+
+
+# -- the store -------------------------------------------------------------------------
+
+
 class StateStore:
-    """The state file of one exporter: load once at start, then save from a writer thread."""
+    """The state file of one exporter: lock it and load it once at start, then save from a writer thread.
+
+    Raises ConfigError when another process holds the file's lock.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock_fd: int | None = lock_state_file(path)  # first: nothing below may touch another's file
+        removed = remove_temporaries(path)
+        if removed:
+            log.info("state file %s: removed %d temporary files left by interrupted writes: %s",
+                     path, len(removed), ", ".join(removed))
         self._fragments: dict[str, bytes] = {}  # account name -> its latest encoded state
+        self._urls: dict[str, str] = {}  # account name -> the API URL its fragment was saved for
+        self._own_urls: dict[str, str] = {}  # account name -> the API URL it polls
+        self._foreign: dict[str, Poller] = {}  # accounts whose fragment is another URL's, kept until they succeed
         self._cond = threading.Condition()
         self._dirty = False  # something submitted is not written yet
         self._writing = False
@@ -284,7 +566,7 @@ class StateStore:
 
     def attach(self, pollers: Mapping[str, Poller]) -> None:
         """Restore each poller's saved state, then save it after each of its polls. Call before serving."""
-        saved = self.load(list(pollers))
+        saved = self.load(pollers)
         for name, poller in pollers.items():
             if name in saved:
                 try:
@@ -304,10 +586,18 @@ class StateStore:
         self.close(final, timeout)
         log.info("state file written path=%s accounts=%d", self.path, len(final))
 
-    def load(self, names: list[str]) -> dict[str, AccountState]:
-        """The saved state of each configured account; problems give one warning and {}."""
+    def load(self, pollers: Mapping[str, Poller]) -> dict[str, AccountState]:
+        """The saved state of each configured account that may be restored into it.
+
+        A file that cannot be used gives one warning and {}; an account that cannot be
+        used, that lost entries or that was saved for another API URL, one warning each.
+        """
+        own_urls = {name: api_identity(poller.client.base_url) for name, poller in pollers.items()}
+        with self._cond:
+            self._own_urls = dict(own_urls)
+            self._urls = dict(own_urls)
         try:
-            saved = read_state_file(self.path)
+            saved = load_state_file(self.path)
         except FileNotFoundError:
             log.warning("state file %s does not exist yet: starting with empty counters", self.path)
             return {}
@@ -315,19 +605,56 @@ class StateStore:
             detail = exc.strerror if isinstance(exc, OSError) else str(exc)
             log.warning("state file %s cannot be used, starting with empty counters: %s", self.path, detail)
             return {}
-        dropped = sorted(set(saved) - set(names))
+        dropped = sorted((set(saved.accounts) | set(saved.refused)) - set(own_urls))
         if dropped:
             log.info("state file %s: dropping accounts no longer configured: %s", self.path, ", ".join(dropped))
-        restored = {name: saved[name] for name in names if name in saved}
+        restored: dict[str, AccountState] = {}
+        for name, url in own_urls.items():
+            if name in saved.refused:
+                log.warning("state file %s: account %r cannot be used, starting it empty: %s",
+                            self.path, name, saved.refused[name])
+                continue
+            if name not in saved.accounts:
+                continue
+            saved_url = saved.api_urls.get(name)
+            if saved_url is not None and saved_url != url:
+                log.warning("state file %s: account %r was saved for API URL %s, not %s: not restored, starting "
+                            "it empty; the saved state is kept until this account's first successful poll",
+                            self.path, name, saved_url, url)
+                with self._cond:
+                    self._fragments[name] = _encoder.encode(saved.accounts[name])
+                    self._urls[name] = saved_url
+                    self._foreign[name] = pollers[name]
+                continue
+            if name in saved.left_out:
+                count, first = saved.left_out[name]
+                log.warning("state file %s: account %r: %d bad entries left out, the rest restored (first: %s)",
+                            self.path, name, count, first)
+            restored[name] = saved.accounts[name]
         with self._cond:
             for name, account in restored.items():
-                # Until that account's first poll, the file keeps what it had.
+                # Until that account's first poll, the file keeps what it had (without the bad entries).
                 self._fragments[name] = _encoder.encode(account)
         return restored
+
+    def _may_replace(self, name: str) -> bool:
+        """Whether this account's own state may replace its fragment now. Call holding the condition."""
+        poller = self._foreign.get(name)
+        if poller is not None:
+            if poller.health.last_success is None:
+                return False  # keep the other URL's state: this account has nothing of its own yet
+            del self._foreign[name]
+            log.info("state file %s: account %r polled %s successfully: its state replaces the one saved for %s",
+                     self.path, name, self._own_urls.get(name), self._urls.get(name))
+        if name in self._own_urls:
+            self._urls[name] = self._own_urls[name]
+        return True
 
     def submit(self, name: str, fragment: bytes) -> None:
         """Save this account's state soon; a newer submit before the write replaces it."""
         with self._cond:
+            if not self._may_replace(name):
+                return
             self._fragments[name] = fragment
             self._dirty = True
             self._cond.notify()
@@ -338,13 +665,16 @@ class StateStore:
             return self._cond.wait_for(lambda: not self._dirty and not self._writing, timeout)
 
     def close(self, final: dict[str, bytes], timeout: float = 10.0) -> None:
-        """Write `final` (each account's last state) synchronously and stop the writer."""
+        """Write `final` (each account's last state) synchronously, stop the writer, release the lock."""
         with self._cond:
-            self._fragments.update(final)
+            self._fragments.update({name: body for name, body in final.items() if self._may_replace(name)})
             self._closed = True
             self._dirty = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self._lock_fd is not None and not self._thread.is_alive():  # else at exit, after the last write
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _run(self) -> None:
         while True:
@@ -353,19 +683,20 @@ class StateStore:
                 if not self._dirty and self._closed:
                     return
                 fragments = dict(self._fragments)
+                urls = {name: self._urls[name] for name in fragments if name in self._urls}
                 self._dirty = False
                 self._writing = True
                 closing = self._closed
-            self._write(fragments)
+            self._write(fragments, urls)
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()  # flush() waiters
                 if closing and not self._dirty:
                     return
 
-    def _write(self, fragments: dict[str, bytes]) -> None:
+    def _write(self, fragments: dict[str, bytes], urls: dict[str, str]) -> None:
         data = _encoder.encode(
-            {"format": FORMAT, "version": VERSION, "saved_at": time.time(),
+            {"format": FORMAT, "version": VERSION, "saved_at": time.time(), "api_urls": dict(sorted(urls.items())),
              "accounts": {name: msgspec.Raw(body) for name, body in sorted(fragments.items())}}
         )
         try:

@@ -140,3 +140,37 @@ def test_json_nested_past_the_decoders_depth_is_bad_input_not_a_bug(where: str) 
         decode_stats(b'{"Status": 1, "NumActive": 1, "Extra": ' + deep + b"}")
     with pytest.raises(DecodeError):
         decode_delivery_regions(b'{"Status": 1, "Extra": ' + deep + b"}")
+
+
+# The spellings of a non-finite number the lenient decoder would otherwise read as a float
+# (issue 10 item 2): as a JSON string, and as a JSON number beyond float range.
+NON_FINITE = ['"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', "1e999", "-1e999", '"1e999"']
+
+
+@pytest.mark.parametrize("field", ["TaskCompletePercent", "ExamScore", "ExamMaxPossibleScore"])
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_a_non_finite_number_makes_its_record_invalid(field: str, value: str) -> None:
+    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"%s":%s},{"LabInstanceId":2,"%s":"12.5"}]}'
+            % (field, value, field)).encode()
+    batch = decode_latest_results(body)
+    assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
+    assert batch.results[0] == LabResult(2, **{  # a number in a string still reads as a number
+        {"TaskCompletePercent": "task_complete_percent", "ExamScore": "exam_score",
+         "ExamMaxPossibleScore": "exam_max_possible_score"}[field]: 12.5})
+
+
+@pytest.mark.parametrize("body", [
+    b'{"NumActive":"NaN","Status":1}', b'{"NumSaved":"Infinity","Status":1}', b'{"NumActive":1e999,"Status":1}',
+    b'{"NumActive":-3,"Status":1}', b'{"NumActive":2.5,"Status":1}',
+])
+def test_stats_with_a_count_that_is_no_count_is_invalid(body: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_stats(body)
+
+
+def test_a_bad_delivery_region_is_left_out_not_the_answer() -> None:
+    regions = decode_delivery_regions(
+        b'{"DeliveryRegions":[{"Id":"NaN","Name":"a"},{"Id":1e999,"Name":"b"},{"Id":1' + b"0" * 30 +
+        b',"Name":"c"},{"Id":[1],"Name":"d"},7,{"Id":"4","Name":"Europe"},{"Id":5,"Name":"Asia"}],"Status":1}'
+    )
+    assert regions == {4: "Europe", 5: "Asia"}

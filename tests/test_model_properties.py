@@ -58,7 +58,7 @@ FIELDS = INT_FIELDS + FLOAT_FIELDS + BOOL_FIELDS
 chaos_values = (
     json_values
     | st.sampled_from([0, -1, INT64, INT64 + 1, -(2**63), -(2**63) - 1, 10**30, 10**400, 1e308, -1e308, 0.5,
-                       "12", "x", True, False, None, [], {}, "", "1e999"])
+                       "12", "x", True, False, None, [], {}, "", "1e999", "NaN", "Infinity", "-Infinity", "nan"])
 )
 
 chaos_record = st.dictionaries(
@@ -108,6 +108,9 @@ def decode(body: bytes) -> Batch | None:
 
 def check_state_and_exposition(results: list[LabResult]) -> None:
     """Whatever decoded must fold into the state and render, with sane numbers."""
+    for r in results:
+        for value in (r.task_complete_percent, r.exam_score, r.exam_max_possible_score):
+            assert value is None or math.isfinite(value)
     state = FleetState(max_lab_hosts=50)
     now = 1_800_000_000
     state.apply(results, now - 3600)
@@ -168,6 +171,35 @@ def test_a_bad_record_never_sinks_the_batch(mix: list[tuple[bool, dict[str, Any]
     assert batch.invalid == len(records) - len(valid)
     for decoded, raw in zip(batch.results, valid):
         assert decoded.start == raw.get("Start") and decoded.exam_score == raw.get("ExamScore")
+    check_state_and_exposition(batch.results)
+
+
+# Every way JSON can carry a number that is not finite: a string the lenient decoder reads as a
+# float (any case, signed or not), or a number beyond float range.
+non_finite = st.one_of(
+    st.tuples(st.sampled_from(["", "+", "-"]), st.sampled_from(["nan", "inf", "infinity"]), st.randoms()).map(
+        lambda t: json.dumps(t[0] + "".join(c.upper() if t[2].random() < 0.5 else c for c in t[1]))),
+    st.tuples(st.sampled_from(["", "-"]), st.integers(min_value=309, max_value=9999)).map(
+        lambda t: f"{t[0]}1e{t[1]}"),
+)
+
+
+@PROPERTY
+@given(st.lists(st.tuples(valid_record, st.booleans()), min_size=1, max_size=8),
+       st.sampled_from(FLOAT_FIELDS), non_finite)
+def test_a_non_finite_number_makes_its_record_invalid(
+    mix: list[tuple[dict[str, Any], bool]], field: str, spelling: str
+) -> None:
+    """A poisoned float field skips its record (counted), whatever its spelling; the others stay."""
+    parts = []
+    for record, poisoned in mix:
+        text = json.dumps({k: v for k, v in record.items() if k != field})
+        parts.append(text[:-1] + f', "{field}": {spelling}}}' if poisoned else text)
+    body = ('{"Status": 1, "Results": [%s]}' % ", ".join(parts)).encode()
+    batch = decode_latest_results(body)
+    kept = [record["LabInstanceId"] for record, poisoned in mix if not poisoned]
+    assert [r.lab_instance_id for r in batch.results] == kept
+    assert batch.invalid == len(mix) - len(kept)
     check_state_and_exposition(batch.results)
 
 

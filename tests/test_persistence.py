@@ -20,18 +20,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from exporter.app import ExporterApp
-from exporter.config import load_config
-from exporter.persistence import FORMAT, VERSION, StateStore, read_state_file
+from exporter.client import SkillableClient
+from exporter.config import ConfigError, load_config
+from exporter.model import decode_latest_results
+from exporter.persistence import (
+    FORMAT,
+    VERSION,
+    StateStore,
+    api_identity,
+    decode_account,
+    encode_account,
+    load_state_file,
+    read_state_file,
+    restore_account,
+)
+from exporter.poller import Poller
 
 from . import fakeapi as f
 from .conftest import ROOT
 from .fakeapi import FakeSkillable, lab
 from .harness import Harness, Samples, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
+from .test_model_properties import chaos_record, valid_record
 
 NOW = 1_800_000_000
 
@@ -212,8 +227,10 @@ def test_saved_after_every_poll_atomically_and_privately(
         # Failed polls are saved too: their failure counter must survive a SIGKILL as well.
         assert saved.requests["LatestResults"] == i + 1
         assert sum(fl.count for fl in saved.failures) == (1 if i >= 2 else 0)
-    assert sorted(os.listdir(tmp_path)) == ["state.json"]  # no temporary file left behind
+    # No temporary file left behind; the lock file stays (deleting one races with the next holder).
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.lock"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(str(path) + ".lock").st_mode) == 0o600
     text = path.read_text()
     assert fake.state.api_key not in text and "user-secret-555" not in text and "203.0.113.9" not in text
 
@@ -229,6 +246,7 @@ def test_a_failing_disk_never_fails_a_scrape_and_is_logged_once(
     assert h.store.flush(5)
     caplog.set_level(logging.INFO, logger="exporter")
     (folder / "state.json").unlink()
+    (folder / "state.json.lock").unlink()
     folder.rmdir()
     folder.write_text("a file where the folder was")  # every write now fails
     for _ in range(4):
@@ -389,3 +407,446 @@ def test_scrapes_never_wait_for_the_save(fake: FakeSkillable) -> None:
     assert time.monotonic() - started < 0.5
     assert len(fake.latest_requests()) == 1
     assert poller.stop(5)  # stop() waits for the save
+
+
+# -- hostile input (issue 10 items 2, 8, 12) ---------------------------------------------
+
+
+def exporter_env(api: FakeSkillable, path: Path) -> dict[str, str]:
+    return {"SKILLABLE_API_URL": api.url, "SKILLABLE_API_KEY": api.state.api_key,
+            "SKILLABLE_STATE_FILE": str(path), "SKILLABLE_COLLECTOR_STATS": "false",
+            "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"}
+
+
+def test_a_nan_from_the_api_is_an_invalid_record_and_every_counter_survives_the_restart(
+    run_exporter: Any, tmp_path: Path
+) -> None:
+    """The issue's case: one "NaN" made a histogram sum NaN, the file stored null, the restore refused
+    the whole file and every counter started again. Now the record is invalid and nothing else moves."""
+    live = FakeSkillable(live=True)
+    try:
+        now = int(time.time())
+        live.add(*(lab(i, now - 900 + i, now - 300 + i, status=4, TaskCompletePercent=90) for i in range(1, 52)))
+        live.add(lab(99, now - 600, now - 200, status=4, TaskCompletePercent="NaN"),
+                 lab(98, now - 600, now - 200, status=4, ExamScore="Infinity", ExamMaxPossibleScore=10))
+        path = tmp_path / "state.json"
+        exporter = run_exporter(env=exporter_env(live, path))
+        before = parse(exporter.get("/metrics").text)
+        assert total(before, "skillable_lab_instances_started_total") == 51
+        assert total(before, "skillable_results_invalid_total") == 2
+        assert math.isfinite(total(before, "skillable_lab_task_completion_ratio_sum"))
+        assert exporter.stop() == 0  # SIGTERM: the file is written
+        written = load_state_file(str(path))
+        assert written.left_out == {} and written.refused == {}  # no null sum: the file reads back whole
+
+        restarted = run_exporter(env=exporter_env(live, path))
+        after = parse(restarted.get("/metrics").text)
+        assert live.latest_requests()[-1].minutes < 60  # restored: only the minutes since the saved success
+        assert_no_reset(before, after)
+        assert total(after, "skillable_lab_instances_started_total") == 51
+        assert total(after, "skillable_lab_task_completion_ratio_count") == 51
+        assert restarted.stop() == 0
+        assert "restored state" in restarted.log() and "cannot be used" not in restarted.log()
+    finally:
+        live.stop()
+
+
+def saved_doc(fake: FakeSkillable, harness: Callable[..., Harness], path: Path) -> dict[str, Any]:
+    """Run one poll over the fake's labs, stop (the file is written) and return the file as JSON."""
+    h = harness(str(path))
+    assert h.scrape().up == 1
+    h.close()
+    return json.loads(path.read_text())
+
+
+def two_accounts(fake: FakeSkillable, harness: Callable[..., Harness], path: Path) -> dict[str, Any]:
+    """A file with accounts "" and "second", as two exporters of one config would leave it."""
+    fake.add(
+        lab(1, NOW - 600, NOW - 60, status=4, TotalRunTimeSeconds=540, TaskCompletePercent=80),
+        lab(2, NOW - 500, NOW - 50, status=20, TotalRunTimeSeconds=450, TaskCompletePercent=10),
+        lab(3, NOW - 400, datacenter=7),
+    )
+    doc = saved_doc(fake, harness, path)
+    doc["accounts"]["second"] = json.loads(json.dumps(doc["accounts"][""]))
+    doc.setdefault("api_urls", {})["second"] = fake.url
+    return doc
+
+
+def test_one_bad_entry_is_left_out_never_the_file_nor_the_other_accounts(
+    fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    path = tmp_path / "state.json"
+    doc = two_accounts(fake, harness, path)
+    bad = doc["accounts"]["second"]
+    # What a NaN used to become (null), a sum that is not a number, a time that is null, a bool count.
+    bad["task_completion"][0][3] = None
+    bad["run_time"][0][3] = "NaN"
+    bad["instances"][0][7] = None
+    bad["started"][0][3] = True
+    whole = read_state_file(str(path))[""]  # as written, before the damage
+    path.write_text(json.dumps(doc))
+
+    saved = read_state_file(str(path))
+    assert set(saved) == {"", "second"}
+    assert saved[""] == whole  # the good account is whole
+    good, second = saved[""], saved["second"]
+    assert len(second.instances) == len(good.instances) - 1
+    assert len(second.task_completion) == len(good.task_completion) - 1
+    assert len(second.run_time) == len(good.run_time) - 1
+    assert len(second.started) == len(good.started) - 1
+    assert second.ended == good.ended and second.requests == good.requests  # the rest is kept
+    assert load_state_file(str(path)).left_out["second"][0] == 4
+
+
+def test_an_account_with_bad_entries_restores_the_rest_and_says_so_once(
+    fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.json"
+    fake.add(
+        lab(1, NOW - 600, NOW - 60, status=4, TotalRunTimeSeconds=540, TaskCompletePercent=80, datacenter=1),
+        lab(2, NOW - 500, NOW - 50, status=20, TotalRunTimeSeconds=450, TaskCompletePercent=10, datacenter=2),
+    )
+    doc = saved_doc(fake, harness, path)
+    account = doc["accounts"][""]
+    account["task_completion"][0][3] = None  # main wrote a NaN sum as null; then refused the whole file
+    path.write_text(json.dumps(doc))
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="exporter")
+    h = harness(str(path))
+    restored = parse(generate_latest(h.app.registry).decode())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "1 bad entries left out" in warnings[0] and "task_completion[0]" in warnings[0]
+    assert total(restored, "skillable_lab_instances_ended_total") == 2
+    assert total(restored, "skillable_lab_run_time_seconds_count") == 2
+    assert total(restored, "skillable_lab_task_completion_ratio_count") == 1  # one region's histogram left out
+    assert all(math.isfinite(v) for v in restored.values())
+    h.scrape()
+    assert fake.latest_requests()[-1].minutes < 60  # restored: asks only since the saved success
+    assert h.store is not None and h.store.flush(5)
+    rewritten = load_state_file(str(path))
+    assert rewritten.left_out == {} and rewritten.refused == {}  # the next write holds only what reads back
+
+
+@pytest.mark.parametrize("where", ["started", "ended", "exams", "requests", "failures", "run_time_bucket"])
+def test_negative_counters_in_a_state_file_are_left_out_not_served(
+    where: str, fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "state.json"
+    fake.add(
+        lab(1, NOW - 600, NOW - 60, status=4, TotalRunTimeSeconds=540, datacenter=1, IsExam=True, ExamScore=5,
+            ExamMaxPossibleScore=10, ExamPassed=True),
+        lab(2, NOW - 500, NOW - 50, status=4, TotalRunTimeSeconds=450, datacenter=2),
+    )
+    fake.fault(f.http_status(500), endpoint="LatestResults")
+    first = harness(str(path))
+    first.scrape()
+    first.mono.advance(10)
+    first.scrape()
+    first.close()
+    doc = json.loads(path.read_text())
+    account = doc["accounts"][""]
+    if where == "requests":
+        account["requests"]["LatestResults"] = -1000
+    elif where == "failures":
+        account["failures"] = [[e, r, -5 if r == "http_error" else n] for e, r, n in account["failures"]]
+    elif where == "run_time_bucket":
+        account["run_time"][0][2][0] = -3
+    else:
+        account[where][0][-1] = -7
+    path.write_text(json.dumps(doc))
+    caplog.set_level(logging.INFO, logger="exporter")
+    h = harness(str(path))
+    restored = parse(generate_latest(h.app.registry).decode())
+    negative = [(k, v) for k, v in restored.items() if v < 0]
+    assert negative == []
+    assert any("bad entries left out" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    # One entry left out, not the account: the other counters came back.
+    assert total(restored, "skillable_lab_instances_started_total") >= 1
+    assert total(restored, "skillable_lab_instances_ended_total") >= 1
+    assert total(restored, "skillable_last_success_timestamp_seconds") == NOW
+
+
+@pytest.mark.parametrize("field, value", [("invalid_total", -1), ("host_overflow_total", -2), ("invalid_total", 1.5),
+                                          ("last_success", "NaN")])
+def test_a_bad_plain_field_refuses_its_account_not_the_others(
+    field: str, value: Any, fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    path = tmp_path / "state.json"
+    doc = two_accounts(fake, harness, path)
+    doc["accounts"]["second"][field] = value
+    path.write_text(json.dumps(doc))
+    assert set(read_state_file(str(path))) == {""}
+    assert field in load_state_file(str(path)).refused["second"]
+
+
+def test_the_state_file_never_holds_a_value_its_reader_rejects(
+    fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """Even a state that got a non-finite sum from somewhere (a bug) is written as a file that reads back:
+    the bad entry is left out at the restore, and the next write no longer holds it."""
+    path = tmp_path / "state.json"
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4, TotalRunTimeSeconds=540, TaskCompletePercent=80))
+    h = harness(str(path))
+    h.scrape()
+    h.poller.state.task_completion[("3", "2")].total = float("nan")  # as "NaN" from the API made it on main
+    h.close()
+    assert set(read_state_file(str(path))) == {""}
+    assert load_state_file(str(path)).left_out[""][0] == 1
+    second = harness(str(path))
+    assert total(parse(generate_latest(second.app.registry).decode()), "skillable_lab_instances_ended_total") == 1
+    second.close()
+    assert load_state_file(str(path)).left_out == {}
+
+
+# -- whose accounts: the API URL, and one exporter per file ------------------------------------
+
+
+def test_a_file_is_never_restored_into_another_api_urls_account(
+    fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exporter A's file is never restored into exporter B (A's 3 labs must not become B's), and A's
+    state stays in the file until B has polled successfully once."""
+    other = FakeSkillable(now=NOW)
+    try:
+        path = tmp_path / "state.json"
+        fake.add(*(lab(i, NOW - 600, NOW - 60, status=4) for i in range(1, 4)))
+        other.add(*(lab(100 + i, NOW - 300, NOW - 100, status=20) for i in range(7)))
+        a = harness(str(path))
+        assert total(a.scrape().samples, "skillable_lab_instances_started_total") == 3
+        a.close()
+        doc = json.loads(path.read_text())
+
+        # B (another API URL) on A's file, while B's API fails: a clean start, A's state untouched.
+        caplog.set_level(logging.INFO, logger="exporter")
+        other.fault(f.http_status(500), endpoint="LatestResults")
+        b = harness(str(path), SKILLABLE_API_URL=other.url, SKILLABLE_API_KEY=other.state.api_key)
+        scrape = b.scrape()
+        assert scrape.up == 0 and total(scrape.samples, "skillable_lab_instances_started_total") == 0
+        b.close()
+        mismatch = [r.getMessage() for r in caplog.records if "was saved for API URL" in r.getMessage()]
+        assert len(mismatch) == 1 and fake.url in mismatch[0] and other.url in mismatch[0]
+        kept = json.loads(path.read_text())
+        assert kept.get("api_urls") == {"": fake.url} and kept["accounts"] == doc["accounts"]
+        assert fake.state.api_key not in path.read_text() and other.state.api_key not in path.read_text()
+
+        # A again: its counters come back, as if B never ran.
+        a = harness(str(path))
+        assert total(parse(generate_latest(a.app.registry).decode()), "skillable_lab_instances_started_total") == 3
+        a.close()
+
+        # B, healthy: its own 7 labs, never 3 + 7; once it succeeded, the file is B's.
+        b = harness(str(path), SKILLABLE_API_URL=other.url, SKILLABLE_API_KEY=other.state.api_key)
+        assert total(b.scrape().samples, "skillable_lab_instances_started_total") == 7
+        b.close()
+        assert json.loads(path.read_text())["api_urls"] == {"": other.url}
+        assert sum(c.count for c in read_state_file(str(path))[""].started) == 7
+    finally:
+        other.stop()
+
+
+def test_files_without_api_urls_are_restored_as_before(
+    fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    path = tmp_path / "state.json"
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    doc = saved_doc(fake, harness, path)
+    del doc["api_urls"]  # the layout before the URLs were recorded
+    path.write_text(json.dumps(doc))
+    h = harness(str(path))
+    assert total(parse(generate_latest(h.app.registry).decode()), "skillable_lab_instances_ended_total") == 1
+
+
+def test_an_unreadable_api_url_restores_nothing_into_that_account_only(
+    fake: FakeSkillable, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.json"
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = Harness(fake, str(path))
+    h.scrape()
+    h.close()
+    doc = json.loads(path.read_text())
+    doc["accounts"]["second"] = doc["accounts"][""]
+    doc["api_urls"]["second"] = {"not": "a url"}
+    path.write_text(json.dumps(doc))
+    saved = load_state_file(str(path))
+    assert set(saved.accounts) == {"", "second"} and saved.api_urls["second"] == "(unreadable)"
+    assert saved.api_urls[""] == fake.url
+
+
+def test_api_identity_keeps_no_credentials() -> None:
+    assert api_identity("https://user:secret@api.example.com:8443/api/v3/?key=k#x") == \
+        "https://api.example.com:8443/api/v3"
+    assert api_identity("HTTPS://API.example.com/api/v3/") == api_identity("https://api.example.com/api/v3")
+
+
+def test_one_process_cannot_open_a_state_file_twice(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.json")
+    first = StateStore(path)
+    try:
+        with pytest.raises(ConfigError, match="storage.state-file.*in use by another exporter"):
+            StateStore(path)
+    finally:
+        first.close({})
+    StateStore(path).close({})  # released on close
+
+
+def test_a_second_exporter_on_the_same_state_file_exits_2_with_one_line(
+    run_exporter: Any, tmp_path: Path
+) -> None:
+    live = FakeSkillable(live=True)
+    try:
+        live.add(lab(1, int(time.time()) - 600, int(time.time()) - 60, status=4))
+        path = tmp_path / "state.json"
+        first = run_exporter(env=exporter_env(live, path))
+        assert "skillable_up 1.0" in first.get("/metrics").text
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")} | exporter_env(live, path)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--web.listen-address=127.0.0.1:0"], env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            out, err = second.communicate(timeout=30)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait(5)
+        assert second.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "storage.state-file" in lines[0] and "in use by another exporter" in lines[0]
+        assert f"pid {first.proc.pid}" in lines[0]
+        # The first one is not disturbed, and its file is still its own.
+        assert "skillable_up 1.0" in first.get("/metrics").text
+        assert first.stop() == 0
+        assert json.loads(path.read_text())["api_urls"] == {"": live.url}
+        # Once it is gone, the next one starts on the file and restores it.
+        third = run_exporter(env=exporter_env(live, path))
+        assert "restored state" in third.log()
+    finally:
+        live.stop()
+
+
+# -- non-regular files and temporary files --------------------------------------------------
+
+
+def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")} | env
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "--web.listen-address=127.0.0.1:0", *args],
+                            env=base, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=5)
+        raise AssertionError(f"the exporter did not exit within {timeout} s: it hangs") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("at", ["state", "lock"])
+@pytest.mark.parametrize("check", [False, True], ids=["serve", "config_check"])
+def test_a_fifo_at_the_state_path_is_refused_at_start(at: str, check: bool, tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    os.mkfifo(path if at == "state" else tmp_path / "state.json.lock")
+    result = run_to_exit(["--config.check"] if check else [],
+                         {"SKILLABLE_API_KEY": "k", "SKILLABLE_STATE_FILE": str(path),
+                          "SKILLABLE_API_URL": "http://127.0.0.1:9/api/v3"}, timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "storage.state-file" in lines[0] and "a FIFO, not a regular file" in lines[0]
+
+
+def test_a_device_at_the_state_path_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.symlink_to("/dev/zero")  # reading it would never end
+    result = run_to_exit([], {"SKILLABLE_API_KEY": "k", "SKILLABLE_STATE_FILE": str(path)}, timeout=20)
+    assert result.returncode == 2 and "a character device, not a regular file" in result.stderr
+
+
+# A process writing the state file as the exporter does, on a disk whose fsync never returns:
+# SIGKILLed there, it leaves a full-size temporary file behind, named by the exporter's own code.
+_SLOW_DISK_WRITER = """
+import os, sys, time
+from exporter import persistence
+os.fsync = lambda fd: (print("writing", flush=True), time.sleep(120))
+persistence.write_atomically(sys.argv[1], b"x" * int(sys.argv[2]))
+"""
+
+
+def killed_mid_write(path: Path, size: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DISK_WRITER, str(path), str(size)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_temporary_files_left_by_sigkill_mid_write_are_removed_at_start(run_exporter: Any, tmp_path: Path) -> None:
+    live = FakeSkillable(live=True)
+    try:
+        live.add(lab(1, int(time.time()) - 600, int(time.time()) - 60, status=4))
+        path = tmp_path / "state.json"
+        for _ in range(3):
+            killed_mid_write(path, 256 * 1024)
+        leftovers = sorted(name for name in os.listdir(tmp_path) if name.endswith(".tmp"))
+        assert len(leftovers) == 3 and all(os.path.getsize(tmp_path / n) == 256 * 1024 for n in leftovers)
+        # Files that are not this state file's temporaries stay where they are.
+        bystanders = [".other.json.123-0123abcd.tmp", "state.json.bak", ".state.json.notes.tmp", "keep.tmp"]
+        for name in bystanders:
+            (tmp_path / name).write_text("not ours")
+        exporter = run_exporter(env=exporter_env(live, path))
+        assert "skillable_up 1.0" in exporter.get("/metrics").text
+        assert exporter.stop() == 0
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["state.json", "state.json.lock", *bystanders, *(p.name for p in tmp_path.glob("exporter-*.log"))])
+        assert "removed 3 temporary files left by interrupted writes" in exporter.log()
+    finally:
+        live.stop()
+
+
+# -- property: whatever the API sends, the file reads back whole ------------------------------
+
+def idle_poller() -> Poller:
+    """A poller that never polls (its client points nowhere): a holder for a state and a health."""
+    return Poller(SkillableClient("http://127.0.0.1:9/api/v3", "k", 1024), window_minutes=60, overlap_minutes=2,
+                  min_interval=0.0, max_lab_hosts=50)
+
+
+# Labs that end inside the window, so every number reaches a counter or a histogram sum; each float
+# field may carry what the lenient decoder would read as NaN or an infinity.
+floats_or_poison = (st.none() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.sampled_from(["NaN", "nan", "Infinity", "-Infinity", "inf", "12.5", 1e308, -1e308]))
+ended_lab = st.builds(
+    lambda i, status, seconds, percent, exam, score, maximum: lab(
+        i, NOW - 1200, NOW - 60, status=status, TotalRunTimeSeconds=seconds, TaskCompletePercent=percent,
+        IsExam=exam, ExamScore=score, ExamMaxPossibleScore=maximum, ExamPassed=exam,
+        datacenter=i % 3, region=i % 2),
+    st.integers(min_value=1, max_value=40), st.sampled_from([1, 2, 3, 4, 20, 50]),
+    st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1), floats_or_poison, st.booleans(),
+    floats_or_poison, floats_or_poison,
+)
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(ended_lab | valid_record | chaos_record, max_size=12),
+       st.lists(ended_lab | valid_record | chaos_record, max_size=12))
+def test_whatever_the_api_sends_the_state_file_reads_back_with_nothing_left_out(
+    first: list[dict[str, Any]], second: list[dict[str, Any]]
+) -> None:
+    poller = idle_poller()
+    for records in (first, second):
+        batch = decode_latest_results(json.dumps({"Status": 1, "Results": records}).encode())
+        poller.state.apply(batch.results, NOW - 3600)
+    fragment = encode_account(poller)
+    account, left_out, problem = decode_account(fragment)
+    assert left_out == 0, problem  # the strict reader takes every entry the writer wrote
+    again = idle_poller()
+    restore_account(again, account)
+    assert encode_account(again) == fragment
+    poller.client.close()
+    again.client.close()
