@@ -7,15 +7,16 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, MutableMapping, NoReturn, Sequence
 
 from .app import ExporterApp, Reloader
 from .config import SETTINGS, Account, Config, ConfigError, load_config
 from .logs import setup_logging
 from .persistence import StateStore, check_state_path
-from .server import ExporterServer
+from .server import Connections, ExporterServer
 from .version import build_info, version_text
 from .webconfig import WebConfig, load_web_config
 
@@ -57,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in SETTINGS:
         env = f" (env {setting.env})" if setting.env else ""
         default = f" [default: {setting.default}]" if setting.default not in (None, "") else ""
-        if isinstance(setting.default, bool):
+        if setting.name == "web.listen-address":  # repeatable, as in exporter-toolkit
+            parser.add_argument(setting.flag, dest=setting.dest, metavar="VALUE", default=None, action="append",
+                                help=setting.help + env + default)
+        elif isinstance(setting.default, bool):
             parser.add_argument(setting.flag, dest=setting.dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=setting.help + env + default)
         else:
@@ -81,6 +85,47 @@ def load(flags: dict[str, Any], demo: bool, read_keys: bool = True) -> tuple[Con
     return config, web
 
 
+SD_LISTEN_FDS_START = 3  # systemd passes its sockets from this file descriptor on (sd_listen_fds(3))
+
+
+def systemd_listen_fds(environ: MutableMapping[str, str], unset: bool = False) -> list[int]:
+    """The file descriptors of the sockets systemd passed to this process (socket activation), as
+    sd_listen_fds(3) finds them; `unset` removes the variables so nothing started later inherits them."""
+    try:
+        pid, count = int(environ.get("LISTEN_PID", "")), int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        count = 0
+    else:
+        count = count if pid == os.getpid() else 0
+    if count < 1:
+        raise ConfigError("web.systemd-socket", "no sockets passed: LISTEN_FDS and LISTEN_PID are not set for this process")
+    if unset:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            environ.pop(name, None)
+    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+
+
+def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[ExporterServer] | None:
+    """One server per listen address (or per socket systemd passed), sharing one connection bound."""
+    connections = Connections()
+    servers: list[ExporterServer] = []
+    if config.systemd_socket:
+        for fd in systemd_listen_fds(os.environ, unset=True):
+            servers.append(ExporterServer(None, app, web, sock=socket.socket(fileno=fd), connections=connections,
+                                          telemetry_path=config.telemetry_path))
+        return servers
+    for address in config.listen_addresses:
+        try:
+            servers.append(ExporterServer(parse_listen_address(address), app, web, connections=connections,
+                                          telemetry_path=config.telemetry_path))
+        except OSError as exc:
+            log.error("cannot listen", extra={"address": address, "err": exc.strerror or str(exc)})
+            for server in servers:
+                server.server_close()
+            return None
+    return servers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = vars(args)
@@ -88,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, web = load(flags, args.demo, read_keys=not args.config_check)
         if config.state_file:
             check_state_path(config.state_file)
+        if config.systemd_socket and not args.config_check:
+            systemd_listen_fds(os.environ)  # checked before anything starts; taken in serve()
     except ConfigError as exc:
         print(f"skillable-exporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -145,20 +192,19 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
     app = ExporterApp(config)
     if store is not None:
         store.attach(app.pollers)  # before the first scrape can poll
-    try:
-        server = ExporterServer(parse_listen_address(config.listen_address), app, web)
-    except OSError as exc:
-        log.error("cannot listen", extra={"address": config.listen_address, "err": exc.strerror or str(exc)})
+    servers = listen(config, app, web)
+    if servers is None:
         return 1
 
-    reloader = make_reloader(app, server, reload_config, demo_url)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    reloader = make_reloader(app, servers, reload_config, demo_url)
     scheme = "https" if web is not None and web.ssl_context is not None else "http"
-    log.info("listening", extra={
-        "address": f"{scheme}://{server.server_address[0]}:{server.server_address[1]}",
-        "version": build_info().version, "revision": build_info().revision,
-        "accounts": len(config.accounts), "window_minutes": config.window_minutes,
-    })
+    for server in servers:
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        log.info("listening", extra={
+            "address": f"{scheme}://{server.server_address[0]}:{server.server_address[1]}",
+            "version": build_info().version, "revision": build_info().revision,
+            "accounts": len(config.accounts), "window_minutes": config.window_minutes,
+        })
     while not stop.is_set():
         wake.wait()
         wake.clear()
@@ -167,8 +213,9 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
             log.info("received SIGHUP, reloading the configuration")
             reloader.reload()
     log.info("shutting down", extra={"signal": stop_signal[0] if stop_signal else ""})
-    server.shutdown()
-    server.server_close()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
     if store is not None:
         store.shutdown(app.pollers, app.config.timeout + 1)
     app.close()
@@ -180,7 +227,7 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
 
 
 def make_reloader(
-    app: ExporterApp, server: ExporterServer, reload_config: Callable[[], tuple[Config, WebConfig | None]],
+    app: ExporterApp, servers: list[ExporterServer], reload_config: Callable[[], tuple[Config, WebConfig | None]],
     demo_url: str | None = None,
 ) -> Reloader:
     """The reload of SIGHUP and POST /-/reload: the app takes the config, the server the web
@@ -188,15 +235,18 @@ def make_reloader(
 
     def load_again() -> tuple[Config, WebConfig | None]:
         new, new_web = reload_config()
-        server.check_web(new_web)  # raises ConfigError for what only a restart can change
+        for server in servers:
+            server.check_web(new_web)  # raises ConfigError for what only a restart can change
         return with_demo(new, demo_url), new_web
 
     def apply(new: Config, new_web: WebConfig | None) -> None:
-        server.set_web(new_web)
+        for server in servers:
+            server.set_web(new_web)
         setup_logging(new.log_level, new.log_format)
 
     reloader = Reloader(app, load_again, apply)
-    server.reload = reloader.reload
+    for server in servers:
+        server.reload = reloader.reload
     return reloader
 
 

@@ -20,7 +20,7 @@ from prometheus_client.exposition import choose_encoder
 
 from .client import SkillableClient
 from .collector import SkillableCollector
-from .config import SETTINGS, Account, Config, ConfigError
+from .config import SETTINGS, Config, ConfigError
 from .poller import Failure, Poller
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 # Prometheus sends X-Prometheus-Scrape-Timeout-Seconds; answering this much
 # earlier leaves room to render and send the exposition.
 TIMEOUT_OFFSET_SECONDS = 0.5
-MIN_POLL_TIMEOUT_SECONDS = 0.5
+MIN_SCRAPE_WAIT_SECONDS = 0.5
+# A scrape waits this much past the poll's own deadline, so a poll that keeps it lands in the scrape.
+POLL_MARGIN_SECONDS = 0.1
+DEFAULT_ACCOUNT_NAME = "default"  # what the landing page and /probe call the unnamed single account
 
 
 # Config fields a reload applies; a change of any other one waits for a restart (and says so).
@@ -71,6 +74,7 @@ class ExporterApp:
                 overlap_minutes=config.overlap_minutes,
                 min_interval=config.min_poll_interval,
                 max_lab_hosts=config.max_lab_hosts,
+                timeout=config.timeout,
                 collect_stats=config.collect_stats,
                 collect_region_names=config.collect_delivery_regions,
                 clock=clock,
@@ -113,20 +117,22 @@ class ExporterApp:
         window = windows.pop() if len(windows) == 1 else None  # HELP names a window only if all share it
         return SkillableCollector(accounts, self.config.names, window)
 
-    def poll_timeout(self, scrape_timeout_header: str | None) -> float:
-        """Deadline for this scrape's polls: the configured timeout, capped by Prometheus' own."""
-        timeout = self.config.timeout
+    def scrape_wait(self, scrape_timeout_header: str | None) -> float:
+        """How long this scrape waits for its polls: the configured timeout (and a margin), capped by
+        Prometheus' own. The header only shortens the wait: the poll itself always keeps
+        --skillable.timeout, so no client can make polls fail by sending a short one."""
+        wait = self.config.timeout + POLL_MARGIN_SECONDS
         try:
             scrape_timeout = float(scrape_timeout_header) if scrape_timeout_header else None
         except ValueError:
             scrape_timeout = None
         if scrape_timeout is not None and scrape_timeout > 0:
-            timeout = min(timeout, scrape_timeout - TIMEOUT_OFFSET_SECONDS)
-        return max(timeout, MIN_POLL_TIMEOUT_SECONDS)
+            wait = min(wait, scrape_timeout - TIMEOUT_OFFSET_SECONDS)
+        return max(wait, MIN_SCRAPE_WAIT_SECONDS)
 
     def metrics(self, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str]:
         """Refresh every account (in parallel), then render. Returns (body, content type)."""
-        self._refresh(list(self.pollers.values()), self.poll_timeout(scrape_timeout_header))
+        self._refresh(list(self.pollers.values()), self.scrape_wait(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
         return self.collector.exposition(encoder, content_type), content_type
 
@@ -136,26 +142,38 @@ class ExporterApp:
         memory), so they are rendered each time, apart from the cached exposition."""
         encoder, _ = choose_encoder(accept)
         return encoder(self.runtime)
+    def probe_account(self, account: str) -> str | None:
+        """The account `/probe?account=` names, or None.
+
+        An account by its name; the unnamed account of a single-account config as "default" (the
+        name the landing page shows); and with one account, no `account` at all means that one.
+        """
+        if account in self.pollers and account:
+            return account
+        if account == DEFAULT_ACCOUNT_NAME and "" in self.pollers:
+            return ""
+        if not account and len(self.pollers) == 1:
+            return next(iter(self.pollers))
+        return None
 
     def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""
-        poller = self.pollers.get(account)
-        if poller is None:
+        name = self.probe_account(account)
+        if name is None:
             return None
-        self._refresh([poller], self.poll_timeout(scrape_timeout_header))
+        self._refresh([self.pollers[name]], self.scrape_wait(scrape_timeout_header))
         encoder, content_type = choose_encoder(accept)
-        return self._probe_collectors[account].exposition(encoder, content_type), content_type
+        return self._probe_collectors[name].exposition(encoder, content_type), content_type
 
     @staticmethod
     def _refresh(pollers: list[Poller], timeout: float) -> None:
-        if len(pollers) == 1:
-            pollers[0].refresh(timeout)
-            return
-        threads = [threading.Thread(target=p.refresh, args=(timeout,), daemon=True) for p in pollers]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout + 1)
+        """Ask every account's worker for a poll at once, then wait for all within one deadline:
+        the accounts poll in parallel in their own long-lived threads, and a scrape starts none."""
+        asked = [(poller, poller.request()) for poller in pollers]
+        deadline = time.monotonic() + timeout
+        for poller, poll in asked:
+            if poll is not None:
+                poller.wait(poll, max(0.0, deadline - time.monotonic()))
 
     def status(self) -> list[AccountStatus]:
         return [
@@ -193,12 +211,14 @@ class ExporterApp:
             self.pollers[after.name].reconfigure(
                 self._make_client(after.api_url, after.api_key) if changed else None,
                 after.window_minutes, self.config.overlap_minutes, self.config.min_poll_interval,
+                self.config.timeout,
             )
         self._build_collectors()
         return waiting
 
     def close(self) -> None:
         for poller in self.pollers.values():
+            poller.stop(0)  # its worker thread ends
             poller.client.close()
 
 

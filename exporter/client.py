@@ -13,6 +13,8 @@ the deadline, which makes the blocked read return at once.
 from __future__ import annotations
 
 import email.utils
+import heapq
+import itertools
 import socket
 import ssl
 import threading
@@ -80,6 +82,41 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 _current = threading.local()  # the _Deadline of the request this thread is making
 
 
+class _Watchdog:
+    """One long-lived thread that fires every request's deadline: a request starts no thread of
+    its own, so polling goes on in a process at its task limit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._count = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="deadline-watchdog", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def add(self, when: float, deadline: _Deadline) -> None:
+        self.start()
+        with self._lock:
+            heapq.heappush(self._heap, (when, next(self._count), deadline))
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._lock.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, deadline = heapq.heappop(self._heap)
+            deadline.fire()
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _Deadline:
     """Shuts down the socket of the connection a request uses once the deadline passes."""
 
@@ -87,16 +124,18 @@ class _Deadline:
         self._lock = threading.Lock()
         self._connection: HTTPConnection | None = None
         self.fired = False
-        self._timer = threading.Timer(max(0.0, seconds), self._fire)
-        self._timer.daemon = True
+        self._done = False
+        self._seconds = max(0.0, seconds)
 
     def __enter__(self) -> _Deadline:
         _current.deadline = self
-        self._timer.start()
+        _WATCHDOG.add(time.monotonic() + self._seconds, self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
+        with self._lock:
+            self._done = True  # a later fire() finds nothing to do
+            self._connection = None
         _current.deadline = None
 
     def attach(self, connection: HTTPConnection) -> None:
@@ -106,8 +145,10 @@ class _Deadline:
         if fired:
             _shutdown(connection)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         with self._lock:
+            if self._done:
+                return
             self.fired = True
             connection = self._connection
         if connection is not None:
@@ -182,6 +223,7 @@ class SkillableClient:
         self._host = urlsplit(self._base_url).netloc.rpartition("@")[2]  # for error messages: never userinfo
         self._api_key = api_key
         self._max_bytes = max_response_bytes
+        _WATCHDOG.start()  # with the client, at start-up: a request never starts a thread
         self._session = requests.Session()
         adapter = _WatchedAdapter()
         self._session.mount("http://", adapter)

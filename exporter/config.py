@@ -18,6 +18,11 @@ import yaml
 DEFAULT_API_URL = "https://labondemand.com/api/v3"
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1:10180"
 MAX_WINDOW_MINUTES = 10080  # LatestResults refuses more than 7 days
+# Seconds a poll is reused for. Not 0: whoever can reach /metrics could otherwise drive a request
+# to Skillable per scrape on the customer's key. 10 s holds a scrape loop to one LatestResults
+# request per 10 s, still gives a single Prometheus at the default 15 s interval a fresh poll
+# every scrape, and lets an HA pair at 15 s share polls exactly (anything in 7.5..15 s does).
+DEFAULT_MIN_POLL_INTERVAL = 10.0
 
 
 class ConfigError(Exception):
@@ -112,6 +117,25 @@ def _listen_address(name: str, value: Any) -> str:
     return text
 
 
+def _listen_addresses(name: str, value: Any) -> tuple[str, ...]:
+    """One host:port or a list of them (the flag is repeatable, as exporter-toolkit's): every one serves."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError(name, "expected at least one host:port")
+    return tuple(dict.fromkeys(_listen_address(name, v) for v in values))
+
+
+# Paths the exporter serves itself; the telemetry path may not hide one.
+RESERVED_PATHS = ("/", "/healthz", "/probe")
+
+
+def _telemetry_path(name: str, value: Any) -> str:
+    text = _text(name, value)
+    if not re.match(r"^/[A-Za-z0-9._~/-]*$", text) or text in RESERVED_PATHS:
+        raise ConfigError(name, f"{value!r} is not a path starting with / other than {', '.join(RESERVED_PATHS)}")
+    return text
+
+
 def _url(name: str, value: Any) -> str:
     text = _text(name, value).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", text):
@@ -135,9 +159,12 @@ def _id_names(name: str, value: Any) -> dict[str, str]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("web.listen-address", DEFAULT_LISTEN_ADDRESS, _listen_address,
-            "host:port to serve /metrics on (':10180' for all interfaces)",
+    Setting("web.listen-address", DEFAULT_LISTEN_ADDRESS, _listen_addresses,
+            "host:port to serve /metrics on (':10180' for all interfaces); repeat the flag to listen on several",
             "SKILLABLE_EXPORTER_LISTEN_ADDRESS"),
+    Setting("web.systemd-socket", False, _bool,
+            "serve the sockets systemd passes (socket activation, LISTEN_FDS) instead of --web.listen-address"),
+    Setting("web.telemetry-path", "/metrics", _telemetry_path, "path under which to serve the metrics"),
     Setting("web.config-file", None, _optional_text,
             "exporter-toolkit style web config file (TLS, basic auth)", "SKILLABLE_EXPORTER_WEB_CONFIG_FILE"),
     Setting("log.level", "info", _choice("debug", "info", "warn", "warning", "error"),
@@ -149,8 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
             "file holding the API key (else SKILLABLE_API_KEY)", "SKILLABLE_API_KEY_FILE"),
     Setting("skillable.window-minutes", 60, _number(1, MAX_WINDOW_MINUTES, integer=True),
             "lookback window in minutes (1..10080)", "SKILLABLE_WINDOW_MINUTES"),
-    Setting("skillable.min-poll-interval", 0.0, _number(0, 86400),
-            "seconds between upstream polls; 0 polls on every scrape", "SKILLABLE_MIN_POLL_INTERVAL"),
+    Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400),
+            "seconds a poll is reused for; 0 polls on every scrape (a loop of scrapes then drives the API)",
+            "SKILLABLE_MIN_POLL_INTERVAL"),
     Setting("skillable.overlap-minutes", 2, _number(0, 60, integer=True),
             "extra minutes asked for on incremental polls, against clock skew", "SKILLABLE_OVERLAP_MINUTES"),
     Setting("skillable.timeout", 9.0, _number(0.5, 600),
@@ -196,7 +224,9 @@ class Account:
 
 @dataclass(frozen=True)
 class Config:
-    listen_address: str
+    listen_addresses: tuple[str, ...]
+    systemd_socket: bool
+    telemetry_path: str
     web_config_file: str | None
     log_level: str
     log_format: str
@@ -215,6 +245,11 @@ class Config:
     @property
     def window_minutes(self) -> int:
         return self.accounts[0].window_minutes
+
+    @property
+    def listen_address(self) -> str:
+        """The first listen address."""
+        return self.listen_addresses[0]
 
 
 def check_mapping(where: str, value: Any, allowed: Collection[str], expected: str) -> dict[str, Any]:
@@ -313,7 +348,9 @@ def load_config(
     )
     accounts = _accounts(tree.get("accounts"), values, _KeySource(environ, read_keys), demo)
     return Config(
-        listen_address=values["web_listen_address"],
+        listen_addresses=_listen_addresses("web.listen-address", values["web_listen_address"]),
+        systemd_socket=values["web_systemd_socket"],
+        telemetry_path=values["web_telemetry_path"],
         web_config_file=values["web_config_file"],
         log_level=values["log_level"],
         log_format=values["log_format"],

@@ -111,20 +111,22 @@ def decode_latest_results(body: bytes) -> Batch:
 
     The fast path decodes the whole payload at once. If a single result is
     malformed, the payload is decoded again keeping each result raw, so one
-    bad record is counted and skipped instead of sinking the batch.
+    bad record is counted and skipped instead of sinking the batch. JSON
+    nested deeper than the decoder goes (RecursionError) is bad input like any
+    other: the record holding it is skipped, or the answer is invalid_response.
     """
     try:
         env = _fast.decode(body)
         _check_status(env.Status, env.Error)
         return Batch(env.Results or [], 0)
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, RecursionError):
         pass
     except msgspec.DecodeError as exc:
         _check_json(body)
         raise DecodeError(f"response is not valid JSON: {exc}") from None
     try:
         lenient = _lenient.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         raise DecodeError(f"response is not a LatestResults object: {exc}") from None
     _check_status(lenient.Status, lenient.Error)
     results: list[LabResult] = []
@@ -132,7 +134,7 @@ def decode_latest_results(body: bytes) -> Batch:
     for raw in lenient.Results or []:
         try:
             results.append(_one.decode(raw))
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             invalid += 1
     return Batch(results, invalid)
 
@@ -182,7 +184,7 @@ def decode_delivery_regions(body: bytes) -> dict[int, str]:
     """Decode /deliveryregions into {id: name}; a region that fails validation is left out."""
     try:
         env = msgspec.json.decode(body, type=_DeliveryRegions, strict=False)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a DeliveryRegions object: {exc}") from None
     _check_status(env.Status, env.Error)
@@ -201,7 +203,7 @@ def decode_stats(body: bytes) -> AccountStats:
     """Decode /stats into the account-wide active and saved lab counts."""
     try:
         env = msgspec.json.decode(body, type=_Stats, strict=False)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a Stats object: {exc}") from None
     _check_status(env.Status, env.Error)

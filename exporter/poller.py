@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
-POLL_MARGIN_SECONDS = 0.1  # at most, between a poll's deadline and the end of the scrape's wait for it
+OVERDUE_GRACE_SECONDS = 1.0  # a poll this long past its deadline is stuck (only a hung DNS lookup can be)
 MAX_RETRY_AFTER_SECONDS = 3600.0  # a longer Retry-After is cut to this, so one bad header never stops polling
 REGION_NAMES_REFRESH_SECONDS = 3600.0
 
@@ -95,6 +95,7 @@ class Poller:
         overlap_minutes: int,
         min_interval: float,
         max_lab_hosts: int,
+        timeout: float = 9.0,
         collect_stats: bool = False,
         collect_region_names: bool = False,
         clock: Callable[[], float] = time.time,
@@ -107,6 +108,7 @@ class Poller:
         self.window_minutes = window_minutes
         self.overlap_minutes = overlap_minutes
         self.min_interval = min_interval
+        self.timeout = timeout  # every poll's own deadline (--skillable.timeout), whatever a scrape asks
         self.collect_stats = collect_stats
         self.collect_region_names = collect_region_names
         self.state = FleetState(max_lab_hosts)
@@ -119,6 +121,9 @@ class Poller:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)  # the worker waits here for a poll to be asked
+        self._polls_asked = 0
+        self._polls_done = 0
         self._in_flight = False
         self._last_attempt: float | None = None
         self._not_before = 0.0  # monotonic time before which no poll is made (backoff, Retry-After)
@@ -132,10 +137,12 @@ class Poller:
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
+        # Started here, at start-up, so a task limit reached later can never stop polling.
+        threading.Thread(target=self._worker, name="poll", daemon=True).start()
 
     def reconfigure(self, client: SkillableClient | None, window_minutes: int, overlap_minutes: int,
-                    min_interval: float) -> None:
-        """A config reload: a new client (new key or URL) if given, a new window and intervals.
+                    min_interval: float, timeout: float) -> None:
+        """A config reload: a new client (new key or URL) if given, a new window, intervals and poll deadline.
         The state, the counters and the health stay; a poll in flight ends with the old client."""
         with self._lock:
             if client is not None:
@@ -143,42 +150,71 @@ class Poller:
             self.window_minutes = window_minutes
             self.overlap_minutes = overlap_minutes
             self.min_interval = min_interval
+            self.timeout = timeout
 
     def endpoints(self) -> list[str]:
         """The API endpoints this poller calls."""
         return ["LatestResults"] + ["stats"] * self.collect_stats + ["deliveryregions"] * self.collect_region_names
 
     # -- scheduling --------------------------------------------------------
+    #
+    # Every poll runs in this poller's own worker thread, started with the poller and living as
+    # long as it: starting a poll never needs a new thread, so a process at its task limit (a
+    # container pids limit, systemd TasksMax) still polls. A scrape only asks the worker and
+    # waits, at most its own deadline; the poll keeps the configured timeout whatever the scrape
+    # sends, and a poll that outlives the scrape's wait lands for later scrapes.
+
+    def request(self) -> int | None:
+        """Ask for a poll if one is due. The number of the poll to wait for, or None if none is needed.
+
+        At most one poll runs at a time: a request while one runs joins it.
+        """
+        with self._lock:
+            if self._in_flight:
+                return self._polls_asked
+            if self._closed or not self._due():
+                return None
+            self._in_flight = True
+            self._result_in = False
+            self._last_attempt = self._monotonic()
+            self._polls_asked += 1
+            self._wake.notify()
+            return self._polls_asked
+
+    def wait(self, poll: int, timeout: float) -> bool:
+        """Wait up to `timeout` s for the result of poll number `poll`. True if it is in."""
+        with self._lock:
+            # Waiting ends when the poll's result is in, not when its after-poll hook is done.
+            return self._done.wait_for(lambda: self._polls_done >= poll, timeout)
 
     def refresh(self, timeout: float) -> None:
         """Make sure a poll happened recently enough, waiting at most `timeout` seconds.
 
-        The poll runs in a thread of its own and the caller only waits for it, so a
-        scrape never waits longer than `timeout`, even for what no deadline can
-        interrupt (a DNS lookup that hangs): it then answers from the last poll, and
-        the late poll lands when it ends. At most one poll runs at a time.
+        A scrape never waits longer than `timeout`, even for what no deadline can interrupt
+        (a DNS lookup that hangs): it then answers from the last poll.
         """
-        with self._lock:
-            if not self._in_flight:
-                if self._closed or not self._due():
-                    return
-                self._in_flight = True
-                self._result_in = False
-                self._last_attempt = self._monotonic()
-                # The poll's own deadline ends a little before the wait does, so a poll that
-                # keeps its deadline (every one but a hung DNS lookup) lands in this scrape.
-                poll_timeout = timeout - min(POLL_MARGIN_SECONDS, timeout / 10)
-                threading.Thread(target=self._run_poll, args=(poll_timeout,), name="poll", daemon=True).start()
-            # Waiting ends when the poll's result is in, not when its after-poll hook is done.
-            self._done.wait_for(lambda: not self._in_flight or self._result_in, timeout)
+        poll = self.request()
+        if poll is not None:
+            self.wait(poll, timeout)
 
-    def _run_poll(self, timeout: float) -> None:
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                self._wake.wait_for(lambda: self._closed or (self._in_flight and not self._result_in))
+                if not (self._in_flight and not self._result_in):
+                    return  # closed, nothing asked
+            self._run_poll()
+
+    def _run_poll(self) -> None:
         try:
             try:
-                self._poll(timeout)
+                self._poll(self.timeout)
+            except Exception:  # noqa: BLE001 - the worker must outlive any bug in one poll
+                log.exception("bug: poll failed outside its own error handling")
             finally:
                 with self._lock:
                     self._result_in = True
+                    self._polls_done = self._polls_asked
                     self._done.notify_all()
             if self.on_poll is not None:
                 try:
@@ -194,7 +230,14 @@ class Poller:
         """No more polls; wait up to `timeout` s for one in flight. True if none is left running."""
         with self._lock:
             self._closed = True
+            self._wake.notify()
             return self._done.wait_for(lambda: not self._in_flight, timeout)
+
+    def _overdue(self) -> bool:
+        """A poll is in flight past its own deadline (a hung lookup): the last result is stale."""
+        started = self._last_attempt
+        return self._in_flight and not self._result_in and started is not None and (
+            self._monotonic() - started > self.timeout + OVERDUE_GRACE_SECONDS)
 
     def _due(self) -> bool:
         now = self._monotonic()
@@ -205,8 +248,10 @@ class Poller:
     def view(self) -> PollView:
         with self._lock:
             h = self.health
+            # skillable_up never claims a poll that has not happened: 1 only while the last poll
+            # succeeded and no poll is stuck past its deadline.
             health = Health(
-                h.up, h.last_success, h.last_duration, h.last_minutes,
+                h.up and not self._overdue(), h.last_success, h.last_duration, h.last_minutes,
                 Counter(h.requests), Counter(h.failures), h.stats, dict(h.region_names),
             )
             return PollView(self.state.snapshot(), health)

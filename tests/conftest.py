@@ -70,15 +70,16 @@ class ExporterProcess:
 
     def __init__(
         self, args: list[str], env: dict[str, str], log_path: Path, https: bool = False,
-        verify: str | bool = True, cert: tuple[str, str] | None = None,
+        verify: str | bool = True, cert: tuple[str, str] | None = None, prefix: list[str] | None = None,
     ) -> None:
+        """`prefix`: a command the exporter runs under (e.g. prlimit), exec-ing it in the same process."""
         self.port = free_port()
         self.log_path = log_path
         self.verify = verify
         self.cert = cert
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}", *args],
+            [*(prefix or []), sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}", *args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"

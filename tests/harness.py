@@ -21,6 +21,9 @@ from .conftest import MonotonicStub
 from .fakeapi import FakeSkillable
 
 SCRAPE_TIMEOUT = 3.0  # what Prometheus would send in X-Prometheus-Scrape-Timeout-Seconds
+# --skillable.timeout in these tests: below the scrape timeout, as a deployment sets it, so a
+# failing poll ends (and is counted) within the scrape that asked for it.
+POLL_TIMEOUT = 2.0
 MAX_BODY = 64 * 1024  # --skillable.max-response-bytes in these tests
 
 
@@ -85,6 +88,9 @@ class Harness:
             "SKILLABLE_COLLECTOR_STATS": "false",
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false",
             "SKILLABLE_MAX_RESPONSE_BYTES": str(MAX_BODY),
+            "SKILLABLE_TIMEOUT": str(POLL_TIMEOUT),
+            # Tests move the monotonic clock by hand: every scrape may poll unless a test sets an interval.
+            "SKILLABLE_MIN_POLL_INTERVAL": "0",
         }
         environ.update(env)
         self.fake = fake

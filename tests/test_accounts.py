@@ -57,6 +57,24 @@ def test_one_failing_account_never_hides_the_other(
     assert "skillable_up 1.0" in probe and 'account="' not in probe
     assert exporter.get("/probe?account=nope").status_code == 400
     assert "americas" in exporter.get("/").text
+    # With several accounts, /probe must be told which one: neither no account nor "default" picks one.
+    for query in ("", "?account=", "?account=default"):
+        refused = exporter.get("/probe" + query)
+        assert refused.status_code == 400 and refused.text == "unknown or missing ?account=\n", query
+
+
+def test_probe_with_one_account_answers_for_it_by_no_name_and_by_default(
+    run_exporter, fake: FakeSkillable  # type: ignore[no-untyped-def]
+) -> None:
+    """The landing page calls the unnamed single account "default"; /probe agrees (issue 10 item 13)."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    assert "default" in exporter.get("/").text
+    for query in ("", "?account=", "?account=default"):
+        probe = exporter.get("/probe" + query)
+        assert probe.status_code == 200, query
+        assert "skillable_up 1.0" in probe.text and 'account="' not in probe.text
+    assert exporter.get("/probe?account=nope").status_code == 400
 
 
 def flags(*argv: str) -> dict[str, object]:

@@ -49,7 +49,9 @@ def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None: 
 def test_against_the_fake_the_key_never_leaks(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
     fake.add(lab(1, NOW - 600, NOW - 60, status=20), lab(2, NOW - 300))
     key = fake.state.api_key
-    exporter = run_exporter("--log.level=debug", env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": key})
+    # Every scrape polls (not the default), so the second scrape meets the refused key.
+    exporter = run_exporter("--log.level=debug", "--skillable.min-poll-interval=0",
+                            env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": key})
     metrics = exporter.get("/metrics").text
     assert "skillable_up 1.0" in metrics
     assert 'completion_status="lab_creation_failed"' in metrics

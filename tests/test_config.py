@@ -40,7 +40,7 @@ def write(tmp_path: Path, name: str, text: str, mode: int = 0o600) -> str:
 def test_defaults() -> None:
     config = load_config(flags(), {"SKILLABLE_API_KEY": "k"})
     assert config.window_minutes == 60
-    assert config.min_poll_interval == 0
+    assert config.min_poll_interval == 10  # not 0: a scrape loop must not drive the API (issue 10 item 3)
     assert config.listen_address == "127.0.0.1:10180"
     assert config.accounts[0].api_url == "https://labondemand.com/api/v3"
     assert config.accounts[0].api_key == "k"

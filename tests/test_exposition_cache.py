@@ -70,7 +70,7 @@ def test_exposition_is_reused_between_polls_and_rendered_again_after_one(fake: F
 def test_a_failed_poll_changes_the_exposition_even_with_the_state_unchanged(fake: FakeSkillable) -> None:
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     mono = MonotonicStub()
-    app = make_app(fake, mono)
+    app = make_app(fake, mono, "--skillable.min-poll-interval=0")  # the second scrape polls
     good, _ = app.metrics("", None)
     assert b"skillable_up 1.0" in good
     fake.fault(lambda h: h.send_raw(502, b"bad gateway", "text/plain"))

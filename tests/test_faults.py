@@ -24,7 +24,7 @@ import pytest
 
 from . import fakeapi as f
 from .fakeapi import FakeSkillable, lab
-from .harness import MAX_BODY, SCRAPE_TIMEOUT, Harness, Samples, Scrape, lab_counters, parse, total
+from .harness import MAX_BODY, POLL_TIMEOUT, SCRAPE_TIMEOUT, Harness, Samples, Scrape, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
 from .tlsutil import certs, server_context  # noqa: F401 (certs: the fixture)
 
@@ -97,6 +97,10 @@ CASES: dict[str, Case] = {
     "wrong_type_results": Case("invalid_response", queued(f.json_body({"Results": {"LabInstanceId": 1}, "Status": 1}))),
     "wrong_type_status": Case("invalid_response", queued(f.json_body({"Results": [], "Status": "yes"}))),
     "json_array": Case("invalid_response", queued(f.json_body([{"Status": 1}]))),
+    # 1,000 levels deep in an unknown field of one record: bad input, never a bug (issue 10 item 10).
+    "deeply_nested": Case("invalid_response", queued(lambda h: h.send_raw(
+        200, b'{"Status": 1, "Results": [{"LabInstanceId": 1, "Extra": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",
+        "application/json"))),
     "oversized_content_length": Case("too_large", queued(f.oversized(2 * MAX_BODY))),
     "oversized_chunked": Case("too_large", queued(f.oversized(2 * MAX_BODY, content_length=False))),
     "oversized_gzip_bomb": Case("too_large", queued(f.oversized(64 * MAX_BODY, gzipped=True))),
@@ -184,7 +188,7 @@ def test_default_deadline_answers_within_prometheus_default_scrape_timeout(
     fake: FakeSkillable, harness: Callable[..., Harness]
 ) -> None:
     """With the default --skillable.timeout (9 s) and Prometheus' default 10 s scrape timeout."""
-    h = harness()
+    h = harness(SKILLABLE_TIMEOUT="9")
     fake.fault(f.trickle(every=0.05, total=60), endpoint="LatestResults")
     scrape = h.scrape(scrape_timeout=10)
     assert scrape.status == 200
@@ -380,7 +384,9 @@ def test_exporter_process_survives_faults_and_recovers_alone(run_exporter) -> No
     try:
         now = int(time.time())
         live.add(lab(1, now - 600, now - 60, status=4), lab(2, now - 300))
-        exporter = run_exporter(env={"SKILLABLE_API_URL": live.url, "SKILLABLE_API_KEY": live.state.api_key,
+        # Every scrape may poll, and a poll has 1.5 s (the header no longer shortens the poll itself).
+        exporter = run_exporter("--skillable.min-poll-interval=0", "--skillable.timeout=1.5",
+                                env={"SKILLABLE_API_URL": live.url, "SKILLABLE_API_KEY": live.state.api_key,
                                      "SKILLABLE_COLLECTOR_STATS": "false"})
         headers = {"X-Prometheus-Scrape-Timeout-Seconds": "2"}
         assert "skillable_up 1.0" in exporter.get("/metrics", headers=headers).text
@@ -439,6 +445,41 @@ def test_a_hanging_dns_lookup_never_holds_a_scrape(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert h.scrape().failures("connect_error") == 1
+
+
+def test_up_is_not_claimed_while_a_poll_is_stuck_past_its_deadline(
+    fake: FakeSkillable, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that hangs past --skillable.timeout: the last success no longer speaks for now (issue 10 item 1)."""
+    import socket
+
+    real = socket.getaddrinfo
+    hanging, release = threading.Event(), threading.Event()
+
+    def lookup(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "api.stuck-dns.test":
+            if hanging.is_set():
+                release.wait(10)
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    h = harness(SKILLABLE_API_URL=fake.url.replace("127.0.0.1", "api.stuck-dns.test"))
+    try:
+        assert h.scrape().up == 1
+        hanging.set()
+        h.app.pollers[""].client.close()  # no kept-alive connection: the next poll looks the name up
+        h.mono.advance(60)
+        assert h.scrape().up == 1  # the poll is late, not yet past its deadline: the last one stands
+        h.mono.advance(POLL_TIMEOUT + 1.5)  # now it is stuck past its deadline
+        stuck = h.scrape()
+        assert stuck.status == 200 and stuck.elapsed < SCRAPE_TIMEOUT
+        assert stuck.up == 0
+        assert len(fake.latest_requests()) == 1  # no second poll was started beside the stuck one
+    finally:
+        release.set()
 
 
 def test_retry_after_from_stats_holds_every_poll(fake: FakeSkillable, harness: Callable[..., Harness]) -> None:

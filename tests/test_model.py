@@ -126,6 +126,22 @@ def test_stats_and_delivery_regions() -> None:
         decode_stats(b'{"Status":0,"Error":"no permission"}')
 
 
+@pytest.mark.parametrize("where", ["record", "envelope"])
+def test_json_nested_past_the_decoders_depth_is_bad_input_not_a_bug(where: str) -> None:
+    """1,000 levels in an unknown field made msgspec raise RecursionError (counted as internal_error)."""
+    deep = b"[" * 1000 + b"]" * 1000
+    if where == "record":
+        body = b'{"Status": 1, "Results": [{"LabInstanceId": 1, "Extra": ' + deep + b'}, {"LabInstanceId": 2}]}'
+    else:
+        body = b'{"Status": 1, "Extra": ' + deep + b', "Results": [{"LabInstanceId": 2}]}'
+    with pytest.raises(DecodeError):
+        decode_latest_results(body)
+    with pytest.raises(DecodeError):
+        decode_stats(b'{"Status": 1, "NumActive": 1, "Extra": ' + deep + b"}")
+    with pytest.raises(DecodeError):
+        decode_delivery_regions(b'{"Status": 1, "Extra": ' + deep + b"}")
+
+
 # The spellings of a non-finite number the lenient decoder would otherwise read as a float
 # (issue 10 item 2): as a JSON string, and as a JSON number beyond float range.
 NON_FINITE = ['"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', "1e999", "-1e999", '"1e999"']

@@ -341,7 +341,7 @@ def test_sigkill_between_polls_then_restart_continues_every_counter(
         env = {"SKILLABLE_API_URL": live.url, "SKILLABLE_API_KEY": live.state.api_key,
                "SKILLABLE_STATE_FILE": str(path), "SKILLABLE_COLLECTOR_STATS": "false",
                "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"}
-        exporter = run_exporter(env=env)
+        exporter = run_exporter("--skillable.min-poll-interval=0", env=env)  # every scrape polls
         assert "skillable_up 1.0" in exporter.get("/metrics").text
         live.fault(f.http_status(500), endpoint="LatestResults")
         assert "skillable_up 0.0" in exporter.get("/metrics").text
@@ -363,7 +363,7 @@ def test_sigkill_between_polls_then_restart_continues_every_counter(
         saved_success = read_state_file(str(path))[""].last_success
         assert saved_success is not None
 
-        restarted = run_exporter(env=env)
+        restarted = run_exporter("--skillable.min-poll-interval=0", env=env)
         after = parse(restarted.get("/metrics").text)
         asked = live.latest_requests()[-1].minutes
         assert asked is not None

@@ -168,7 +168,7 @@ def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path:
     config = load_config({}, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
     app = ExporterApp(config)
     server = ExporterServer(("127.0.0.1", 0), app, load_web_config(str(web_file)))
-    make_reloader(app, server, lambda: (config, load_web_config(str(web_file))))
+    make_reloader(app, [server], lambda: (config, load_web_config(str(web_file))))
 
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -185,6 +186,9 @@ def test_default_listen_address_is_loopback() -> None:
     assert config.listen_address == "127.0.0.1:10180"
 
 
+TLS_BASE = 'tls_server_config:\n  cert_file: "server.crt"\n  key_file: "server.key"\n'
+
+
 @pytest.mark.parametrize(
     "content, setting",
     [
@@ -196,6 +200,20 @@ def test_default_listen_address_is_loopback() -> None:
          "client_auth_type"),
         ("basic_auth_users: [a, b]\n", "basic_auth_users"),
         ("{{{", "web.config-file"),
+        # exporter-toolkit's own bad examples (web/testdata/*.bad.yml), and TLS99
+        (TLS_BASE + "  min_version: TLS99\n", "min_version"),
+        (TLS_BASE + "  min_version: TLS111\n", "min_version"),
+        (TLS_BASE + "  max_version: SSL3\n", "max_version"),
+        (TLS_BASE + "  min_version: TLS13\n  max_version: TLS12\n", "min_version"),
+        (TLS_BASE + "  cipher_suites:\n  - TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA2048\n", "cipher_suites"),
+        (TLS_BASE + "  curve_preferences:\n    - CurveP257\n", "curve_preferences"),
+        (TLS_BASE + "  prefer_server_cipher_suites: maybe\n", "prefer_server_cipher_suites"),
+        (TLS_BASE + "  client_ca_file: ca.crt\n", "client_ca_file"),  # a CA without a client_auth_type
+        ("http_server_config:\n  headers:\n    Content-Type: foo\n", "headers.Content-Type"),
+        ("http_server_config:\n  headers:\n    X-Frame-Options: foo\n", "headers.X-Frame-Options"),
+        ("http_server_config:\n  headers:\n    X-Content-Type-Options: sniff\n", "headers.X-Content-Type-Options"),
+        ("http_server_config:\n  http2: sometimes\n", "http2"),
+        ("basic_auth_users:\n  prometheus: $2y$10$tooshort\n", "basic_auth_users.prometheus"),
     ],
 )
 def test_a_bad_web_config_stops_start_up_with_one_line(content: str, setting: str, certs: Path) -> None:
@@ -309,3 +327,113 @@ def test_tls_context_refuses_old_protocols(certs: Path) -> None:
     web = load_web_config(str(web_config(certs)))
     assert web.ssl_context is not None
     assert web.ssl_context.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+# -- hostile basic auth (issue 10 items 5, 6, 11) ----------------------------------------------------
+
+
+def users_config(folder: Path, password: bytes, cost: int) -> Path:
+    hashed = bcrypt.hashpw(password[:72], bcrypt.gensalt(rounds=cost)).decode()  # as htpasswd -B hashes it
+    path = folder / f"users-{cost}.yml"
+    path.write_text(f"basic_auth_users:\n  {USER}: {hashed}\n")
+    return path
+
+
+def test_a_password_longer_than_72_bytes_gets_an_answer(start: Any, certs: Path) -> None:
+    """bcrypt reads 72 bytes; Go's bcrypt.CompareHashAndPassword (exporter-toolkit's) compares those
+    and answers, where Python's bcrypt raises. The exporter answers as the toolkit does."""
+    long_password = ("p" * 60 + "0123456789ab" + "tail-beyond-72-bytes").encode()
+    assert len(long_password) > 72
+    exporter = start(f"--web.config-file={users_config(certs, long_password, 4)}")
+    assert exporter.get("/metrics", auth=(USER, long_password.decode())).status_code == 200
+    # Bytes past the 72nd are not part of a bcrypt hash, in Go as in C: the same 72 log in.
+    assert exporter.get("/metrics", auth=(USER, long_password[:72].decode() + "x" * 30)).status_code == 200
+    assert exporter.get("/metrics", auth=(USER, "q" + long_password[1:].decode())).status_code == 401
+    assert exporter.get("/metrics", auth=("nobody", long_password.decode())).status_code == 401
+    assert exporter.proc.poll() is None and "Traceback" not in exporter.log()
+
+
+def test_a_wrong_password_flood_does_not_starve_real_scrapes(start: Any, certs: Path) -> None:
+    """32 clients sending wrong passwords to a cost-10 hash; the real scraper's p99 stays under a second."""
+    exporter = start(f"--web.config-file={users_config(certs, PASSWORD.encode(), 10)}")
+    auth = (USER, PASSWORD)
+    assert exporter.get("/metrics", auth=auth).status_code == 200  # Prometheus has logged in before
+    stop = threading.Event()
+    refused: list[int] = []
+
+    def flood(index: int) -> None:
+        session = requests.Session()
+        for attempt in range(40):  # bounded: the flood ends on its own
+            if stop.is_set():
+                break
+            response = session.get(exporter.url + "/metrics", auth=(USER, f"wrong-{index}-{attempt}"), timeout=30)
+            refused.append(response.status_code)
+        session.close()
+
+    flooders = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(32)]
+    for thread in flooders:
+        thread.start()
+    time.sleep(0.5)  # the flood is on
+    latencies = []
+    session = requests.Session()
+    for _ in range(20):
+        began = time.monotonic()
+        response = session.get(exporter.url + "/metrics", auth=auth, timeout=30)
+        latencies.append(time.monotonic() - began)
+        assert response.status_code == 200
+        time.sleep(0.1)
+    flooding = any(t.is_alive() for t in flooders)
+    stop.set()
+    for thread in flooders:
+        thread.join(60)
+    assert flooding  # the real scrapes ran during the flood
+    assert refused and set(refused) == {401}
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    assert p99 < 1.0, latencies
+
+
+def test_unknown_users_are_checked_at_the_cost_of_the_configured_hashes(
+    monkeypatch: pytest.MonkeyPatch, certs: Path
+) -> None:
+    """With cost-5 hashes (htpasswd -B's default), an unknown user costs what a wrong password does."""
+    web = load_web_config(str(users_config(certs, PASSWORD.encode(), 5)))
+    checked: list[bytes] = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda password, hashed: checked.append(hashed) or real(password, hashed))
+
+    def header(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def median_seconds(user: str, password: str) -> float:
+        times = []
+        for _ in range(15):
+            began = time.perf_counter()
+            assert not web.check_authorization(header(user, password))
+            times.append(time.perf_counter() - began)
+        return sorted(times)[len(times) // 2]
+
+    assert not web.check_authorization(header("nobody", PASSWORD))
+    assert checked[-1][:7] == b"$2b$05$"  # the dummy hash has the configured cost
+    unknown, wrong = median_seconds("nobody", "x"), median_seconds(USER, "x")
+    assert unknown < wrong * 3, (unknown, wrong)  # it was 21 times slower with a fixed cost-10 dummy
+
+
+def test_a_request_head_cut_by_the_clients_eof_is_not_answered_nor_polled(fake: FakeSkillable) -> None:
+    """A flood connection that hangs up mid-head used to be answered as a full request, polling first."""
+    from .harness import Harness
+
+    h = Harness(fake)
+    try:
+        assert h.scrape().status == 200
+        polls = len(fake.latest_requests())
+        with socket.create_connection(("127.0.0.1", h.server.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: aaaa")
+            sock.shutdown(socket.SHUT_WR)  # the client's EOF, no blank line
+            assert sock.recv(65536) == b""  # closed without an answer
+        with socket.create_connection(("127.0.0.1", h.server.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a whole head is answered
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert len(fake.latest_requests()) == polls
+    finally:
+        h.close()
