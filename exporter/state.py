@@ -97,6 +97,30 @@ def _bound_text(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() and bound >= 1 else repr(float(bound))
 
 
+# Per-profile ended series that exist at 0 from a profile's first activity, so failure and
+# completion rates work from the first scrape: 7 of the 11 statuses; the other four
+# (resume_failed, save_failed, grading_in_progress, unknown) appear when they first occur.
+# Series per profile: 7 + started + running + exams + passed + 3 summaries x 2 = 17 at zero, 21 at most.
+PROFILE_ZERO_STATUSES: tuple[str, ...] = (
+    "complete", "incomplete", "cancelled", "no_show", "storage_provisioning_failed", "lab_creation_failed",
+    "submitted_for_grading",
+)
+UNKNOWN_PROFILE = "unknown"
+OVERFLOW_PROFILE = "other"
+
+
+@dataclass(slots=True)
+class Summary:
+    """Count and sum of observations (a summary without quantiles)."""
+
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+
+
 @dataclass
 class Snapshot:
     """A consistent copy of everything the collector needs, taken under the poller's lock."""
@@ -114,6 +138,19 @@ class Snapshot:
     tracked: int
     invalid_total: int
     host_overflow_total: int
+    # The lab-profile dimension (see INTERFACES.md): every profile in `profiles` has an entry in
+    # every profile_* table; profile_ended holds every PROFILE_ZERO_STATUSES status per profile.
+    profiles: list[str] = field(default_factory=list)
+    profile_started: dict[str, int] = field(default_factory=dict)
+    profile_ended: dict[tuple[str, str], int] = field(default_factory=dict)
+    profile_running: dict[str, int] = field(default_factory=dict)
+    profile_run_time: dict[str, Summary] = field(default_factory=dict)
+    profile_task_completion: dict[str, Summary] = field(default_factory=dict)
+    profile_exams: dict[str, int] = field(default_factory=dict)
+    profile_exams_passed: dict[str, int] = field(default_factory=dict)
+    profile_exam_score: dict[str, Summary] = field(default_factory=dict)
+    profile_overflow_total: int = 0
+    expired_total: int = 0
 
 
 class FleetState:
