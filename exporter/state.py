@@ -44,7 +44,7 @@ import heapq
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated, Iterable, Protocol
+from typing import Annotated, Iterable, Protocol, Sequence
 
 import msgspec
 
@@ -100,7 +100,7 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.observe_all((value,))
 
-    def observe_all(self, values: Iterable[float]) -> None:
+    def observe_all(self, values: Sequence[float]) -> None:
         counts, bounds, total = self.counts, self.bounds, self.total
         for value in values:
             # The first bound >= value; NaN compares false with every bound, so it lands in +Inf.
@@ -135,7 +135,7 @@ class Summary:
     def observe(self, value: float) -> None:
         self.observe_all((value,))
 
-    def observe_all(self, values: list[float]) -> None:  # type: ignore[override]
+    def observe_all(self, values: Sequence[float]) -> None:
         self.count += len(values)
         self.total += sum(values)
 
@@ -146,7 +146,7 @@ class Summary:
 class Observer(Protocol):
     total: float
 
-    def observe_all(self, values: Iterable[float]) -> None: ...
+    def observe_all(self, values: Sequence[float]) -> None: ...
 
     def copy(self) -> Observer: ...
 
