@@ -15,9 +15,10 @@ has them again, written plainly, as ReferenceState):
 5. Running: an instance with no End is running until its End arrives, however
    long that takes: `running` counts it, `closed` (the skillable_lab_instances
    gauge) does not. `closed` counts ended instances by current status.
-6. Expiry: an instance still running `max_running` after it opened (its Start,
-   or when it was first seen if that is earlier or it has none) is dropped and
-   counted in expired_total, so a lost End never leaves a lab running for ever.
+6. Expiry: an instance still running `max_running` after it opened (its Start;
+   the poll that first saw it if it has none or its Start lies after that poll)
+   is dropped and counted in expired_total, so a lost End never leaves a lab
+   running for ever.
    The API cannot tell a lab saved for later from one still running: neither
    has an End, so saved labs count as running until they end or expire.
 7. Eviction: an ended instance is forgotten once its last change is older than
@@ -33,9 +34,10 @@ has them again, written plainly, as ReferenceState):
 Every rule counts into *tallies*, one per label value of each dimension (a
 place: datacenter, region and host; a lab profile). An instance belongs to one
 Group, the tallies it counts into, one per dimension; the rules above are
-written once, against the group, and a new dimension is one more entry in
-DIMENSIONS. Gauges are kept as running totals, so a scrape costs O(series),
-not O(instances).
+written once, in apply(), against the group, and the group hands its sums to
+each of its tallies (Group.flush). A new dimension is a Dimension subclass
+listed in FleetState.dimensions, not another copy of the rules. Gauges are kept
+as running totals, so a scrape costs O(series), not O(instances).
 """
 
 from __future__ import annotations
