@@ -330,6 +330,20 @@ class Group:
     score_ratios: list[float] = field(default_factory=list)
     pending: bool = False
 
+    def touch(self, touched: list[Group]) -> None:
+        """Note the group in `touched` (to flush at the end) the first time it counts something."""
+        if not self.pending:
+            self.pending = True
+            touched.append(self)
+
+    def gauge(self, inst: Instance, sign: int) -> None:
+        """Rule 5's gauges, the one place they are kept: +1 puts the instance in (`running` with
+        no End, else `closed` under its status), -1 takes it out. apply() inlines the +1."""
+        if inst.end is None:
+            self.running += sign
+        else:
+            self.cell(inst.status).closed += sign
+
     def cell(self, status: str) -> Cell:
         cell = self.cells.get(status)
         if cell is None:
@@ -560,7 +574,7 @@ class FleetState:
                     status = c.status
                     opened = now if start is None or start > ceiling else start
                     inst = instances[key] = Instance(g.keys, status, start, end, stamp, opened)
-                    if not g.pending:
+                    if not g.pending:  # g.touch(touched), inlined
                         g.pending = True
                         touched.append(g)
                     if start is None or start >= horizon:  # rule 1
@@ -573,15 +587,8 @@ class FleetState:
                     status = status_of(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
                     g = groups[inst.keys]
                     c = g.cell(status)
-                    if not g.pending:
-                        g.pending = True
-                        touched.append(g)
-                    # Rule 5's gauges: the instance leaves them under its old fields and comes back
-                    # under the new ones.
-                    if inst.end is None:
-                        g.running -= 1
-                    else:
-                        g.cell(inst.status).closed -= 1
+                    g.touch(touched)
+                    g.gauge(inst, -1)  # out under its old fields, back in under the new ones below
                     was_open = inst.end is None
                     inst.status = status
                     if start is not None:
@@ -593,7 +600,7 @@ class FleetState:
                         inst.last_change = stamp
                     if inst.end is not None and (was_open or moved):  # a new entry for rule 7
                         closed_aged.append((inst.last_change, key))
-                if inst.end is None:
+                if inst.end is None:  # g.gauge(inst, 1), inlined: this runs once per result
                     g.running += 1
                 else:
                     c.closed += 1
@@ -673,13 +680,8 @@ class FleetState:
     def _forget(self, key: int, inst: Instance, touched: list[Group]) -> None:
         del self.instances[key]
         g = self._groups[inst.keys]
-        if not g.pending:
-            g.pending = True
-            touched.append(g)
-        if inst.end is None:
-            g.running -= 1
-        else:
-            g.cell(inst.status).closed -= 1
+        g.touch(touched)
+        g.gauge(inst, -1)
 
     def _rebuild_age_index(self) -> None:
         self._closed_by_age = [(i.last_change, k) for k, i in self.instances.items() if i.end is not None]
@@ -721,6 +723,7 @@ class FleetState:
             for so in dim.observers:
                 d.restore_observer(so)
         state.places.hosts.update(k[2] for k in state.places.tallies if k[2] != OVERFLOW_HOST)
+        touched: list[Group] = []
         for item in saved.instances:
             if len(item.keys) != len(state.dimensions):
                 raise RestoreError("an instance's keys do not match the dimensions")
@@ -732,14 +735,10 @@ class FleetState:
                             item.ended_counted, item.exam_counted)
             state.instances[item.id] = inst
             # The gauges are derived from the instances, by the same bookkeeping as apply().
-            if inst.end is None:
-                g.running += 1
-            else:
-                g.cell(inst.status).closed += 1
-            g.pending = True
-        for g in state._groups.values():
-            if g.pending:
-                g.flush()
+            g.touch(touched)
+            g.gauge(inst, 1)
+        for g in touched:
+            g.flush()
         state._rebuild_age_index()
         return state
 
