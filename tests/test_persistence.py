@@ -31,6 +31,7 @@ from exporter.model import decode_latest_results
 from exporter.persistence import (
     FORMAT,
     VERSION,
+    AccountState,
     StateStore,
     api_identity,
     decode_account,
@@ -49,6 +50,11 @@ from .harness import harness  # noqa: F401 (the fixture)
 from .test_model_properties import chaos_record, valid_record
 
 NOW = 1_800_000_000
+FIRST_POLL_MINUTES = 1440  # max(window 60, --skillable.max-running-minutes 1440): a first poll's lookback
+
+
+def ended_saved(saved: AccountState) -> int:
+    return sum(sum(t.ended.values()) for t in saved.fleet.dimensions["place"].tallies)
 
 # Every counter the exporter serves: none may go down across a restart.
 COUNTERS = (
@@ -115,7 +121,7 @@ def test_restart_continues_counters_and_asks_only_since_saved_success(
     first.close()  # as on SIGTERM: the file is written
 
     saved = read_state_file(path)[""]
-    assert saved.last_success == NOW and len(saved.instances) == 3
+    assert saved.last_success == NOW and len(saved.fleet.instances) == 3
 
     # While the exporter is down: lab 2 ends, lab 5 starts and ends, lab 6 starts.
     fake.advance(7 * 60)
@@ -153,7 +159,7 @@ def test_without_a_state_file_a_restart_starts_from_zero(fake: FakeSkillable, ha
     fake.advance(60)
     second = harness()
     second.scrape()
-    assert fake.latest_requests()[-1].minutes == 60  # the whole window again
+    assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES  # a first poll again
 
 
 @pytest.mark.parametrize(
@@ -186,7 +192,7 @@ def test_unusable_state_file_gives_one_warning_and_a_clean_start(
     scrape = h.scrape()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and problem in warnings[0], warnings
-    assert fake.latest_requests()[-1].minutes == 60  # a clean start asks for the whole window
+    assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES  # a clean start's first poll
     assert total(scrape.samples, "skillable_lab_instances_ended_total") == 1
     assert h.store is not None and h.store.flush(5)
     assert read_state_file(str(path))[""].last_success == NOW  # replaced by a good file
@@ -201,12 +207,13 @@ def test_histogram_layout_of_another_version_is_refused_per_account(
     first.scrape()
     first.close()
     doc = json.loads(path.read_text())
-    doc["accounts"][""]["run_time"][0][2].append(0)  # one bucket too many
+    observers = doc["accounts"][""]["fleet"]["dimensions"]["place"]["observers"]
+    next(o for o in observers if o[1] == "run_time")[2].append(0)  # one bucket too many
     path.write_text(json.dumps(doc))
     caplog.set_level(logging.INFO, logger="exporter")
     harness(str(path)).scrape()
     assert any("not restored" in r.getMessage() for r in caplog.records)
-    assert fake.latest_requests()[-1].minutes == 60
+    assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES
 
 
 def test_saved_after_every_poll_atomically_and_privately(
@@ -282,8 +289,8 @@ def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) ->
         app.close()
         saved = read_state_file(state)
         assert set(saved) == {"emea", "americas"}
-        assert sum(c.count for c in saved["americas"].ended) == 3
-        assert sum(c.count for c in saved["emea"].ended) == 1
+        assert ended_saved(saved["americas"]) == 3
+        assert ended_saved(saved["emea"]) == 1
         # Swap the order of the accounts: each gets its own state back, by name.
         config.write_text(
             "accounts:\n"
@@ -472,6 +479,11 @@ def two_accounts(fake: FakeSkillable, harness: Callable[..., Harness], path: Pat
     return doc
 
 
+def observer_at(dimension: dict[str, Any], table: str) -> int:
+    """Where the first saved observer (histogram or summary) of `table` is in a saved dimension."""
+    return next(i for i, saved in enumerate(dimension["observers"]) if saved[1] == table)
+
+
 def test_one_bad_entry_is_left_out_never_the_file_nor_the_other_accounts(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -479,22 +491,25 @@ def test_one_bad_entry_is_left_out_never_the_file_nor_the_other_accounts(
     doc = two_accounts(fake, harness, path)
     bad = doc["accounts"]["second"]
     # What a NaN used to become (null), a sum that is not a number, a time that is null, a bool count.
-    bad["task_completion"][0][3] = None
-    bad["run_time"][0][3] = "NaN"
-    bad["instances"][0][7] = None
-    bad["started"][0][3] = True
+    place = bad["fleet"]["dimensions"]["place"]
+    place["observers"][observer_at(place, "task_completion")][3] = None
+    place["observers"][observer_at(place, "run_time")][3] = "NaN"
+    bad["fleet"]["instances"][0][5] = None  # last_change
+    place["tallies"][0][1] = True  # started
     whole = read_state_file(str(path))[""]  # as written, before the damage
     path.write_text(json.dumps(doc))
 
     saved = read_state_file(str(path))
     assert set(saved) == {"", "second"}
     assert saved[""] == whole  # the good account is whole
-    good, second = saved[""], saved["second"]
+    good, second = saved[""].fleet, saved["second"].fleet
     assert len(second.instances) == len(good.instances) - 1
-    assert len(second.task_completion) == len(good.task_completion) - 1
-    assert len(second.run_time) == len(good.run_time) - 1
-    assert len(second.started) == len(good.started) - 1
-    assert second.ended == good.ended and second.requests == good.requests  # the rest is kept
+    good_place, second_place = good.dimensions["place"], second.dimensions["place"]
+    assert len(second_place.observers) == len(good_place.observers) - 2  # the task and run time histograms
+    assert len(second_place.tallies) == len(good_place.tallies) - 1
+    # the rest is kept
+    assert second.dimensions["profile"] == good.dimensions["profile"]
+    assert saved["second"].requests == saved[""].requests
     assert load_state_file(str(path)).left_out["second"][0] == 4
 
 
@@ -508,14 +523,15 @@ def test_an_account_with_bad_entries_restores_the_rest_and_says_so_once(
     )
     doc = saved_doc(fake, harness, path)
     account = doc["accounts"][""]
-    account["task_completion"][0][3] = None  # main wrote a NaN sum as null; then refused the whole file
+    place = account["fleet"]["dimensions"]["place"]
+    place["observers"][observer_at(place, "task_completion")][3] = None  # a NaN sum was written as null
     path.write_text(json.dumps(doc))
     caplog.clear()
     caplog.set_level(logging.INFO, logger="exporter")
     h = harness(str(path))
     restored = parse(generate_latest(h.app.registry).decode())
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "1 bad entries left out" in warnings[0] and "task_completion[0]" in warnings[0]
+    assert len(warnings) == 1 and "1 bad entries left out" in warnings[0] and "observers[" in warnings[0]
     assert total(restored, "skillable_lab_instances_ended_total") == 2
     assert total(restored, "skillable_lab_run_time_seconds_count") == 2
     assert total(restored, "skillable_lab_task_completion_ratio_count") == 1  # one region's histogram left out
@@ -551,9 +567,13 @@ def test_negative_counters_in_a_state_file_are_left_out_not_served(
     elif where == "failures":
         account["failures"] = [[e, r, -5 if r == "http_error" else n] for e, r, n in account["failures"]]
     elif where == "run_time_bucket":
-        account["run_time"][0][2][0] = -3
-    else:
-        account[where][0][-1] = -7
+        place = account["fleet"]["dimensions"]["place"]
+        place["observers"][observer_at(place, "run_time")][2][0] = -3
+    elif where == "ended":
+        tally = account["fleet"]["dimensions"]["place"]["tallies"][0]
+        tally[2] = {status: -7 for status in tally[2]}
+    else:  # a count of a saved tally: [key, started, ended, exams, exams_passed]
+        account["fleet"]["dimensions"]["place"]["tallies"][0][{"started": 1, "exams": 3}[where]] = -7
     path.write_text(json.dumps(doc))
     caplog.set_level(logging.INFO, logger="exporter")
     h = harness(str(path))
@@ -567,17 +587,21 @@ def test_negative_counters_in_a_state_file_are_left_out_not_served(
     assert total(restored, "skillable_last_success_timestamp_seconds") == NOW
 
 
-@pytest.mark.parametrize("field, value", [("invalid_total", -1), ("host_overflow_total", -2), ("invalid_total", 1.5),
-                                          ("last_success", "NaN")])
+@pytest.mark.parametrize("field, value", [("fleet.invalid_total", -1), ("fleet.expired_total", -2),
+                                          ("fleet.invalid_total", 1.5), ("last_success", "NaN")])
 def test_a_bad_plain_field_refuses_its_account_not_the_others(
     field: str, value: Any, fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
     path = tmp_path / "state.json"
     doc = two_accounts(fake, harness, path)
-    doc["accounts"]["second"][field] = value
+    where = doc["accounts"]["second"]
+    *parents, name = field.split(".")
+    for parent in parents:
+        where = where[parent]
+    where[name] = value
     path.write_text(json.dumps(doc))
     assert set(read_state_file(str(path))) == {""}
-    assert field in load_state_file(str(path)).refused["second"]
+    assert field.split(".")[-1] in load_state_file(str(path)).refused["second"]
 
 
 def test_the_state_file_never_holds_a_value_its_reader_rejects(
@@ -589,7 +613,7 @@ def test_the_state_file_never_holds_a_value_its_reader_rejects(
     fake.add(lab(1, NOW - 600, NOW - 60, status=4, TotalRunTimeSeconds=540, TaskCompletePercent=80))
     h = harness(str(path))
     h.scrape()
-    h.poller.state.task_completion[("3", "2")].total = float("nan")  # as "NaN" from the API made it on main
+    h.poller.state.places.regions[("3", "2")][1].total = float("nan")  # as "NaN" from the API made it on main
     h.close()
     assert set(read_state_file(str(path))) == {""}
     assert load_state_file(str(path)).left_out[""][0] == 1
@@ -640,7 +664,7 @@ def test_a_file_is_never_restored_into_another_api_urls_account(
         assert total(b.scrape().samples, "skillable_lab_instances_started_total") == 7
         b.close()
         assert json.loads(path.read_text())["api_urls"] == {"": other.url}
-        assert sum(c.count for c in read_state_file(str(path))[""].started) == 7
+        assert sum(t.started for t in read_state_file(str(path))[""].fleet.dimensions["place"].tallies) == 7
     finally:
         other.stop()
 
