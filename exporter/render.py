@@ -167,23 +167,16 @@ class LineEncoder:
 
     def _write(self, out: list[str], part: Part) -> None:
         """Appends the part's text to `out`, or raises _NotPlain (then `out` is as it was)."""
-        header = self._header(part.family if isinstance(part, Rows) else part)
         if isinstance(part, Rows):
+            header = self._header(part.family)
             prefixes = self._row_prefixes.setdefault(part.family.name, {})
-            try:
-                line_starts = list(map(prefixes.__getitem__, part.keys))
-            except KeyError:
-                self._learn_rows(part, prefixes)
-                line_starts = list(map(prefixes.__getitem__, part.keys))
+            line_starts = self._line_starts_of(prefixes, part.keys, lambda missing: self._learn_rows(part, missing))
             values: Sequence[float] = part.values
         else:
+            header = self._header(part)
             self._check_plain(part)
             keys = [(s.name, tuple(s.labels.items())) for s in part.samples]
-            try:
-                line_starts = list(map(self._prefixes.__getitem__, keys))
-            except KeyError:
-                self._learn_samples(part, keys)
-                line_starts = list(map(self._prefixes.__getitem__, keys))
+            line_starts = self._line_starts_of(self._prefixes, keys, lambda missing: self._learn_samples(part, missing))
             values = [s.value for s in part.samples]
         out.append(header)
         known = self._values.get
@@ -195,27 +188,47 @@ class LineEncoder:
                 written = text(value)
             out += (start, written, "\n")
 
-    def _learn_rows(self, rows: Rows, prefixes: dict[Hashable, str]) -> None:
-        """Learn the prefixes of the rows not seen yet, from one run of the encoder over them alone."""
-        new = [(key, value) for key, value in zip(rows.keys, rows.values) if key not in prefixes]
-        if len(prefixes) + len(new) > MAX_PREFIXES:
-            prefixes.clear()
-            new = list(zip(rows.keys, rows.values))
-        keys = [key for key, _ in new]
-        family = rows.metric(keys, [value for _, value in new])
-        self._check_plain(family)
-        prefixes.update(zip(keys, self._line_starts(family)))
+    @staticmethod
+    def _line_starts_of(prefixes: dict[Any, str], keys: Sequence[Hashable],
+                        learn: Callable[[list[int]], dict[Any, str]]) -> list[str]:
+        """The kept prefix of every key; `learn(positions)` returns the prefixes of the keys at those
+        positions, which are not kept yet, and keeps them. One pass over the keys: a render that meets
+        no new series looks each up once, and one that does finds the few new ones by a scan for None."""
+        starts: list[Any] = list(map(prefixes.get, keys))
+        if None in starts:
+            missing: list[int] = []
+            try:
+                while True:
+                    missing.append(starts.index(None, missing[-1] + 1 if missing else 0))
+            except ValueError:
+                pass
+            learnt = learn(missing)
+            for position in missing:
+                starts[position] = learnt[keys[position]]
+        return starts
 
-    def _learn_samples(self, family: Metric, keys: list[tuple[str, tuple[tuple[str, str], ...]]]) -> None:
-        """The same for a family of samples: the encoder runs over the samples not seen yet."""
-        prefixes = self._prefixes
-        new = {key: sample for key, sample in zip(keys, family.samples) if key not in prefixes}
-        if len(prefixes) + len(new) > MAX_PREFIXES:
+    def _learn_rows(self, rows: Rows, missing: list[int]) -> dict[Hashable, str]:
+        """Learn the prefixes of the rows at `missing`, from one run of the encoder over them alone."""
+        prefixes = self._row_prefixes[rows.family.name]
+        if len(prefixes) + len(missing) > MAX_PREFIXES:
             prefixes.clear()
-            new = dict(zip(keys, family.samples))
+        keys = [rows.keys[i] for i in missing]
+        family = rows.metric(keys, [rows.values[i] for i in missing])
+        self._check_plain(family)
+        learnt = dict(zip(keys, self._line_starts(family)))
+        prefixes.update(learnt)
+        return learnt
+
+    def _learn_samples(self, family: Metric, missing: list[int]) -> dict[Any, str]:
+        """The same for a family of samples: the encoder runs over the samples at `missing` alone."""
+        if len(self._prefixes) + len(missing) > MAX_PREFIXES:
+            self._prefixes.clear()
         unseen = copy.copy(family)
-        unseen.samples = list(new.values())
-        prefixes.update(zip(new, self._line_starts(unseen)))
+        unseen.samples = [family.samples[i] for i in missing]
+        keys = [(s.name, tuple(s.labels.items())) for s in unseen.samples]
+        learnt = dict(zip(keys, self._line_starts(unseen)))
+        self._prefixes.update(learnt)
+        return learnt
 
     @staticmethod
     def _check_plain(family: Metric) -> None:
