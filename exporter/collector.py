@@ -24,6 +24,7 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -32,10 +33,11 @@ from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
-from .state import Histogram, Snapshot
+from .state import PROFILE_ZERO_STATUSES, Histogram, Snapshot, Summary
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
 REGION = ["datacenter_id", "delivery_region_id"]
+PROFILE = ["lab_profile_id"]
 GZIP_LEVEL = 1  # a 10x smaller exposition for about 1 ms per 100 kB
 SHARED_POLL_NOTE = (
     " Values come from the most recent poll, which concurrent scrapes share and"
@@ -207,8 +209,57 @@ class SkillableCollector(Collector):
             ),
         ]
 
+    def _profile_families(self) -> list[LabFamily]:
+        """The lab-profile families (issue 11): labelled by lab_profile_id alone, never with the place labels,
+        counted by the same rules as the per-place ones; summaries without quantiles (_count, _sum)."""
+        return [
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_instances_started_total",
+                "Lab instances seen starting, by lab profile, each counted once however many polls return it.",
+                PROFILE, _table("profile_started"), _profile_sample,
+            ),
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_instances_ended_total",
+                "Lab instances seen ending, by lab profile, counted once under the completion status they ended"
+                f" with. The statuses {', '.join(PROFILE_ZERO_STATUSES)} exist from the start, the others once"
+                " they occur.",
+                PROFILE + ["completion_status"], _table("profile_ended"), _plain_sample,
+            ),
+            LabFamily(
+                GaugeMetricFamily, "skillable_lab_profile_instances_running",
+                "Lab instances started and not ended, by lab profile." + SHARED_POLL_NOTE,
+                PROFILE, _table("profile_running"), _profile_sample,
+            ),
+            LabFamily(
+                SummaryMetricFamily, "skillable_lab_profile_run_time_seconds",
+                "Total run time of ended lab instances, by lab profile, observed once per instance.",
+                PROFILE, _summary_table("profile_run_time"), _summary_sample,
+            ),
+            LabFamily(
+                SummaryMetricFamily, "skillable_lab_profile_task_completion_ratio",
+                "Share of integrated tasks completed (0-1) in ended lab instances, by lab profile.",
+                PROFILE, _summary_table("profile_task_completion"), _summary_sample,
+            ),
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_exams_total",
+                "Scored exams, by lab profile, counted once when their score first appears.",
+                PROFILE, _table("profile_exams"), _profile_sample,
+            ),
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_exams_passed_total",
+                "Scored exams that the learner passed, by lab profile.",
+                PROFILE, _table("profile_exams_passed"), _profile_sample,
+            ),
+            LabFamily(
+                SummaryMetricFamily, "skillable_lab_profile_exam_score_ratio",
+                "Exam score divided by the maximum possible score (0-1), by lab profile, observed once per scored"
+                " exam.",
+                PROFILE, _summary_table("profile_exam_score"), _summary_sample,
+            ),
+        ]
+
     def _lab_parts(self, views: Views) -> Iterator[Rows]:
-        return (self._rows(spec, views) for spec in self._lab_families())
+        return (self._rows(spec, views) for spec in [*self._lab_families(), *self._profile_families()])
 
     # -- exporter health ---------------------------------------------------
 
@@ -247,6 +298,12 @@ class SkillableCollector(Collector):
             "Lab instances whose host was reported as lab_host_id=\"other\" because of the host limit.",
             labels=no_labels,
         )
+        profile_overflow = CounterMetricFamily(
+            "skillable_lab_profile_overflow_total",
+            "Lab instances whose profile was reported as lab_profile_id=\"other\" because of"
+            " --skillable.max-lab-profiles.",
+            labels=no_labels,
+        )
         expired = CounterMetricFamily(
             "skillable_lab_instances_expired_total",
             "Running lab instances dropped with no End after --skillable.max-running-minutes.",
@@ -280,6 +337,7 @@ class SkillableCollector(Collector):
                 failures.add_metric(self._values(account, [endpoint, reason]), count)
             invalid.add_metric(labels, view.snapshot.invalid_total)
             overflow.add_metric(labels, view.snapshot.host_overflow_total)
+            profile_overflow.add_metric(labels, view.snapshot.profile_overflow_total)
             expired.add_metric(labels, view.snapshot.expired_total)
             tracked.add_metric(labels, view.snapshot.tracked)
             if h.stats is not None and h.stats.active is not None:
@@ -296,7 +354,8 @@ class SkillableCollector(Collector):
             labels=["version", "python_version"],
         )
         build.add_metric([__version__, platform.python_version()], 1)
-        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, expired, tracked)
+        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, profile_overflow)
+        yield from (expired, tracked)
         yield from (active, saved, window, build)
 
     # -- names for ids -----------------------------------------------------
@@ -358,6 +417,28 @@ def _plain_sample(key: Any) -> tuple[str, tuple[str, ...]]:
 def _per_status_sample(key: Any) -> tuple[str, tuple[str, ...]]:
     place, status = key
     return "", (*place, status)
+
+
+def _profile_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    return "", (key,)
+
+
+def _summary_table(table: str) -> Callable[[Snapshot], KeysValues]:
+    """Per profile: _count, then _sum."""
+    def rows(snapshot: Snapshot) -> KeysValues:
+        keys: list[Any] = []
+        values: list[Any] = []
+        summary: Summary
+        for profile, summary in getattr(snapshot, table).items():
+            keys += [(profile, "_count"), (profile, "_sum")]
+            values += [summary.count, summary.total]
+        return keys, values
+    return rows
+
+
+def _summary_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    profile, suffix = key
+    return suffix, (profile,)
 
 
 def _histogram_table(table: str) -> Callable[[Snapshot], KeysValues]:
