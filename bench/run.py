@@ -3,8 +3,8 @@
     python bench/run.py            # 1k, 10k and 100k windows; writes BENCHMARKS.md
     python bench/run.py --quick    # one start per target, fewer samples (< 60 s); --no-write leaves BENCHMARKS.md
 
-Every process is separate: the simulator (exporter.demo with a frozen clock and
-the /_bench hooks), the baseline (bench/baseline.py) and the exporter
+Every process is separate: the simulator (bench/simulator.py: exporter.demo's, with
+a frozen clock and the /_bench hooks), the baseline (bench/baseline.py) and the exporter
 (python -m exporter). BENCHMARKS.md explains the method.
 """
 
@@ -162,8 +162,8 @@ def percentile(values: list[float], q: float) -> float:
 class Simulator:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter.demo", "--listen", "127.0.0.1:0",
-             "--labs-per-minute", str(LABS_PER_MINUTE), "--freeze-clock", "--bench-hooks"],
+            [sys.executable, "-m", "bench.simulator", "--listen", "127.0.0.1:0",
+             "--labs-per-minute", str(LABS_PER_MINUTE), "--freeze-clock"],
             stdout=subprocess.PIPE, cwd=ROOT, text=True, preexec_fn=die_with_parent,
         )
         assert self.proc.stdout is not None
