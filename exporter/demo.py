@@ -92,6 +92,12 @@ class Traffic:
                 self._cache[minute] = labs
         return labs
 
+    @property
+    def minutes_held(self) -> int:
+        """How many minutes of generated labs are kept (bounded: see _forget_before)."""
+        with self._lock:
+            return len(self._cache)
+
     def _forget_before(self, minute: int) -> None:
         """Drop minutes no query can reach any more (older than 7 days plus the longest lab),
         so a demo that runs for weeks does not grow."""
