@@ -14,7 +14,6 @@ None of this is in the shipped demo: there /_bench/... is an ordinary unknown pa
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from exporter.demo import SimulatorHandler, SimulatorServer, Traffic
+from exporter.demo import SimulatorHandler, SimulatorServer, Traffic, argument_parser, listen_address, serve
 
 CACHED_BODIES = 4
 _encoder = msgspec.json.Encoder()
@@ -110,22 +109,12 @@ def start(labs_per_minute: float = 12.0, seed: int = 7, clock: BenchClock | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
-    parser.add_argument("--labs-per-minute", type=float, default=12.0)
-    parser.add_argument("--seed", type=int, default=7)
+    parser = argument_parser(__doc__ or "")
     parser.add_argument("--clock-offset", type=float, default=0.0, help="seconds added to the clock")
     parser.add_argument("--freeze-clock", action="store_true", help="stop the clock (it then moves only by /_bench/clock)")
     args = parser.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
     clock = BenchClock(args.clock_offset, args.freeze_clock)
-    server = BenchSimulator((host, int(port)), Traffic(args.labs_per_minute, args.seed), clock)
-    print(server.url, flush=True)  # the benchmark reads the address from here
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve(BenchSimulator(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed), clock))
 
 
 if __name__ == "__main__":

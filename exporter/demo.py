@@ -291,20 +291,33 @@ def start_simulator(
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Simulated Skillable Lab API (LatestResults, stats, deliveryregions)")
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The simulator's command line (the benchmark's simulator adds its own flags to it)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
     parser.add_argument("--labs-per-minute", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
-    server = SimulatorServer((host, int(port)), Traffic(args.labs_per_minute, args.seed))
+    return parser
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host, int(port)
+
+
+def serve(server: SimulatorServer) -> int:
+    """Print the address (whoever started the process reads it from there), then serve until interrupted."""
     print(server.url, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser("Simulated Skillable Lab API (LatestResults, stats, deliveryregions)").parse_args(argv)
+    return serve(SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed)))
 
 
 if __name__ == "__main__":
