@@ -106,7 +106,8 @@ class SkillableCollector(Collector):
                 line_encoder = self._line_encoders[encoding] = LineEncoder(encoding.encoder)
             body = line_encoder(self.parts(views))
             for other in self._rendered.values():
-                # Encodings that differ only in escaping write the same bytes for legacy names: keep one copy.
+                # Encodings can write the same bytes (OpenMetrics 1.0.0 and 2.0.0; allow-utf-8 and underscores
+                # escaping, for legacy names): keep one copy.
                 if other.body == body and _same_inputs(other.inputs, inputs):
                     body = other.body
                     break

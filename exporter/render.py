@@ -251,7 +251,7 @@ class LineEncoder:
             value = " " + floatToGoString(sample.value)
             if not line.endswith(value):
                 raise _NotPlain
-            # Interned: the encodings that write the same line (escapings, for legacy names) share the string.
+            # Interned: the encodings that write the same line share the string.
             starts.append(sys.intern(line[: -len(value)] + " "))
         return starts
 
