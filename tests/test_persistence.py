@@ -334,9 +334,11 @@ def test_sigkill_between_polls_then_restart_continues_every_counter(
         live.fault(f.http_status(500), endpoint="LatestResults")
         assert "skillable_up 0.0" in exporter.get("/metrics").text
         live.add(lab(4, int(time.time()) - 5))
-        # scrapes answer from memory until the backoff has passed, then one polls again
-        text = eventually(lambda: (t := exporter.get("/metrics").text) if "skillable_up 1.0" in t else None,
-                          10, "a good poll after the backoff")
+        def recovered() -> str | None:  # scrapes answer from memory until the backoff has passed
+            text = exporter.get("/metrics").text
+            return text if "skillable_up 1.0" in text else None
+
+        text = eventually(recovered, 10, "a good poll after the backoff")
         before = parse(text)
         wait_for_saved(path, 3)
 
