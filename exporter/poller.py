@@ -120,6 +120,8 @@ class Poller:
         self._closed = False
         self._time_at: tuple[float, float] | None = None  # (poll time, monotonic) of the last poll; see _now()
         self._clock_offset = 0.0  # how far the wall clock was ahead of the poll time at the last poll
+        self._wall = 0.0  # the wall clock as _now() last read it
+        self._mono_at_success: float | None = None  # the monotonic clock at the last success
         self._result_in = False  # the poll in flight has its result in; only its after-poll hook runs
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
@@ -211,9 +213,11 @@ class Poller:
         last = self.health.last_success
         if last is None:
             return min(max(self.window_minutes, self.max_running_minutes), MAX_WINDOW_MINUTES)
-        elapsed = now - last
-        if self._time_at is not None:
-            elapsed = max(elapsed, self._monotonic() - self._time_at[1])
+        # Asking for more never loses or double counts: whichever clock ran further (the wall
+        # clock as it reads now, even stepped ahead; the monotonic clock, if the wall stepped back).
+        elapsed = max(now, self._wall) - last
+        if self._mono_at_success is not None:
+            elapsed = max(elapsed, self._monotonic() - self._mono_at_success)
         minutes = math.ceil(max(0.0, elapsed) / 60.0) + self.overlap_minutes
         return min(max(minutes, 1), MAX_WINDOW_MINUTES)
 
@@ -249,6 +253,7 @@ class Poller:
         elif offset > 1.0 and self._clock_offset <= 1.0:
             log.info("wall clock back in step with the monotonic clock")
         self._time_at = (now, mono)
+        self._wall = wall
         return now
 
     def _poll(self, timeout: float) -> None:
@@ -266,6 +271,7 @@ class Poller:
                 self.state.evict(now - self.window_minutes * 60, now - self.max_running_minutes * 60)
                 self.health.up = True
                 self.health.last_success = now
+                self._mono_at_success = self._time_at[1] if self._time_at else None
                 self.health.last_minutes = minutes
         except Exception as exc:  # noqa: BLE001 - no answer, however odd, may fail the scrape
             self._record_failure("LatestResults", exc)
