@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Gauge
-from prometheus_client.exposition import choose_encoder
 
 from .client import SkillableClient
-from .collector import SkillableCollector
+from .collector import SkillableCollector, eof_of, gzip_head
 from .config import SETTINGS, Config, ConfigError
 from .poller import Failure, Poller
+from .render import choose_encoding
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ RELOADABLE = frozenset({
     "accounts", "names", "min_poll_interval", "overlap_minutes", "timeout", "max_response_bytes",
     "log_level", "log_format", "web_config_file",
 })
-EOF_LINE = b"# EOF\n"
 
 
 @dataclass(frozen=True)
@@ -135,15 +134,14 @@ class ExporterApp:
     def metrics(self, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str]:
         """Refresh every account (in parallel), then render. Returns (body, content type)."""
         self._refresh(list(self.pollers.values()), self.scrape_wait(scrape_timeout_header))
-        encoder, content_type = choose_encoder(accept)
-        return self.collector.exposition(encoder, content_type), content_type
+        encoding = choose_encoding(accept)
+        return self.collector.exposition(encoding), encoding.content_type
 
     def runtime_metrics(self, accept: str) -> bytes:
         """The exporter's own process metrics and reload gauges, in the format `accept` picks.
         /metrics sends them after the exposition (server.py). They change every scrape (CPU,
         memory), so they are rendered each time, apart from the cached exposition."""
-        encoder, _ = choose_encoder(accept)
-        return encoder(self.runtime)
+        return choose_encoding(accept).encoder(self.runtime)
     def probe_account(self, account: str) -> str | None:
         """The account `/probe?account=` names, or None.
 
@@ -164,8 +162,18 @@ class ExporterApp:
         if name is None:
             return None
         self._refresh([self.pollers[name]], self.scrape_wait(scrape_timeout_header))
-        encoder, content_type = choose_encoder(accept)
-        return self._probe_collectors[name].exposition(encoder, content_type), content_type
+        encoding = choose_encoding(accept)
+        return self._probe_collectors[name].exposition(encoding), encoding.content_type
+
+    def gzipped(self, body: bytes, tail: bytes | None = None) -> tuple[bytes, bytes]:
+        """One gzip stream of `body` (then `tail`, see SkillableCollector.gzipped), in two pieces. An
+        exposition's compressed part is kept with it, in its collector's cache: the one cache."""
+        for collector in (self.collector, *self._probe_collectors.values()):
+            packed = collector.gzipped(body, tail)
+            if packed is not None:
+                return packed
+        head, compressor = gzip_head(body)
+        return head, compressor.compress(eof_of(body) if tail is None else tail) + compressor.flush()
 
     @staticmethod
     def _refresh(pollers: list[Poller], timeout: float) -> None:

@@ -13,21 +13,20 @@ thread (poller.py), so a flood can slow nothing but other idle connections.
 
 from __future__ import annotations
 
-import gzip
 import html
 import logging
 import socket
 import sys
 import threading
 import time
-import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import ssl
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from .app import EOF_LINE, AccountStatus, ExporterApp
+from .app import AccountStatus, ExporterApp
+from .collector import without_eof
 from .config import ConfigError
 from .version import build_info
 from .webconfig import SETTING as WEB_SETTING, WebConfig
@@ -120,10 +119,6 @@ class ExporterServer(ThreadingHTTPServer):
         self.web = web
         self.connections = connections if connections is not None else Connections()
         self.telemetry_path = telemetry_path
-        self._gzip_lock = threading.Lock()
-        self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
-        # (body, gzip output so far, the compressor's state after it): see gzipped_with_tail().
-        self._gzip_head: tuple[bytes, bytes, Any] | None = None
         # POST /-/reload calls this (set by the CLI); it returns None or why the reload was refused.
         self.reload: Callable[[], str | None] | None = None
         if sock is not None:
@@ -200,37 +195,10 @@ class ExporterServer(ThreadingHTTPServer):
         else:
             log.debug("connection from %s failed", peer, exc_info=True)
 
-    def gzipped(self, body: bytes) -> bytes:
-        """gzip of `body`. The exposition is the same bytes object until a poll changes it,
-        so keeping the last one compresses it once, not once per scrape."""
-        with self._gzip_lock:
-            if self._gzipped is not None and self._gzipped[0] is body:
-                return self._gzipped[1]
-        compressed = gzip.compress(body, compresslevel=1)
-        with self._gzip_lock:
-            self._gzipped = (body, compressed)
-        return compressed
-
-    def gzipped_with_tail(self, body: bytes, tail: bytes) -> tuple[bytes, bytes]:
-        """One gzip stream of `body` (without its OpenMetrics `# EOF` line) then `tail`, in two
-        pieces. The compressor's state after `body` is kept with its output, so while the
-        exposition is unchanged a scrape compresses only the tail (the runtime metrics)."""
-        with self._gzip_lock:
-            cached = self._gzip_head if self._gzip_head is not None and self._gzip_head[0] is body else None
-        if cached is None:
-            compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: a gzip header
-            cached = (body, compressor.compress(_without_eof(body)), compressor)
-            with self._gzip_lock:
-                self._gzip_head = cached
-        with self._gzip_lock:
-            rest = cached[2].copy()
-        return cached[1], rest.compress(tail) + rest.flush()
-
-
-def _without_eof(body: bytes) -> memoryview:
-    """The exposition minus OpenMetrics' closing `# EOF` (the runtime metrics bring their own)."""
-    view = memoryview(body)
-    return view[: len(body) - len(EOF_LINE)] if body.endswith(EOF_LINE) else view
+    def gzipped(self, body: bytes, tail: bytes | None = None) -> tuple[bytes, bytes]:
+        """gzip of `body` (then `tail`), in two pieces: an exposition's is kept with it in the one
+        exposition cache (collector.py), so it is compressed once, not once per scrape."""
+        return self.app.gzipped(body, tail)
 
 
 class _LastLine:
@@ -350,9 +318,9 @@ class Handler(BaseHTTPRequestHandler):
         """The (cached) exposition followed by the runtime metrics, gzipped if the client takes it."""
         compress = "gzip" in self.headers.get("Accept-Encoding", "")
         if compress:
-            parts: tuple[bytes | memoryview, ...] = self.server.gzipped_with_tail(body, runtime)
+            parts: tuple[bytes | memoryview, ...] = self.server.gzipped(body, runtime)
         else:
-            parts = (_without_eof(body), runtime)
+            parts = (without_eof(body), runtime)
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(sum(len(part) for part in parts)))
@@ -364,7 +332,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, compress: bool = False) -> None:
         if compress and "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = self.server.gzipped(body)
+            body = b"".join(self.server.gzipped(body))
             encoding = "gzip"
         else:
             encoding = None

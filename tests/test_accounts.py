@@ -111,19 +111,14 @@ def test_window_help_text_names_each_accounts_own_window(
     flags = vars(build_parser().parse_args(["--config.file", str(write_config(tmp_path, fake, broken))]))
     app = ExporterApp(load_config(flags, {"KEY_EMEA": "k", "KEY_AMERICAS": "k"}))
     try:
-        both = app.collector.exposition(*_text_encoder())
-        americas = app._probe_collectors["americas"].exposition(*_text_encoder())
-        emea = app._probe_collectors["emea"].exposition(*_text_encoder())
+        both, _ = app.metrics("", None)
+        americas, emea = (app.probe(name, "", None)[0] for name in ("americas", "emea"))  # type: ignore[index]
     finally:
         app.close()
-    help_line = re.compile(rb"^# HELP skillable_lab_instances_running .*$", re.M)
+    help_line = re.compile(rb"^# HELP skillable_lab_instances .*$", re.M)
     assert b"the last 120 minutes" in help_line.search(americas).group(0)  # type: ignore[union-attr]
     assert b"the last 60 minutes" in help_line.search(emea).group(0)  # type: ignore[union-attr]
     mixed = help_line.search(both).group(0)  # type: ignore[union-attr]
     assert b"minutes" not in mixed and b"skillable_lookback_window_seconds" in mixed
 
 
-def _text_encoder():  # type: ignore[no-untyped-def]
-    from prometheus_client.exposition import choose_encoder
-
-    return choose_encoder("")

@@ -26,6 +26,15 @@ from .fakeapi import FakeSkillable, lab
 from .harness import lab_counters, parse, total
 from .tlsutil import certs, issue  # noqa: F401 (certs is a fixture)
 
+
+@pytest.fixture
+def fake() -> Iterator[FakeSkillable]:
+    """The fake on the real clock: the exporter processes here run on it, and labs dated in their
+    future would be refused as invalid (a record more than a day ahead of its poll)."""
+    server = FakeSkillable()
+    yield server
+    server.stop()
+
 RELOAD_OK = "skillable_exporter_config_last_reload_successful"
 RELOAD_TIME = "skillable_exporter_config_last_reload_success_timestamp_seconds"
 
