@@ -52,6 +52,8 @@ class ExporterApp:
                 max_lab_hosts=config.max_lab_hosts,
                 collect_stats=config.collect_stats,
                 collect_region_names=config.collect_delivery_regions,
+                collect_catalog=config.collect_catalog,
+                max_catalog_bytes=config.max_catalog_bytes,
                 clock=clock,
                 monotonic=monotonic,
             )
@@ -65,7 +67,8 @@ class ExporterApp:
         self.registry.register(self.collector)
 
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
-        return SkillableCollector(accounts, self.config.names, self.config.window_minutes)
+        return SkillableCollector(accounts, self.config.names, self.config.window_minutes,
+                                  self.config.max_lab_profiles)
 
     def poll_timeout(self, scrape_timeout_header: str | None) -> float:
         """Deadline for this scrape's polls: the configured timeout, capped by Prometheus' own."""

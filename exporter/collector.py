@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .catalog import AccountProfiles, catalog_families
 from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
@@ -39,8 +40,11 @@ SHARED_POLL_NOTE = (
 
 
 class SkillableCollector(Collector):
-    def __init__(self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int) -> None:
+    def __init__(
+        self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int, max_lab_profiles: int = 500
+    ) -> None:
         self._accounts = list(accounts)
+        self._max_lab_profiles = max_lab_profiles
         self._names = names
         self._window_minutes = window_minutes
         # The account label appears only when several accounts are configured,
@@ -317,6 +321,8 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
+        profiles = [AccountProfiles(a, v.health.catalog, v.snapshot.profiles) for a, v in views]
+        yield from catalog_families(profiles, self._names, self._max_lab_profiles, self._account_label)
 
 
 def _same_inputs(old: list[tuple[Snapshot, str]], new: list[tuple[Snapshot, str]]) -> bool:

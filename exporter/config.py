@@ -160,18 +160,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("skillable.max-lab-hosts", 2000, _number(1, 1_000_000, integer=True),
             "lab hosts tracked as separate label values; more go to lab_host_id=\"other\"",
             "SKILLABLE_MAX_LAB_HOSTS"),
+    Setting("skillable.max-lab-profiles", 500, _number(1, 1_000_000, integer=True),
+            "lab profiles with activity tracked as separate label values; more go to lab_profile_id=\"other\"",
+            "SKILLABLE_MAX_LAB_PROFILES"),
     Setting("storage.state-file", None, _optional_text,
             "file keeping counters and per-instance memory across restarts", "SKILLABLE_STATE_FILE"),
     Setting("collector.stats", True, _bool, "poll /stats for account-wide active and saved labs",
             "SKILLABLE_COLLECTOR_STATS"),
     Setting("collector.delivery-regions", True, _bool, "fetch delivery region names from /deliveryregions",
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS"),
+    Setting("collector.catalog", True, _bool, "fetch lab profile and lab series names from /catalog (hourly)",
+            "SKILLABLE_COLLECTOR_CATALOG"),
+    Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
+            "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES"),
 )
 _BY_DEST = {s.dest: s for s in SETTINGS}
 
 # Settings that only the config file carries (structured values).
 _FILE_ONLY = {
     ("names", "datacenters"), ("names", "delivery_regions"), ("names", "lab_hosts"), ("accounts",),
+    ("names", "lab_profiles"), ("names", "lab_series"),
 }
 
 
@@ -182,6 +190,8 @@ class Names:
     datacenters: Mapping[str, str] = field(default_factory=dict)
     delivery_regions: Mapping[str, str] = field(default_factory=dict)
     lab_hosts: Mapping[str, str] = field(default_factory=dict)
+    lab_profiles: Mapping[str, str] = field(default_factory=dict)
+    lab_series: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -206,9 +216,12 @@ class Config:
     timeout: float
     max_response_bytes: int
     max_lab_hosts: int
+    max_lab_profiles: int
     state_file: str | None
     collect_stats: bool
     collect_delivery_regions: bool
+    collect_catalog: bool
+    max_catalog_bytes: int
     names: Names
     demo: bool
 
@@ -304,6 +317,8 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool
         datacenters=_id_names("names.datacenters", _walk(tree, ("names", "datacenters"))),
         delivery_regions=_id_names("names.delivery_regions", _walk(tree, ("names", "delivery_regions"))),
         lab_hosts=_id_names("names.lab_hosts", _walk(tree, ("names", "lab_hosts"))),
+        lab_profiles=_id_names("names.lab_profiles", _walk(tree, ("names", "lab_profiles"))),
+        lab_series=_id_names("names.lab_series", _walk(tree, ("names", "lab_series"))),
     )
     accounts = _accounts(tree.get("accounts"), values, environ, demo)
     return Config(
@@ -317,9 +332,12 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool
         timeout=values["skillable_timeout"],
         max_response_bytes=values["skillable_max_response_bytes"],
         max_lab_hosts=values["skillable_max_lab_hosts"],
+        max_lab_profiles=values["skillable_max_lab_profiles"],
         state_file=values["storage_state_file"],
         collect_stats=values["collector_stats"],
         collect_delivery_regions=values["collector_delivery_regions"],
+        collect_catalog=values["collector_catalog"],
+        max_catalog_bytes=values["skillable_max_catalog_bytes"],
         names=names,
         demo=demo,
     )

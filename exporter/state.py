@@ -114,6 +114,7 @@ class Snapshot:
     tracked: int
     invalid_total: int
     host_overflow_total: int
+    profiles: list[str] = field(default_factory=list)  # interim until the state branch fills it
 
 
 class FleetState:
