@@ -204,16 +204,21 @@ def _info(samples: dict[Any, float]) -> dict[str, dict[str, str]]:
 
 def test_lab_profile_info_carries_the_catalogs_names(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     _fake_catalog(fake)
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, LabProfileId=6001))
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, LabProfileId=6001),
+             lab(3, NOW - 200, LabProfileId=6002), lab(4, NOW - 100, LabProfileId=9999))
     h: Harness = harness(SKILLABLE_COLLECTOR_CATALOG="true")
     samples = h.scrape().samples
     info = _info(samples)
+    # Profiles with series of their own: the disabled 6002 too; 9999 is in no catalog, so it has no info.
+    active = {dict(ls)["lab_profile_id"] for (n, ls) in samples if n == "skillable_lab_profile_instances_started_total"}
+    assert active == {"5522", "6001", "6002", "9999"}
+    assert info["6002"]["lab_profile_name"] == "Retired lab" and "9999" not in info
+    assert total(samples, "skillable_lab_profile_enabled", lab_profile_id="6002") == 0
     assert info["5522"] == {"lab_profile_id": "5522", "lab_profile_name": "Configure Azure AD",
                             "lab_profile_number": "Module 1", "lab_series_id": "1", "platform": "azure",
                             "exam": "false"}
     assert info["6001"]["lab_profile_name"] == "Final exam" and info["6001"]["exam"] == "true"
     assert info["6003"]["lab_profile_name"] == "Never launched"  # enabled, unused, within the budget
-    assert "6002" not in info  # disabled and unused
     assert total(samples, "skillable_lab_profile_max_duration_seconds", lab_profile_id="5522") == 10800
     assert total(samples, "skillable_lab_profile_enabled", lab_profile_id="6003") == 1
     series = {dict(ls)["lab_series_id"]: dict(ls)["lab_series_name"] for (n, ls) in samples
@@ -260,3 +265,18 @@ def test_no_collector_catalog_makes_no_call(fake: FakeSkillable, harness) -> Non
     assert not [s for s in fake.state.seen if s.path.endswith("/catalog")]
     assert _info(samples) == {}
     assert not [k for k in samples if k[0] == "skillable_api_requests_total" and ("endpoint", "catalog") in k[1]]
+
+
+def test_info_series_stay_within_the_profile_budget(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
+    """5,000 catalog profiles and 5 active ones with a budget of 3: info only for the 3 with series of their own."""
+    fake.state.catalog_series = [catalog_series(1, "Big")]
+    fake.state.catalog_profiles = [{"Id": 10_000 + i, "Name": f"Lab {i}", "SeriesId": 1, "Enabled": True}
+                                   for i in range(5000)]
+    fake.add(*[lab(i, NOW - 600 + i, LabProfileId=10_000 + i) for i in range(5)])
+    h: Harness = harness(SKILLABLE_COLLECTOR_CATALOG="true", SKILLABLE_MAX_LAB_PROFILES="3")
+    samples = h.scrape().samples
+    active = {dict(ls)["lab_profile_id"] for (n, ls) in samples if n == "skillable_lab_profile_instances_started_total"}
+    assert "other" in active and len(active) <= 4
+    info = _info(samples)
+    assert set(info) == active - {"other"}
+    assert len([k for k in samples if k[0] == "skillable_lab_profile_enabled"]) == len(info)
