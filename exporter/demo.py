@@ -51,6 +51,9 @@ LAB_HOST_NAMES = {
 UNHEALTHY_HOST = 117
 UNHEALTHY_FAILURE_SHARE = 0.6
 DEMO_LABS_PER_MINUTE = 40.0  # enough for per-profile failure rates to show within a minute of starting
+# `--demo`'s account came into use this long before the demo started: the exporter's first poll
+# (which asks for up to a day, for labs still running) then gets a window's worth, not a day's.
+DEMO_HISTORY_MINUTES = 90
 MAX_LAB_SECONDS = 8 * 3600
 RUNNING_STATUS = 3  # a lab in progress reports Incomplete until it ends
 
@@ -336,10 +339,12 @@ class SimulatorServer(ThreadingHTTPServer):
 
     def __init__(
         self, address: tuple[str, int], traffic: Traffic, clock: Callable[[], float] = time.time,
-        bench_hooks: bool = False,
+        bench_hooks: bool = False, history_minutes: int | None = None,
     ) -> None:
         self.traffic = traffic
         self.clock = clock
+        # With history_minutes, LatestResults never reaches further back than that before the start.
+        self.history_start = clock() - history_minutes * 60 if history_minutes is not None else None
         self.requests: dict[str, int] = {}
         self.bytes_sent = 0
         self._count_lock = threading.Lock()
@@ -350,6 +355,8 @@ class SimulatorServer(ThreadingHTTPServer):
         super().__init__(address, _SimulatorHandler)
 
     def latest_results(self, now: float, minutes: int) -> bytes:
+        if self.history_start is not None:
+            minutes = max(1, min(minutes, math.ceil((now - self.history_start) / 60)))
         if not self.bench_hooks:
             return latest_results_body(self.traffic, now, minutes)
         key = (now, minutes)
@@ -457,7 +464,7 @@ def start_simulator(
     clock: Callable[[], float] = time.time,
 ) -> SimulatorServer:
     """Start the simulator in a background thread; stop it with .shutdown() and .server_close()."""
-    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock)
+    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock, history_minutes=DEMO_HISTORY_MINUTES)
     threading.Thread(target=server.serve_forever, name="skillable-simulator", daemon=True).start()
     return server
 
