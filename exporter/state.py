@@ -44,7 +44,7 @@ import heapq
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated, Iterable, Protocol
+from typing import Annotated, Iterable, Protocol, Sequence
 
 import msgspec
 
@@ -100,12 +100,13 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.observe_all((value,))
 
-    def observe_all(self, values: Iterable[float]) -> None:
-        counts, bounds = self.counts, self.bounds
+    def observe_all(self, values: Sequence[float]) -> None:
+        counts, bounds, total = self.counts, self.bounds, self.total
         for value in values:
             # The first bound >= value; NaN compares false with every bound, so it lands in +Inf.
             counts[bisect_left(bounds, value) if value == value else -1] += 1
-            self.total += value
+            total += value
+        self.total = total
 
     def cumulative(self) -> list[tuple[str, float]]:
         """Buckets as prometheus_client wants them: cumulative, ending in +Inf."""
@@ -134,10 +135,9 @@ class Summary:
     def observe(self, value: float) -> None:
         self.observe_all((value,))
 
-    def observe_all(self, values: Iterable[float]) -> None:
-        for value in values:
-            self.count += 1
-            self.total += value
+    def observe_all(self, values: Sequence[float]) -> None:
+        self.count += len(values)
+        self.total += sum(values)
 
     def copy(self) -> Summary:
         return Summary(self.count, self.total)
@@ -146,7 +146,7 @@ class Summary:
 class Observer(Protocol):
     total: float
 
-    def observe_all(self, values: Iterable[float]) -> None: ...
+    def observe_all(self, values: Sequence[float]) -> None: ...
 
     def copy(self) -> Observer: ...
 
@@ -458,9 +458,9 @@ class FleetState:
         self.instances: dict[int, Instance] = {}
         self.invalid_total = 0
         self.expired_total = 0
-        # Derived, not state: raw (datacenter, region, host, profile) ids -> Group, so that a
-        # new instance costs one dict lookup instead of a label lookup per dimension.
-        self._group_of: dict[tuple[int | None, ...], Group] = {}
+        # Derived, not state: raw (datacenter, region, host, profile) ids and status code -> Group
+        # and status, so that a new instance costs one dict lookup, not one per dimension.
+        self._group_of: dict[tuple[int | None, ...], tuple[Group, str]] = {}
         self._groups: dict[tuple[tuple[str, ...], ...], Group] = {}
         # Derived: min-heaps of (last_change, id) of ended and (opened, id) of running instances,
         # popped by evict(), so a poll costs O(changes), not O(instances). An entry whose instance
@@ -520,12 +520,12 @@ class FleetState:
                 if stamp > latest:  # rule 9
                     refused += 1
                     continue
-                status = status_of(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
                 inst = instances.get(key)
                 if inst is None:
-                    g = group_of.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id))
-                    if g is None:
-                        g = self._group(r)
+                    # One lookup gives the new instance's group and status.
+                    cached = group_of.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id,
+                                           r.completion_status))
+                    g, status = cached if cached is not None else self._group(r)
                     opened = now if start is None or start > ceiling else float(start)
                     inst = instances[key] = Instance(g, status, start, end, stamp, opened)
                     if not g.pending:
@@ -538,6 +538,7 @@ class FleetState:
                     else:
                         closed_aged.append((stamp, key))
                 else:
+                    status = status_of(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
                     g = inst.group
                     if not g.pending:
                         g.pending = True
@@ -570,8 +571,9 @@ class FleetState:
                     if seconds is not None and seconds >= 0:
                         g.run_times.append(seconds)
                     percent = r.task_complete_percent
-                    if percent is not None:
-                        g.task_ratios.append(_ratio(percent / 100.0))
+                    if percent is not None:  # clamped to 0..1 as min(max()) would (NaN stays NaN), inlined
+                        ratio = percent / 100.0
+                        g.task_ratios.append(0.0 if ratio < 0.0 else 1.0 if ratio > 1.0 else ratio)
                 if not inst.exam_counted and (r.exam_score is not None or r.exam_passed is not None):  # rule 3
                     event = end if end is not None else start
                     if event is None or event >= horizon:
@@ -589,18 +591,21 @@ class FleetState:
             self.invalid_total += refused
         return refused
 
-    def _group(self, r: LabResult) -> Group:
-        """The Group of a new instance's raw ids, made from each dimension's key. Kept for the next
-        instances with the same ids unless a key overflowed (each such instance is counted)."""
+    def _group(self, r: LabResult) -> tuple[Group, str]:
+        """The Group of a new instance's raw ids, made from each dimension's key, and its status.
+        Kept for the next instances with the same ids unless a key overflowed (each such
+        instance is counted)."""
         keys = tuple(d.key_of(r) for d in self.dimensions)
         g = self._groups.get(keys)
         if g is None:
             g = self._groups[keys] = Group(keys, tuple(d.tally(k) for d, k in zip(self.dimensions, keys)))
+        found = (g, STATUS_NAMES.get(r.completion_status, UNKNOWN_STATUS))  # type: ignore[arg-type]
         if keys[0][2] != OVERFLOW_HOST and keys[1][0] != OVERFLOW_PROFILE:
             if len(self._group_of) >= GROUP_CACHE_SIZE:
                 self._group_of.clear()
-            self._group_of[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id)] = g
-        return g
+            self._group_of[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id,
+                            r.completion_status)] = found
+        return found
 
     def evict(self, horizon: float, running_horizon: float | None = None) -> int:
         """Forget ended instances whose last change is older than `horizon` (rule 7) and drop
