@@ -10,7 +10,10 @@ shipped configuration, all on 127.0.0.1 in a temporary directory. Then:
 - the demo's unhealthy lab host (117, datacenter 3) drives the lab-creation
   alert into Alertmanager, and its failing lab profile (5009) the lab-profile
   alert. The shipped rules wait `for: 15m`, so Prometheus also loads temporary
-  copies with `for: 0s` (the shipped files are untouched);
+  copies with `for: 0s` (the shipped files are untouched). The lab-profile
+  alert's minimum volume counts labs ended in the last hour (rate over 1h), which
+  a Prometheus a minute old has barely seen: the thresholds file is loaded as a
+  copy with that one threshold at 1 (PROFILE_TEST_THRESHOLDS);
 - skillable_lab_profile_info carries the demo catalog's names.
 
 The binaries come from Debian's `prometheus` and `prometheus-alertmanager`
@@ -58,9 +61,10 @@ HOST_NAMES = {"117": "flaky-host-117"}
 DEMO_FAILING_HOST = {"lab_host_id": "117", "datacenter_id": "3"}
 DEMO_FAILING_PROFILE = {"lab_profile_id": "5009"}
 # The failing profile's first failed lab after Prometheus' first scrape is what its ratio needs:
-# the demo ends about 2.4 of them a minute, so allow a couple of minutes.
-PROFILE_ALERT_DEADLINE = 150.0
+# the demo ends about 2.4 of them a minute, so allow two minutes.
+PROFILE_ALERT_DEADLINE = 120.0
 OVERRIDDEN_ALERTS = ("SkillableLabHostFailureRatioHigh", "SkillableLabProfileFailureRatioHigh")
+PROFILE_TEST_THRESHOLDS = {"skillable:lab_profile_min_ended_per_hour:threshold": "vector(1)"}
 OVERRIDE_LABEL = {"test_override": "for-0s"}
 METRIC_NAME = re.compile(r"\b(skillable_[a-z_]+?)(?:_bucket)?\b(?=[{\[(\s])")
 
@@ -129,6 +133,19 @@ def _ready(stack: Stack, name: str, url: str) -> None:
     eventually(check, STARTUP_DEADLINE, f"{name} at {url}")
 
 
+def _test_thresholds() -> dict[str, Any]:
+    """The shipped thresholds, with PROFILE_TEST_THRESHOLDS replaced (each must exist)."""
+    shipped = yaml.safe_load((ROOT / "prometheus/rules/skillable-thresholds.yml").read_text())
+    replaced = set()
+    for group in shipped["groups"]:
+        for rule in group["rules"]:
+            if rule["record"] in PROFILE_TEST_THRESHOLDS:
+                rule["expr"] = PROFILE_TEST_THRESHOLDS[rule["record"]]
+                replaced.add(rule["record"])
+    assert replaced == set(PROFILE_TEST_THRESHOLDS)
+    return shipped
+
+
 def _override_rules() -> dict[str, Any]:
     """Copies of the shipped lab-host and lab-profile failure alerts with `for: 0s` and a marker label."""
     shipped = yaml.safe_load((ROOT / "prometheus/rules/skillable-alerts.yml").read_text())
@@ -148,9 +165,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(work, f"http://127.0.0.1:{ports['exporter']}", f"http://127.0.0.1:{ports['prometheus']}",
               f"http://127.0.0.1:{ports['alertmanager']}")
     (work / "override.yml").write_text(yaml.safe_dump(_override_rules(), sort_keys=False))
+    (work / "thresholds.yml").write_text(yaml.safe_dump(_test_thresholds(), sort_keys=False))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))] + [str(work / "override.yml")],
+        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))
+                       if p.name != "skillable-thresholds.yml"] + [str(work / "thresholds.yml"), str(work / "override.yml")],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports['alertmanager']}"]}]}]},
         # Same job name and scrape settings shape as the shipped prometheus.yml.
         "scrape_configs": [{"job_name": "skillable", "scrape_timeout": "1s",
