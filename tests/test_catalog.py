@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.catalog import (
@@ -26,9 +26,8 @@ from exporter.model import DecodeError, UpstreamError
 
 from .fakeapi import FakeSkillable, catalog_profile, catalog_series, http_status, lab
 from .harness import Harness, harness, total  # noqa: F401 (the fixture)
+from .test_model_properties import PROPERTY, json_scalars, json_values  # the same JSON strategies as LatestResults
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 NOW = 1_800_000_000
 
 
@@ -78,10 +77,6 @@ def test_a_body_that_is_no_catalog_is_a_typed_error(raw: bytes, error: type[Exce
 
 # -- property tests -----------------------------------------------------------------------
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
 timestamps = st.one_of(st.integers(min_value=0, max_value=2**53), st.none(),
                        st.integers(min_value=0, max_value=2**45).map(lambda ms: f"/Date({ms})/"),
                        st.integers(min_value=0, max_value=2**45).map(lambda ms: f"/Date({ms})"), st.text(max_size=20))
