@@ -275,3 +275,15 @@ def test_info_series_stay_within_the_profile_budget(fake: FakeSkillable, harness
     info = _info(samples)
     assert set(info) == active - {"other"}
     assert len([k for k in samples if k[0] == "skillable_lab_profile_enabled"]) == len(info)
+
+
+def test_with_several_accounts_only_the_gauges_carry_the_account() -> None:
+    other = Catalog({"2": LabProfile("2", "Same id, other account", "", "", "aws", False, True, None)})
+    families = {f.name: f for f in catalog_families(
+        [AccountProfiles("emea", _catalog(2), ["2"]), AccountProfiles("apac", other, ["2"])],
+        Names(), budget=1, account_label=True)}
+    [info] = families["skillable_lab_profile_info"].samples  # one per id: the first account that knows it names it
+    assert "account" not in info.labels and info.labels["lab_profile_name"] == "p2"
+    enabled = {(s.labels["account"], s.labels["lab_profile_id"]) for s in families["skillable_lab_profile_enabled"].samples}
+    assert enabled == {("emea", "2"), ("apac", "2")}
+    assert [s.labels["account"] for s in families["skillable_lab_profile_max_duration_seconds"].samples] == ["emea"]
