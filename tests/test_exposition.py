@@ -16,8 +16,8 @@ from exporter.collector import SkillableCollector
 from exporter.config import Names
 from exporter.poller import Poller
 
-from .conftest import MonotonicStub, make_poller
 from .fakeapi import FakeSkillable, catalog_profile, catalog_series, lab
+from .harness import MonotonicStub, make_poller
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
