@@ -161,8 +161,11 @@ class Traffic:
         self.seed = seed
         self._cache: dict[int, tuple[Lab, ...]] = {}
         self._lock = threading.Lock()
+        self.first_minute: int | None = None  # set: no lab starts before this minute (the account's history)
 
     def labs_starting_in(self, minute: int) -> tuple[Lab, ...]:
+        if self.first_minute is not None and minute < self.first_minute:
+            return ()
         with self._lock:
             labs = self._cache.get(minute)
         if labs is None:
@@ -333,13 +336,11 @@ class SimulatorServer(ThreadingHTTPServer):
     ) -> None:
         self.traffic = traffic
         self.clock = clock
-        # With history_minutes, LatestResults never reaches further back than that before the start.
-        self.history_start = clock() - history_minutes * 60 if history_minutes is not None else None
+        if history_minutes is not None:  # no lab started longer ago than that before the start
+            traffic.first_minute = math.floor(clock() / 60) - history_minutes
         super().__init__(address, handler or SimulatorHandler)
 
     def latest_results(self, now: float, minutes: int) -> bytes:
-        if self.history_start is not None:
-            minutes = max(1, min(minutes, math.ceil((now - self.history_start) / 60)))
         return latest_results_body(self.traffic, now, minutes)
 
     @property
