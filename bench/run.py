@@ -487,11 +487,21 @@ def series_per_100_hosts() -> tuple[int, int, int]:
     """Series in the exposition for 100 and 200 lab hosts (one datacenter and region), and per region.
 
     Counted in what the exporter's own collector serves, not computed from a formula."""
+    from exporter.model import LabResult
+
+    def series(hosts: int, regions: int) -> int:
+        return exposition_series([LabResult(i, start=1000, end=2000, completion_status=4, lab_host_id=i,
+                                            datacenter_id=i % regions, delivery_region_id=1) for i in range(hosts)])
+
+    return series(100, 1), series(200, 1), series(200, 2) - series(200, 1)
+
+
+def exposition_series(results: list[Any], catalog: Any = None) -> int:
+    """Samples the exporter's own collector serves for these results (and a /catalog), one account."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     from exporter.collector import SkillableCollector
     from exporter.config import Names
-    from exporter.model import LabResult
     from exporter.poller import Health, PollView
     from exporter.state import FleetState
 
@@ -502,17 +512,28 @@ def series_per_100_hosts() -> tuple[int, int, int]:
             self.state = state
 
         def view(self) -> PollView:
-            return PollView(self.state.snapshot(), Health(up=True))
+            return PollView(self.state.snapshot(), Health(up=True, catalog=catalog))
 
-    def series(hosts: int, regions: int) -> int:
-        state = FleetState(10_000)
-        state.apply([LabResult(i, start=1000, end=2000, completion_status=4, lab_host_id=i,
-                               datacenter_id=i % regions, delivery_region_id=1) for i in range(hosts)], 0)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SkillableCollector([("", Stub(state))], Names(), 60))  # type: ignore[list-item]
-        return sum(1 for line in generate_latest(registry).splitlines() if not line.startswith(b"#"))
+    state = FleetState(10_000, 10_000)
+    state.apply(results, 0)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SkillableCollector([("", Stub(state))], Names(), 60, 10_000))  # type: ignore[list-item]
+    return sum(1 for line in generate_latest(registry).splitlines() if not line.startswith(b"#"))
 
-    return series(100, 1), series(200, 1), series(200, 2) - series(200, 1)
+
+def series_per_100_profiles() -> tuple[int, int]:
+    """Series added by 100 more active lab profiles (one host), without and with a /catalog naming them."""
+    from exporter.catalog import Catalog, LabProfile
+    from exporter.model import LabResult
+
+    def series(profiles: int, named: bool) -> int:
+        results = [LabResult(i, start=1000, end=2000, completion_status=4, lab_host_id=1, datacenter_id=1,
+                             delivery_region_id=1, lab_profile_id=5000 + i) for i in range(profiles)]
+        catalog = Catalog({str(5000 + i): LabProfile(str(5000 + i), f"Lab {i}", "", "1", "azure", False, True, 3600.0)
+                           for i in range(profiles)}, {"1": "Series"}) if named else None
+        return exposition_series(results, catalog)
+
+    return series(200, False) - series(100, False), series(200, True) - series(100, True)
 
 
 RENDER_HOSTS = 2000  # --skillable.max-lab-hosts' default: the largest exposition a tenant gets
@@ -679,10 +700,13 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(load_before)
     table = report(results)
     s100, s200, per_region = series_per_100_hosts()
+    per_100_profiles, per_100_named = series_per_100_profiles()
     render = render_after_new_series()
     series = (f"Series per 100 lab hosts, counted in the exposition: {s200 - s100} "
               f"(100 hosts: {s100} series in all, 200 hosts: {s200}); each further datacenter/region pair "
-              f"adds {per_region}.\n\n" + render_report(render))
+              f"adds {per_region}.\n\nSeries per 100 active lab profiles: {per_100_profiles}, or {per_100_named} "
+              f"with /catalog names (skillable_lab_profile_info, _enabled, _max_duration_seconds).\n\n"
+              + render_report(render))
     print("\n".join(facts) + "\n\n" + table + "\n\n" + series)
     if args.json:
         Path(args.json).write_text(json.dumps(

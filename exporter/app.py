@@ -78,6 +78,8 @@ class ExporterApp:
                 max_lab_profiles=config.max_lab_profiles,
                 collect_stats=config.collect_stats,
                 collect_region_names=config.collect_delivery_regions,
+                collect_catalog=config.collect_catalog,
+                max_catalog_bytes=config.max_catalog_bytes,
                 clock=clock,
                 monotonic=monotonic,
                 account=account.name,
@@ -116,7 +118,7 @@ class ExporterApp:
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
         windows = {poller.window_minutes for _, poller in accounts}
         window = windows.pop() if len(windows) == 1 else None  # HELP names a window only if all share it
-        return SkillableCollector(accounts, self.config.names, window)
+        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles)
 
     def scrape_wait(self, scrape_timeout_header: str | None) -> float:
         """How long this scrape waits for its polls: the configured timeout (and a margin), capped by

@@ -246,16 +246,19 @@ class SkillableClient:
         """`text` with the API key blanked out, for anything that reaches a log or a metric."""
         return text.replace(self._api_key, "<redacted>") if self._api_key else text
 
-    def get(self, endpoint: str, params: dict[str, int] | None, timeout: float) -> bytes:
-        """GET <base>/<endpoint> and return the body of a 200 answer, within `timeout` seconds in total."""
+    def get(self, endpoint: str, params: dict[str, int] | None, timeout: float, max_bytes: int | None = None) -> bytes:
+        """GET <base>/<endpoint> and return the body of a 200 answer, within `timeout` seconds in total.
+        `max_bytes` replaces the client's body cap for this call (the catalog has its own)."""
         deadline = time.monotonic() + timeout
         try:
             with _Deadline(timeout) as watchdog:
-                return self._get(endpoint, params, deadline, watchdog)
+                return self._get(endpoint, params, deadline, watchdog, max_bytes or self._max_bytes)
         except ApiError as exc:
             raise ApiError(exc.reason, self.redact(str(exc)), exc.retry_after) from None
 
-    def _get(self, endpoint: str, params: dict[str, int] | None, deadline: float, watchdog: _Deadline) -> bytes:
+    def _get(
+        self, endpoint: str, params: dict[str, int] | None, deadline: float, watchdog: _Deadline, max_bytes: int
+    ) -> bytes:
         remaining = max(deadline - time.monotonic(), 0.001)
         try:
             response = self._session.get(
@@ -270,7 +273,7 @@ class SkillableClient:
             raise _request_error(endpoint, exc, watchdog.fired, "no answer", self._host) from None
         with response:
             self._check_status(endpoint, response)
-            return self._read_body(endpoint, response, deadline, watchdog)
+            return self._read_body(endpoint, response, deadline, watchdog, max_bytes)
 
     def _check_status(self, endpoint: str, response: requests.Response) -> None:
         status = response.status_code
@@ -284,19 +287,19 @@ class SkillableClient:
         raise ApiError(HTTP_ERROR, f"{endpoint}: HTTP {status}", retry_after)
 
     def _read_body(
-        self, endpoint: str, response: requests.Response, deadline: float, watchdog: _Deadline
+        self, endpoint: str, response: requests.Response, deadline: float, watchdog: _Deadline, max_bytes: int
     ) -> bytes:
         length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self._max_bytes:
-            raise ApiError(TOO_LARGE, f"{endpoint}: body of {length} bytes exceeds the limit of {self._max_bytes}")
+        if length.isdigit() and int(length) > max_bytes:
+            raise ApiError(TOO_LARGE, f"{endpoint}: body of {length} bytes exceeds the limit of {max_bytes}")
         chunks: list[bytes] = []
         size = 0
         try:
             # Decoded (gunzipped) bytes are counted, so a compressed bomb stops at the cap too.
             for chunk in response.iter_content(CHUNK_BYTES):
                 size += len(chunk)
-                if size > self._max_bytes:
-                    raise ApiError(TOO_LARGE, f"{endpoint}: body exceeds the limit of {self._max_bytes} bytes")
+                if size > max_bytes:
+                    raise ApiError(TOO_LARGE, f"{endpoint}: body exceeds the limit of {max_bytes} bytes")
                 chunks.append(chunk)
                 if time.monotonic() > deadline:
                     break

@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from .catalog import AccountProfiles, catalog_families
 from .config import Names
 from .poller import PollView, Poller
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
@@ -58,11 +59,13 @@ class _Rendered:
 
 class SkillableCollector(Collector):
     def __init__(
-        self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int | None
+        self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int | None,
+        max_lab_profiles: int = 500,
     ) -> None:
         """`window_minutes`: the window every account in `accounts` has, named in the HELP texts;
         None when they differ (each account's is in skillable_lookback_window_seconds)."""
         self._accounts = list(accounts)
+        self._max_lab_profiles = max_lab_profiles
         self._names = names
         self._window_minutes = window_minutes
         # The account label appears only when several accounts are configured,
@@ -401,6 +404,8 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
+        profiles = [AccountProfiles(a, v.health.catalog, v.snapshot.profiles) for a, v in views]
+        yield from catalog_families(profiles, self._names, self._max_lab_profiles, self._account_label)
 
 
 # -- the rows of one account's lab table: keys and values from its snapshot, and what a key names --

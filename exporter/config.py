@@ -200,12 +200,17 @@ SETTINGS: tuple[Setting, ...] = (
             "SKILLABLE_COLLECTOR_STATS"),
     Setting("collector.delivery-regions", True, _bool, "fetch delivery region names from /deliveryregions",
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS"),
+    Setting("collector.catalog", True, _bool, "fetch lab profile and lab series names from /catalog (hourly)",
+            "SKILLABLE_COLLECTOR_CATALOG"),
+    Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
+            "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES"),
 )
 _BY_DEST = {s.dest: s for s in SETTINGS}
 
 # Settings that only the config file carries (structured values).
 _FILE_ONLY = {
     ("names", "datacenters"), ("names", "delivery_regions"), ("names", "lab_hosts"), ("accounts",),
+    ("names", "lab_profiles"), ("names", "lab_series"),
 }
 
 
@@ -216,6 +221,8 @@ class Names:
     datacenters: Mapping[str, str] = field(default_factory=dict)
     delivery_regions: Mapping[str, str] = field(default_factory=dict)
     lab_hosts: Mapping[str, str] = field(default_factory=dict)
+    lab_profiles: Mapping[str, str] = field(default_factory=dict)
+    lab_series: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,8 @@ class Config:
     state_file: str | None
     collect_stats: bool
     collect_delivery_regions: bool
+    collect_catalog: bool
+    max_catalog_bytes: int
     names: Names
     demo: bool
 
@@ -353,6 +362,8 @@ def load_config(
         datacenters=_id_names("names.datacenters", _walk(tree, ("names", "datacenters"))),
         delivery_regions=_id_names("names.delivery_regions", _walk(tree, ("names", "delivery_regions"))),
         lab_hosts=_id_names("names.lab_hosts", _walk(tree, ("names", "lab_hosts"))),
+        lab_profiles=_id_names("names.lab_profiles", _walk(tree, ("names", "lab_profiles"))),
+        lab_series=_id_names("names.lab_series", _walk(tree, ("names", "lab_series"))),
     )
     accounts = _accounts(tree.get("accounts"), values, _KeySource(environ, read_keys), demo)
     return Config(
@@ -373,6 +384,8 @@ def load_config(
         state_file=values["storage_state_file"],
         collect_stats=values["collector_stats"],
         collect_delivery_regions=values["collector_delivery_regions"],
+        collect_catalog=values["collector_catalog"],
+        max_catalog_bytes=values["skillable_max_catalog_bytes"],
         names=names,
         demo=demo,
     )

@@ -9,6 +9,13 @@ The traffic is a pure function of (seed, minute): every minute some labs start
 on hosts in four datacenters and three delivery regions; each lab runs for a
 while and ends with a completion status drawn from a realistic mix. Lab host 117
 (datacenter 3) is unhealthy: most of its labs end with Lab Creation Failed.
+
+Every lab belongs to a lab profile of the demo's catalog (CATALOG_PROFILES, served at
+/catalog): four series, 40 profiles, launches spread unevenly (a few popular labs, a long
+tail), exams with their own pass marks, some profiles disabled and some never launched.
+Profile FAILING_PROFILE (an Azure lab with a broken template) mostly fails to create, on
+every host; it takes a small share of launches, so the hosts and datacenters it runs on
+stay below their alert thresholds while the profile itself is plainly broken.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import random
 import sys
 import threading
 import time
+from bisect import bisect
 from dataclasses import dataclass
+from itertools import accumulate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -42,6 +51,10 @@ LAB_HOST_NAMES = {
 }
 UNHEALTHY_HOST = 117
 UNHEALTHY_FAILURE_SHARE = 0.6
+DEMO_LABS_PER_MINUTE = 40.0  # enough for per-profile failure rates to show within a minute of starting
+# `--demo`'s account came into use this long before the demo started: the exporter's first poll
+# (which asks for up to a day, for labs still running) then gets a window's worth, not a day's.
+DEMO_HISTORY_MINUTES = 90
 MAX_LAB_SECONDS = 8 * 3600
 RUNNING_STATUS = 3  # a lab in progress reports Incomplete until it ends
 
@@ -54,6 +67,72 @@ STATUS_MIX: tuple[tuple[int, float], ...] = (
 HOSTS: tuple[tuple[int, int, int], ...] = tuple(
     (host, dc, region) for dc, (region, hosts) in DATACENTERS.items() for host in hosts
 )
+
+
+@dataclass(frozen=True, slots=True)
+class DemoProfile:
+    id: int
+    name: str
+    number: str
+    series: int
+    platform: int  # PlatformId: 2 Hyper-V, 3 ESX, 10 Azure, 11 AWS, 20 Docker
+    minutes: int  # DurationMinutes: how long a lab may run
+    weight: float  # share of launches (relative); 0 = never launched
+    pass_mark: int | None = None  # exams only: ExamPassingScore out of 100
+    enabled: bool = True
+
+
+CATALOG_SERIES = {1: "AZ-104 Microsoft Azure Administrator", 2: "Security Operations",
+                  3: "Kubernetes in Practice", 4: "Certification Exams"}
+_LAB_NAMES = (
+    (1, 10, "Manage Azure identities"), (1, 10, "Configure virtual networks"), (1, 10, "Deploy virtual machines"),
+    (1, 10, "Manage storage accounts"), (1, 10, "Monitor with Azure Monitor"), (1, 10, "Back up virtual machines"),
+    (1, 10, "Configure load balancing"), (1, 10, "Implement Azure Policy"), (1, 10, "Manage app services"),
+    (1, 10, "Deploy ARM templates"), (2, 2, "Investigate a phishing incident"), (2, 2, "Harden Windows Server"),
+    (2, 2, "Hunt with KQL"), (2, 3, "Segment a network with firewalls"), (2, 2, "Respond to ransomware"),
+    (2, 11, "Secure AWS IAM"), (2, 2, "Analyse event logs"), (2, 3, "Configure a SIEM"),
+    (3, 20, "Run your first container"), (3, 20, "Deploy a Kubernetes cluster"), (3, 20, "Configure Helm charts"),
+    (3, 11, "Operate EKS"), (3, 10, "Operate AKS"), (3, 20, "Debug failing pods"), (3, 20, "Kubernetes networking"),
+    (3, 20, "Service mesh basics"), (1, 10, "Governance lab (retired)"), (2, 2, "Legacy SOC lab (retired)"),
+    (3, 20, "Docker Swarm (retired)"), (1, 10, "Preview: Azure Arc"), (2, 2, "Preview: Zero Trust"),
+    (3, 20, "Preview: GitOps"), (1, 10, "Preview: Bicep"),
+)
+_EXAM_NAMES = (("AZ-104 practice exam", 70), ("AZ-104 performance exam", 75), ("Security analyst exam", 70),
+               ("Kubernetes administrator exam", 66), ("Cloud fundamentals exam", 60), ("Incident response exam", 80),
+               ("Container developer exam", 70))
+FAILING_PROFILE = 5009  # "Deploy ARM templates": a broken template, most labs fail to create
+FAILING_PROFILE_SHARE = 0.07
+FAILING_PROFILE_FAILURE_SHARE = 0.85
+
+
+def _demo_catalog() -> tuple[DemoProfile, ...]:
+    profiles: list[DemoProfile] = []
+    for i, (series, platform, name) in enumerate(_LAB_NAMES):
+        pid = 5000 + i
+        retired, preview = "(retired)" in name, name.startswith("Preview:")
+        # Zipf-like: the first labs of a course are launched most; previews never; one retired lab still is.
+        weight = 0.0 if preview or (retired and pid != 5026) else 1.0 / (1 + i % 10) ** 1.2
+        profiles.append(DemoProfile(pid, name, f" Module {i % 10 + 1}", series, platform,
+                                    (60, 90, 120, 180, 240)[i % 5], weight, enabled=not retired))
+    for j, (name, mark) in enumerate(_EXAM_NAMES):
+        profiles.append(DemoProfile(5000 + len(_LAB_NAMES) + j, name, f"EX-{j + 1:02d}", 4, (10, 2, 20)[j % 3],
+                                    120, 0.6 / (1 + j), pass_mark=mark))
+    # The failing profile takes a fixed share of all launches.
+    rest = sum(p.weight for p in profiles if p.id != FAILING_PROFILE)
+    share = FAILING_PROFILE_SHARE / (1 - FAILING_PROFILE_SHARE) * rest
+    return tuple(DemoProfile(p.id, p.name, p.number, p.series, p.platform, p.minutes, share, p.pass_mark, p.enabled)
+                 if p.id == FAILING_PROFILE else p for p in profiles)
+
+
+CATALOG_PROFILES = _demo_catalog()
+_LAUNCHED = tuple(p for p in CATALOG_PROFILES if p.weight > 0)
+_CUMULATIVE = tuple(accumulate(p.weight for p in _LAUNCHED))
+
+
+def _pick_profile(rng: random.Random) -> DemoProfile:
+    return _LAUNCHED[min(bisect(_CUMULATIVE, rng.random() * _CUMULATIVE[-1]), len(_LAUNCHED) - 1)]
+
+
 COUNTRIES = (("US", "Washington", "Seattle"), ("GB", "England", "London"), ("DE", "Hesse", "Frankfurt"),
              ("AU", "New South Wales", "Sydney"), ("CA", "Ontario", "Toronto"))
 
@@ -82,8 +161,11 @@ class Traffic:
         self.seed = seed
         self._cache: dict[int, tuple[Lab, ...]] = {}
         self._lock = threading.Lock()
+        self.first_minute: int | None = None  # set: no lab starts before this minute (the account's history)
 
     def labs_starting_in(self, minute: int) -> tuple[Lab, ...]:
+        if self.first_minute is not None and minute < self.first_minute:
+            return ()
         with self._lock:
             labs = self._cache.get(minute)
         if labs is None:
@@ -116,18 +198,21 @@ class Traffic:
         # The unhealthy host takes a larger share so its failures show up quickly.
         host, dc, region = HOSTS[rng.randrange(len(HOSTS))] if rng.random() > 0.06 else (UNHEALTHY_HOST, 3, 2)
         start = minute * 60 + rng.randrange(60)
-        exam = rng.random() < 0.2
+        profile = _pick_profile(rng)
+        exam = profile.pass_mark is not None
         if host == UNHEALTHY_HOST and rng.random() < UNHEALTHY_FAILURE_SHARE:
             status, duration = 20, rng.randrange(20, 120)
+        elif profile.id == FAILING_PROFILE and rng.random() < FAILING_PROFILE_FAILURE_SHARE:
+            status, duration = 20, rng.randrange(15, 90)
         else:
             status = _weighted(rng, STATUS_MIX)
-            duration = _duration(rng, status)
+            duration = min(_duration(rng, status), profile.minutes * 60)  # a lab expires at its time limit
         score = None
         if exam and status == 4:
             score = min(100, max(0, int(rng.gauss(76, 14))))
         return Lab(
             instance_id=minute * 1000 + index,
-            profile_id=5000 + rng.randrange(40),
+            profile_id=profile.id,
             start=start,
             end=start + duration,
             status=status,
@@ -193,10 +278,11 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
         "TotalRunTimeSeconds": (lab.end if ended else int(now)) - lab.start,
         "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
         "IsExam": lab.exam,
-        "ExamPassed": (lab.exam_score >= 70) if scored and lab.exam_score is not None else None,
+        "ExamPassed": (lab.exam_score >= _PASS_MARKS[lab.profile_id]) if scored and lab.exam_score is not None
+        else None,
         "ExamScore": lab.exam_score if scored else None,
         "ExamMaxPossibleScore": 100 if scored else None,
-        "ExamPassingScore": 70 if scored else None,
+        "ExamPassingScore": _PASS_MARKS[lab.profile_id] if scored else None,
         "IpAddress": f"198.51.100.{lab.user % 250 + 1}",
         "Country": country,
         "Region": region,
@@ -207,6 +293,31 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
         "DatacenterId": lab.datacenter,
         "DeliveryRegionId": lab.region,
     })
+
+
+_PASS_MARKS = {p.id: p.pass_mark for p in CATALOG_PROFILES}
+_PLATFORM_CLOUD = {10: 10, 11: 11}  # CloudPlatformId for cloud-slice labs
+
+
+def catalog_body() -> bytes:
+    """/catalog?includeAll=1 as the API sends it (the fields of the OpenAPI example, HTML included)."""
+    series = [{"Id": sid, "Name": name, "Description": f"<p>{name}</p>", "OrganizationId": "11",
+               "OrganizationName": "Demo Learning", "NumTrainingDays": 30, "AllowAssignments": True,
+               "AllowAssignmentsUntil": None, "LastModified": None, "LastModifiedBy": None,
+               "Created": 1689505754000, "CreatedBy": "demo", "Price": 0.0} for sid, name in CATALOG_SERIES.items()]
+    profiles = [{
+        "Id": p.id, "Name": p.name, "Number": p.number, "Description": f"{p.name}.", "SeriesId": p.series,
+        "OrganizationId": 11, "OrganizationName": "Demo Learning", "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
+        "Scenario": "<div>You are the new administrator at Contoso.</div>", "DurationMinutes": p.minutes,
+        "ExpectedDurationMinutes": p.minutes // 2, "PlatformId": p.platform,
+        "CloudPlatformId": _PLATFORM_CLOUD.get(p.platform), "Enabled": p.enabled,
+        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10, "IsExam": p.pass_mark is not None,
+        "Tags": ["demo"], "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
+        "Ram": 4096, "UsesRdp": p.platform in (2, 3), "InstructionSets": [], "Skills": [],
+    } for p in CATALOG_PROFILES]
+    regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
+    return _encoder.encode({"LabSeries": series, "LabProfiles": profiles, "DeliveryRegions": regions,
+                            "Status": 1, "Error": None})
 
 
 def latest_results_body(traffic: Traffic, now: float, minutes: int) -> bytes:
@@ -221,10 +332,12 @@ class SimulatorServer(ThreadingHTTPServer):
 
     def __init__(
         self, address: tuple[str, int], traffic: Traffic, clock: Callable[[], float] = time.time,
-        handler: type[BaseHTTPRequestHandler] | None = None,
+        handler: type[BaseHTTPRequestHandler] | None = None, history_minutes: int | None = None,
     ) -> None:
         self.traffic = traffic
         self.clock = clock
+        if history_minutes is not None:  # no lab started longer ago than that before the start
+            traffic.first_minute = math.floor(clock() / 60) - history_minutes
         super().__init__(address, handler or SimulatorHandler)
 
     def latest_results(self, now: float, minutes: int) -> bytes:
@@ -260,6 +373,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         elif endpoint == "deliveryregions":
             regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
             self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
+        elif endpoint == "catalog":
+            self._send(catalog_body(), endpoint)
         elif endpoint == "stats":
             # Every lab started and not ended (the longest runs MAX_LAB_SECONDS), as the exporter's
             # sum(skillable_lab_instances_running) counts them from its first poll.
@@ -285,11 +400,11 @@ class SimulatorHandler(BaseHTTPRequestHandler):
 
 
 def start_simulator(
-    host: str = "127.0.0.1", port: int = 0, labs_per_minute: float = 12.0, seed: int = 7,
+    host: str = "127.0.0.1", port: int = 0, labs_per_minute: float = DEMO_LABS_PER_MINUTE, seed: int = 7,
     clock: Callable[[], float] = time.time,
 ) -> SimulatorServer:
     """Start the simulator in a background thread; stop it with .shutdown() and .server_close()."""
-    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock)
+    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock, history_minutes=DEMO_HISTORY_MINUTES)
     threading.Thread(target=server.serve_forever, name="skillable-simulator", daemon=True).start()
     return server
 
@@ -298,7 +413,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     """The simulator's command line (the benchmark's simulator adds its own flags to it)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
-    parser.add_argument("--labs-per-minute", type=float, default=12.0)
+    parser.add_argument("--labs-per-minute", type=float, default=DEMO_LABS_PER_MINUTE)
     parser.add_argument("--seed", type=int, default=7)
     return parser
 
@@ -319,7 +434,7 @@ def serve(server: SimulatorServer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argument_parser("Simulated Skillable Lab API (LatestResults, stats, deliveryregions)").parse_args(argv)
+    args = argument_parser("Simulated Skillable Lab API (LatestResults, stats, deliveryregions, catalog)").parse_args(argv)
     return serve(SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed)))
 
 

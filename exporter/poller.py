@@ -16,9 +16,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
-from . import client
+from . import catalog, client
 from .client import ApiError, SkillableClient
 from .config import MAX_WINDOW_MINUTES
 from .model import (
@@ -33,12 +33,14 @@ from .model import (
 from .state import FleetState, Snapshot
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
 OVERDUE_GRACE_SECONDS = 1.0  # a poll this long past its deadline is stuck (only a hung DNS lookup can be)
 MAX_RETRY_AFTER_SECONDS = 3600.0  # a longer Retry-After is cut to this, so one bad header never stops polling
 REGION_NAMES_REFRESH_SECONDS = 3600.0
+NAMES_RETRY_SECONDS = 300.0  # after a failed /deliveryregions or /catalog call, instead of the hour
 
 # Failure reasons the poller adds to the client's (client.py): see docs/failure-modes.md.
 NOT_JSON = "not_json"
@@ -68,6 +70,7 @@ class Health:
     failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     stats: AccountStats | None = None
     region_names: dict[int, str] = field(default_factory=dict)
+    catalog: catalog.Catalog | None = None  # the last good /catalog
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class Poller:
         max_lab_profiles: int = 500,
         collect_stats: bool = False,
         collect_region_names: bool = False,
+        collect_catalog: bool = False,
+        max_catalog_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         on_poll: Callable[[Poller], None] | None = None,
@@ -113,6 +118,8 @@ class Poller:
         self.timeout = timeout  # every poll's own deadline (--skillable.timeout), whatever a scrape asks
         self.collect_stats = collect_stats
         self.collect_region_names = collect_region_names
+        self.collect_catalog = collect_catalog
+        self.max_catalog_bytes = max_catalog_bytes
         self.max_running_minutes = max_running_minutes
         self.state = FleetState(max_lab_hosts, max_lab_profiles, max_running_minutes * 60)
         self.health = Health()
@@ -134,7 +141,7 @@ class Poller:
         # Per endpoint, the failure run it is in (the first failure's time and reason), until
         # that endpoint answers again: logged once per run, shown on the landing page.
         self.failing: dict[str, Failure] = {}
-        self._region_names_at: float | None = None
+        self._names_due_at: dict[str, float] = {}  # endpoint -> monotonic time its next fetch is due
         self._closed = False
         self._time_at: tuple[float, float] | None = None  # (poll time, monotonic) of the last poll; see _now()
         self._clock_offset = 0.0  # how far the wall clock was ahead of the poll time at the last poll
@@ -161,7 +168,8 @@ class Poller:
 
     def endpoints(self) -> list[str]:
         """The API endpoints this poller calls."""
-        return ["LatestResults"] + ["stats"] * self.collect_stats + ["deliveryregions"] * self.collect_region_names
+        return (["LatestResults"] + ["stats"] * self.collect_stats + ["deliveryregions"] * self.collect_region_names
+                + [catalog.ENDPOINT] * self.collect_catalog)
 
     # -- scheduling --------------------------------------------------------
     #
@@ -268,7 +276,7 @@ class Poller:
             # succeeded and no poll is stuck past its deadline.
             health = Health(
                 h.up and not self._overdue(), h.last_success, h.last_duration, h.last_minutes,
-                Counter(h.requests), Counter(h.failures), h.stats, dict(h.region_names),
+                Counter(h.requests), Counter(h.failures), h.stats, dict(h.region_names), h.catalog,
             )
             return PollView(self.state.snapshot(), health)
 
@@ -351,7 +359,7 @@ class Poller:
             self.health.last_duration = self._monotonic() - started
 
     def _extras(self, deadline: float) -> None:
-        """The optional /stats and /deliveryregions calls, within what is left of the deadline."""
+        """The optional /stats, /deliveryregions and /catalog calls, within what is left of the deadline."""
         if self.collect_stats and self._left(deadline) > 0.2:
             try:
                 stats = decode_stats(self._call("stats", None, self._left(deadline)))
@@ -362,28 +370,45 @@ class Poller:
                 self._endpoint_recovered("stats")
             with self._lock:
                 self.health.stats = stats
-        if self.collect_region_names and self._region_names_due() and self._left(deadline) > 0.2:
-            self._region_names_at = self._monotonic()
-            try:
-                names = decode_delivery_regions(self._call("deliveryregions", None, self._left(deadline)))
-            except Exception as exc:  # noqa: BLE001
-                self._count_failure("deliveryregions", exc)
-            else:
-                self._endpoint_recovered("deliveryregions")
+        if self.collect_region_names and self._names_due("deliveryregions", deadline):
+            names = self._fetch_names("deliveryregions", None, decode_delivery_regions, deadline)
+            if names is not None:
                 with self._lock:
                     self.health.region_names = names
+        if self.collect_catalog and self._names_due(catalog.ENDPOINT, deadline):
+            found = self._fetch_names(catalog.ENDPOINT, catalog.PARAMS, catalog.decode_catalog, deadline,
+                                      self.max_catalog_bytes)
+            if found is not None:
+                with self._lock:
+                    self.health.catalog = found
 
-    def _region_names_due(self) -> bool:
-        at = self._region_names_at
-        return at is None or self._monotonic() - at >= REGION_NAMES_REFRESH_SECONDS
+    def _names_due(self, endpoint: str, deadline: float) -> bool:
+        return self._monotonic() >= self._names_due_at.get(endpoint, 0.0) and self._left(deadline) > 0.2
+
+    def _fetch_names(self, endpoint: str, params: dict[str, int] | None, decode: Callable[[bytes], T],
+                     deadline: float, max_bytes: int | None = None) -> T | None:
+        """One hourly names call (/deliveryregions, /catalog): the decoded answer, or None after
+        counting the failure; a failed call is tried again sooner than the hour. Names never touch
+        skillable_up, and the last good names are kept."""
+        try:
+            decoded = decode(self._call(endpoint, params, self._left(deadline), max_bytes))
+        except Exception as exc:  # noqa: BLE001
+            self._count_failure(endpoint, exc)
+            self._names_due_at[endpoint] = self._monotonic() + NAMES_RETRY_SECONDS
+            return None
+        self._endpoint_recovered(endpoint)
+        self._names_due_at[endpoint] = self._monotonic() + REGION_NAMES_REFRESH_SECONDS
+        return decoded
 
     def _left(self, deadline: float) -> float:
         return deadline - self._monotonic()
 
-    def _call(self, endpoint: str, params: dict[str, int] | None, timeout: float) -> bytes:
+    def _call(
+        self, endpoint: str, params: dict[str, int] | None, timeout: float, max_bytes: int | None = None
+    ) -> bytes:
         with self._lock:
             self.health.requests[endpoint] += 1
-        return self.client.get(endpoint, params, timeout)
+        return self.client.get(endpoint, params, timeout, max_bytes)
 
     # -- failures ----------------------------------------------------------
 

@@ -69,6 +69,38 @@ def lab(
     return record
 
 
+def catalog_profile(profile_id: int, name: str, series_id: int | None = 1, **extra: Any) -> dict[str, Any]:
+    """A /catalog LabProfiles[] entry as the OpenAPI example shows it: all 42 fields, string
+    timestamps in .NET /Date()/ form, a Number with a leading space, HTML objective and scenario."""
+    record: dict[str, Any] = {
+        "Id": profile_id, "Name": name, "Number": f" Module {profile_id % 10}", "Description": "A lab",
+        "Products": [{"Id": 3, "Name": "Azure"}], "SeriesId": series_id, "OrganizationId": 11,
+        "OrganizationName": "Contoso", "Objective": "<p>Learn <b>things</b></p>",
+        "Scenario": "<div>You are an admin</div>", "DurationMinutes": 120, "ExpectedDurationMinutes": 60,
+        "ResourceUnits": 1, "PlatformId": 2, "SharedClassEnvironmentRoleId": 0,
+        "SharedClassEnvironmentLabProfileId": None, "UsesRdp": True, "Ram": 4096, "Enabled": True,
+        "ReasonDisabled": None, "HasIntegratedContent": True, "DevelopmentStatusId": 10,
+        "RequiresBrowserPlugin": False, "RequiresNestedVirtualization": False, "NumPublicIpAddresses": 0,
+        "IsExam": False, "PremiumPrice": 0.0, "BasicPrice": 0.0, "PricePerHour": 1.5, "ExpectedCloudCost": None,
+        "ParticipantLabPrice": None, "ExamPages": None, "Tags": ["azure", "<script>x</script>"],
+        "CloudPlatformId": None, "ContentVersion": 2, "Created": "/Date(1534438041470)/", "CreatedBy": "someone",
+        "LastModified": "/Date(1623367490010)", "LastModifiedBy": "someone", "SCORMLastDownloaded": 1656366326607,
+        "InstructionSets": [{"UId": "abc", "Id": 1, "Language": "en", "Description": None, "LabTitle": name,
+                             "DurationMinutes": 60, "OrganizationId": 11}],
+        "Skills": [{"Id": 1, "ExternalId": "x", "Name": "Networking", "FrameworkId": 1, "FrameworkName": "F"}],
+    }
+    record.update(extra)
+    return record
+
+
+def catalog_series(series_id: int, name: str) -> dict[str, Any]:
+    """A /catalog LabSeries[] entry (13 fields; Created in int milliseconds)."""
+    return {"Id": series_id, "Name": name, "Description": None, "OrganizationId": "11",
+            "OrganizationName": "Contoso", "NumTrainingDays": 30, "AllowAssignments": True,
+            "AllowAssignmentsUntil": "/Date(1893456000000)/", "LastModified": None, "LastModifiedBy": None,
+            "Created": 1689505754000, "CreatedBy": "someone", "Price": 0.0}
+
+
 @dataclass
 class Seen:
     """One request the fake received."""
@@ -89,6 +121,8 @@ class FakeState:
     api_key: str = "test-key-0123456789"
     stats: dict[str, Any] = field(default_factory=lambda: {"NumActive": 4, "NumSaved": 2})
     regions: list[dict[str, Any]] = field(default_factory=list)
+    catalog_series: list[dict[str, Any]] = field(default_factory=list)
+    catalog_profiles: list[dict[str, Any]] = field(default_factory=list)
     extra_top_level: dict[str, Any] = field(default_factory=dict)
     live_offset: float | None = None  # set: the clock is the wall clock plus this offset
 
@@ -336,6 +370,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return {**state.stats, "Status": 1, "Error": None}
             if endpoint == "deliveryregions":
                 return {"DeliveryRegions": state.regions, "Status": 1, "Error": None}
+            if endpoint == "catalog":
+                query = parse_qs(urlsplit(self.path).query)
+                profiles = state.catalog_profiles
+                if query.get("includeAll") != ["1"]:  # as documented: only enabled, complete profiles
+                    profiles = [p for p in profiles if p.get("Enabled") and p.get("DevelopmentStatusId") == 10]
+                return {"LabSeries": state.catalog_series, "LabProfiles": profiles,
+                        "DeliveryRegions": state.regions, "Status": 1, "Error": None}
             return {}
 
     def send_json(self, payload: Any, status: int = 200) -> None:

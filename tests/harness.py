@@ -184,6 +184,7 @@ class Harness:
             "SKILLABLE_API_KEY": fake.state.api_key,
             "SKILLABLE_COLLECTOR_STATS": "false",
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false",
+            "SKILLABLE_COLLECTOR_CATALOG": "false",
             "SKILLABLE_MAX_RESPONSE_BYTES": str(MAX_BODY),
             "SKILLABLE_TIMEOUT": str(POLL_TIMEOUT),
             # Tests move the monotonic clock by hand: every scrape may poll unless a test sets an interval.

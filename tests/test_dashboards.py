@@ -41,11 +41,15 @@ PATHS = dashboard_paths()
 IDS = [p.stem for p in PATHS]
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
 PLACE_VARIABLES = ("datacenter_id", "delivery_region_id", "lab_host_id")
-MULTI_VARIABLES = ("job", "instance", "account") + PLACE_VARIABLES
+# The lab-profile families carry no place label (never crossed with hosts): that board filters by profile.
+PROFILE_VARIABLES = ("lab_series_id", "lab_profile_id")
+PROFILE_DASHBOARD = "skillable-lab-profiles"
+MULTI_VARIABLES = ("job", "instance", "account") + PLACE_VARIABLES + PROFILE_VARIABLES
 # The SLO is promised for the whole fleet of an exporter (and account).
 FLEET_WIDE_PANELS = {"Error budget left"}
 EXPORTER_WIDE = {"skillable_lookback_window_seconds", "skillable_exporter_build_info", "skillable_datacenter_info",
-                 "skillable_delivery_region_info", "skillable_lab_host_info"}
+                 "skillable_delivery_region_info", "skillable_lab_host_info",
+                 "skillable_lab_profile_info", "skillable_lab_series_info"}
 
 
 @pytest.fixture(scope="module", params=PATHS, ids=IDS)
@@ -55,7 +59,7 @@ def dashboard(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 def test_the_three_dashboards_exist() -> None:
     assert {p.name for p in PATHS} >= {
-        "skillable-overview.json", "skillable-lab-hosts.json", "skillable-exporter.json"}
+        "skillable-overview.json", "skillable-lab-hosts.json", "skillable-exporter.json", "skillable-lab-profiles.json"}
 
 
 def test_uids_and_titles_are_unique_across_dashboards() -> None:
@@ -125,7 +129,9 @@ def test_data_source_is_always_the_datasource_variable(dashboard: dict[str, Any]
 def test_variables_filter_every_query(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     wanted = ["job", "instance", "account"]
-    if dashboard["uid"] != "skillable-exporter":
+    if dashboard["uid"] == PROFILE_DASHBOARD:
+        wanted += list(PROFILE_VARIABLES)
+    elif dashboard["uid"] != "skillable-exporter":
         wanted += list(PLACE_VARIABLES)
     for name in wanted:
         assert name in variables, f"{dashboard['uid']}: no ${name} variable"
@@ -156,6 +162,10 @@ def test_every_selector_honours_the_job_instance_and_account_variables(dashboard
                     "skillable_lab_instances_started_total", "skillable_lab_instances_ended_total"):
                 for place in PLACE_VARIABLES:
                     assert f'{place}=~"${place}"' in matchers, (q.panel, metric, place)
+            if metric.startswith("skillable_lab_profile_") and not metric.endswith("_info") or ":skillable_lab_profile" in metric:
+                assert 'lab_profile_id=~"$lab_profile_id"' in matchers, (q.panel, metric)
+        if dashboard["uid"] == PROFILE_DASHBOARD:
+            assert 'lab_series_id=~"$lab_series_id"' in q.expr, f"{q.panel}: the series variable does not filter it"
         if "{__name__" in q.expr:
             assert 'account=~"$account"' in q.expr
 
@@ -296,3 +306,17 @@ def test_provisioning_points_at_the_dashboards_and_a_prometheus_data_source() ->
     dashboards_mount = next(v for v in volumes if v.startswith("./grafana/dashboards:"))
     assert dashboards_mount.split(":")[1] == provider["options"]["path"]
     assert any(v.startswith("./grafana/provisioning:/etc/grafana/provisioning") for v in volumes)
+
+
+def test_lab_profiles_board_names_profiles_and_links_each_one() -> None:
+    board = load(ROOT / "grafana/dashboards/skillable-lab-profiles.json")
+    text = json.dumps(board)
+    assert "var-lab_profile_id=${__data.fields.lab_profile_id}" in text
+    titles = {p["title"] for p in all_panels(board)}
+    assert {"Lab profiles (selected range)", "Worst lab profiles by failure ratio (last hour)",
+            "Exam pass rate per exam (1h)", "Mean exam score per exam (1h)",
+            "Enabled lab profiles unused in the range"} <= titles
+    for q in panel_queries(board):  # by name, falling back to the id where no info names the profile
+        assert "group_left (lab_profile_name" in q.expr, q
+        # Exam panels keep the profiles whose info says exam="true"; every other panel shows unnamed profiles too.
+        assert ('exam="true"' in q.expr) != ('"lab_profile_name", "$1", "lab_profile_id"' in q.expr), q

@@ -17,8 +17,8 @@ from exporter.collector import SkillableCollector
 from exporter.config import Names, load_config
 from exporter.poller import Poller
 
+from .fakeapi import FakeSkillable, catalog_profile, catalog_series, lab
 from .harness import MonotonicStub, make_poller
-from .fakeapi import FakeSkillable, lab
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
@@ -61,11 +61,13 @@ def scenario(fake: FakeSkillable) -> None:
     )
     fake.state.stats = {"NumActive": 7, "NumSaved": 1}
     fake.state.regions = [{"Id": 2, "Name": "Europe", "Description": None}]
+    fake.state.catalog_series = [catalog_series(1, "AZ-104")]
+    fake.state.catalog_profiles = [catalog_profile(5522, "Configure Azure AD", IsExam=True)]
 
 
 def test_golden_single_account(fake: FakeSkillable) -> None:
     scenario(fake)
-    poller = make_poller(fake, collect_stats=True, collect_region_names=True)
+    poller = make_poller(fake, collect_stats=True, collect_region_names=True, collect_catalog=True)
     poller.refresh(5)
     text = render([("", poller)], Names(datacenters={"3": "US East"}, lab_hosts={"49": "host-49"}))
     promtool_check(text)
@@ -84,7 +86,7 @@ def test_golden_single_account(fake: FakeSkillable) -> None:
     assert "skillable_account_active_labs 7.0" in text
     assert 'skillable_delivery_region_info{delivery_region_id="2",delivery_region_name="Europe"} 1.0' in text
     # Every failure reason of every endpoint polled exists at 0 before anything failed.
-    assert len(re.findall(r'^skillable_api_request_failures_total\{[^}]*\} 0\.0$', text, re.M)) == 3 * 12
+    assert len(re.findall(r"^skillable_api_request_failures_total\{[^}]*\} 0\.0$", text, re.M)) == 4 * 12
 
 
 def test_golden_failed_first_poll(fake: FakeSkillable) -> None:

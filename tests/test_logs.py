@@ -119,11 +119,13 @@ def test_every_failure_line_has_reason_and_endpoint_as_keys_and_each_run_is_logg
         ("warn", "LatestResults", "http_error"), ("warn", "stats", "http_error"),
         ("warn", "deliveryregions", "http_error"),
         ("error", "LatestResults", "unauthorized"), ("error", "stats", "unauthorized"),
+        # /deliveryregions is retried 5 minutes after a failure (not the hour): its new reason is told too.
+        ("error", "deliveryregions", "unauthorized"),
     ]
     first = next(lf for lf, _ in lines if lf.get("endpoint") == "LatestResults" and lf["level"] == "warn")
     assert re.fullmatch(r"\d+\.\ds", first["retry_in"]) and first["error"] == "LatestResults: HTTP 503"
     recovered = {lf["endpoint"] for lf, _ in lines if lf["msg"] == "request recovered"}
-    assert recovered == {"LatestResults", "stats"}  # deliveryregions is asked again only hourly
+    assert recovered == {"LatestResults", "stats", "deliveryregions"}  # a failed /deliveryregions is retried soon
     assert any(lf["msg"] == "poll recovered" and lf["failed_polls"] == "8" for lf, _ in lines)
 
 
@@ -148,7 +150,7 @@ def test_a_real_process_logs_json_with_its_fields(run_exporter: Any) -> None:
     entries = [json.loads(line) for line in exporter.log().splitlines()]
     assert entries[0]["msg"] == "listening" and entries[0]["address"].startswith("http://127.0.0.1:")
     failed = [e for e in entries if e.get("reason") == "connect_error"]
-    assert sorted(e["endpoint"] for e in failed) == ["LatestResults", "deliveryregions", "stats"]  # once each
+    assert sorted(e["endpoint"] for e in failed) == ["LatestResults", "catalog", "deliveryregions", "stats"]  # once each
     assert all(e["level"] == "warn" and "cannot connect to 127.0.0.1:9: " in e["error"] for e in failed)
     assert "never-logged-key-77" not in exporter.log()
     assert entries[-1]["msg"] == "stopped"

@@ -8,8 +8,13 @@ shipped configuration, all on 127.0.0.1 in a temporary directory. Then:
   "All" selection) returns data;
 - every template variable query resolves to values;
 - the demo's unhealthy lab host (117, datacenter 3) drives the lab-creation
-  alert into Alertmanager. The shipped rule waits `for: 15m`, so Prometheus
-  also loads a temporary copy with `for: 0s` (the shipped files are untouched).
+  alert into Alertmanager, and its failing lab profile (5009) the lab-profile
+  alert. The shipped rules wait `for: 15m`, so Prometheus also loads temporary
+  copies with `for: 0s` (the shipped files are untouched). The lab-profile
+  alert's minimum volume counts labs ended in the last hour (rate over 1h), which
+  a Prometheus a minute old has barely seen: the thresholds file is loaded as a
+  copy with that one threshold at 1 (PROFILE_TEST_THRESHOLDS);
+- skillable_lab_profile_info carries the demo catalog's names.
 
 The binaries come from Debian's `prometheus` and `prometheus-alertmanager`
 packages (.ci/run installs them); a missing binary fails the test, never skips
@@ -53,6 +58,12 @@ DATA_DEADLINE = 30.0
 DATACENTER_NAMES = {"1": "US West", "2": "US East", "3": "EU West", "4": "AP Southeast"}
 HOST_NAMES = {"117": "flaky-host-117"}
 DEMO_FAILING_HOST = {"lab_host_id": "117", "datacenter_id": "3"}
+DEMO_FAILING_PROFILE = {"lab_profile_id": "5009"}
+# The failing profile's first failed lab after Prometheus' first scrape is what its ratio needs:
+# the demo ends about 2.4 of them a minute, so allow two minutes.
+PROFILE_ALERT_DEADLINE = 120.0
+OVERRIDDEN_ALERTS = ("SkillableLabHostFailureRatioHigh", "SkillableLabProfileFailureRatioHigh")
+PROFILE_TEST_THRESHOLDS = {"skillable:lab_profile_min_ended_per_hour:threshold": "vector(1)"}
 OVERRIDE_LABEL = {"test_override": "for-0s"}
 METRIC_NAME = re.compile(r"\b(skillable_[a-z_]+?)(?:_bucket)?\b(?=[{\[(\s])")
 
@@ -109,14 +120,28 @@ def _ready(stack: Stack, name: str, url: str) -> None:
     eventually(check, STARTUP_DEADLINE, f"{name} at {url}")
 
 
+def _test_thresholds() -> dict[str, Any]:
+    """The shipped thresholds, with PROFILE_TEST_THRESHOLDS replaced (each must exist)."""
+    shipped = yaml.safe_load((ROOT / "prometheus/rules/skillable-thresholds.yml").read_text())
+    replaced = set()
+    for group in shipped["groups"]:
+        for rule in group["rules"]:
+            if rule["record"] in PROFILE_TEST_THRESHOLDS:
+                rule["expr"] = PROFILE_TEST_THRESHOLDS[rule["record"]]
+                replaced.add(rule["record"])
+    assert replaced == set(PROFILE_TEST_THRESHOLDS)
+    return shipped
+
+
 def _override_rules() -> dict[str, Any]:
-    """A copy of the shipped lab-host failure alert with `for: 0s` and a marker label."""
+    """Copies of the shipped lab-host and lab-profile failure alerts with `for: 0s` and a marker label."""
     shipped = yaml.safe_load((ROOT / "prometheus/rules/skillable-alerts.yml").read_text())
-    [rule] = [dict(r) for g in shipped["groups"] for r in g["rules"]
-              if r.get("alert") == "SkillableLabHostFailureRatioHigh"]
-    rule["for"] = "0s"
-    rule["labels"] = dict(rule["labels"], **OVERRIDE_LABEL)
-    return {"groups": [{"name": "integration-test-overrides", "rules": [rule]}]}
+    rules = [dict(r) for g in shipped["groups"] for r in g["rules"] if r.get("alert") in OVERRIDDEN_ALERTS]
+    assert len(rules) == len(OVERRIDDEN_ALERTS)
+    for rule in rules:
+        rule["for"] = "0s"
+        rule["labels"] = dict(rule["labels"], **OVERRIDE_LABEL)
+    return {"groups": [{"name": "integration-test-overrides", "rules": rules}]}
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +152,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(work, f"http://127.0.0.1:{ports['exporter']}", f"http://127.0.0.1:{ports['prometheus']}",
               f"http://127.0.0.1:{ports['alertmanager']}")
     (work / "override.yml").write_text(yaml.safe_dump(_override_rules(), sort_keys=False))
+    (work / "thresholds.yml").write_text(yaml.safe_dump(_test_thresholds(), sort_keys=False))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))] + [str(work / "override.yml")],
+        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))
+                       if p.name != "skillable-thresholds.yml"] + [str(work / "thresholds.yml"), str(work / "override.yml")],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports['alertmanager']}"]}]}]},
         # Same job name and scrape settings shape as the shipped prometheus.yml.
         "scrape_configs": [{"job_name": "skillable", "scrape_timeout": "1s",
@@ -198,7 +225,7 @@ def test_every_dashboard_panel_query_returns_data(scraped: Stack) -> None:
     # Queries over gauges must show numbers, not NaN. Ratios of counter rates may
     # still be 0/0 here: this Prometheus has seconds of history, and the demo ends a
     # lab every few seconds and scores an exam about once a minute.
-    counter_based = re.compile(r"\b(?:rate|increase)\(|:ratio_rate")
+    counter_based = re.compile(r"\b(?:rate|increase)\(|:ratio_rate|:mean_rate")  # :mean_rate: sum rate / count rate
     nan_only = [k for k, ok in finite.items() if not ok and not counter_based.search(pending_exprs[k])]
     assert not nan_only, f"panel queries over gauges that return only NaN: {nan_only}"
 
@@ -294,3 +321,38 @@ def test_the_demo_serves_every_metric_the_rules_and_dashboards_read(scraped: Sta
     missing = sorted(m for m in used if m not in exposed and not m.endswith("_info"))
     assert not missing, f"metrics used by rules or dashboards that the demo does not serve: {missing}"
 
+
+
+def test_failing_demo_profile_fires_the_lab_profile_alert_into_alertmanager(scraped: Stack) -> None:
+    wanted = dict(alertname="SkillableLabProfileFailureRatioHigh", severity="page", **DEMO_FAILING_PROFILE,
+                  **OVERRIDE_LABEL)
+
+    def fired() -> list[dict[str, Any]]:
+        return [a for a in _alertmanager_alerts(scraped)
+                if all(a["labels"].get(k) == v for k, v in wanted.items())]
+
+    [alert] = eventually(fired, PROFILE_ALERT_DEADLINE, f"{wanted} in Alertmanager", interval=1)
+    assert alert["status"]["state"] == "active"
+    assert alert["annotations"]["summary"].startswith("Lab profile 5009: ")
+    assert alert["annotations"]["dashboard"] == \
+        "/d/skillable-lab-profiles/skillable-lab-profiles?var-lab_profile_id=5009"
+    # The shipped rule (for: 15m) sees the same condition and is pending.
+    body = requests.get(f"{scraped.prometheus_url}/api/v1/alerts", timeout=5).json()
+    shipped = [a for a in body["data"]["alerts"] if a["labels"].get("alertname") == wanted["alertname"]
+               and a["labels"].get("lab_profile_id") == "5009" and "test_override" not in a["labels"]]
+    assert [a["state"] for a in shipped] == ["pending"]
+
+
+def test_lab_profile_info_carries_the_demo_catalogs_names(scraped: Stack) -> None:
+    from exporter.demo import CATALOG_PROFILES, CATALOG_SERIES
+
+    info = eventually(lambda: scraped.query('skillable_lab_profile_info{job="skillable"}'), 10, "profile info")
+    names = {s["metric"]["lab_profile_id"]: s["metric"]["lab_profile_name"] for s in info}
+    catalog = {str(p.id): p.name for p in CATALOG_PROFILES}
+    assert names and all(catalog[pid] == name for pid, name in names.items())
+    assert names["5009"] == "Deploy ARM templates"
+    exams = {s["metric"]["lab_profile_id"] for s in info if s["metric"]["exam"] == "true"}
+    assert exams == {str(p.id) for p in CATALOG_PROFILES if p.pass_mark is not None} & set(names)
+    series = scraped.query('skillable_lab_series_info{job="skillable"}')
+    assert {s["metric"]["lab_series_id"]: s["metric"]["lab_series_name"] for s in series} == \
+        {str(k): v for k, v in CATALOG_SERIES.items()}
