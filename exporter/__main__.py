@@ -63,6 +63,11 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["backfill"]:  # the subcommand lives in backfill.py
+        from .backfill import main as backfill_main
+
+        return backfill_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(vars(args), os.environ, demo=args.demo)

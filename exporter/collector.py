@@ -58,6 +58,11 @@ class SkillableCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._families([(name, poller.view()) for name, poller in self._accounts])
 
+    def lab_metrics(self) -> Iterator[Metric]:
+        """Only the lab metric families (no exporter health, no names): what `backfill` writes
+        for each step of history, built by the same code a scrape uses."""
+        yield from self._lab_metrics([(name, poller.view()) for name, poller in self._accounts])
+
     def exposition(self, encoder: Callable[[Any], bytes], content_type: str) -> bytes:
         """What `encoder(registry)` would give, rendered again only when a poll changed something.
 

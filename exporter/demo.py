@@ -135,17 +135,21 @@ class Traffic:
 
     def changed_within(self, now: float, minutes: int) -> list[tuple[Lab, bool]]:
         """(lab, ended) for every lab that started or ended in (now - minutes, now]."""
-        since = now - minutes * 60
-        first = math.floor((since - MAX_LAB_SECONDS) / 60)
-        last = math.floor(now / 60)
         self._forget_before(math.floor((now - 10080 * 60 - MAX_LAB_SECONDS) / 60))
+        return self.changed_between(now - minutes * 60, now, now)
+
+    def changed_between(self, since: float, until: float, now: float) -> list[tuple[Lab, bool]]:
+        """(lab, ended as of `now`) for every lab that started or ended in (since, until], until <= now."""
+        until = min(until, now)
+        first = math.floor((since - MAX_LAB_SECONDS) / 60)
+        last = math.floor(until / 60)
         out: list[tuple[Lab, bool]] = []
         for minute in range(first, last + 1):
             for lab in self.labs_starting_in(minute):
                 if lab.start > now:
                     continue
                 ended = lab.end <= now
-                if since < lab.start or (ended and since < lab.end):
+                if since < lab.start <= until or (ended and since < lab.end <= until):
                     out.append((lab, ended))
         return out
 
@@ -297,6 +301,8 @@ class _SimulatorHandler(BaseHTTPRequestHandler):
                 self._json({"Results": None, "Status": 0, "Error": "minutes must be between 1 and 10080"})
                 return
             self._send(self.server.latest_results(now, minutes), endpoint)
+        elif endpoint == "results":
+            self._send(self._results(parse_qs(url.query), now), endpoint)
         elif endpoint == "deliveryregions":
             regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
             self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
@@ -305,6 +311,18 @@ class _SimulatorHandler(BaseHTTPRequestHandler):
             self._json({"NumActive": running, "NumSaved": running // 7, "Status": 1, "Error": None}, endpoint)
         else:
             self.send_error(404)
+
+    def _results(self, query: dict[str, list[str]], now: float) -> bytes:
+        """/Results?start=&end= (epoch seconds, both included, at most 7 days apart), as the API documents it."""
+        try:
+            start, end = int(query.get("start", [""])[0]), int(query.get("end", [""])[0])
+        except ValueError:
+            return _encoder.encode({"Results": None, "Status": 0, "Error": "start and end are required"})
+        if not 0 <= end - start <= 7 * 86400:
+            return _encoder.encode({"Results": None, "Status": 0, "Error": "Timeframe cannot exceed 7 days"})
+        labs = self.server.traffic.changed_between(start - 1, end, now)
+        return b'{"Results":[' + b",".join(result_json(lab, ended, now) for lab, ended in labs) \
+            + b'],"Status":1,"Error":null}'
 
     def _bench(self, path: str, query: dict[str, list[str]]) -> None:
         """Benchmark only. /_bench/counters: requests and bytes sent so far (not counted themselves).
@@ -356,7 +374,7 @@ def start_simulator(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Simulated Skillable Lab API (LatestResults, stats, deliveryregions)")
+    parser = argparse.ArgumentParser(description="Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions)")
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
     parser.add_argument("--labs-per-minute", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=7)
