@@ -253,6 +253,8 @@ def start_exporter(sim: Simulator, window: int, min_interval: float = 0.0) -> Ta
     port = free_port()
     argv = [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{port}",
             f"--skillable.window-minutes={window}", "--skillable.timeout=120",
+            # The first poll asks max(window, max-running-minutes): the same window as the baseline's.
+            f"--skillable.max-running-minutes={window}",
             f"--skillable.min-poll-interval={min_interval}", "--no-collector.stats",
             "--no-collector.delivery-regions", "--log.level=warn"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}

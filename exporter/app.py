@@ -50,6 +50,8 @@ class ExporterApp:
                 overlap_minutes=config.overlap_minutes,
                 min_interval=config.min_poll_interval,
                 max_lab_hosts=config.max_lab_hosts,
+                max_running_minutes=config.max_running_minutes,
+                max_lab_profiles=config.max_lab_profiles,
                 collect_stats=config.collect_stats,
                 collect_region_names=config.collect_delivery_regions,
                 clock=clock,

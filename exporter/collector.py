@@ -117,13 +117,14 @@ class SkillableCollector(Collector):
         return {
             "instances": GaugeMetricFamily(
                 "skillable_lab_instances",
-                f"Lab instances whose last state change was within {window}, by current completion status."
-                + SHARED_POLL_NOTE,
+                f"Ended lab instances whose last state change was within {window}, by current completion"
+                " status; running labs are in skillable_lab_instances_running only." + SHARED_POLL_NOTE,
                 labels=self._labels(PLACE + ["completion_status"]),
             ),
             "running": GaugeMetricFamily(
                 "skillable_lab_instances_running",
-                f"Lab instances that started within {window} and have not ended." + SHARED_POLL_NOTE,
+                "Lab instances started and not ended, however long ago they started (a lab saved for later"
+                " has no End either), up to --skillable.max-running-minutes." + SHARED_POLL_NOTE,
                 labels=self._labels(PLACE),
             ),
             "started": CounterMetricFamily(
@@ -257,6 +258,11 @@ class SkillableCollector(Collector):
             "Lab instances whose host was reported as lab_host_id=\"other\" because of the host limit.",
             labels=no_labels,
         )
+        expired = CounterMetricFamily(
+            "skillable_lab_instances_expired_total",
+            "Running lab instances dropped with no End after --skillable.max-running-minutes.",
+            labels=no_labels,
+        )
         tracked = GaugeMetricFamily(
             "skillable_tracked_instances", "Lab instances held in the exporter's memory.", labels=no_labels,
         )
@@ -285,6 +291,7 @@ class SkillableCollector(Collector):
                 failures.add_metric(self._values(account, [endpoint, reason]), count)
             invalid.add_metric(labels, view.snapshot.invalid_total)
             overflow.add_metric(labels, view.snapshot.host_overflow_total)
+            expired.add_metric(labels, view.snapshot.expired_total)
             tracked.add_metric(labels, view.snapshot.tracked)
             if h.stats is not None and h.stats.active is not None:
                 active.add_metric(labels, h.stats.active)
@@ -300,7 +307,7 @@ class SkillableCollector(Collector):
             labels=["version", "python_version"],
         )
         build.add_metric([__version__, platform.python_version()], 1)
-        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, tracked)
+        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, expired, tracked)
         yield from (active, saved, window, build)
 
     # -- names for ids -----------------------------------------------------

@@ -160,6 +160,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("skillable.max-lab-hosts", 2000, _number(1, 1_000_000, integer=True),
             "lab hosts tracked as separate label values; more go to lab_host_id=\"other\"",
             "SKILLABLE_MAX_LAB_HOSTS"),
+    Setting("skillable.max-running-minutes", 1440, _number(1, 1_000_000, integer=True),
+            "minutes a lab started and not ended counts as running before it is dropped as expired",
+            "SKILLABLE_MAX_RUNNING_MINUTES"),
+    Setting("skillable.max-lab-profiles", 500, _number(1, 1_000_000, integer=True),
+            "lab profiles tracked as separate label values; more go to lab_profile_id=\"other\"",
+            "SKILLABLE_MAX_LAB_PROFILES"),
     Setting("storage.state-file", None, _optional_text,
             "file keeping counters and per-instance memory across restarts", "SKILLABLE_STATE_FILE"),
     Setting("collector.stats", True, _bool, "poll /stats for account-wide active and saved labs",
@@ -206,6 +212,8 @@ class Config:
     timeout: float
     max_response_bytes: int
     max_lab_hosts: int
+    max_running_minutes: int
+    max_lab_profiles: int
     state_file: str | None
     collect_stats: bool
     collect_delivery_regions: bool
@@ -317,6 +325,8 @@ def load_config(flags: Mapping[str, Any], environ: Mapping[str, str], demo: bool
         timeout=values["skillable_timeout"],
         max_response_bytes=values["skillable_max_response_bytes"],
         max_lab_hosts=values["skillable_max_lab_hosts"],
+        max_running_minutes=values["skillable_max_running_minutes"],
+        max_lab_profiles=values["skillable_max_lab_profiles"],
         state_file=values["storage_state_file"],
         collect_stats=values["collector_stats"],
         collect_delivery_regions=values["collector_delivery_regions"],

@@ -57,6 +57,7 @@ class LabResult(msgspec.Struct, rename="pascal", frozen=True, gc=False):
     lab_host_id: Int64 | None = None
     datacenter_id: Int64 | None = None
     delivery_region_id: Int64 | None = None
+    lab_profile_id: Int64 | None = None
 
 
 class _Envelope(msgspec.Struct):

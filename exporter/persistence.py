@@ -8,8 +8,11 @@ keeps it from counting anything twice.
 
 The file is JSON, keyed by account name:
 
-    {"format": "skillable-exporter-state", "version": 1, "saved_at": <unix time>,
-     "accounts": {"<name>": {"last_success": ..., "requests": {...}, "instances": [...], ...}}}
+    {"format": "skillable-exporter-state", "version": 2, "saved_at": <unix time>,
+     "accounts": {"<name>": {"last_success": ..., "requests": {...}, "fleet": {...}, ...}}}
+
+where "fleet" is FleetState.export() (exporter/state.py): every tracked instance,
+running ones included, and the counters and histograms of each dimension.
 
 It holds ids, counts and times only: no API key and no personal data. Each write
 goes to a temporary file in the same folder, is fsynced, and renamed over the
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Mapping
 import msgspec
 
 from .config import ConfigError
-from .state import RATIO_BUCKETS, RUN_TIME_BUCKETS, FleetState, Histogram, Instance
+from .state import FleetExport, FleetState, RestoreError
 
 if TYPE_CHECKING:
     from .poller import Poller
@@ -43,46 +46,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "skillable-exporter-state"
-VERSION = 1
+VERSION = 2  # 2: the fleet is FleetState.export() (running instances, lab profiles)
 SETTING = "storage.state-file"
 
 
 # -- the schema (arrays, not objects, for the large lists) ---------------------
-
-
-class _Instance(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    id: int
-    datacenter: str
-    region: str
-    host: str
-    status: str
-    start: int | None
-    end: int | None
-    last_change: float
-    ended_counted: bool
-    exam_counted: bool
-
-
-class _PlaceCount(msgspec.Struct, array_like=True):
-    datacenter: str
-    region: str
-    host: str
-    count: int
-
-
-class _PlaceStatusCount(msgspec.Struct, array_like=True):
-    datacenter: str
-    region: str
-    host: str
-    status: str
-    count: int
-
-
-class _Histogram(msgspec.Struct, array_like=True):
-    datacenter: str
-    region: str
-    counts: list[int]
-    total: float
 
 
 class _Failure(msgspec.Struct, array_like=True):
@@ -97,18 +65,7 @@ class AccountState(msgspec.Struct, forbid_unknown_fields=True):
     last_success: float | None
     requests: dict[str, int]
     failures: list[_Failure]
-    invalid_total: int
-    host_overflow_total: int
-    hosts: list[str]
-    places: list[tuple[str, str, str]]
-    instances: list[_Instance]
-    started: list[_PlaceCount]
-    ended: list[_PlaceStatusCount]
-    exams: list[_PlaceCount]
-    exams_passed: list[_PlaceCount]
-    run_time: list[_Histogram]
-    task_completion: list[_Histogram]
-    exam_score: list[_Histogram]
+    fleet: FleetExport  # FleetState.export(): instances (running ones too), counters, histograms
 
 
 class _Header(msgspec.Struct):
@@ -141,70 +98,25 @@ def encode_account(poller: Poller) -> bytes:
     flight) and after Poller.stop(); FleetState and Health are then read
     without the lock, so scrapes are not held up.
     """
-    state, health = poller.state, poller.health
+    health = poller.health
     doc = AccountState(
         last_success=health.last_success,
         requests=dict(health.requests),
         failures=[_Failure(e, r, n) for (e, r), n in sorted(health.failures.items())],
-        invalid_total=state.invalid_total,
-        host_overflow_total=state.host_overflow_total,
-        hosts=sorted(state.hosts),
-        places=sorted(state.places),
-        instances=[
-            _Instance(key, *inst.place, inst.status, inst.start, inst.end, float(inst.last_change),
-                      inst.ended_counted, inst.exam_counted)
-            for key, inst in state.instances.items()
-        ],
-        started=[_PlaceCount(*p, n) for p, n in state.started.items() if n],
-        ended=[_PlaceStatusCount(*p, s, n) for (p, s), n in state.ended.items() if n],
-        exams=[_PlaceCount(*p, n) for p, n in state.exams.items() if n],
-        exams_passed=[_PlaceCount(*p, n) for p, n in state.exams_passed.items() if n],
-        run_time=[_Histogram(*r, list(h.counts), h.total) for r, h in state.run_time.items()],
-        task_completion=[_Histogram(*r, list(h.counts), h.total) for r, h in state.task_completion.items()],
-        exam_score=[_Histogram(*r, list(h.counts), h.total) for r, h in state.exam_score.items()],
+        fleet=poller.state.export(),
     )
     return _encoder.encode(doc)
 
 
 def restore_account(poller: Poller, saved: AccountState) -> None:
     """Put a saved state into a poller that has not polled yet."""
-    state = FleetState(poller.state.max_lab_hosts)
-    for item in saved.instances:
-        place = (item.datacenter, item.region, item.host)
-        inst = Instance(place, item.status, item.start, item.end, item.last_change,
-                        item.ended_counted, item.exam_counted)
-        state.instances[item.id] = inst
-        state.places.add(place)
-        # The gauges are derived from the instances, never saved: they cannot disagree.
-        state.by_status[(place, inst.status)] += 1
-        if inst.end is None:
-            state.running[place] += 1
-    state.places.update(tuple(p) for p in saved.places)
-    state.hosts.update(saved.hosts)
-    for c in saved.started:
-        state.started[(c.datacenter, c.region, c.host)] += c.count
-    for sc in saved.ended:
-        state.ended[((sc.datacenter, sc.region, sc.host), sc.status)] += sc.count
-    for c in saved.exams:
-        state.exams[(c.datacenter, c.region, c.host)] += c.count
-    for c in saved.exams_passed:
-        state.exams_passed[(c.datacenter, c.region, c.host)] += c.count
-    for table, rows, bounds in (
-        (state.run_time, saved.run_time, RUN_TIME_BUCKETS),
-        (state.task_completion, saved.task_completion, RATIO_BUCKETS),
-        (state.exam_score, saved.exam_score, RATIO_BUCKETS),
-    ):
-        for row in rows:
-            if len(row.counts) != len(bounds) + 1:
-                raise StateFileError("histogram buckets differ from this version's")
-            table[(row.datacenter, row.region)] = Histogram(bounds, list(row.counts), row.total)
-    state.invalid_total = saved.invalid_total
-    state.host_overflow_total = saved.host_overflow_total
-    with poller._lock:
-        poller.state = state
-        poller.health.last_success = saved.last_success
-        poller.health.requests = Counter(saved.requests)
-        poller.health.failures = Counter({(f.endpoint, f.reason): f.count for f in saved.failures})
+    old = poller.state
+    try:
+        state = FleetState.restore(saved.fleet, old.max_lab_hosts, old.max_lab_profiles, old.max_running_seconds)
+    except RestoreError as exc:
+        raise StateFileError(str(exc)) from None
+    poller.restore(state, saved.last_success, Counter(saved.requests),
+                   Counter({(f.endpoint, f.reason): f.count for f in saved.failures}))
 
 
 # -- the file ------------------------------------------------------------------
@@ -293,7 +205,7 @@ class StateStore:
                     log.warning("state file %s: account %r not restored, starting it empty: %s", self.path, name, exc)
                 else:
                     log.info("restored state account=%r instances=%d last_success=%s",
-                             name, len(saved[name].instances), saved[name].last_success)
+                             name, len(saved[name].fleet.instances), saved[name].last_success)
             # Encoded by the polling thread (which still holds the poll), written by the writer thread.
             poller.on_poll = lambda p, name=name: self.submit(name, encode_account(p))
 

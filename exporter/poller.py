@@ -86,6 +86,8 @@ class Poller:
         overlap_minutes: int,
         min_interval: float,
         max_lab_hosts: int,
+        max_running_minutes: int = 1440,
+        max_lab_profiles: int = 500,
         collect_stats: bool = False,
         collect_region_names: bool = False,
         clock: Callable[[], float] = time.time,
@@ -98,7 +100,8 @@ class Poller:
         self.min_interval = min_interval
         self.collect_stats = collect_stats
         self.collect_region_names = collect_region_names
-        self.state = FleetState(max_lab_hosts)
+        self.max_running_minutes = max_running_minutes
+        self.state = FleetState(max_lab_hosts, max_lab_profiles, max_running_minutes * 60)
         self.health = Health()
         for endpoint in self.endpoints():
             self.health.requests[endpoint] = 0
@@ -115,6 +118,8 @@ class Poller:
         self._failing_reason: str | None = None  # the reason last logged, until a poll succeeds
         self._region_names_at: float | None = None
         self._closed = False
+        self._time_at: tuple[float, float] | None = None  # (poll time, monotonic) of the last poll; see _now()
+        self._clock_offset = 0.0  # how far the wall clock was ahead of the poll time at the last poll
         self._result_in = False  # the poll in flight has its result in; only its after-poll hook runs
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
@@ -178,6 +183,15 @@ class Poller:
             return False
         return self._last_attempt is None or now - self._last_attempt >= self.min_interval
 
+    def restore(self, state: FleetState, last_success: float | None, requests: Counter[str],
+                failures: Counter[tuple[str, str]]) -> None:
+        """Take a restored state and poll health (persistence.py), before the first poll."""
+        with self._lock:
+            self.state = state
+            self.health.last_success = last_success
+            self.health.requests = requests
+            self.health.failures = failures
+
     def view(self) -> PollView:
         with self._lock:
             h = self.health
@@ -190,40 +204,73 @@ class Poller:
     # -- one poll ----------------------------------------------------------
 
     def minutes_to_ask(self, now: float) -> int:
-        """The whole window on the first poll, then only what changed since the last success."""
+        """The first poll looks back far enough to find labs already running: the larger of the
+        window and --skillable.max-running-minutes, capped at the API's 7 days. Later polls ask
+        only for what changed since the last success (by the wall clock or, if that stepped
+        back, the monotonic clock), plus the overlap."""
         last = self.health.last_success
         if last is None:
-            return self.window_minutes
-        minutes = math.ceil(max(0.0, now - last) / 60.0) + self.overlap_minutes
+            return min(max(self.window_minutes, self.max_running_minutes), MAX_WINDOW_MINUTES)
+        elapsed = now - last
+        if self._time_at is not None:
+            elapsed = max(elapsed, self._monotonic() - self._time_at[1])
+        minutes = math.ceil(max(0.0, elapsed) / 60.0) + self.overlap_minutes
         return min(max(minutes, 1), MAX_WINDOW_MINUTES)
 
     def _horizon(self, now: float) -> float:
+        """Events older than this are not counted (state.py, rule 8): the window on the first
+        poll, then never later than the last success minus the overlap."""
         window_start = now - self.window_minutes * 60
         last = self.health.last_success
         if last is None:
             return window_start
         return min(window_start, last - self.overlap_minutes * 60)
 
+    def _now(self) -> float:
+        """The poll's time: the wall clock, but never further ahead of the previous poll's time
+        than the monotonic clock has run (issue 10 item 4).
+
+        A forward step of the wall clock would otherwise evict, at once, everything changed in
+        the window (forgetting it), and the step back would lower the horizon below what was
+        evicted (counting it again). A backward step is followed at once: it only keeps
+        instances longer and asks for more. What the first poll or a restart reads is the
+        wall clock; a forward correction of a slow clock is followed as the monotonic clock
+        runs, not in one step (see docs/failure-modes.md).
+        """
+        wall, mono = self._clock(), self._monotonic()
+        now = wall
+        if self._time_at is not None:
+            at, at_mono = self._time_at
+            now = min(wall, at + max(0.0, mono - at_mono))
+        offset, self._clock_offset = self._clock_offset, wall - now
+        if self._clock_offset > offset + 1.0:
+            log.warning("wall clock stepped ahead of the monotonic clock step_seconds=%.0f: polls are timed "
+                        "by the monotonic clock while it stays ahead", self._clock_offset - offset)
+        elif offset > 1.0 and self._clock_offset <= 1.0:
+            log.info("wall clock back in step with the monotonic clock")
+        self._time_at = (now, mono)
+        return now
+
     def _poll(self, timeout: float) -> None:
         started = self._monotonic()
         deadline = started + timeout
-        now = self._clock()
+        now = self._now()
         minutes = self.minutes_to_ask(now)
         try:
             body = self._call("LatestResults", {"minutes": minutes}, timeout)
             batch = decode_latest_results(body)
             del body  # the raw payload is not kept past decoding
             with self._lock:
-                self.state.apply(batch.results, self._horizon(now), seen_at=now)
+                refused = self.state.apply(batch.results, self._horizon(now), seen_at=now)
                 self.state.invalid_total += batch.invalid
-                self.state.evict(now - self.window_minutes * 60)
+                self.state.evict(now - self.window_minutes * 60, now - self.max_running_minutes * 60)
                 self.health.up = True
                 self.health.last_success = now
                 self.health.last_minutes = minutes
         except Exception as exc:  # noqa: BLE001 - no answer, however odd, may fail the scrape
             self._record_failure("LatestResults", exc)
         else:
-            self._record_success(minutes, len(batch.results), batch.invalid)
+            self._record_success(minutes, len(batch.results), batch.invalid + refused)
         self._extras(deadline)
         with self._lock:
             self.health.last_duration = self._monotonic() - started

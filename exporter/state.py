@@ -1,15 +1,41 @@
-"""Memory of the lab fleet: one record per lab instance, and the aggregates metrics are built from.
+"""Memory of the lab fleet: one record per lab instance, and the tallies metrics are built from.
 
-LatestResults is a windowed change feed, so the same instance comes back in
-every overlapping poll. Counters advance only on the first sighting of an event
-(a start, an end, a scored exam), and gauges are kept as running aggregates so a
-scrape costs O(places), not O(instances).
+The counting rules (the spec this module is checked against; tests/test_state.py
+has them again, written plainly, as ReferenceState):
 
-Deduplication rests on one rule, the horizon: the poller never asks for changes
-older than the horizon it hands to `apply`, and `evict` only forgets instances
-whose last change is older than a later horizon. So an event older than the
-horizon is either already counted or happened before the exporter was watching,
-and is never counted again.
+1. A start is counted once: at an instance's first sighting, if it has no Start or
+   its Start is not older than the horizon.
+2. An end is counted once, under the completion status the instance first ended
+   with: at the first sighting that carries an End not older than the horizon.
+   Later status changes (grading) move the gauges, never the counter.
+3. An exam is counted once, when its score (or pass flag) first appears, if the
+   sighting's event (its End, else its Start) is not older than the horizon.
+4. Run time and task completion are observed once per end, with rule 2; the exam
+   score once per exam, with rule 3.
+5. Running: an instance with no End is running until its End arrives, however
+   long that takes: `running` counts it, `closed` (the skillable_lab_instances
+   gauge) does not. `closed` counts ended instances by current status.
+6. Expiry: an instance still running `max_running` after it opened (its Start,
+   or when it was first seen if that is earlier or it has none) is dropped and
+   counted in expired_total, so a lost End never leaves a lab running for ever.
+   The API cannot tell a lab saved for later from one still running: neither
+   has an End, so saved labs count as running until they end or expire.
+7. Eviction: an ended instance is forgotten once its last change is older than
+   the eviction horizon (the window).
+8. The horizon: the poller never asks for changes older than the horizon it
+   hands to `apply`, and `evict` only forgets what is older than a later
+   horizon. So an event older than the horizon is either counted already or
+   happened before the exporter was watching, and is never counted again.
+9. Bounded life: a record whose Start or End lies more than MAX_FUTURE_SECONDS
+   after the poll that returned it is invalid (counted, skipped), so every
+   instance leaves memory by rule 6 or 7 whatever its timestamps say.
+
+Every rule counts into *tallies*, one per label value of each dimension (a
+place: datacenter, region and host; a lab profile). An instance belongs to one
+Group, the tallies it counts into, one per dimension; the rules above are
+written once, against the group, and a new dimension is one more entry in
+DIMENSIONS. Gauges are kept as running totals, so a scrape costs O(series),
+not O(instances).
 """
 
 from __future__ import annotations
@@ -18,7 +44,7 @@ import heapq
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Annotated, Iterable, Protocol
 
 import msgspec
 
@@ -36,30 +62,27 @@ EXTRA_PLACES = 100
 
 RUN_TIME_BUCKETS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
 RATIO_BUCKETS: tuple[float, ...] = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1)
-PLACE_CACHE_SIZE = 65536  # raw id triples remembered by FleetState._place; cleared when full
+GROUP_CACHE_SIZE = 65536  # raw id tuples remembered by FleetState._group_of; cleared when full
 
-# The slots of a bundle (FleetState._bundle): what a new instance's raw ids and status code
-# stand for, the counts of new instances seen in the current apply() until it adds them to
-# the Counters, and the region's histograms once known.
-_PLACE, _STATUS, _PLACE_STATUS, _NEW, _RUNNING, _STARTED, _ENDED, _RUN_TIME, _TASK = range(9)
+# Per-profile ended series that exist at 0 from a profile's first activity, so failure and
+# completion rates work from the first scrape: 7 of the 11 statuses; the other four
+# (resume_failed, save_failed, grading_in_progress, unknown) appear when they first occur.
+# Series per profile: 7 + started + running + exams + passed + 3 summaries x 2 = 17 at zero, 21 at most.
+PROFILE_ZERO_STATUSES: tuple[str, ...] = (
+    "complete", "incomplete", "cancelled", "no_show", "storage_provisioning_failed", "lab_creation_failed",
+    "submitted_for_grading",
+)
+UNKNOWN_PROFILE = "unknown"
+OVERFLOW_PROFILE = "other"
+
+DEFAULT_MAX_RUNNING_SECONDS = 1440 * 60
+DEFAULT_MAX_LAB_PROFILES = 500
+# A Start or End further than this after the poll that returned it is not a clock skew but a
+# bad value (an End in the year 3000): the record is invalid (rule 9).
+MAX_FUTURE_SECONDS = 86400
 
 
-class Instance(msgspec.Struct, gc=False):
-    """One tracked lab instance.
-
-    gc=False: it holds only a tuple of str, a str and numbers, so it can never be
-    part of a reference cycle and the cyclic garbage collector need not track it.
-    With 100,000 instances as dataclasses, each full collection took ~85 ms and
-    landed in a scrape (the steady-state p99); untracked, they cost it nothing.
-    """
-
-    place: Place
-    status: str
-    start: int | None
-    end: int | None
-    last_change: float  # an int from the API; a float once restored from a state file
-    ended_counted: bool = False
-    exam_counted: bool = False
+# -- observations ------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -75,9 +98,14 @@ class Histogram:
             self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
-        # The first bound >= value; NaN compares false with every bound, so it lands in +Inf.
-        self.counts[bisect_left(self.bounds, value) if value == value else -1] += 1
-        self.total += value
+        self.observe_all((value,))
+
+    def observe_all(self, values: Iterable[float]) -> None:
+        counts, bounds = self.counts, self.bounds
+        for value in values:
+            # The first bound >= value; NaN compares false with every bound, so it lands in +Inf.
+            counts[bisect_left(bounds, value) if value == value else -1] += 1
+            self.total += value
 
     def cumulative(self) -> list[tuple[str, float]]:
         """Buckets as prometheus_client wants them: cumulative, ending in +Inf."""
@@ -92,9 +120,291 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.counts), self.total)
+
+
+@dataclass(slots=True)
+class Summary:
+    """Count and sum of observations (a summary without quantiles)."""
+
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.observe_all((value,))
+
+    def observe_all(self, values: Iterable[float]) -> None:
+        for value in values:
+            self.count += 1
+            self.total += value
+
+    def copy(self) -> Summary:
+        return Summary(self.count, self.total)
+
+
+class Observer(Protocol):
+    total: float
+
+    def observe_all(self, values: Iterable[float]) -> None: ...
+
+    def copy(self) -> Observer: ...
+
 
 def _bound_text(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() and bound >= 1 else repr(float(bound))
+
+
+OBSERVED = ("run_time", "task_completion", "exam_score")
+
+
+@dataclass(slots=True, eq=False)
+class Tally:
+    """What the rules count for one label value of one dimension (one place, one lab profile).
+
+    The observers may be shared: every place of a region observes into the region's histograms.
+    """
+
+    started: int = 0
+    running: int = 0  # gauge: instances with no End
+    closed: Counter[str] = field(default_factory=Counter)  # gauge: ended instances in memory, by status
+    ended: Counter[str] = field(default_factory=Counter)  # by the status each first ended with
+    exams: int = 0
+    exams_passed: int = 0
+    run_time: Observer = field(default_factory=Summary)
+    task_completion: Observer = field(default_factory=Summary)
+    exam_score: Observer = field(default_factory=Summary)
+
+
+# -- dimensions: the only place that knows what a label value is -------------------------
+
+
+class Dimension:
+    """One way of labelling instances: how a result maps to a key, and a tally per key.
+
+    `key_of` gives a result's key and may fold it into an overflow key (the cap);
+    `observers_for` makes (or shares) a new key's run time, task and score observers.
+    """
+
+    name: str
+    width: int  # parts of a key
+
+    def __init__(self) -> None:
+        self.tallies: dict[tuple[str, ...], Tally] = {}
+        self.overflow_total = 0
+
+    def saved_observers(self) -> list[SavedObserver]:
+        """Each key's own observers (a dimension that shares them overrides this)."""
+        return [SavedObserver(list(k), table, [s.count], s.total)
+                for k, t in self.tallies.items() for table in OBSERVED for s in (getattr(t, table),)]
+
+    def restore_observer(self, saved: SavedObserver) -> None:
+        s = getattr(self.tally(self.check_key(saved.key)), _observed(saved.table))
+        if len(saved.counts) != 1:
+            raise RestoreError("a summary has one count")
+        s.count, s.total = saved.counts[0], saved.total
+
+    def check_key(self, key: list[str]) -> tuple[str, ...]:
+        if len(key) != self.width:
+            raise RestoreError(f"a {self.name} key has {len(key)} parts, not {self.width}")
+        return tuple(key)
+
+    def key_of(self, r: LabResult) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def observers_for(self, key: tuple[str, ...]) -> tuple[Observer, Observer, Observer]:
+        raise NotImplementedError
+
+    def tally(self, key: tuple[str, ...]) -> Tally:
+        tally = self.tallies.get(key)
+        if tally is None:
+            run_time, task, score = self.observers_for(key)
+            tally = self.tallies[key] = Tally(run_time=run_time, task_completion=task, exam_score=score)
+        return tally
+
+
+class Places(Dimension):
+    """datacenter, delivery region, lab host: at most max_lab_hosts hosts (+ EXTRA_PLACES label
+    combinations), the rest under "other"; histograms per region."""
+
+    name = "place"
+    width = 3
+
+    def __init__(self, max_lab_hosts: int) -> None:
+        super().__init__()
+        self.max_lab_hosts = max_lab_hosts
+        self.hosts: set[str] = set()
+        self.regions: dict[Region, tuple[Histogram, Histogram, Histogram]] = {}
+
+    def key_of(self, r: LabResult) -> tuple[str, ...]:
+        host = _label(r.lab_host_id)
+        overflow = host not in self.hosts and len(self.hosts) >= self.max_lab_hosts
+        place = (_label(r.datacenter_id), _label(r.delivery_region_id), OVERFLOW_HOST if overflow else host)
+        if place not in self.tallies and len(self.tallies) >= self.max_lab_hosts + EXTRA_PLACES:
+            # The total-series guard: hosts are capped above, but their datacenter and region ids are
+            # not, so the label combinations (26 series each) are capped too; the rest share one.
+            overflow, place = True, OVERFLOW_PLACE
+        if overflow:
+            self.overflow_total += 1
+        else:
+            self.hosts.add(host)
+        return place
+
+    def observers_for(self, key: tuple[str, ...]) -> tuple[Observer, Observer, Observer]:
+        region = (key[0], key[1])
+        shared = self.regions.get(region)
+        if shared is None:
+            shared = self.regions[region] = (
+                Histogram(RUN_TIME_BUCKETS), Histogram(RATIO_BUCKETS), Histogram(RATIO_BUCKETS))
+        return shared
+
+    def saved_observers(self) -> list[SavedObserver]:
+        return [SavedObserver(list(region), table, list(h.counts), h.total)
+                for region, hists in self.regions.items() for table, h in zip(OBSERVED, hists)]
+
+    def restore_observer(self, saved: SavedObserver) -> None:
+        if len(saved.key) != 2:
+            raise RestoreError("a region key has two parts")
+        h = self.observers_for((saved.key[0], saved.key[1], OVERFLOW_HOST))[OBSERVED.index(_observed(saved.table))]
+        assert isinstance(h, Histogram)
+        if len(saved.counts) != len(h.bounds) + 1:
+            raise RestoreError("histogram buckets differ from this version's")
+        h.counts, h.total = list(saved.counts), saved.total
+
+
+class Profiles(Dimension):
+    """lab_profile_id: the first max_lab_profiles profiles seen active get their own key, the rest
+    share "other"; a null LabProfileId is "unknown" (a profile like any, for the cap)."""
+
+    name = "profile"
+    width = 1
+
+    def __init__(self, max_lab_profiles: int) -> None:
+        super().__init__()
+        self.max_lab_profiles = max_lab_profiles
+
+    def key_of(self, r: LabResult) -> tuple[str, ...]:
+        key = (UNKNOWN_PROFILE if r.lab_profile_id is None else str(r.lab_profile_id),)
+        if key not in self.tallies and len(self.tallies) - ((OVERFLOW_PROFILE,) in self.tallies) >= self.max_lab_profiles:
+            self.overflow_total += 1
+            return (OVERFLOW_PROFILE,)
+        return key
+
+    def observers_for(self, key: tuple[str, ...]) -> tuple[Observer, Observer, Observer]:
+        return Summary(), Summary(), Summary()
+
+
+@dataclass(slots=True, eq=False)
+class Group:
+    """The tallies an instance counts into, one per dimension, and what one apply() or evict()
+    has counted for them so far: a fast path that adds up per group and hands the sums to the
+    tallies once, at the end (flush), instead of once per instance per dimension."""
+
+    keys: tuple[tuple[str, ...], ...]
+    tallies: tuple[Tally, ...]
+    started: int = 0
+    running: int = 0
+    closed: Counter[str] = field(default_factory=Counter)
+    ended: Counter[str] = field(default_factory=Counter)
+    exams: int = 0
+    exams_passed: int = 0
+    run_times: list[float] = field(default_factory=list)
+    task_ratios: list[float] = field(default_factory=list)
+    score_ratios: list[float] = field(default_factory=list)
+    pending: bool = False
+
+    def flush(self) -> None:
+        for t in self.tallies:
+            t.started += self.started
+            t.running += self.running
+            t.closed.update(self.closed)
+            t.ended.update(self.ended)
+            t.exams += self.exams
+            t.exams_passed += self.exams_passed
+            if self.run_times:
+                t.run_time.observe_all(self.run_times)
+            if self.task_ratios:
+                t.task_completion.observe_all(self.task_ratios)
+            if self.score_ratios:
+                t.exam_score.observe_all(self.score_ratios)
+        self.started = self.running = self.exams = self.exams_passed = 0
+        self.closed = Counter()
+        self.ended = Counter()
+        self.run_times, self.task_ratios, self.score_ratios = [], [], []
+        self.pending = False
+
+
+class Instance(msgspec.Struct, gc=False):
+    """One tracked lab instance.
+
+    gc=False: it refers only to its (long-lived, acyclic) Group, strs and numbers, so it can
+    never be part of a reference cycle and the cyclic garbage collector need not track it.
+    With 100,000 instances as dataclasses, each full collection took ~85 ms and landed in a
+    scrape (the steady-state p99); untracked, they cost it nothing.
+    """
+
+    group: Group
+    status: str
+    start: int | None
+    end: int | None
+    last_change: float  # the latest Start or End seen, or the poll time for a record with neither
+    opened: float  # Start, or the first poll that saw it if earlier or there is none: rule 6's clock
+    ended_counted: bool = False
+    exam_counted: bool = False
+
+
+# -- what persistence saves (FleetState.export / FleetState.restore) ---------------------
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class SavedInstance(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    id: int
+    keys: list[list[str]]  # one key per dimension, in DIMENSIONS order
+    status: str
+    start: int | None
+    end: int | None
+    last_change: float
+    opened: float
+    ended_counted: bool
+    exam_counted: bool
+
+
+class SavedTally(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    key: list[str]
+    started: Count
+    ended: dict[str, Count]
+    exams: Count
+    exams_passed: Count
+
+
+class SavedObserver(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    key: list[str]  # a region for places' histograms, a profile for profiles' summaries
+    table: str  # one of OBSERVED
+    counts: list[Count]  # bucket counts (not cumulative); a summary's [count]
+    total: float
+
+
+class SavedDimension(msgspec.Struct, forbid_unknown_fields=True):
+    overflow_total: Count
+    tallies: list[SavedTally]
+    observers: list[SavedObserver]
+
+
+class FleetExport(msgspec.Struct, forbid_unknown_fields=True):
+    """Everything FleetState must keep across a restart; the gauges are derived, never saved."""
+
+    invalid_total: Count
+    expired_total: Count
+    dimensions: dict[str, SavedDimension]
+    instances: list[SavedInstance]
+
+
+class RestoreError(ValueError):
+    """A saved state this version cannot take (inconsistent, foreign layout)."""
+
+
+# -- the state ------------------------------------------------------------------------
 
 
 @dataclass
@@ -102,7 +412,7 @@ class Snapshot:
     """A consistent copy of everything the collector needs, taken under the poller's lock."""
 
     places: list[Place]
-    instances: dict[tuple[Place, str], int]
+    instances: dict[tuple[Place, str], int]  # ended instances in the window, by current status
     running: dict[Place, int]
     started: dict[Place, int]
     ended: dict[tuple[Place, str], int]
@@ -114,264 +424,295 @@ class Snapshot:
     tracked: int
     invalid_total: int
     host_overflow_total: int
+    # The lab-profile dimension (see INTERFACES.md): every profile in `profiles` has an entry in
+    # every profile_* table; profile_ended holds every PROFILE_ZERO_STATUSES status per profile.
+    profiles: list[str] = field(default_factory=list)
+    profile_started: dict[str, int] = field(default_factory=dict)
+    profile_ended: dict[tuple[str, str], int] = field(default_factory=dict)
+    profile_running: dict[str, int] = field(default_factory=dict)
+    profile_run_time: dict[str, Summary] = field(default_factory=dict)
+    profile_task_completion: dict[str, Summary] = field(default_factory=dict)
+    profile_exams: dict[str, int] = field(default_factory=dict)
+    profile_exams_passed: dict[str, int] = field(default_factory=dict)
+    profile_exam_score: dict[str, Summary] = field(default_factory=dict)
+    profile_overflow_total: int = 0
+    expired_total: int = 0
 
 
 class FleetState:
-    """Per-instance memory and aggregates for one Skillable account. Not thread-safe: the poller locks.
+    """Per-instance memory and tallies for one Skillable account. Not thread-safe: the poller locks.
 
     snapshot() returns the same (read-only) Snapshot object until the state changes,
-    so the collector can cache its exposition by the snapshot's identity. apply()
-    and evict() mark the change; code that changes the state another way calls
-    changed().
+    so the collector can cache its exposition by the snapshot's identity.
     """
 
-    def __init__(self, max_lab_hosts: int) -> None:
+    def __init__(self, max_lab_hosts: int, max_lab_profiles: int = DEFAULT_MAX_LAB_PROFILES,
+                 max_running_seconds: float = DEFAULT_MAX_RUNNING_SECONDS) -> None:
         self.max_lab_hosts = max_lab_hosts
+        self.max_lab_profiles = max_lab_profiles
+        self.max_running_seconds = max_running_seconds
+        self.places = Places(max_lab_hosts)
+        self.profiles = Profiles(max_lab_profiles)
+        # The dimensions, in the order a Group holds their tallies. A new one is declared here.
+        self.dimensions: tuple[Dimension, ...] = (self.places, self.profiles)
         self.instances: dict[int, Instance] = {}
-        self.places: set[Place] = set()
-        self.hosts: set[str] = set()
-        self.by_status: Counter[tuple[Place, str]] = Counter()
-        self.running: Counter[Place] = Counter()
-        self.started: Counter[Place] = Counter()
-        self.ended: Counter[tuple[Place, str]] = Counter()
-        self.exams: Counter[Place] = Counter()
-        self.exams_passed: Counter[Place] = Counter()
-        self.run_time: dict[Region, Histogram] = {}
-        self.task_completion: dict[Region, Histogram] = {}
-        self.exam_score: dict[Region, Histogram] = {}
         self.invalid_total = 0
-        self.host_overflow_total = 0
-        # Derived, not state: raw (datacenter, region, host) ids -> Place, so that a
-        # result costs one dict lookup instead of three str() calls and a set check.
-        self._place_of: dict[tuple[int | None, int | None, int | None], Place] = {}
-        # Derived too: raw ids and status code of a new instance -> its bundle (see _PLACE). Bundles
-        # hold the region's Histogram objects: code that replaces those calls changed().
-        self._bundles: dict[tuple[int | None, ...], list[Any]] = {}
-        # Derived, not state: (last_change, instance id) for every instance, a min-heap that
-        # evict() pops from, so a poll costs O(changes), not O(instances). Entries whose
-        # instance has changed since are stale and skipped; see _age_index().
-        self._by_age: list[tuple[int, int]] = []
-        self._by_age_of: dict[int, Instance] | None = None
+        self.expired_total = 0
+        # Derived, not state: raw (datacenter, region, host, profile) ids -> Group, so that a
+        # new instance costs one dict lookup instead of a label lookup per dimension.
+        self._group_of: dict[tuple[int | None, ...], Group] = {}
+        self._groups: dict[tuple[tuple[str, ...], ...], Group] = {}
+        # Derived: min-heaps of (last_change, id) of ended and (opened, id) of running instances,
+        # popped by evict(), so a poll costs O(changes), not O(instances). An entry whose instance
+        # has changed since is stale and skipped.
+        self._closed_by_age: list[tuple[float, int]] = []
+        self._open_by_age: list[tuple[float, int]] = []
         self._version = 0
         self._snapshot: tuple[tuple[int, ...], Snapshot] | None = None
 
+    @property
+    def host_overflow_total(self) -> int:
+        return self.places.overflow_total
+
+    @property
+    def profile_overflow_total(self) -> int:
+        return self.profiles.overflow_total
+
     def changed(self) -> None:
-        """Mark the state as changed, so the next snapshot() is taken afresh (and nothing derived is reused)."""
+        """Mark the state as changed, so the next snapshot() is taken afresh."""
         self._version += 1
-        self._place_of.clear()
-        self._bundles.clear()
-        self._by_age_of = None  # rebuilt from `instances` by the next apply() or evict()
 
     # -- updates -----------------------------------------------------------
 
-    def apply(self, results: Iterable[LabResult], horizon: float, seen_at: float = 0) -> None:
-        """Fold one poll's results in. Events older than `horizon` are not counted (see module doc).
+    def apply(self, results: Iterable[LabResult], horizon: float, seen_at: float | None = None) -> int:
+        """Fold one poll's results in by the rules above; returns how many were refused (rule 9),
+        which are also added to invalid_total.
 
-        `seen_at` (the poll's time) stands in for the last change of a result with
-        neither Start nor End, so it is remembered, and counted once, for as long
-        as the API keeps returning it, instead of being evicted by the same poll.
+        `seen_at` is the poll's time: the last change of a record with neither Start nor End (so
+        it is remembered, and counted once, as long as the API keeps returning it), the opening
+        time of one with no Start, and the reference for rule 9. Without it (tests, tools), no
+        record is refused and the horizon stands in.
 
-        This loop runs once per result (100,000 times for a large cold poll), so it
-        keeps its names local and its work inline; the profile in BENCHMARKS.md shows why.
+        This loop runs once per result (100,000 times for a large cold poll), so it keeps its
+        names local and counts into the instance's Group (attribute adds, no per-dimension loop);
+        the groups hand their sums to the tallies at the end.
         """
         self._version += 1
         instances = self.instances
-        by_status = self.by_status
-        running = self.running
-        ended = self.ended
-        run_time = self.run_time
-        task_completion = self.task_completion
-        bundles = self._bundles
+        group_of = self._group_of
         status_of = STATUS_NAMES.get
-        by_age = self._age_index()
-        aged: list[tuple[float, int]] = []  # into by_age at the end: one heapify beats 100,000 pushes
-        touched: list[list[Any]] = []  # bundles holding counts of new instances, added up at the end
+        now = horizon if seen_at is None else seen_at
+        ceiling = float("inf") if seen_at is None else seen_at  # a later Start opens at the poll time
+        latest = ceiling + MAX_FUTURE_SECONDS
+        touched: list[Group] = []  # groups holding sums, flushed at the end
+        closed_aged: list[tuple[float, int]] = []
+        open_aged: list[tuple[float, int]] = []
+        refused = 0
         try:
             for r in results:
                 key, start, end = r.lab_instance_id, r.start, r.end
-                if start is not None and end is not None:
-                    stamp = end if end >= start else start
+                if start is not None:
+                    stamp = start if end is None or end < start else end
+                elif end is not None:
+                    stamp = end
                 else:
-                    stamp = max(start or 0, end or 0) if start is not None or end is not None else seen_at
+                    stamp = now
+                if stamp > latest:  # rule 9
+                    refused += 1
+                    continue
+                status = status_of(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
                 inst = instances.get(key)
                 if inst is None:
-                    # A new instance: one lookup gives its labels and status, and its counts go
-                    # into the bundle (list slots, no hashing) until the end of apply().
-                    bundle = bundles.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status))
-                    if bundle is None:
-                        bundle = self._bundle(r)
-                    if not bundle[_NEW]:
-                        touched.append(bundle)
-                    bundle[_NEW] += 1
-                    place = bundle[_PLACE]
-                    inst = Instance(place, bundle[_STATUS], start, end, stamp)
-                    instances[key] = inst
-                    aged.append((stamp, key))
-                    if start is None or start >= horizon:
-                        bundle[_STARTED] += 1
+                    g = group_of.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id))
+                    if g is None:
+                        g = self._group(r)
+                    opened = now if start is None or start > ceiling else float(start)
+                    inst = instances[key] = Instance(g, status, start, end, stamp, opened)
+                    if not g.pending:
+                        g.pending = True
+                        touched.append(g)
+                    if start is None or start >= horizon:  # rule 1
+                        g.started += 1
                     if end is None:
-                        bundle[_RUNNING] += 1
-                        if start is not None and start < horizon:
-                            continue
-                    elif end >= horizon:
-                        inst.ended_counted = True
-                        bundle[_ENDED] += 1
-                        seconds = r.total_run_time_seconds
-                        if seconds is not None and seconds >= 0:
-                            hist = bundle[_RUN_TIME] or self._bundle_histogram(bundle, _RUN_TIME)
-                            hist.counts[bisect_left(RUN_TIME_BUCKETS, seconds)] += 1  # an int is never NaN
-                            hist.total += seconds
-                        percent = r.task_complete_percent
-                        if percent is not None:
-                            hist = bundle[_TASK] or self._bundle_histogram(bundle, _TASK)
-                            _observe_ratio(hist, percent / 100.0)
+                        open_aged.append((opened, key))
                     else:
-                        continue
+                        closed_aged.append((stamp, key))
                 else:
-                    place = inst.place
-                    status = status_of(r.completion_status, UNKNOWN_STATUS)  # None and unknown codes: "unknown"
-                    by_status[(place, inst.status)] -= 1
+                    g = inst.group
+                    if not g.pending:
+                        g.pending = True
+                        touched.append(g)
+                    # Rule 5's gauges: the instance leaves them under its old fields and comes back
+                    # under the new ones.
                     if inst.end is None:
-                        running[place] -= 1
+                        g.running -= 1
+                    else:
+                        g.closed[inst.status] -= 1
+                    was_open = inst.end is None
                     inst.status = status
                     if start is not None:
                         inst.start = start
                     if end is not None:
                         inst.end = end
-                    last_change = max(inst.last_change, stamp)
-                    if last_change != inst.last_change:
-                        inst.last_change = last_change
-                        aged.append((last_change, key))
-                    by_status[(place, status)] += 1
-                    if inst.end is None:
-                        running[place] += 1
-                    if end is not None:
-                        if end >= horizon and not inst.ended_counted:
-                            inst.ended_counted = True
-                            ended[(place, status)] += 1
-                            region = place[:2]
-                            seconds = r.total_run_time_seconds
-                            if seconds is not None and seconds >= 0:
-                                _histogram(run_time, region, RUN_TIME_BUCKETS).observe(seconds)
-                            if r.task_complete_percent is not None:
-                                _observe_ratio(_histogram(task_completion, region, RATIO_BUCKETS),
-                                               r.task_complete_percent / 100.0)
-                        if end < horizon:
-                            continue
-                    elif start is not None and start < horizon:
-                        continue
-                if not inst.exam_counted and (r.exam_score is not None or r.exam_passed is not None):
-                    inst.exam_counted = True
-                    self._count_exam(place, r)
+                    moved = stamp > inst.last_change
+                    if moved:
+                        inst.last_change = stamp
+                    if inst.end is not None and (was_open or moved):  # a new entry for rule 7
+                        closed_aged.append((inst.last_change, key))
+                if inst.end is None:
+                    g.running += 1
+                else:
+                    g.closed[status] += 1
+                if end is not None and end >= horizon and not inst.ended_counted:  # rules 2 and 4
+                    inst.ended_counted = True
+                    g.ended[status] += 1
+                    seconds = r.total_run_time_seconds
+                    if seconds is not None and seconds >= 0:
+                        g.run_times.append(seconds)
+                    percent = r.task_complete_percent
+                    if percent is not None:
+                        g.task_ratios.append(_ratio(percent / 100.0))
+                if not inst.exam_counted and (r.exam_score is not None or r.exam_passed is not None):  # rule 3
+                    event = end if end is not None else start
+                    if event is None or event >= horizon:
+                        inst.exam_counted = True
+                        g.exams += 1
+                        if r.exam_passed:
+                            g.exams_passed += 1
+                        if r.exam_score is not None and r.exam_max_possible_score:
+                            g.score_ratios.append(_ratio(r.exam_score / r.exam_max_possible_score))
         finally:
-            for bundle in touched:
-                place, place_status = bundle[_PLACE], bundle[_PLACE_STATUS]
-                by_status[place_status] += bundle[_NEW]
-                if bundle[_RUNNING]:
-                    running[place] += bundle[_RUNNING]
-                if bundle[_STARTED]:
-                    self.started[place] += bundle[_STARTED]
-                if bundle[_ENDED]:
-                    ended[place_status] += bundle[_ENDED]
-                bundle[_NEW] = bundle[_RUNNING] = bundle[_STARTED] = bundle[_ENDED] = 0
-            if len(aged) > len(by_age) // 8:
-                by_age.extend(aged)
-                heapq.heapify(by_age)
-            else:
-                for entry in aged:
-                    heapq.heappush(by_age, entry)
+            for g in touched:
+                g.flush()
+            _push_all(self._closed_by_age, closed_aged)
+            _push_all(self._open_by_age, open_aged)
+            self.invalid_total += refused
+        return refused
 
-    def _bundle(self, r: LabResult) -> list[Any]:
-        """The bundle for a new instance's raw ids and status code (see _PLACE and the slots after it).
-        Kept for the next instances with the same ids, unless its host overflowed (counted each time)."""
-        place = self._place(r)
-        status = STATUS_NAMES.get(r.completion_status, UNKNOWN_STATUS)  # type: ignore[arg-type]
-        bundle: list[Any] = [place, status, (place, status), 0, 0, 0, 0, None, None]
-        if place[2] != OVERFLOW_HOST:
-            if len(self._bundles) >= PLACE_CACHE_SIZE:
-                self._bundles.clear()
-            self._bundles[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.completion_status)] = bundle
-        return bundle
+    def _group(self, r: LabResult) -> Group:
+        """The Group of a new instance's raw ids, made from each dimension's key. Kept for the next
+        instances with the same ids unless a key overflowed (each such instance is counted)."""
+        keys = tuple(d.key_of(r) for d in self.dimensions)
+        g = self._groups.get(keys)
+        if g is None:
+            g = self._groups[keys] = Group(keys, tuple(d.tally(k) for d, k in zip(self.dimensions, keys)))
+        if keys[0][2] != OVERFLOW_HOST and keys[1][0] != OVERFLOW_PROFILE:
+            if len(self._group_of) >= GROUP_CACHE_SIZE:
+                self._group_of.clear()
+            self._group_of[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id)] = g
+        return g
 
-    def _bundle_histogram(self, bundle: list[Any], slot: int) -> Histogram:
-        if slot == _RUN_TIME:
-            table, bounds = self.run_time, RUN_TIME_BUCKETS
-        else:
-            table, bounds = self.task_completion, RATIO_BUCKETS
-        hist = bundle[slot] = _histogram(table, bundle[_PLACE][:2], bounds)
-        return hist
-
-    def _place(self, r: LabResult) -> Place:
-        key = (r.datacenter_id, r.delivery_region_id, r.lab_host_id)
-        place = self._place_of.get(key)
-        if place is not None:
-            if place[2] == OVERFLOW_HOST:  # an overflowed host stays overflowed: the host set only grows
-                self.host_overflow_total += 1
-            return place
-        host = _label(r.lab_host_id)
-        overflow = host not in self.hosts and len(self.hosts) >= self.max_lab_hosts
-        place = (_label(r.datacenter_id), _label(r.delivery_region_id), OVERFLOW_HOST if overflow else host)
-        if place not in self.places and len(self.places) >= self.max_lab_hosts + EXTRA_PLACES:
-            # The total-series guard: hosts are capped above, but their datacenter and region ids are
-            # not, so the label combinations (26 series each) are capped too; the rest share one.
-            overflow, place = True, OVERFLOW_PLACE
-        if overflow:
-            self.host_overflow_total += 1
-        elif host not in self.hosts:
-            self.hosts.add(host)
-        self.places.add(place)
-        if len(self._place_of) >= PLACE_CACHE_SIZE:
-            self._place_of.clear()
-        self._place_of[key] = place
-        return place
-
-    def _count_exam(self, place: Place, r: LabResult) -> None:
-        self.exams[place] += 1
-        if r.exam_passed:
-            self.exams_passed[place] += 1
-        if r.exam_score is not None and r.exam_max_possible_score:
-            ratio = min(max(r.exam_score / r.exam_max_possible_score, 0.0), 1.0)
-            _histogram(self.exam_score, place[:2], RATIO_BUCKETS).observe(ratio)
-
-    def _remove_from_gauges(self, inst: Instance) -> None:
-        self.by_status[(inst.place, inst.status)] -= 1
-        if inst.end is None:
-            self.running[inst.place] -= 1
-
-    def evict(self, horizon: float) -> int:
-        """Forget instances whose last change is older than `horizon`; returns how many."""
+    def evict(self, horizon: float, running_horizon: float | None = None) -> int:
+        """Forget ended instances whose last change is older than `horizon` (rule 7) and drop
+        running ones opened before `running_horizon` (rule 6, counted in expired_total; none
+        without it). The poller passes now - window and now - max_running. Returns how many
+        instances left memory."""
         instances = self.instances
-        by_age = self._age_index()
-        evicted = 0
-        while by_age and by_age[0][0] < horizon:
-            last_change, key = heapq.heappop(by_age)
+        touched: list[Group] = []
+        gone = 0
+        heap = self._closed_by_age
+        while heap and heap[0][0] < horizon:
+            stamp, key = heapq.heappop(heap)
             inst = instances.get(key)
-            if inst is not None and inst.last_change == last_change:  # else a stale entry
-                del instances[key]
-                self._remove_from_gauges(inst)
-                evicted += 1
-        if len(by_age) > 2 * len(instances) + 1024:  # bounded: drop the stale entries
-            self._by_age_of = None
-            self._age_index()
-        if evicted:
+            if inst is not None and inst.end is not None and inst.last_change == stamp:  # else stale
+                self._forget(key, inst, touched)
+                gone += 1
+        heap = self._open_by_age
+        while running_horizon is not None and heap and heap[0][0] < running_horizon:
+            stamp, key = heapq.heappop(heap)
+            inst = instances.get(key)
+            if inst is not None and inst.end is None and inst.opened == stamp:
+                self._forget(key, inst, touched)
+                self.expired_total += 1
+                gone += 1
+        for g in touched:
+            g.flush()
+        for heap in (self._closed_by_age, self._open_by_age):
+            if len(heap) > 2 * len(instances) + 1024:  # bounded: drop the stale entries
+                self._rebuild_age_index()
+                break
+        if gone:
             self._version += 1
-        return evicted
+        return gone
 
-    def _age_index(self) -> list[tuple[int, int]]:
-        """The heap behind evict(), rebuilt from `instances` when it cannot be trusted: every
-        instance has an entry for its current last_change unless `instances` was replaced or
-        filled from outside (restored state), and then there are fewer entries than instances."""
-        if self._by_age_of is not self.instances or len(self._by_age) < len(self.instances):
-            self._by_age = [(inst.last_change, key) for key, inst in self.instances.items()]
-            heapq.heapify(self._by_age)
-            self._by_age_of = self.instances
-        return self._by_age
+    def _forget(self, key: int, inst: Instance, touched: list[Group]) -> None:
+        del self.instances[key]
+        g = inst.group
+        if not g.pending:
+            g.pending = True
+            touched.append(g)
+        if inst.end is None:
+            g.running -= 1
+        else:
+            g.closed[inst.status] -= 1
+
+    def _rebuild_age_index(self) -> None:
+        self._closed_by_age = [(i.last_change, k) for k, i in self.instances.items() if i.end is not None]
+        self._open_by_age = [(i.opened, k) for k, i in self.instances.items() if i.end is None]
+        heapq.heapify(self._closed_by_age)
+        heapq.heapify(self._open_by_age)
+
+    # -- persistence -------------------------------------------------------
+
+    def export(self) -> FleetExport:
+        """Everything a restart needs, as a msgspec-encodable struct (see FleetState.restore)."""
+        dimensions: dict[str, SavedDimension] = {}
+        for d in self.dimensions:
+            tallies = [SavedTally(list(k), t.started, {s: n for s, n in t.ended.items() if n}, t.exams, t.exams_passed)
+                       for k, t in d.tallies.items()]
+            dimensions[d.name] = SavedDimension(d.overflow_total, tallies, d.saved_observers())
+        instances = [
+            SavedInstance(key, [list(k) for k in inst.group.keys], inst.status, inst.start, inst.end,
+                          float(inst.last_change), float(inst.opened), inst.ended_counted, inst.exam_counted)
+            for key, inst in self.instances.items()
+        ]
+        return FleetExport(self.invalid_total, self.expired_total, dimensions, instances)
+
+    @classmethod
+    def restore(cls, saved: FleetExport, max_lab_hosts: int, max_lab_profiles: int = DEFAULT_MAX_LAB_PROFILES,
+                max_running_seconds: float = DEFAULT_MAX_RUNNING_SECONDS) -> FleetState:
+        """A FleetState holding what export() gave. Raises RestoreError if it does not fit this version."""
+        state = cls(max_lab_hosts, max_lab_profiles, max_running_seconds)
+        state.invalid_total, state.expired_total = saved.invalid_total, saved.expired_total
+        if set(saved.dimensions) != {d.name for d in state.dimensions}:
+            raise RestoreError(f"dimensions {sorted(saved.dimensions)} differ from this version's")
+        for d in state.dimensions:
+            dim = saved.dimensions[d.name]
+            d.overflow_total = dim.overflow_total
+            for st in dim.tallies:
+                t = d.tally(d.check_key(st.key))
+                t.started, t.exams, t.exams_passed = st.started, st.exams, st.exams_passed
+                t.ended.update(st.ended)
+            for so in dim.observers:
+                d.restore_observer(so)
+        state.places.hosts.update(k[2] for k in state.places.tallies if k[2] != OVERFLOW_HOST)
+        for item in saved.instances:
+            if len(item.keys) != len(state.dimensions):
+                raise RestoreError("an instance's keys do not match the dimensions")
+            keys = tuple(d.check_key(k) for d, k in zip(state.dimensions, item.keys))
+            g = state._groups.get(keys)
+            if g is None:
+                g = state._groups[keys] = Group(keys, tuple(d.tally(k) for d, k in zip(state.dimensions, keys)))
+            inst = Instance(g, item.status, item.start, item.end, item.last_change, item.opened,
+                            item.ended_counted, item.exam_counted)
+            state.instances[item.id] = inst
+            # The gauges are derived from the instances, by the same bookkeeping as apply().
+            if inst.end is None:
+                g.running += 1
+            else:
+                g.closed[inst.status] += 1
+            g.pending = True
+        for g in state._groups.values():
+            if g.pending:
+                g.flush()
+        state._rebuild_age_index()
+        return state
 
     # -- reading -----------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         # The plain counters are in the key too: the poller adds to invalid_total directly.
-        key = (self._version, self.invalid_total, self.host_overflow_total, len(self.instances), len(self.places))
+        key = (self._version, self.invalid_total, len(self.instances))
         if self._snapshot is not None and self._snapshot[0] == key:
             return self._snapshot[1]
         snapshot = self._take_snapshot()
@@ -379,52 +720,71 @@ class FleetState:
         return snapshot
 
     def _take_snapshot(self) -> Snapshot:
-        places = sorted(self.places)
+        tallies: dict[Place, Tally] = self.places.tallies  # type: ignore[assignment]
+        places = sorted(tallies)
+        regions = sorted({(p[0], p[1]) for p in places})
+        shared = self.places.regions
+        profile_tallies = self.profiles.tallies
+        profiles = sorted(k[0] for k in profile_tallies)
+        pt = {p: profile_tallies[(p,)] for p in profiles}
         return Snapshot(
             places=places,
-            instances={(p, s): self.by_status.get((p, s), 0) for p in places for s in ALL_STATUSES},
-            running={p: self.running.get(p, 0) for p in places},
-            started={p: self.started.get(p, 0) for p in places},
-            ended={(p, s): self.ended.get((p, s), 0) for p in places for s in ALL_STATUSES},
-            exams={p: self.exams.get(p, 0) for p in places},
-            exams_passed={p: self.exams_passed.get(p, 0) for p in places},
-            run_time=_copy_histograms(self.run_time, places, RUN_TIME_BUCKETS),
-            task_completion=_copy_histograms(self.task_completion, places, RATIO_BUCKETS),
-            exam_score=_copy_histograms(self.exam_score, places, RATIO_BUCKETS),
+            instances={(p, s): tallies[p].closed.get(s, 0) for p in places for s in ALL_STATUSES},
+            running={p: tallies[p].running for p in places},
+            started={p: tallies[p].started for p in places},
+            ended={(p, s): tallies[p].ended.get(s, 0) for p in places for s in ALL_STATUSES},
+            exams={p: tallies[p].exams for p in places},
+            exams_passed={p: tallies[p].exams_passed for p in places},
+            run_time={r: shared[r][0].copy() for r in regions},
+            task_completion={r: shared[r][1].copy() for r in regions},
+            exam_score={r: shared[r][2].copy() for r in regions},
             tracked=len(self.instances),
             invalid_total=self.invalid_total,
-            host_overflow_total=self.host_overflow_total,
+            host_overflow_total=self.places.overflow_total,
+            profiles=profiles,
+            profile_started={p: t.started for p, t in pt.items()},
+            profile_ended={(p, s): n for p, t in pt.items() for s, n in _profile_statuses(t.ended)},
+            profile_running={p: t.running for p, t in pt.items()},
+            profile_run_time={p: t.run_time.copy() for p, t in pt.items()},  # type: ignore[misc]
+            profile_task_completion={p: t.task_completion.copy() for p, t in pt.items()},  # type: ignore[misc]
+            profile_exams={p: t.exams for p, t in pt.items()},
+            profile_exams_passed={p: t.exams_passed for p, t in pt.items()},
+            profile_exam_score={p: t.exam_score.copy() for p, t in pt.items()},  # type: ignore[misc]
+            profile_overflow_total=self.profiles.overflow_total,
+            expired_total=self.expired_total,
         )
+
+
+def _profile_statuses(ended: Counter[str]) -> list[tuple[str, int]]:
+    """The zero statuses always, in order, then any other status once it has occurred."""
+    rows = [(s, ended.get(s, 0)) for s in PROFILE_ZERO_STATUSES]
+    rows += [(s, ended[s]) for s in ALL_STATUSES if s not in PROFILE_ZERO_STATUSES and ended.get(s, 0)]
+    return rows
 
 
 def _label(value: int | None) -> str:
     return UNKNOWN_ID if value is None else str(value)
 
 
-def _observe_ratio(hist: Histogram, ratio: float) -> None:
-    """Histogram.observe of a ratio clamped to 0..1 as min(max()) would clamp it (NaN stays NaN), inlined."""
-    if ratio < 0.0:
-        ratio = 0.0
-    elif ratio > 1.0:
-        ratio = 1.0
-    hist.counts[bisect_left(RATIO_BUCKETS, ratio) if ratio == ratio else -1] += 1
-    hist.total += ratio
+def _ratio(value: float) -> float:
+    """Clamped to 0..1 as min(max()) would clamp it (NaN stays NaN)."""
+    if value < 0.0:
+        return 0.0
+    if value > 1.0:
+        return 1.0
+    return value
 
 
-def _histogram(table: dict[Region, Histogram], region: Region, bounds: tuple[float, ...]) -> Histogram:
-    hist = table.get(region)
-    if hist is None:
-        hist = table[region] = Histogram(bounds)
-    return hist
+def _push_all(heap: list[tuple[float, int]], entries: list[tuple[float, int]]) -> None:
+    if len(entries) > len(heap) // 8:  # one heapify beats 100,000 pushes
+        heap.extend(entries)
+        heapq.heapify(heap)
+    else:
+        for entry in entries:
+            heapq.heappush(heap, entry)
 
 
-def _copy_histograms(
-    table: dict[Region, Histogram], places: list[Place], bounds: tuple[float, ...]
-) -> dict[Region, Histogram]:
-    """Every region seen gets a histogram, empty ones at zero, so the series exist from the start."""
-    regions = sorted({p[:2] for p in places})
-    out: dict[Region, Histogram] = {}
-    for region in regions:
-        hist = table.get(region)
-        out[region] = Histogram(bounds, list(hist.counts), hist.total) if hist else Histogram(bounds)
-    return out
+def _observed(table: str) -> str:
+    if table not in OBSERVED:
+        raise RestoreError(f"unknown observed table {table!r}")
+    return table

@@ -42,13 +42,15 @@ class MonotonicStub:
 
 
 def make_poller(fake: FakeSkillable, **overrides: Any) -> Poller:
-    """A Poller talking real HTTP to the fake, sharing the fake's wall clock."""
+    """A Poller talking real HTTP to the fake, sharing the fake's wall clock. Its monotonic clock
+    runs with the fake's too unless a test gives one (the poller times polls by it: see Poller._now)."""
     options: dict[str, Any] = {
         "window_minutes": 60,
         "overlap_minutes": 2,
         "min_interval": 0.0,
         "max_lab_hosts": 2000,
         "clock": fake.clock,
+        "monotonic": fake.clock,
     }
     options.update(overrides)
     client = SkillableClient(fake.url, fake.state.api_key, 64 * 1024 * 1024)

@@ -162,6 +162,32 @@ class FakeSkillable(ThreadingHTTPServer):
             self.state.sticky_fault = None
             self.state.faults.clear()
 
+    def run(self, instance_id: int, start: int, seconds: int, status: int = 4, **extra: Any) -> None:
+        """A lab that starts at `start` and ends `seconds` later, as the real API shows it: with no
+        End (and CompletionStatus 3, Incomplete) until the fake's clock reaches its end."""
+        record = lab(instance_id, start, None, status=3, **extra)
+        record["_ends"] = (start + seconds, status)
+        self.add(record)
+
+    def records_now(self) -> list[dict[str, Any]]:
+        """Every record as the API would show it at the fake's current time (see run())."""
+        now = self.clock()
+        out = []
+        for record in self.state.records:
+            ends = record.get("_ends")
+            record = {k: v for k, v in record.items() if k != "_ends"}
+            if ends is not None and ends[0] <= now:
+                record.update(End=ends[0], LastActivity=ends[0], CompletionStatus=ends[1],
+                              TotalRunTimeSeconds=ends[0] - record["Start"])
+            out.append(record)
+        return out
+
+    def running(self) -> list[dict[str, Any]]:
+        """The fake's truth: labs started (by now) and not ended."""
+        now = self.clock()
+        return [r for r in self.records_now()
+                if isinstance(r.get("Start"), (int, float)) and r["Start"] <= now and r.get("End") is None]
+
     def changed_within(self, minutes: float) -> list[dict[str, Any]]:
         """The fake's truth: records that started or ended within the last `minutes`.
 
@@ -171,7 +197,7 @@ class FakeSkillable(ThreadingHTTPServer):
         now = self.clock()
         since = now - minutes * 60
         return [
-            r for r in self.state.records
+            r for r in self.records_now()
             if (r.get("Start") is None and r.get("End") is None)
             or (isinstance(r.get("Start"), (int, float)) and since < r["Start"] <= now)
             or (isinstance(r.get("End"), (int, float)) and since < r["End"] <= now)

@@ -35,7 +35,10 @@ def write_config(tmp_path: Path, healthy: FakeSkillable, broken: FakeSkillable) 
 def test_one_failing_account_never_hides_the_other(
     run_exporter, fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 120, NOW - 100, status=20))
+    # The exporter process runs on the real clock: the fake follows it, so its labs are not in the future.
+    fake.state.live_offset = 0.0
+    now = int(fake.clock())
+    fake.add(lab(1, now - 600, now - 60, status=4), lab(2, now - 120, now - 100, status=20))
     for _ in range(10):
         broken.fault(lambda h: h.send_raw(503, b"down for maintenance", "text/plain", {"Retry-After": "120"}))
     env = {"KEY_EMEA": fake.state.api_key, "KEY_AMERICAS": broken.state.api_key}
@@ -47,11 +50,11 @@ def test_one_failing_account_never_hides_the_other(
                      r'[^}]*\} 1\.0$', text, re.M)
     assert 'skillable_api_request_failures_total{account="americas",endpoint="LatestResults",reason="http_error"} 1.0' \
         in text
-    # Each account asks for its own window.
-    assert broken.latest_requests()[0].minutes == 120
+    # Each account has its own window.
+    assert broken.latest_requests()[0].minutes == 1440
     assert 'skillable_lookback_window_seconds{account="americas"} 7200.0' in text
     assert 'skillable_lookback_window_seconds{account="emea"} 3600.0' in text
-    assert fake.latest_requests()[0].minutes == 60
+    assert fake.latest_requests()[0].minutes == 1440  # the first poll looks back a day for running labs
 
     probe = exporter.get("/probe?account=emea").text
     assert "skillable_up 1.0" in probe and 'account="' not in probe

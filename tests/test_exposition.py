@@ -73,6 +73,11 @@ def test_golden_single_account(fake: FakeSkillable) -> None:
     assert 'skillable_lab_instances_ended_total{completion_status="unknown",datacenter_id="4",' \
            'delivery_region_id="3",lab_host_id="125"} 1.0' in text
     assert "skillable_up 1.0" in text
+    # Lab 3 runs: it is in _running alone, never in skillable_lab_instances.
+    assert 'skillable_lab_instances_running{datacenter_id="3",delivery_region_id="2",lab_host_id="50"} 1.0' in text
+    assert 'skillable_lab_instances{completion_status="incomplete",datacenter_id="3",delivery_region_id="2",' \
+           'lab_host_id="50"} 0.0' in text
+    assert "skillable_lab_instances_expired_total 0.0" in text
     assert "skillable_account_active_labs 7.0" in text
     assert 'skillable_delivery_region_info{delivery_region_id="2",delivery_region_name="Europe"} 1.0' in text
     # Every failure reason of every endpoint polled exists at 0 before anything failed.

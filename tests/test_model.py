@@ -29,11 +29,13 @@ def test_vendor_example_parses_exactly() -> None:
             lab_instance_id=349744, start=1325376800, end=1325376900, completion_status=1,
             total_run_time_seconds=2548, task_complete_percent=33, is_exam=False, exam_passed=None,
             exam_score=None, exam_max_possible_score=None, lab_host_id=49, datacenter_id=3, delivery_region_id=2,
+                lab_profile_id=5522,
         ),
         LabResult(
             lab_instance_id=349745, start=1325377000, end=1325377100, completion_status=1,
             total_run_time_seconds=4168, task_complete_percent=44, is_exam=False, exam_passed=None,
             exam_score=None, exam_max_possible_score=None, lab_host_id=125, datacenter_id=4, delivery_region_id=3,
+                lab_profile_id=5523,
         ),
     ]
 

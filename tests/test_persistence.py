@@ -25,7 +25,7 @@ from prometheus_client import generate_latest
 
 from exporter.app import ExporterApp
 from exporter.config import load_config
-from exporter.persistence import FORMAT, VERSION, StateStore, read_state_file
+from exporter.persistence import FORMAT, VERSION, AccountState, StateStore, read_state_file
 
 from . import fakeapi as f
 from .conftest import ROOT
@@ -34,6 +34,11 @@ from .harness import Harness, Samples, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
 
 NOW = 1_800_000_000
+FIRST_POLL_MINUTES = 1440  # max(window 60, --skillable.max-running-minutes 1440): a first poll's lookback
+
+
+def ended_saved(saved: AccountState) -> int:
+    return sum(sum(t.ended.values()) for t in saved.fleet.dimensions["place"].tallies)
 
 # Every counter the exporter serves: none may go down across a restart.
 COUNTERS = (
@@ -100,7 +105,7 @@ def test_restart_continues_counters_and_asks_only_since_saved_success(
     first.close()  # as on SIGTERM: the file is written
 
     saved = read_state_file(path)[""]
-    assert saved.last_success == NOW and len(saved.instances) == 3
+    assert saved.last_success == NOW and len(saved.fleet.instances) == 3
 
     # While the exporter is down: lab 2 ends, lab 5 starts and ends, lab 6 starts.
     fake.advance(7 * 60)
@@ -138,7 +143,7 @@ def test_without_a_state_file_a_restart_starts_from_zero(fake: FakeSkillable, ha
     fake.advance(60)
     second = harness()
     second.scrape()
-    assert fake.latest_requests()[-1].minutes == 60  # the whole window again
+    assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES  # a first poll again
 
 
 @pytest.mark.parametrize(
@@ -171,7 +176,7 @@ def test_unusable_state_file_gives_one_warning_and_a_clean_start(
     scrape = h.scrape()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and problem in warnings[0], warnings
-    assert fake.latest_requests()[-1].minutes == 60  # a clean start asks for the whole window
+    assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES  # a clean start's first poll
     assert total(scrape.samples, "skillable_lab_instances_ended_total") == 1
     assert h.store is not None and h.store.flush(5)
     assert read_state_file(str(path))[""].last_success == NOW  # replaced by a good file
@@ -186,12 +191,13 @@ def test_histogram_layout_of_another_version_is_refused_per_account(
     first.scrape()
     first.close()
     doc = json.loads(path.read_text())
-    doc["accounts"][""]["run_time"][0][2].append(0)  # one bucket too many
+    observers = doc["accounts"][""]["fleet"]["dimensions"]["place"]["observers"]
+    next(o for o in observers if o[1] == "run_time")[2].append(0)  # one bucket too many
     path.write_text(json.dumps(doc))
     caplog.set_level(logging.INFO, logger="exporter")
     harness(str(path)).scrape()
     assert any("not restored" in r.getMessage() for r in caplog.records)
-    assert fake.latest_requests()[-1].minutes == 60
+    assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES
 
 
 def test_saved_after_every_poll_atomically_and_privately(
@@ -264,8 +270,8 @@ def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) ->
         app.close()
         saved = read_state_file(state)
         assert set(saved) == {"emea", "americas"}
-        assert sum(c.count for c in saved["americas"].ended) == 3
-        assert sum(c.count for c in saved["emea"].ended) == 1
+        assert ended_saved(saved["americas"]) == 3
+        assert ended_saved(saved["emea"]) == 1
         # Swap the order of the accounts: each gets its own state back, by name.
         config.write_text(
             "accounts:\n"

@@ -39,8 +39,9 @@ def test_gauge_sum_equals_instances_changed_in_window(fake: FakeSkillable) -> No
     truth = fake.changed_within(60)
     assert {r["LabInstanceId"] for r in truth} == {1, 2, 3, 6}
     assert poller.view().health.up
-    assert instances_total(poller) == len(truth)
-    assert sum(poller.view().snapshot.running.values()) == 2  # labs 2 and 6
+    # skillable_lab_instances holds the ended ones (1 and 3), _running the others (2 and 6).
+    assert instances_total(poller) == len([r for r in truth if r["End"] is not None]) == 2
+    assert sum(poller.view().snapshot.running.values()) == 2
 
 
 def test_five_new_failures_count_exactly_five_and_repeat_polls_add_nothing(fake: FakeSkillable) -> None:
@@ -64,14 +65,21 @@ def test_five_new_failures_count_exactly_five_and_repeat_polls_add_nothing(fake:
 
 
 def test_first_poll_asks_window_then_only_minutes_since_last_success(fake: FakeSkillable) -> None:
-    poller = make_poller(fake, window_minutes=240, overlap_minutes=2)
+    poller = make_poller(fake, window_minutes=2400, overlap_minutes=2)
     poller.refresh(5)
     fake.advance(60)
     poller.refresh(5)
     fake.advance(150)  # 2.5 minutes -> ceil to 3, plus 2 overlap
     poller.refresh(5)
     asked = [s.minutes for s in fake.latest_requests()]
-    assert asked == [240, 1 + 2, 3 + 2]
+    assert asked == [2400, 1 + 2, 3 + 2]
+
+
+def test_first_poll_looks_back_as_far_as_a_lab_may_run_capped_at_seven_days(fake: FakeSkillable) -> None:
+    for max_running, window, expected in ((1440, 60, 1440), (30, 60, 60), (20_000, 60, 10080)):
+        poller = make_poller(fake, window_minutes=window, max_running_minutes=max_running)
+        poller.refresh(5)
+        assert fake.latest_requests()[-1].minutes == expected
 
 
 def test_ended_instance_changing_status_later_is_not_counted_again(fake: FakeSkillable) -> None:
@@ -91,7 +99,7 @@ def test_ended_instance_changing_status_later_is_not_counted_again(fake: FakeSki
     assert snap.exam_score[("3", "2")].count == 1
 
 
-def test_eviction_forgets_instances_older_than_window_without_recounting(fake: FakeSkillable) -> None:
+def test_eviction_forgets_ended_instances_older_than_window_and_keeps_running_ones(fake: FakeSkillable) -> None:
     fake.add(lab(1, NOW - 20 * 60, NOW - 10 * 60, status=4), lab(2, NOW - 5 * 60))
     poller = make_poller(fake, window_minutes=30)
     poller.refresh(5)
@@ -99,14 +107,15 @@ def test_eviction_forgets_instances_older_than_window_without_recounting(fake: F
     fake.advance(26 * 60)  # lab 1 last changed 36 minutes ago; lab 2 started 31 minutes ago
     poller.refresh(5)
     snap = poller.view().snapshot
-    assert snap.tracked == 0
-    assert instances_total(poller) == 0
+    assert snap.tracked == 1  # lab 2 runs on, older than the window
+    assert instances_total(poller) == 0 and sum(snap.running.values()) == 1
     fake.update(2, End=fake.state.now - 10, CompletionStatus=4)  # the long lab ends now
     fake.advance(60)
     poller.refresh(5)
+    snap = poller.view().snapshot
     assert started(poller) == 2  # lab 2's start is not counted a second time
     assert ended(poller, "complete") == 2
-    assert poller.view().snapshot.tracked == 1
+    assert snap.tracked == 1 and sum(snap.running.values()) == 0 and instances_total(poller) == 1
 
 
 def test_unknown_fields_and_status_codes_keep_up(fake: FakeSkillable) -> None:

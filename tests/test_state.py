@@ -16,7 +16,12 @@ from exporter.app import ExporterApp
 from exporter.config import load_config
 from exporter.demo import Traffic, latest_results_body
 from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
-from exporter.state import EXTRA_PLACES, OVERFLOW_PLACE, RATIO_BUCKETS, FleetState, Histogram, Instance
+import msgspec
+
+from exporter.state import (
+    EXTRA_PLACES, MAX_FUTURE_SECONDS, OVERFLOW_PLACE, PROFILE_ZERO_STATUSES, RATIO_BUCKETS, FleetExport, FleetState,
+    Histogram,
+)
 
 from .conftest import MonotonicStub
 from .fakeapi import FakeSkillable
@@ -68,15 +73,18 @@ def test_snapshot_is_the_same_object_until_the_state_changes() -> None:
 
 # -- eviction by age ---------------------------------------------------------------
 
-def test_eviction_keeps_instances_that_changed_since_and_forgets_the_rest() -> None:
+def test_eviction_forgets_ended_instances_by_age_and_expires_running_ones_at_the_limit() -> None:
     state = FleetState(10)
     state.apply([result(i, NOW - 3000 + i) for i in range(10)], NOW - 7200)  # running, last change = start
     state.apply([result(3, None, NOW - 100), result(7, None, NOW - 50)], NOW - 7200)  # two end later
-    assert state.evict(NOW - 1000) == 8
-    assert sorted(state.instances) == [3, 7]
+    assert state.evict(NOW - 1000) == 0  # the running ones stay, however old their start
+    assert len(state.instances) == 10 and sum(state.snapshot().running.values()) == 8
+    assert state.evict(NOW - 1000, NOW - 2995) == 4  # 0, 1, 2, 4 opened before the running horizon
     snap = state.snapshot()
-    assert sum(snap.instances.values()) == 2 and sum(snap.running.values()) == 0
-    assert state.evict(NOW - 60) == 1 and sorted(state.instances) == [7]
+    assert snap.expired_total == 4 and sum(snap.running.values()) == 4
+    assert sum(snap.instances.values()) == 2  # the ended ones, not the running ones
+    assert state.evict(NOW - 60) == 1 and sorted(state.instances) == [5, 6, 7, 8, 9]
+    assert state.snapshot().expired_total == 4  # an ended instance is forgotten, not expired
 
 
 def test_an_evicted_instance_that_comes_back_is_tracked_and_evicted_again() -> None:
@@ -93,51 +101,46 @@ def test_eviction_index_stays_bounded_under_many_updates() -> None:
     state = FleetState(10)
     for step in range(200):
         # every poll moves every instance's last change on: one new index entry each
-        state.apply([result(i, NOW - 10_000 + step) for i in range(50)], NOW - 20_000)
+        state.apply([result(i, NOW - 10_000, NOW - 10_000 + step) for i in range(50)], NOW - 20_000)
         state.evict(NOW - 20_000)
     assert len(state.instances) == 50
-    assert len(state._by_age) <= 2 * len(state.instances) + 1024
+    assert len(state._closed_by_age) + len(state._open_by_age) <= 2 * len(state.instances) + 1024
 
 
-def test_eviction_works_on_a_state_filled_from_outside() -> None:
-    """Restoring from a state file fills `instances` directly, bypassing apply()."""
+def test_a_restored_state_evicts_expires_and_counts_like_the_one_it_was_saved_from() -> None:
     state = FleetState(10)
-    place = ("1", "1", "1")
-    for i in range(5):
-        state.instances[i] = Instance(place, "complete", NOW - 900, NOW - 800 + i * 100, float(NOW - 800 + i * 100))
-        state.by_status[(place, "complete")] += 1
-        state.places.add(place)
-    assert state.evict(NOW - 550) == 3
-    assert sorted(state.instances) == [3, 4]
-    assert state.by_status[(place, "complete")] == 2
-
-
-def test_changed_makes_eviction_see_instances_added_from_outside() -> None:
-    state = FleetState(10)
-    state.apply([result(i, NOW - 900 + i) for i in range(5)], NOW - 3600)
-    state.evict(NOW - 3600)  # a heap of five, all live
-    place = ("1", "1", "1")
-    state.instances[99] = Instance(place, "complete", NOW - 5000, NOW - 4000, NOW - 4000)
-    state.by_status[(place, "complete")] += 1
-    state.changed()
-    assert state.evict(NOW - 3600) == 1 and 99 not in state.instances
+    state.apply([result(i, NOW - 900 + i * 100, NOW - 800 + i * 100) for i in range(5)], NOW - 3600)
+    state.apply([result(10 + i, NOW - 5000 + i * 1000, status=3, lab_profile_id=7) for i in range(3)], NOW - 3600)
+    saved = msgspec.json.decode(msgspec.json.encode(state.export()), type=FleetExport)
+    restored = FleetState.restore(saved, 10)
+    assert restored.snapshot() == state.snapshot()
+    for s in (state, restored):
+        assert s.evict(NOW - 550, NOW - 4500) == 3 + 1
+        s.apply([result(11, NOW - 4000, NOW - 10, status=4, lab_profile_id=7),
+                 result(3, NOW - 600, NOW - 500)], NOW - 3600)
+    assert restored.snapshot() == state.snapshot()
+    snap = restored.snapshot()
+    assert snap.profile_ended[("7", "complete")] == 1 and snap.profile_running["7"] == 1
+    assert snap.expired_total == 1
 
 
 def test_eviction_agrees_with_a_full_scan_on_simulated_traffic() -> None:
-    """The heap must forget exactly what scanning every instance would."""
+    """The heaps must forget exactly what scanning every instance would."""
     traffic = Traffic(labs_per_minute=20, seed=3)
     state = FleetState(2000)
     now = float(NOW)
-    window = 60 * 60
+    window, max_running = 60 * 60, 45 * 60
     last = None
     for step in range(40):
         minutes = 60 if last is None else 3
         batch = decode_latest_results(latest_results_body(traffic, now, minutes))
         horizon = now - window if last is None else min(now - window, last - 120)
-        state.apply(batch.results, horizon)
+        state.apply(batch.results, horizon, seen_at=now)
         cutoff = now - window
-        expected = {k for k, inst in state.instances.items() if inst.last_change >= cutoff}
-        state.evict(cutoff)
+        expected = {k for k, inst in state.instances.items()
+                    if (inst.end is not None and inst.last_change >= cutoff)
+                    or (inst.end is None and inst.opened >= now - max_running)}
+        state.evict(cutoff, now - max_running)
         assert set(state.instances) == expected
         last, now = now, now + 90
 
@@ -156,7 +159,7 @@ def test_histogram_buckets_are_upper_inclusive(value: float, bucket: int) -> Non
 def test_host_overflow_counts_every_instance_on_a_host_beyond_the_limit() -> None:
     state = FleetState(2)
     state.apply([result(i, NOW - 100, host=10 + i % 4) for i in range(8)], NOW - 3600)  # hosts 10..13
-    hosts = {place[2] for place in state.places}
+    hosts = {place[2] for place in state.snapshot().places}
     assert hosts == {"10", "11", "other"}
     assert state.host_overflow_total == 4  # instances on hosts 12 and 13, each counted
     state.apply([result(100, NOW - 50, host=13), result(101, NOW - 50, host=10)], NOW - 3600)
@@ -170,8 +173,9 @@ def test_label_combinations_are_capped_so_total_series_stay_bounded() -> None:
     state = FleetState(hosts)
     many = [result(i, NOW - 100, host=i % hosts, datacenter=i, region=i) for i in range(hosts + EXTRA_PLACES + 50)]
     state.apply(many, NOW - 3600)
-    assert len(state.places) == hosts + EXTRA_PLACES + 1  # the cap plus the shared overflow place
-    assert OVERFLOW_PLACE in state.places
+    places = state.snapshot().places
+    assert len(places) == hosts + EXTRA_PLACES + 1  # the cap plus the shared overflow place
+    assert OVERFLOW_PLACE in places
     assert state.host_overflow_total == 50
     assert state.snapshot().started[OVERFLOW_PLACE] == 50
     # A known combination keeps its own labels after the cap is reached.
@@ -181,87 +185,134 @@ def test_label_combinations_are_capped_so_total_series_stay_bounded() -> None:
 
 
 class ReferenceState:
-    """The rules of FleetState written plainly, one result at a time, with a full-scan eviction."""
+    """The rules of FleetState (state.py's module docstring) written plainly: one result at a time,
+    a dict per instance, every dimension spelled out, eviction and expiry by full scan."""
 
-    def __init__(self, max_hosts: int) -> None:
-        self.max_hosts = max_hosts
-        self.instances: dict[int, list[Any]] = {}  # id -> [place, status, start, end, last, ended, exam]
+    def __init__(self, max_hosts: int, max_profiles: int = 500) -> None:
+        self.max_hosts, self.max_profiles = max_hosts, max_profiles
+        self.instances: dict[int, dict[str, Any]] = {}
         self.hosts: set[str] = set()
+        self.profiles: set[str] = set()
         self.started: Counter[Any] = Counter()
         self.ended: Counter[Any] = Counter()
         self.exams: Counter[Any] = Counter()
         self.passed: Counter[Any] = Counter()
         self.run_time: Counter[Any] = Counter()
         self.task: dict[Any, list[int]] = {}
-        self.overflow = 0
+        self.p_started: Counter[str] = Counter()
+        self.p_ended: Counter[Any] = Counter()
+        self.p_exams: Counter[str] = Counter()
+        self.p_passed: Counter[str] = Counter()
+        self.p_run_time: Counter[str] = Counter()
+        self.p_runs: Counter[str] = Counter()
+        self.overflow = self.p_overflow = self.expired = self.invalid = 0
 
-    def apply(self, results: list[LabResult], horizon: float) -> None:
+    def _place(self, r: LabResult) -> tuple[str, ...]:
+        host = "unknown" if r.lab_host_id is None else str(r.lab_host_id)
+        if host not in self.hosts:
+            if len(self.hosts) >= self.max_hosts:
+                self.overflow += 1
+                host = "other"
+            else:
+                self.hosts.add(host)
+        return tuple("unknown" if v is None else str(v) for v in (r.datacenter_id, r.delivery_region_id)) + (host,)
+
+    def _profile(self, r: LabResult) -> str:
+        profile = "unknown" if r.lab_profile_id is None else str(r.lab_profile_id)
+        if profile not in self.profiles:
+            if len(self.profiles) >= self.max_profiles:
+                self.p_overflow += 1
+                return "other"
+            self.profiles.add(profile)
+        return profile
+
+    def apply(self, results: list[LabResult], horizon: float, seen_at: float | None = None) -> None:
+        now = horizon if seen_at is None else seen_at
         for r in results:
-            status = STATUS_NAMES.get(r.completion_status, "unknown")
+            stamps = [t for t in (r.start, r.end) if t is not None]
+            last = max(stamps) if stamps else now
+            if seen_at is not None and last > seen_at + MAX_FUTURE_SECONDS:
+                self.invalid += 1
+                continue
+            status = STATUS_NAMES.get(r.completion_status, "unknown")  # type: ignore[arg-type]
             inst = self.instances.get(r.lab_instance_id)
             if inst is None:
-                host = "unknown" if r.lab_host_id is None else str(r.lab_host_id)
-                if host not in self.hosts:
-                    if len(self.hosts) >= self.max_hosts:
-                        self.overflow += 1
-                        host = "other"
-                    else:
-                        self.hosts.add(host)
-                place = tuple("unknown" if v is None else str(v) for v in (r.datacenter_id, r.delivery_region_id)) + (host,)
-                inst = [place, status, r.start, r.end, max(r.start or 0, r.end or 0), False, False]
+                inst = {"place": self._place(r), "profile": self._profile(r), "end": r.end, "last": last,
+                        "opened": now if r.start is None else r.start if seen_at is None else min(r.start, now), "ended": False, "exam": False}
                 self.instances[r.lab_instance_id] = inst
                 if r.start is None or r.start >= horizon:
-                    self.started[place] += 1
+                    self.started[inst["place"]] += 1
+                    self.p_started[inst["profile"]] += 1
             else:
-                inst[1] = status
-                inst[2] = r.start if r.start is not None else inst[2]
-                inst[3] = r.end if r.end is not None else inst[3]
-                inst[4] = max(inst[4], r.start or 0, r.end or 0)
-            event = r.end if r.end is not None else r.start
-            in_horizon = event is None or event >= horizon
-            if r.end is not None and not inst[5] and in_horizon:
-                inst[5] = True
-                self.ended[(inst[0], status)] += 1
+                inst["end"] = r.end if r.end is not None else inst["end"]
+                inst["last"] = max(inst["last"], last)
+            inst["status"] = status
+            place, profile = inst["place"], inst["profile"]
+            if r.end is not None and r.end >= horizon and not inst["ended"]:
+                inst["ended"] = True
+                self.ended[(place, status)] += 1
+                self.p_ended[(profile, status)] += 1
                 if r.total_run_time_seconds is not None and r.total_run_time_seconds >= 0:
-                    self.run_time[inst[0][:2]] += r.total_run_time_seconds
+                    self.run_time[place[:2]] += r.total_run_time_seconds
+                    self.p_run_time[profile] += r.total_run_time_seconds
+                    self.p_runs[profile] += 1
                 if r.task_complete_percent is not None:
                     ratio = min(max(r.task_complete_percent / 100.0, 0.0), 1.0)
-                    counts = self.task.setdefault(inst[0][:2], [0] * 12)
+                    counts = self.task.setdefault(place[:2], [0] * 12)
                     counts[next((i for i, b in enumerate(RATIO_BUCKETS) if ratio <= b), 11)] += 1
-            if not inst[6] and (r.exam_score is not None or r.exam_passed is not None) and in_horizon:
-                inst[6] = True
-                self.exams[inst[0]] += 1
-                self.passed[inst[0]] += bool(r.exam_passed)
+            event = r.end if r.end is not None else r.start
+            if not inst["exam"] and (r.exam_score is not None or r.exam_passed is not None) \
+                    and (event is None or event >= horizon):
+                inst["exam"] = True
+                self.exams[place] += 1
+                self.passed[place] += bool(r.exam_passed)
+                self.p_exams[profile] += 1
+                self.p_passed[profile] += bool(r.exam_passed)
 
-    def evict(self, horizon: float) -> None:
-        for key in [k for k, inst in self.instances.items() if inst[4] < horizon]:
-            del self.instances[key]
+    def evict(self, horizon: float, running_horizon: float | None = None) -> None:
+        for key, inst in list(self.instances.items()):
+            if inst["end"] is not None and inst["last"] < horizon:
+                del self.instances[key]
+            elif inst["end"] is None and running_horizon is not None and inst["opened"] < running_horizon:
+                del self.instances[key]
+                self.expired += 1
 
-    def gauges(self) -> tuple[Counter[Any], Counter[Any]]:
-        by_status = Counter((inst[0], inst[1]) for inst in self.instances.values())
-        running = Counter(inst[0] for inst in self.instances.values() if inst[3] is None)
-        return by_status, running
+    def gauges(self) -> tuple[Counter[Any], Counter[Any], Counter[str]]:
+        ended = [i for i in self.instances.values() if i["end"] is not None]
+        running = [i for i in self.instances.values() if i["end"] is None]
+        return (Counter((i["place"], i["status"]) for i in ended), Counter(i["place"] for i in running),
+                Counter(i["profile"] for i in running))
 
 
 def nonzero(counter: Any) -> dict[Any, Any]:
     return {k: v for k, v in counter.items() if v}
 
 
-@pytest.mark.parametrize("max_hosts", [2000, 12])
-def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int) -> None:
+def with_profiles(results: list[LabResult], profiles: int) -> list[LabResult]:
+    """The demo's results with a LabProfileId each (a few null), spread unevenly."""
+    return [msgspec.structs.replace(r, lab_profile_id=None if r.lab_instance_id % 29 == 0
+                                    else 5000 + (r.lab_instance_id * r.lab_instance_id) % profiles)
+            for r in results]
+
+
+@pytest.mark.parametrize("max_hosts,max_profiles,max_running", [(2000, 500, 24 * 3600), (12, 8, 40 * 60)])
+def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int, max_profiles: int,
+                                                                max_running: int) -> None:
     traffic = Traffic(labs_per_minute=30, seed=11)
-    fast, plain = FleetState(max_hosts), ReferenceState(max_hosts)
+    fast, plain = FleetState(max_hosts, max_profiles, max_running), ReferenceState(max_hosts, max_profiles)
     window, overlap = 90 * 60, 120
     now, last = float(NOW), None
     for step in range(60):
         minutes = 90 if last is None else 2 + step % 3
-        results = decode_latest_results(latest_results_body(traffic, now, minutes)).results
+        results = with_profiles(decode_latest_results(latest_results_body(traffic, now, minutes)).results, 40)
+        if step == 7:  # a hostile record: an End in the year 3000 (rule 9)
+            results.append(result(10**9, int(now) - 60, 32_503_680_000))
         horizon = now - window if last is None else min(now - window, last - overlap)
-        fast.apply(results, horizon)
-        plain.apply(results, horizon)
-        fast.evict(now - window)
-        plain.evict(now - window)
-        by_status, running = plain.gauges()
+        fast.apply(results, horizon, seen_at=now)
+        plain.apply(results, horizon, seen_at=now)
+        fast.evict(now - window, now - max_running)
+        plain.evict(now - window, now - max_running)
+        by_status, running, p_running = plain.gauges()
         snap = fast.snapshot()
         assert set(fast.instances) == set(plain.instances)
         assert nonzero(snap.instances) == dict(by_status)
@@ -273,9 +324,46 @@ def test_apply_and_evict_match_the_plain_rules_over_many_polls(max_hosts: int) -
         assert {r: h.total for r, h in snap.run_time.items() if h.total} == dict(plain.run_time)
         assert {r: h.counts for r, h in snap.task_completion.items() if any(h.counts)} == plain.task
         assert snap.host_overflow_total == plain.overflow
+        assert snap.expired_total == plain.expired and snap.invalid_total == plain.invalid
+        assert nonzero(snap.profile_running) == dict(p_running)
+        assert nonzero(snap.profile_started) == dict(plain.p_started)
+        assert nonzero(snap.profile_ended) == dict(plain.p_ended)
+        assert nonzero(snap.profile_exams) == dict(plain.p_exams)
+        assert nonzero(snap.profile_exams_passed) == nonzero(plain.p_passed)
+        assert {p: (s.count, s.total) for p, s in snap.profile_run_time.items() if s.count} == \
+            {p: (plain.p_runs[p], plain.p_run_time[p]) for p in plain.p_runs}
+        assert snap.profile_overflow_total == plain.p_overflow
         last, now = now, now + 60 * (1 + step % 4)
     assert plain.overflow > 0 if max_hosts < 36 else plain.overflow == 0
+    assert plain.p_overflow > 0 if max_profiles < 40 else plain.p_overflow == 0
+    assert plain.expired > 0 if max_running < 3600 else plain.expired == 0
+    assert plain.invalid == 1
     assert sum(plain.ended.values()) > 1000 and sum(plain.exams.values()) > 100
+
+
+def test_every_profile_has_every_table_and_the_zero_statuses() -> None:
+    state = FleetState(10, max_lab_profiles=2)
+    state.apply([result(1, NOW - 100, lab_profile_id=1), result(2, NOW - 100, NOW - 10, status=30, lab_profile_id=2),
+                 result(3, NOW - 100, lab_profile_id=3), result(4, NOW - 100, lab_profile_id=None)], NOW - 3600)
+    snap = state.snapshot()
+    assert snap.profiles == ["1", "2", "other"]  # the cap: two profiles of their own
+    assert snap.profile_overflow_total == 2  # profiles 3 and "unknown", one instance each
+    for table in ("profile_started", "profile_running", "profile_run_time", "profile_task_completion",
+                  "profile_exams", "profile_exams_passed", "profile_exam_score"):
+        assert set(getattr(snap, table)) == set(snap.profiles), table
+    for profile in snap.profiles:
+        assert {s for p, s in snap.profile_ended if p == profile} >= set(PROFILE_ZERO_STATUSES)
+    assert snap.profile_ended[("2", "resume_failed")] == 1 and ("1", "resume_failed") not in snap.profile_ended
+    assert snap.profile_running == {"1": 1, "2": 0, "other": 2}
+
+
+def test_an_end_in_the_year_3000_is_refused_and_never_held() -> None:
+    """Issue 10 item 12a: on main the instance's last change was its End, so it was never evicted."""
+    state = FleetState(10)
+    refused = state.apply([result(1, NOW - 100, 32_503_680_000), result(2, 32_503_680_000)], NOW - 3600, seen_at=NOW)
+    assert refused == 2 and state.snapshot().invalid_total == 2 and not state.instances
+    state.apply([result(3, NOW - 100, NOW + 3000)], NOW - 3600, seen_at=NOW)  # clock skew, not hostility
+    assert state.evict(NOW + 3000 + 1, NOW) == 1 and not state.instances
 
 
 # -- the line encoder gives the encoders' own bytes ------------------------------------
@@ -294,7 +382,7 @@ def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
     ]
     fast.apply(batch, NOW - 3600)
     plain.apply(batch, NOW - 3600)
-    by_status, running = plain.gauges()
+    by_status, running, _ = plain.gauges()
     snap = fast.snapshot()
     assert nonzero(snap.instances) == dict(by_status)
     assert nonzero(snap.running) == dict(running) == {("1", "1", "1"): 1}
