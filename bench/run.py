@@ -515,6 +515,52 @@ def series_per_100_hosts() -> tuple[int, int, int]:
     return series(100, 1), series(200, 1), series(200, 2) - series(200, 1)
 
 
+RENDER_HOSTS = 2000  # --skillable.max-lab-hosts' default: the largest exposition a tenant gets
+RENDER_SAMPLES = 15
+
+
+def render_after_new_host(samples: int = RENDER_SAMPLES) -> dict[str, float]:
+    """Seconds of a render (snapshot and exposition, OpenMetrics as Prometheus asks for it) at RENDER_HOSTS
+    hosts after a poll that changed a known host, and after one that brought a new host; each median of
+    `samples`, taken in turns, in this process. The new host's 26 series are all the renderer learns
+    (render.py), so the target is a ratio: at most 2x."""
+    from exporter.collector import SkillableCollector
+    from exporter.config import Names
+    from exporter.model import LabResult
+    from exporter.poller import Health, PollView
+    from exporter.render import choose_encoding
+    from exporter.state import FleetState
+
+    state = FleetState(10 * RENDER_HOSTS)
+
+    def lab(instance: int, host: int) -> LabResult:  # four datacenters over three regions, as in the demo
+        return LabResult(instance, start=1000, end=2000, completion_status=4, lab_host_id=host,
+                         datacenter_id=host % 4, delivery_region_id=host % 3)
+
+    class Stub:
+        window_minutes = 60
+
+        def view(self) -> PollView:
+            return PollView(state.snapshot(), Health(up=True))
+
+    collector = SkillableCollector([("", Stub())], Names(), 60)  # type: ignore[list-item]
+    encoding = choose_encoding(PROMETHEUS_HEADERS["Accept"])
+    state.apply([lab(i, i) for i in range(RENDER_HOSTS)], 0)
+    body = collector.exposition(encoding)
+    known: list[float] = []
+    new: list[float] = []
+    instance = RENDER_HOSTS
+    for k in range(samples):
+        for times, host in ((known, k), (new, RENDER_HOSTS + k)):
+            instance += 1
+            state.apply([lab(instance, host)], 0)
+            start = time.perf_counter()
+            body = collector.exposition(encoding)
+            times.append(time.perf_counter() - start)
+    series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+    return {"known": statistics.median(known), "new": statistics.median(new), "series": series}
+
+
 # -- report ----------------------------------------------------------------------
 
 def machine_facts(load_before: tuple[float, float, float]) -> list[str]:
@@ -586,6 +632,13 @@ def report(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def render_report(r: dict[str, float]) -> str:
+    ratio = r["new"] / r["known"]
+    return (f"Render at {RENDER_HOSTS} lab hosts ({r['series']:.0f} series), median of {RENDER_SAMPLES}: "
+            f"{fmt_s(r['known'])} after a poll that changed a known host, {fmt_s(r['new'])} after one that "
+            f"brought a new host: {ratio:.2f}x (target ≤ 2x {'met' if ratio <= 2 else 'MISSED'}).")
+
+
 def write_benchmarks(table: str, facts: list[str], command: str, series: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     block = "\n".join([BEGIN, f"Last run: `{command}`", "", *facts, "", table, "", series, END])
@@ -622,12 +675,14 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(load_before)
     table = report(results)
     s100, s200, per_region = series_per_100_hosts()
+    render = render_after_new_host()
     series = (f"Series per 100 lab hosts, counted in the exposition: {s200 - s100} "
               f"(100 hosts: {s100} series in all, 200 hosts: {s200}); each further datacenter/region pair "
-              f"adds {per_region}.")
+              f"adds {per_region}.\n\n" + render_report(render))
     print("\n".join(facts) + "\n\n" + table + "\n\n" + series)
     if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ | {"floor": r.floor} for r in results], indent=2))
+        Path(args.json).write_text(json.dumps(
+            [r.__dict__ | {"floor": r.floor, "render": render} for r in results], indent=2))
     if not args.no_write:
         command = "python bench/run.py" + (" --quick" if args.quick else "") + (
             f" --sizes {args.sizes}" if args.sizes else "")

@@ -6,18 +6,19 @@ The HTTP server asks this object for an exposition; it refreshes the pollers
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from .client import SkillableClient
 from .collector import SkillableCollector
 from .config import Config
 from .poller import Poller
+from .render import choose_encoding
 
 # Prometheus sends X-Prometheus-Scrape-Timeout-Seconds; answering this much
 # earlier leaves room to render and send the exposition.
@@ -83,8 +84,8 @@ class ExporterApp:
     def metrics(self, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str]:
         """Refresh every account (in parallel), then render. Returns (body, content type)."""
         self._refresh(list(self.pollers.values()), self.poll_timeout(scrape_timeout_header))
-        encoder, content_type = choose_encoder(accept)
-        return self.collector.exposition(encoder, content_type), content_type
+        encoding = choose_encoding(accept)
+        return self.collector.exposition(encoding), encoding.content_type
 
     def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""
@@ -92,8 +93,16 @@ class ExporterApp:
         if poller is None:
             return None
         self._refresh([poller], self.poll_timeout(scrape_timeout_header))
-        encoder, content_type = choose_encoder(accept)
-        return self._probe_collectors[account].exposition(encoder, content_type), content_type
+        encoding = choose_encoding(accept)
+        return self._probe_collectors[account].exposition(encoding), encoding.content_type
+
+    def gzipped(self, body: bytes) -> bytes:
+        """gzip of `body`: kept beside it in the collector's exposition cache when it is an exposition."""
+        for collector in (self.collector, *self._probe_collectors.values()):
+            packed = collector.gzipped(body)
+            if packed is not None:
+                return packed
+        return gzip.compress(body, compresslevel=1)
 
     @staticmethod
     def _refresh(pollers: list[Poller], timeout: float) -> None:

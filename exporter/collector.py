@@ -1,22 +1,30 @@
-"""Builds fresh metric families from the pollers' state on every scrape.
+"""The metrics, built from the pollers' state: one list of parts serves both collect() and the exposition.
 
 collect() never calls the API: the HTTP handler refreshes the pollers first,
-then renders the registry. So registering this collector, or serving /healthz,
-costs no upstream request.
+then renders. So registering this collector, or serving /healthz, costs no
+upstream request.
+
+`parts()` is the one path from the state to what is exposed: the lab families as
+Rows (keys and values straight from the snapshots, see render.py), the health and
+name families as prometheus_client families. collect() turns the parts into
+families; exposition() gives them to a LineEncoder and keeps the body (and its gzip)
+until a poll changes what it shows.
 """
 
 from __future__ import annotations
 
-import copy
+import gzip
 import platform
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -24,18 +32,27 @@ from . import __version__
 from .config import Names
 from .model import ALL_STATUSES
 from .poller import PollView, Poller
-from .render import LineEncoder, Rows
-from .state import Snapshot
+from .render import Encoding, LineEncoder, Part, Rows, as_metric
+from .state import PROFILE_ZERO_STATUSES, Histogram, Snapshot, Summary
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
 REGION = ["datacenter_id", "delivery_region_id"]
-PER_STATUS_TABLES = ("instances", "ended")  # families with a completion_status label
-HISTOGRAM_TABLES = ("run_time", "task_completion", "exam_score")
-RENDERED_KEPT = 4  # expositions cached at once, one per content type
+PROFILE = ["lab_profile_id"]
+GZIP_LEVEL = 1  # a 10x smaller exposition for about 1 ms per 100 kB
 SHARED_POLL_NOTE = (
     " Values come from the most recent poll, which concurrent scrapes share and"
     " which is reused for --skillable.min-poll-interval seconds."
 )
+Views = list[tuple[str, PollView]]
+
+
+@dataclass(slots=True)
+class _Rendered:
+    """One cached exposition: what it was rendered from, the body, and its gzip once asked for."""
+
+    inputs: list[tuple[Snapshot, str]]
+    body: bytes
+    gzipped: bytes | None = None
 
 
 class SkillableCollector(Collector):
@@ -46,60 +63,65 @@ class SkillableCollector(Collector):
         # The account label appears only when several accounts are configured,
         # so the single-account case keeps the simple label set.
         self._account_label = len(self._accounts) > 1
-        # The last exposition per encoder, with what it was rendered from (see exposition()).
-        self._render_lock = threading.Lock()
-        self._rendered: dict[str, tuple[list[tuple[Snapshot, str]], bytes]] = {}
-        self._line_encoders: dict[str, LineEncoder] = {}
+        # The exposition cache, by encoding (a closed set: render.choose_encoding), see exposition().
+        self._lock = threading.Lock()
+        self._rendered: dict[Encoding, _Rendered] = {}
+        self._line_encoders: dict[Encoding, LineEncoder] = {}
 
     def describe(self) -> Iterable[Metric]:
         # Describing must not poll: an empty list keeps the registry from calling collect().
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._families([(name, poller.view()) for name, poller in self._accounts])
+        return map(as_metric, self.parts(self._views()))
 
-    def lab_metrics(self) -> Iterator[Metric]:
-        """Only the lab metric families (no exporter health, no names): what `backfill` writes
-        for each step of history, built by the same code a scrape uses."""
-        yield from self._lab_metrics([(name, poller.view()) for name, poller in self._accounts])
+    def parts(self, views: Views) -> list[Part]:
+        """Everything exposed, in order: lab families, exporter health, names for ids."""
+        return [*self._lab_parts(views), *self._health_metrics(views), *self._info_metrics(views)]
 
-    def exposition(self, encoder: Callable[[Any], bytes], content_type: str) -> bytes:
-        """What `encoder(registry)` would give, rendered again only when a poll changed something.
+    def _views(self) -> Views:
+        return [(name, poller.view()) for name, poller in self._accounts]
+
+    def lab_parts(self) -> list[Rows]:
+        """Only the lab families (per place and per lab profile; no exporter health, no names), as Rows:
+        what `backfill` writes for each step of history, built by the same code a scrape uses."""
+        return list(self._lab_parts(self._views()))
+
+    # -- the exposition cache ----------------------------------------------
+
+    def exposition(self, encoding: Encoding) -> bytes:
+        """What `encoding.encoder(registry)` would give, rendered again only when a poll changed something.
 
         Rendering is most of a scrape that does not poll (min-poll-interval, scrapes
         sharing one poll). A poller's snapshot is the same object until its state
         changes, and the health is compared by value, so a cached body is reused
-        exactly while every input of collect() is unchanged. One render at a time:
+        exactly while every input of parts() is unchanged. One render at a time:
         concurrent scrapes after a poll wait for the first one and reuse its body.
-        Bodies are kept by content type (which names the encoding), a few at most,
-        and written by a LineEncoder, which gives the encoder's bytes (see render.py).
+        Bodies are kept by the encoding chosen, one each: Accept headers cannot add
+        entries (issue 10, item 7). A LineEncoder writes them (see render.py).
         """
-        with self._render_lock:
-            views = [(name, poller.view()) for name, poller in self._accounts]
-            key = [(view.snapshot, repr(view.health)) for _, view in views]
-            cached = self._rendered.get(content_type)
-            if cached is not None and _same_inputs(cached[0], key):
-                return cached[1]
-            if content_type not in self._rendered and len(self._rendered) >= RENDERED_KEPT:
-                # The Accept header picks the key: keep it bounded.
-                self._rendered.clear()
-                self._line_encoders.clear()
-            line_encoder = self._line_encoders.get(content_type)
+        with self._lock:
+            views = self._views()
+            inputs = [(view.snapshot, repr(view.health)) for _, view in views]
+            cached = self._rendered.get(encoding)
+            if cached is not None and _same_inputs(cached.inputs, inputs):
+                return cached.body
+            line_encoder = self._line_encoders.get(encoding)
             if line_encoder is None:
-                line_encoder = self._line_encoders[content_type] = LineEncoder(encoder)
-            body = line_encoder(list(self._parts(views)))
-            self._rendered[content_type] = (key, body)
+                line_encoder = self._line_encoders[encoding] = LineEncoder(encoding.encoder)
+            body = line_encoder(self.parts(views))
+            self._rendered[encoding] = _Rendered(inputs, body)
             return body
 
-    def _families(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
-        yield from self._lab_metrics(views)
-        yield from self._health_metrics(views)
-        yield from self._info_metrics(views)
-
-    def _parts(self, views: list[tuple[str, PollView]]) -> Iterator[Metric | Rows]:
-        yield from self._lab_parts(views)
-        yield from self._health_metrics(views)
-        yield from self._info_metrics(views)
+    def gzipped(self, body: bytes) -> bytes | None:
+        """The gzip of `body` if it is a cached exposition, compressed once; else None."""
+        with self._lock:
+            for rendered in self._rendered.values():
+                if rendered.body is body:
+                    if rendered.gzipped is None:
+                        rendered.gzipped = gzip.compress(body, compresslevel=GZIP_LEVEL)
+                    return rendered.gzipped
+        return None
 
     # -- helpers -----------------------------------------------------------
 
@@ -109,117 +131,140 @@ class SkillableCollector(Collector):
     def _values(self, account: str, values: Sequence[str]) -> list[str]:
         return ([account, *values]) if self._account_label else list(values)
 
+    def _rows(self, spec: LabFamily, views: Views) -> Rows:
+        """The rows of one lab family over every account, in account order."""
+        family = spec.kind(spec.name, spec.help, labels=self._labels(spec.labels))
+        label_names = self._labels(spec.labels) + (["le"] if spec.kind is HistogramMetricFamily else [])
+        base = family.name  # a counter's without _total
+        own_name = base + ("_total" if family.type == "counter" else "")
+        name = spec.sample
+
+        if self._account_label:
+            keys: list[Any] = []
+            values: list[Any] = []
+            for account, view in views:
+                some_keys, some_values = spec.rows(view.snapshot)
+                keys += [(account, key) for key in some_keys]
+                values += some_values
+
+            def sample(key: Hashable) -> tuple[str, dict[str, str]]:
+                account, inner = key  # type: ignore[misc]
+                suffix, label_values = name(inner)
+                return base + suffix if suffix else own_name, dict(zip(label_names, (account, *label_values)))
+        else:
+            keys, values = spec.rows(views[0][1].snapshot) if views else ([], [])
+
+            def sample(key: Hashable) -> tuple[str, dict[str, str]]:
+                suffix, label_values = name(key)
+                return base + suffix if suffix else own_name, dict(zip(label_names, label_values))
+
+        return Rows(family, keys, values, sample)
+
     # -- lab metrics -------------------------------------------------------
 
-    def _lab_families(self) -> dict[str, Metric]:
-        """The lab metric families, empty, in the order they are exposed."""
+    def _lab_families(self) -> list[LabFamily]:
+        """The lab metric families in the order they are exposed."""
         window = f"the last {self._window_minutes} minutes (the lookback window)"
-        return {
-            "instances": GaugeMetricFamily(
-                "skillable_lab_instances",
+        return [
+            LabFamily(
+                GaugeMetricFamily, "skillable_lab_instances",
                 f"Ended lab instances whose last state change was within {window}, by current completion"
                 " status; running labs are in skillable_lab_instances_running only." + SHARED_POLL_NOTE,
-                labels=self._labels(PLACE + ["completion_status"]),
+                PLACE + ["completion_status"], _table("instances"), _per_status_sample,
             ),
-            "running": GaugeMetricFamily(
-                "skillable_lab_instances_running",
+            LabFamily(
+                GaugeMetricFamily, "skillable_lab_instances_running",
                 "Lab instances started and not ended, however long ago they started (a lab saved for later"
                 " has no End either), up to --skillable.max-running-minutes." + SHARED_POLL_NOTE,
-                labels=self._labels(PLACE),
+                PLACE, _table("running"), _plain_sample,
             ),
-            "started": CounterMetricFamily(
-                "skillable_lab_instances_started_total",
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_instances_started_total",
                 "Lab instances seen starting, each counted once however many polls return it.",
-                labels=self._labels(PLACE),
+                PLACE, _table("started"), _plain_sample,
             ),
-            "ended": CounterMetricFamily(
-                "skillable_lab_instances_ended_total",
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_instances_ended_total",
                 "Lab instances seen ending, counted once under the completion status they ended with.",
-                labels=self._labels(PLACE + ["completion_status"]),
+                PLACE + ["completion_status"], _table("ended"), _per_status_sample,
             ),
-            "run_time": HistogramMetricFamily(
-                "skillable_lab_run_time_seconds",
+            LabFamily(
+                HistogramMetricFamily, "skillable_lab_run_time_seconds",
                 "Total run time of ended lab instances, observed once per instance.",
-                labels=self._labels(REGION),
+                REGION, _histogram_table("run_time"), _histogram_sample,
             ),
-            "task_completion": HistogramMetricFamily(
-                "skillable_lab_task_completion_ratio",
+            LabFamily(
+                HistogramMetricFamily, "skillable_lab_task_completion_ratio",
                 "Share of integrated tasks completed (0-1) in ended lab instances.",
-                labels=self._labels(REGION),
+                REGION, _histogram_table("task_completion"), _histogram_sample,
             ),
-            "exam_score": HistogramMetricFamily(
-                "skillable_exam_score_ratio",
+            LabFamily(
+                HistogramMetricFamily, "skillable_exam_score_ratio",
                 "Exam score divided by the maximum possible score (0-1), observed once per scored exam.",
-                labels=self._labels(REGION),
+                REGION, _histogram_table("exam_score"), _histogram_sample,
             ),
-            "exams": CounterMetricFamily(
-                "skillable_exams_total", "Scored exams, counted once when their score first appears.",
-                labels=self._labels(PLACE),
+            LabFamily(
+                CounterMetricFamily, "skillable_exams_total",
+                "Scored exams, counted once when their score first appears.",
+                PLACE, _table("exams"), _plain_sample,
             ),
-            "exams_passed": CounterMetricFamily(
-                "skillable_exams_passed_total", "Scored exams that the learner passed.",
-                labels=self._labels(PLACE),
+            LabFamily(
+                CounterMetricFamily, "skillable_exams_passed_total", "Scored exams that the learner passed.",
+                PLACE, _table("exams_passed"), _plain_sample,
             ),
-        }
+        ]
 
-    def _lab_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
-        for table, family in self._lab_families().items():
-            if table in HISTOGRAM_TABLES:
-                self._fill_histograms(family, views, table)
-            else:
-                self._place_rows(views, table, table in PER_STATUS_TABLES, family)
-            yield family
+    def _profile_families(self) -> list[LabFamily]:
+        """The lab-profile families (issue 11): labelled by lab_profile_id alone, never with the place labels,
+        counted by the same rules as the per-place ones; summaries without quantiles (_count, _sum)."""
+        return [
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_instances_started_total",
+                "Lab instances seen starting, by lab profile, each counted once however many polls return it.",
+                PROFILE, _table("profile_started"), _profile_sample,
+            ),
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_instances_ended_total",
+                "Lab instances seen ending, by lab profile, counted once under the completion status they ended"
+                f" with. The statuses {', '.join(PROFILE_ZERO_STATUSES)} exist from the start, the others once"
+                " they occur.",
+                PROFILE + ["completion_status"], _table("profile_ended"), _plain_sample,
+            ),
+            LabFamily(
+                GaugeMetricFamily, "skillable_lab_profile_instances_running",
+                "Lab instances started and not ended, by lab profile." + SHARED_POLL_NOTE,
+                PROFILE, _table("profile_running"), _profile_sample,
+            ),
+            LabFamily(
+                SummaryMetricFamily, "skillable_lab_profile_run_time_seconds",
+                "Total run time of ended lab instances, by lab profile, observed once per instance.",
+                PROFILE, _summary_table("profile_run_time"), _summary_sample,
+            ),
+            LabFamily(
+                SummaryMetricFamily, "skillable_lab_profile_task_completion_ratio",
+                "Share of integrated tasks completed (0-1) in ended lab instances, by lab profile.",
+                PROFILE, _summary_table("profile_task_completion"), _summary_sample,
+            ),
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_exams_total",
+                "Scored exams, by lab profile, counted once when their score first appears.",
+                PROFILE, _table("profile_exams"), _profile_sample,
+            ),
+            LabFamily(
+                CounterMetricFamily, "skillable_lab_profile_exams_passed_total",
+                "Scored exams that the learner passed, by lab profile.",
+                PROFILE, _table("profile_exams_passed"), _profile_sample,
+            ),
+            LabFamily(
+                SummaryMetricFamily, "skillable_lab_profile_exam_score_ratio",
+                "Exam score divided by the maximum possible score (0-1), by lab profile, observed once per scored"
+                " exam.",
+                PROFILE, _summary_table("profile_exam_score"), _summary_sample,
+            ),
+        ]
 
-    def _lab_parts(self, views: list[tuple[str, PollView]]) -> Iterator[Metric | Rows]:
-        """What _lab_metrics yields, for the renderer: the per-place families as Rows (keys and
-        values straight from the snapshots, no Sample objects), the histograms as families."""
-        for table, family in self._lab_families().items():
-            if table in HISTOGRAM_TABLES:
-                self._fill_histograms(family, views, table)
-                yield family
-                continue
-            per_status = table in PER_STATUS_TABLES
-            keys, values = self._place_rows(views, table, per_status)
-
-            def make(family: Metric = family, table: str = table, per_status: bool = per_status) -> Metric:
-                filled = copy.copy(family)
-                filled.samples = []
-                self._place_rows(views, table, per_status, filled)
-                return filled
-
-            yield Rows(family, keys, values, make)
-
-    def _fill_histograms(self, family: Metric, views: list[tuple[str, PollView]], table: str) -> None:
-        for account, view in views:
-            for region, hist in getattr(view.snapshot, table).items():
-                family.add_metric(self._values(account, region), hist.cumulative(), hist.total)
-
-    def _place_rows(
-        self, views: list[tuple[str, PollView]], table: str, per_status: bool, family: Metric | None = None
-    ) -> tuple[list[Any], list[float]]:
-        """Keys (unique in the family) and values of one per-place family, in _lab_metrics' order;
-        with `family`, also its samples, the way _lab_metrics adds them."""
-        keys: list[Any] = []
-        values: list[float] = []
-        single = not self._account_label
-        for account, view in views:
-            counts = getattr(view.snapshot, table)
-            for place in view.snapshot.places:
-                if per_status:
-                    for status in ALL_STATUSES:
-                        key = (place, status)
-                        value = counts[key]
-                        keys.append(key if single else (account, key))
-                        values.append(value)
-                        if family is not None:
-                            family.add_metric(self._values(account, (*place, status)), value)
-                else:
-                    value = counts[place]
-                    keys.append(place if single else (account, place))
-                    values.append(value)
-                    if family is not None:
-                        family.add_metric(self._values(account, place), value)
-        return keys, values
+    def _lab_parts(self, views: Views) -> Iterator[Rows]:
+        return (self._rows(spec, views) for spec in [*self._lab_families(), *self._profile_families()])
 
     # -- exporter health ---------------------------------------------------
 
@@ -258,6 +303,12 @@ class SkillableCollector(Collector):
             "Lab instances whose host was reported as lab_host_id=\"other\" because of the host limit.",
             labels=no_labels,
         )
+        profile_overflow = CounterMetricFamily(
+            "skillable_lab_profile_overflow_total",
+            "Lab instances whose profile was reported as lab_profile_id=\"other\" because of"
+            " --skillable.max-lab-profiles.",
+            labels=no_labels,
+        )
         expired = CounterMetricFamily(
             "skillable_lab_instances_expired_total",
             "Running lab instances dropped with no End after --skillable.max-running-minutes.",
@@ -291,6 +342,7 @@ class SkillableCollector(Collector):
                 failures.add_metric(self._values(account, [endpoint, reason]), count)
             invalid.add_metric(labels, view.snapshot.invalid_total)
             overflow.add_metric(labels, view.snapshot.host_overflow_total)
+            profile_overflow.add_metric(labels, view.snapshot.profile_overflow_total)
             expired.add_metric(labels, view.snapshot.expired_total)
             tracked.add_metric(labels, view.snapshot.tracked)
             if h.stats is not None and h.stats.active is not None:
@@ -307,7 +359,8 @@ class SkillableCollector(Collector):
             labels=["version", "python_version"],
         )
         build.add_metric([__version__, platform.python_version()], 1)
-        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, expired, tracked)
+        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, profile_overflow)
+        yield from (expired, tracked)
         yield from (active, saved, window, build)
 
     # -- names for ids -----------------------------------------------------
@@ -329,6 +382,91 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
+
+
+# -- the rows of one account's lab table: keys and values from its snapshot, and what a key names --
+
+KeysValues = tuple[list[Any], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LabFamily:
+    """One lab family and where its rows come from.
+
+    `rows(snapshot)` gives one account's keys and values; `sample(key)` the key's sample name
+    suffix ("" for the family's own sample name) and label values in `labels` order (a bucket's
+    `le` last).
+    """
+
+    kind: type[Metric]
+    name: str
+    help: str
+    labels: list[str]
+    rows: Callable[[Snapshot], KeysValues]
+    sample: Callable[[Any], tuple[str, tuple[str, ...]]]
+
+
+def _table(table: str) -> Callable[[Snapshot], KeysValues]:
+    """A per-place table of the snapshot. It holds every place (in `places` order) and, in the per-status
+    tables, every status of a place in ALL_STATUSES order: its own key order is the exposition's."""
+    def rows(snapshot: Snapshot) -> KeysValues:
+        counts = getattr(snapshot, table)
+        return list(counts), list(counts.values())
+    return rows
+
+
+def _plain_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    return "", key
+
+
+def _per_status_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    place, status = key
+    return "", (*place, status)
+
+
+def _profile_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    return "", (key,)
+
+
+def _summary_table(table: str) -> Callable[[Snapshot], KeysValues]:
+    """Per profile: _count, then _sum."""
+    def rows(snapshot: Snapshot) -> KeysValues:
+        keys: list[Any] = []
+        values: list[Any] = []
+        summary: Summary
+        for profile, summary in getattr(snapshot, table).items():
+            keys += [(profile, "_count"), (profile, "_sum")]
+            values += [summary.count, summary.total]
+        return keys, values
+    return rows
+
+
+def _summary_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    profile, suffix = key
+    return suffix, (profile,)
+
+
+def _histogram_table(table: str) -> Callable[[Snapshot], KeysValues]:
+    """Per region: a key and value per bucket (cumulative, le ending in +Inf), then _count and _sum."""
+    def rows(snapshot: Snapshot) -> KeysValues:
+        keys: list[Any] = []
+        values: list[Any] = []
+        hist: Histogram
+        for region, hist in getattr(snapshot, table).items():
+            buckets = hist.cumulative()
+            keys += [(region, le) for le, _ in buckets]
+            values += [count for _, count in buckets]
+            keys += [(region, "_count"), (region, "_sum")]
+            values += [buckets[-1][1], hist.total]
+        return keys, values
+    return rows
+
+
+def _histogram_sample(key: Any) -> tuple[str, tuple[str, ...]]:
+    region, le = key
+    if le in ("_count", "_sum"):
+        return le, region
+    return "_bucket", (*region, le)
 
 
 def _same_inputs(old: list[tuple[Snapshot, str]], new: list[tuple[Snapshot, str]]) -> bool:

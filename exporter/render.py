@@ -4,12 +4,16 @@ Both of prometheus_client's encoders (the text format and OpenMetrics, with any
 escaping) write a family as a header (HELP, TYPE, maybe UNIT) followed by one line
 per sample: the sample's name and labels, escaped and sorted, a space,
 floatToGoString(value) and a newline; OpenMetrics ends the body with '# EOF'.
-Between two polls only the values change, so LineEncoder asks the real encoder
-once for each family's header and for each sample's text before the value, keeps
-them, and writes a body by joining strings. Profiled at a 100k-result window,
-the encoder was 59% of a steady-state scrape, escaping and sorting labels per sample.
-A family can also come as Rows (keys and values, no Sample objects): the collector
-gives its per-place families so, which halves what is left of a render.
+Each line depends on its own sample only. Between two polls only the values
+change, so LineEncoder asks the real encoder once for each family's header and,
+once per series, for the text before the value (the prefix), keeps them, and
+writes a body by joining strings. Profiled at a 100k-result window, the encoder
+was 59% of a steady-state scrape, escaping and sorting labels per sample.
+
+A family can come as Rows (keys and values, no Sample objects): the collector gives
+its lab families so. The renderer learns only the rows it has not seen before (one
+run of the encoder over a family holding just those rows), so a new lab host costs
+its own 26 series, not a second look at the other 52,000.
 
 It vouches only for what it checked: a family with anything else (timestamps,
 exemplars, _created samples, a sample whose line does not come out as prefix +
@@ -20,16 +24,66 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Hashable, Sequence
 
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 Encoder = Callable[[Any], bytes]
-MAX_PREFIXES = 250_000  # sample prefixes kept per encoder (26 per lab host); cleared beyond
+MAX_PREFIXES = 250_000  # sample prefixes kept per family kind (26 per lab host); cleared beyond
 MAX_VALUES = 10_000  # formatted values kept
+DEFAULT_ACCEPT = ""  # prometheus_client's default: the text format 0.0.4
 
+
+# -- which encoding ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Encoding:
+    """An exposition format as answered: its Content-Type (which names it) and the encoder that writes it."""
+
+    content_type: str
+    encoder: Encoder = field(compare=False, repr=False)
+
+
+_OPENMETRICS_VERSION = re.compile(r"^(application/openmetrics-text; version=)([^;]*)(;.*)$")
+
+
+def choose_encoding(accept: str) -> Encoding:
+    """The encoding for an Accept header, as prometheus_client's choose_encoder picks it, with two changes.
+
+    - A version that is not a number (`text/plain; version=abc`) makes choose_encoder raise;
+      it gets the default format instead of a dropped connection (issue 10, item 9).
+    - choose_encoder echoes any OpenMetrics version of 1.0.0 or later in the Content-Type
+      (`version=1.19.0`); its encoder writes the same bytes for every 1.x, and for every 2.0 or
+      later. The answer names the version written, 1.0.0 or 2.0.0, so the encodings are a
+      closed set of 14, each rendered and cached once, whatever clients send (item 7).
+    """
+    try:
+        _, content_type = choose_encoder(accept)
+    except (TypeError, ValueError):  # parse_version gives str parts, compared with ints
+        _, content_type = choose_encoder(DEFAULT_ACCEPT)
+    match = _OPENMETRICS_VERSION.match(content_type)
+    if match is not None:
+        major = int(match.group(2).split(".", 1)[0])  # a number: a version >= 1.0.0 compared without raising
+        written = "1.0.0" if major == 1 else "2.0.0"
+        content_type = match.group(1) + written + match.group(3)
+    return _encoding(content_type)
+
+
+@lru_cache(maxsize=64)
+def _encoding(content_type: str) -> Encoding:
+    # Every Content-Type choose_encoding returns, sent back as an Accept header, picks itself.
+    encoder, chosen = choose_encoder(content_type)
+    assert chosen.startswith(content_type), (chosen, content_type)
+    return Encoding(content_type, encoder)
+
+
+# -- what is rendered -----------------------------------------------------------------
 
 class _Families:
     """Families in the shape an encoder takes (anything with collect())."""
@@ -41,16 +95,37 @@ class _Families:
         return self._families
 
 
-@dataclass
+@dataclass(slots=True)
 class Rows:
-    """A family given as rows rather than samples: the family (its header), a key per sample
-    that is unique in the family and stable across renders, the values, and `make`, which
-    returns the family with its samples (in key order) for when the encoder has to be asked."""
+    """A family given as rows rather than samples.
+
+    `family` is its header (name, type, help, unit; its samples are ignored); `keys` has one
+    key per sample, unique in the family and the same in every render for the same series;
+    `values` the samples' values in the same order; `sample(key)` names a key's sample (its
+    name and labels), asked only for keys the renderer has not seen and when the family is
+    built as a Metric (collect()).
+    """
 
     family: Metric
-    keys: list[Hashable]
-    values: list[float]
-    make: Callable[[], Metric]
+    keys: Sequence[Hashable]
+    values: Sequence[float]
+    sample: Callable[[Hashable], tuple[str, dict[str, str]]]
+
+    def metric(self, keys: Sequence[Hashable] | None = None, values: Sequence[float] | None = None) -> Metric:
+        """The family with its samples: every row, or only `keys` (with their `values`)."""
+        family = copy.copy(self.family)
+        family.samples = []
+        for key, value in zip(self.keys if keys is None else keys, self.values if values is None else values):
+            name, labels = self.sample(key)
+            family.samples.append(Sample(name, labels, value))
+        return family
+
+
+Part = Metric | Rows
+
+
+def as_metric(part: Part) -> Metric:
+    return part.metric() if isinstance(part, Rows) else part
 
 
 class _NotPlain(Exception):
@@ -68,59 +143,92 @@ class LineEncoder:
         self._encoder = encoder
         self._trailer = encoder(_Families([])).decode()
         self._headers: dict[tuple[str, str, str, str], str] = {}
-        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}  # (name, labels) -> prefix
         self._values: dict[float, str] = {}
         self._row_prefixes: dict[str, dict[Hashable, str]] = {}  # family name -> row key -> prefix
 
-    def __call__(self, parts: list[Metric | Rows]) -> bytes:
+    @property
+    def series_known(self) -> int:
+        """How many series' prefixes are kept (what the encoder has been asked for)."""
+        return len(self._prefixes) + sum(map(len, self._row_prefixes.values()))
+
+    def __call__(self, parts: Sequence[Part]) -> bytes:
         out: list[str] = []
         try:
             for part in parts:
                 try:
-                    out.extend(self._rows(part) if isinstance(part, Rows) else self._family(part))
+                    self._write(out, part)
                 except _NotPlain:
-                    out.append(self._encode([part.make() if isinstance(part, Rows) else part]))
+                    out.append(self._encode([as_metric(part)]))
         except _NotConcatenable:
-            return self._encoder(_Families([p.make() if isinstance(p, Rows) else p for p in parts]))
+            return self._encoder(_Families([as_metric(p) for p in parts]))
         out.append(self._trailer)
         return "".join(out).encode("utf-8")
 
-    def _rows(self, rows: Rows) -> list[str]:
-        family = rows.family
-        prefixes = self._row_prefixes.get(family.name)
-        if prefixes is None or any(key not in prefixes for key in rows.keys):
-            made = rows.make()
-            keys = [(s.name, tuple(s.labels.items())) for s in made.samples]
-            self._check_plain(made)
-            if len(keys) != len(rows.keys):
-                raise _NotPlain
-            self._learn(made, keys)
-            prefixes = self._row_prefixes.setdefault(family.name, {})
-            if len(prefixes) + len(keys) > MAX_PREFIXES:
-                prefixes.clear()
-            for row_key, key in zip(rows.keys, keys):
-                prefixes[row_key] = self._prefixes[key]
-        lines = [self._header(family)]
+    def _write(self, out: list[str], part: Part) -> None:
+        """Appends the part's text to `out`, or raises _NotPlain (then `out` is as it was)."""
+        if isinstance(part, Rows):
+            header = self._header(part.family)
+            prefixes = self._row_prefixes.setdefault(part.family.name, {})
+            line_starts = self._line_starts_of(prefixes, part.keys, lambda missing: self._learn_rows(part, missing))
+            values: Sequence[float] = part.values
+        else:
+            header = self._header(part)
+            self._check_plain(part)
+            keys = [(s.name, tuple(s.labels.items())) for s in part.samples]
+            line_starts = self._line_starts_of(self._prefixes, keys, lambda missing: self._learn_samples(part, missing))
+            values = [s.value for s in part.samples]
+        out.append(header)
+        known = self._values.get
         text = self._text
-        for key, value in zip(rows.keys, rows.values):
-            lines.append(prefixes[key])
-            lines.append(text(value))
-            lines.append("\n")
-        return lines
+        for start, value in zip(line_starts, values):
+            # -0.0 finds 0's text in the table; a float zero takes the slow way, an int zero never has a sign
+            written = known(value)
+            if written is None or (not value and type(value) is float):
+                written = text(value)
+            out += (start, written, "\n")
 
-    def _family(self, family: Metric) -> list[str]:
+    @staticmethod
+    def _line_starts_of(prefixes: dict[Any, str], keys: Sequence[Hashable],
+                        learn: Callable[[list[int]], dict[Any, str]]) -> list[str]:
+        """The kept prefix of every key; `learn(positions)` returns the prefixes of the keys at those
+        positions, which are not kept yet, and keeps them. One pass over the keys: a render that meets
+        no new series looks each up once, and one that does finds the few new ones by a scan for None."""
+        starts: list[Any] = list(map(prefixes.get, keys))
+        if None in starts:
+            missing: list[int] = []
+            try:
+                while True:
+                    missing.append(starts.index(None, missing[-1] + 1 if missing else 0))
+            except ValueError:
+                pass
+            learnt = learn(missing)
+            for position in missing:
+                starts[position] = learnt[keys[position]]
+        return starts
+
+    def _learn_rows(self, rows: Rows, missing: list[int]) -> dict[Hashable, str]:
+        """Learn the prefixes of the rows at `missing`, from one run of the encoder over them alone."""
+        prefixes = self._row_prefixes[rows.family.name]
+        if len(prefixes) + len(missing) > MAX_PREFIXES:
+            prefixes.clear()
+        keys = [rows.keys[i] for i in missing]
+        family = rows.metric(keys, [rows.values[i] for i in missing])
         self._check_plain(family)
-        prefixes = self._prefixes
-        keys = [(s.name, tuple(s.labels.items())) for s in family.samples]
-        if any(key not in prefixes for key in keys):
-            self._learn(family, keys)
-        lines = [self._header(family)]
-        text = self._text
-        for key, s in zip(keys, family.samples):
-            lines.append(prefixes[key])
-            lines.append(text(s.value))
-            lines.append("\n")
-        return lines
+        learnt = dict(zip(keys, self._line_starts(family)))
+        prefixes.update(learnt)
+        return learnt
+
+    def _learn_samples(self, family: Metric, missing: list[int]) -> dict[Any, str]:
+        """The same for a family of samples: the encoder runs over the samples at `missing` alone."""
+        if len(self._prefixes) + len(missing) > MAX_PREFIXES:
+            self._prefixes.clear()
+        unseen = copy.copy(family)
+        unseen.samples = [family.samples[i] for i in missing]
+        keys = [(s.name, tuple(s.labels.items())) for s in unseen.samples]
+        learnt = dict(zip(keys, self._line_starts(unseen)))
+        self._prefixes.update(learnt)
+        return learnt
 
     @staticmethod
     def _check_plain(family: Metric) -> None:
@@ -130,6 +238,20 @@ class LineEncoder:
             if s.name not in names or s.timestamp is not None or s.exemplar is not None \
                     or s.native_histogram is not None or s.value is None:
                 raise _NotPlain
+
+    def _line_starts(self, family: Metric) -> list[str]:
+        """Each sample's line up to its value (name, labels and a space), from one run of the encoder."""
+        text, header = self._encode([family]), self._header(family)
+        lines = text[len(header):].split("\n")
+        if not text.startswith(header) or lines[-1] != "" or len(lines) != len(family.samples) + 1:
+            raise _NotPlain
+        starts = []
+        for sample, line in zip(family.samples, lines):
+            value = " " + floatToGoString(sample.value)
+            if not line.endswith(value):
+                raise _NotPlain
+            starts.append(line[: -len(value)] + " ")
+        return starts
 
     def _text(self, number: float) -> str:
         """floatToGoString(number), from a table of the values seen."""
@@ -153,20 +275,6 @@ class LineEncoder:
             empty.samples = []
             header = self._headers[key] = self._encode([empty])
         return header
-
-    def _learn(self, family: Metric, keys: list[tuple[str, tuple[tuple[str, str], ...]]]) -> None:
-        """Take the prefix of every sample of `family` from one run of the encoder."""
-        text, header = self._encode([family]), self._header(family)
-        lines = text[len(header):].split("\n")
-        if not text.startswith(header) or lines[-1] != "" or len(lines) != len(keys) + 1:
-            raise _NotPlain
-        if len(self._prefixes) + len(keys) > MAX_PREFIXES:
-            self._prefixes.clear()
-        for key, sample, line in zip(keys, family.samples, lines):
-            value = " " + floatToGoString(sample.value)
-            if not line.endswith(value):
-                raise _NotPlain
-            self._prefixes[key] = line[: -len(value)] + " "
 
     def _encode(self, families: list[Metric]) -> str:
         text = self._encoder(_Families(families)).decode("utf-8")

@@ -6,11 +6,9 @@ auth come from a web config file (see webconfig.py).
 
 from __future__ import annotations
 
-import gzip
 import html
 import logging
 import socket
-import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,8 +32,6 @@ class ExporterServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
         self.web = web
-        self._gzip_lock = threading.Lock()
-        self._gzipped: tuple[bytes, bytes] | None = None  # (body, its gzip): the last one compressed
         super().__init__(address, Handler)
         if web is not None and web.ssl_context is not None:
             self.socket = web.ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
@@ -50,15 +46,8 @@ class ExporterServer(ThreadingHTTPServer):
         log.debug("connection from %s failed", client_address[0] if client_address else "?", exc_info=True)
 
     def gzipped(self, body: bytes) -> bytes:
-        """gzip of `body`. The exposition is the same bytes object until a poll changes it,
-        so keeping the last one compresses it once, not once per scrape."""
-        with self._gzip_lock:
-            if self._gzipped is not None and self._gzipped[0] is body:
-                return self._gzipped[1]
-        compressed = gzip.compress(body, compresslevel=1)
-        with self._gzip_lock:
-            self._gzipped = (body, compressed)
-        return compressed
+        """gzip of `body`. An exposition's is kept with it, in the exposition cache (collector.py)."""
+        return self.app.gzipped(body)
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -1,24 +1,121 @@
-"""In-process exporter for tests: ExporterApp + ExporterServer on loopback with the fake's clocks, and
-helpers to read an exposition."""
+"""Shared test helpers, one module: constants, records, clocks, free ports, required tools, building a poller
+or an app, an exporter in this process (Harness) or as a process of its own (ExporterProcess), and reading
+an exposition. Fixtures that use them are in conftest.py (and `harness` below)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 import requests
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.__main__ import build_parser
 from exporter.app import ExporterApp
+from exporter.client import SkillableClient
 from exporter.config import load_config
+from exporter.model import LabResult
 from exporter.persistence import StateStore
+from exporter.poller import Poller
 from exporter.server import ExporterServer
 
-from .conftest import MonotonicStub
 from .fakeapi import FakeSkillable
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = 1_800_000_000  # the fake API's clock at the start of every test
+# What Prometheus sends, roughly: OpenMetrics first, the text format as the fallback.
+OPENMETRICS = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3"
+
+
+class MonotonicStub:
+    """A monotonic clock the test moves by hand, for intervals and backoff."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tool(name: str, install_hint: str = "Debian's prometheus / prometheus-alertmanager packages; .ci/run installs them") -> str:
+    """Path of a required command-line tool: next to this Python first (a venv), then PATH. A missing
+    tool fails the test (never skips it)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed ({install_hint})", pytrace=False)
+    return found
+
+
+def eventually(check: Callable[[], Any], deadline: float, what: str, interval: float = 0.05) -> Any:
+    """Call `check` until it returns something truthy, or fail once `deadline` seconds have passed."""
+    end = time.monotonic() + deadline
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
+           datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
+    """A decoded LatestResults record, for driving FleetState directly."""
+    return LabResult(lab_instance_id=instance_id, start=start, end=end, completion_status=status,
+                     lab_host_id=host, datacenter_id=datacenter, delivery_region_id=region, **extra)
+
+
+def make_poller(fake: FakeSkillable, **overrides: Any) -> Poller:
+    """A Poller talking real HTTP to the fake, sharing the fake's wall clock. Its monotonic clock
+    runs with the fake's too unless a test gives one (the poller times polls by it: see Poller._now)."""
+    options: dict[str, Any] = {
+        "window_minutes": 60,
+        "overlap_minutes": 2,
+        "min_interval": 0.0,
+        "max_lab_hosts": 2000,
+        "clock": fake.clock,
+        "monotonic": fake.clock,
+    }
+    options.update(overrides)
+    client = SkillableClient(fake.url, fake.state.api_key, 64 * 1024 * 1024)
+    return Poller(client, **options)
+
+
+def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
+    """An ExporterApp configured by command-line flags, polling the fake with its clocks (no /stats, no regions)."""
+    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
+    config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    return ExporterApp(config, clock=fake.clock, monotonic=mono)
+
+
+def registry_text(app: ExporterApp) -> bytes:
+    """The plain path: prometheus_client rendering the registry, no cache involved."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(app.collector)
+    return generate_latest(registry)
+
 
 SCRAPE_TIMEOUT = 3.0  # what Prometheus would send in X-Prometheus-Scrape-Timeout-Seconds
 MAX_BODY = 64 * 1024  # --skillable.max-response-bytes in these tests
@@ -136,3 +233,60 @@ def harness(fake: FakeSkillable) -> Iterator[Callable[..., Harness]]:
         h.close()
 
 
+class ExporterProcess:
+    """`python -m exporter ...` as a user would run it, with its log captured to a file.
+
+    Ready once /healthz answers; with `https`, over TLS, checked against `verify` (a CA file)
+    and presenting `cert` (a client certificate) on every request.
+    """
+
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, https: bool = False,
+        verify: str | bool = True, cert: tuple[str, str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.verify = verify
+        self.cert = cert
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exporter exited early: {self.log()}")
+            try:
+                if self.get("/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"exporter did not come up: {self.log()}")
+
+    @property
+    def base(self) -> str:
+        return self.url
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("cert", self.cert)
+        return requests.get(self.url + path, timeout=kwargs.pop("timeout", 15), **kwargs)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
+        return int(self.proc.returncode)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collector import SkillableCollector
@@ -108,6 +109,40 @@ def test_two_accounts_carry_account_label(fake: FakeSkillable) -> None:
     assert 'skillable_up{account="americas"} 0.0' in text
     lab_lines = [line for line in text.splitlines() if line.startswith("skillable_lab_instances")]
     assert lab_lines and all('account="' in line for line in lab_lines)
+
+
+def test_profile_families_carry_the_profile_alone_and_the_account_with_several(fake: FakeSkillable) -> None:
+    """Issue 11: lab_profile_id (plus account with several accounts), never crossed with the place labels;
+    each account's values its own."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=20, LabProfileId=7),
+             lab(2, NOW - 500, None, LabProfileId=8, host=50),
+             lab(3, NOW - 400, NOW - 100, status=4, LabProfileId=None, IsExam=True, ExamScore=80,
+                 ExamMaxPossibleScore=100, ExamPassed=True))
+    emea, americas = make_poller(fake), make_poller(fake, max_lab_profiles=1)
+    emea.refresh(5)
+    americas.refresh(5)
+    text = render([("emea", emea), ("americas", americas)])
+    promtool_check(text)
+    samples = [s for f in text_string_to_metric_families(text) if f.name.startswith("skillable_lab_profile_")
+               and not f.name.startswith("skillable_lab_profile_overflow") for s in f.samples]
+    assert samples
+    for s in samples:
+        assert set(s.labels) - {"completion_status"} == {"account", "lab_profile_id"}, s
+
+    def value(name: str, **labels: str) -> float:
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+    assert value("skillable_lab_profile_instances_started_total", account="emea") == 3
+    assert value("skillable_lab_profile_instances_ended_total", account="emea", lab_profile_id="7",
+                 completion_status="lab_creation_failed") == 1
+    assert value("skillable_lab_profile_instances_running", account="emea", lab_profile_id="8") == 1
+    assert value("skillable_lab_profile_exams_passed_total", account="emea", lab_profile_id="unknown") == 1
+    assert value("skillable_lab_profile_exam_score_ratio_sum", account="emea", lab_profile_id="unknown") == 0.8
+    # the second account keeps one profile of its own; the rest is "other", and counted
+    kept = {s.labels["lab_profile_id"] for s in samples if s.labels["account"] == "americas"}
+    assert len(kept) == 2 and "other" in kept
+    assert value("skillable_lab_profile_instances_started_total", account="americas") == 3
+    assert re.search(r'^skillable_lab_profile_overflow_total\{account="americas"\} [1-9]', text, re.M)
+    assert re.search(r'^skillable_lab_profile_overflow_total\{account="emea"\} 0\.0$', text, re.M)
 
 
 def test_single_account_has_no_account_label(fake: FakeSkillable) -> None:

@@ -4,44 +4,19 @@ from __future__ import annotations
 
 import gzip
 import re
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+import prometheus_client.exposition
+import prometheus_client.openmetrics.exposition
+import pytest
+import requests
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporter.__main__ import build_parser
-from exporter.app import ExporterApp
-from exporter.config import load_config
-from exporter.model import LabResult
 from exporter.server import ExporterServer
 
-from .conftest import MonotonicStub
 from .fakeapi import FakeSkillable, lab
-
-ROOT = Path(__file__).resolve().parent.parent
-NOW = 1_800_000_000
-OPENMETRICS = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3"
-
-
-def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
-           datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
-    return LabResult(lab_instance_id=instance_id, start=start, end=end, completion_status=status,
-                     lab_host_id=host, datacenter_id=datacenter, delivery_region_id=region, **extra)
-
-
-def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
-    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
-    config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
-    return ExporterApp(config, clock=fake.clock, monotonic=mono)
-
-
-def registry_text(app: ExporterApp) -> bytes:
-    """The plain path: prometheus_client rendering the registry, no cache involved."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(app.collector)
-    return generate_latest(registry)
-
+from .harness import NOW, OPENMETRICS, Harness, MonotonicStub, harness, make_app, registry_text  # noqa: F401
 
 # -- the exposition cache ------------------------------------------------------
 
@@ -97,18 +72,74 @@ def test_each_content_type_gets_its_own_cached_body(fake: FakeSkillable) -> None
 
 
 def test_the_cache_stays_small_whatever_accept_headers_arrive(fake: FakeSkillable) -> None:
-    mono = MonotonicStub()
-    app = make_app(fake, mono, "--skillable.min-poll-interval=30")
+    """Every OpenMetrics 1.x version is the same encoding: one body, rendered once, named as written."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
+    first, content_type = app.metrics("application/openmetrics-text;version=1.0.0", None)
     for version in range(20):
-        app.metrics(f"application/openmetrics-text;version=1.{version}.0", None)
-    assert len(app.collector._rendered) == 4  # each version names its own content type; four are kept
-    kept = dict(app.collector._line_encoders)
-    last = app.metrics("application/openmetrics-text;version=1.19.0", None)[0]
-    fake.advance(60)
-    mono.advance(31)  # a poll: the kept type is rendered again...
-    assert app.metrics("application/openmetrics-text;version=1.19.0", None)[0] is not last
-    assert app.collector._line_encoders == kept  # ...without dropping what the others learnt
+        body, answered = app.metrics(f"application/openmetrics-text;version=1.{version}.0", None)
+        assert body is first and answered == content_type
+    assert content_type == "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
     app.close()
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every run of prometheus_client's encoders (both formats): a render the cache did not spare."""
+    calls: list[str] = []
+    for module in (prometheus_client.exposition, prometheus_client.openmetrics.exposition):
+        real = module.generate_latest
+
+        def counting(*args: Any, _real: Any = real, _name: str = module.__name__, **kwargs: Any) -> bytes:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "generate_latest", counting)
+    yield calls
+
+
+ROTATION = [  # five valid Accept headers, five encodings (issue 10, item 7: four were kept)
+    "",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=values",
+    "application/openmetrics-text",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8",
+]
+
+
+def test_rotating_accept_headers_cannot_force_a_render_per_scrape(harness: Any, encoder_calls: list[str]) -> None:
+    """Over real HTTP: after one scrape per encoding, scrapes with no poll due never run an encoder again,
+    however the Accept headers rotate, and each answers what it answered the first time."""
+    h: Harness = harness(SKILLABLE_MIN_POLL_INTERVAL="3600")
+    h.fake.add(*[lab(i, NOW - 600, NOW - 60, status=4, host=100 + i % 7) for i in range(30)])
+    first: dict[str, bytes] = {}
+    content_types = set()
+    for round_ in range(4):
+        if round_ == 1:
+            encoder_calls.clear()  # the first round learnt each encoding once
+        for accept in ROTATION:
+            response = requests.get(h.url + "/metrics", headers={"Accept": accept}, timeout=10)
+            assert response.status_code == 200
+            first.setdefault(accept, response.content)
+            assert response.content == first[accept]
+            content_types.add(response.headers["Content-Type"])
+    assert encoder_calls == []
+    assert len(content_types) == len(ROTATION)
+
+
+def test_an_accept_version_that_is_no_number_is_answered_and_serving_goes_on(harness: Any) -> None:
+    """Over real HTTP, on one connection (issue 10, item 9): the default text format, then more answers."""
+    h: Harness = harness()
+    h.fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    with requests.Session() as session:
+        for accept in ("text/plain; version=abc", "application/openmetrics-text; version=1.x", OPENMETRICS):
+            response = session.get(h.url + "/metrics", headers={"Accept": accept}, timeout=10)
+            assert response.status_code == 200
+            assert b"skillable_up 1.0" in response.content
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        garbage = session.get(h.url + "/metrics", headers={"Accept": "text/plain; version=abc"}, timeout=10)
+    assert garbage.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert not garbage.content.endswith(b"# EOF\n")
 
 
 def test_probe_has_its_own_cache(fake: FakeSkillable) -> None:
@@ -127,11 +158,9 @@ def test_gzip_of_an_unchanged_exposition_is_reused(fake: FakeSkillable) -> None:
     body, _ = app.metrics("", None)
     packed = server.gzipped(body)
     assert gzip.decompress(packed) == body
-    assert server.gzipped(body) is packed
+    om, _ = app.metrics(OPENMETRICS, None)
+    assert gzip.decompress(server.gzipped(om)) == om
+    assert server.gzipped(body) is packed  # kept with its body, whatever was compressed in between
     assert gzip.decompress(server.gzipped(b"other")) == b"other"
     server.server_close()
     app.close()
-
-
-# -- snapshots -------------------------------------------------------------------
-

@@ -7,43 +7,38 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric, SummaryMetricFamily
 
-from exporter.__main__ import build_parser
-from exporter.app import ExporterApp
-from exporter.config import load_config
-from exporter.model import LabResult
+from exporter.collector import SkillableCollector
+from exporter.config import Names
+from exporter.render import Encoding, LineEncoder, Rows, _Families, choose_encoding
 from exporter.state import FleetState
 
-from .conftest import MonotonicStub
 from .fakeapi import FakeSkillable, lab
-
-ROOT = Path(__file__).resolve().parent.parent
-NOW = 1_800_000_000
-OPENMETRICS = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3"
+from .harness import NOW, OPENMETRICS, MonotonicStub, make_app, make_poller, result
 
 
-def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
-           datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
-    return LabResult(lab_instance_id=instance_id, start=start, end=end, completion_status=status,
-                     lab_host_id=host, datacenter_id=datacenter, delivery_region_id=region, **extra)
+class CountingEncoder:
+    """An encoder that counts the samples it is asked to write: what the renderer had to learn."""
+
+    def __init__(self, accept: str) -> None:
+        self.encoder, self.content_type = choose_encoder(accept)
+        self.samples = 0
+
+    def __call__(self, registry: Any) -> bytes:
+        families = list(registry.collect())
+        self.samples += sum(len(f.samples) for f in families)
+        return self.encoder(_Families(families))
+
+    def encoding(self) -> Encoding:
+        return Encoding(self.content_type, self)
 
 
-def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
-    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
-    config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
-    return ExporterApp(config, clock=fake.clock, monotonic=mono)
-
-
-def registry_text(app: ExporterApp) -> bytes:
-    """The plain path: prometheus_client rendering the registry, no cache involved."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(app.collector)
-    return generate_latest(registry)
-
-
-# -- the exposition cache ------------------------------------------------------
+# -- series counts ---------------------------------------------------------------
 
 def test_exposition_series_grow_by_26_per_lab_host(fake: FakeSkillable) -> None:
     """What BENCHMARKS.md states per 100 lab hosts, counted in the exposition itself."""
@@ -61,8 +56,7 @@ def test_exposition_series_grow_by_26_per_lab_host(fake: FakeSkillable) -> None:
     assert series[20] - series[10] == 26 * 10
 
 
-# -- the simulator's bench hooks and the benchmark itself ----------------------------
-
+# -- byte for byte against prometheus_client ------------------------------------------
 
 ENCODINGS = [
     "",
@@ -112,14 +106,17 @@ def odd_families(step: int) -> list[Any]:
 
 @pytest.mark.parametrize("accept", ENCODINGS)
 def test_line_encoder_writes_exactly_what_the_encoder_writes(accept: str) -> None:
-    from exporter.render import LineEncoder, _Families
-
-    encoder, _ = choose_encoder(accept)
+    encoder = CountingEncoder(accept)
     fast = LineEncoder(encoder)
     for step in range(4):  # kept prefixes and headers are reused with new values
         families = odd_families(step)
-        assert fast(families) == encoder(_Families(families))
-    assert len(fast._prefixes) >= 5  # the plain families did take the fast path
+        before = encoder.samples
+        assert fast(families) == encoder.encoder(_Families(families))
+        if step == 1:
+            first_time = before
+    # From the second body on, only the families the fast path does not vouch for go to the encoder.
+    asked_again = encoder.samples - before
+    assert asked_again < first_time
 
 
 @pytest.mark.parametrize("accept", ENCODINGS)
@@ -140,28 +137,22 @@ def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkill
         assert body == encoder(registry)
         fake.advance(60)
         mono.advance(1)
-    [line_encoder] = app.collector._line_encoders.values()
-    assert len(line_encoder._prefixes) > 26  # every lab series went the fast way
     app.close()
 
 
 @pytest.mark.parametrize("accept", ["", OPENMETRICS])
 def test_exposition_of_several_accounts_equals_the_encoder(fake: FakeSkillable, accept: str) -> None:
-    from exporter.collector import SkillableCollector
-    from exporter.config import Names
-
-    from .conftest import make_poller
-
     fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, None, host=50))
     emea, americas = make_poller(fake), make_poller(fake, max_lab_hosts=1)
     collector = SkillableCollector([("emea", emea), ("americas", americas)], Names(), 60)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    encoder, content_type = choose_encoder(accept)
+    encoding = choose_encoding(accept)
+    encoder = encoding.encoder
     for step in range(3):
         emea.refresh(5)
         americas.refresh(5)
-        body = collector.exposition(encoder, content_type)
+        body = collector.exposition(encoding)
         assert body == encoder(registry)
         assert b'account="americas"' in body and b'lab_host_id="other"' in body
         fake.advance(60)
@@ -169,17 +160,140 @@ def test_exposition_of_several_accounts_equals_the_encoder(fake: FakeSkillable, 
 
 
 def test_rows_the_encoder_writes_otherwise_go_through_the_encoder() -> None:
+    """Rows whose samples come out other than prefix + value (here, a name outside the family's) are
+    written by the encoder, as it writes them."""
     from prometheus_client.metrics_core import CounterMetricFamily
 
-    from exporter.render import LineEncoder, Rows, _Families
-
-    def make() -> Any:
-        family = CounterMetricFamily("skillable_stamped", "Stamped.", labels=["k"])
-        family.add_metric(["a"], 1, timestamp=1_700_000_000)
-        family.add_metric(["b"], 2, timestamp=1_700_000_000)
-        return family
-
-    empty = CounterMetricFamily("skillable_stamped", "Stamped.", labels=["k"])
+    empty = CounterMetricFamily("skillable_odd", "Odd.", labels=["k"])
+    rows = Rows(empty, ["a", "b"], [1, 2], lambda key: ("skillable_other_total", {"k": str(key)}))
     for accept in ENCODINGS:
         encoder, _ = choose_encoder(accept)
-        assert LineEncoder(encoder)([Rows(empty, ["a", "b"], [1, 2], make)]) == encoder(_Families([make()]))
+        assert LineEncoder(encoder)([rows]) == encoder(_Families([rows.metric()]))
+
+
+def summary_rows(profiles: list[str], step: int) -> Rows:
+    """A summary without quantiles (_count and _sum per label value) as Rows, as the profile families come."""
+    header = SummaryMetricFamily("skillable_odd_seconds", 'A "summary".', labels=["lab_profile_id"], unit="seconds")
+    keys = [(p, suffix) for p in profiles for suffix in ("_count", "_sum")]
+    values = [v for i, _ in enumerate(profiles) for v in (i + step, (i + step) * 1.5)]
+    return Rows(header, keys, values, lambda key: ("skillable_odd_seconds" + key[1], {"lab_profile_id": key[0]}))
+
+
+@pytest.mark.parametrize("accept", ENCODINGS)
+def test_summaries_as_rows_equal_the_encoder_and_learn_only_new_rows(accept: str) -> None:
+    encoder = CountingEncoder(accept)
+    fast = LineEncoder(encoder)
+    profiles = ["1", 'x"y', "é"]
+    for step in range(4):
+        if step == 2:
+            profiles.insert(1, "new")  # a profile appears mid-stream, not at the end
+        rows = summary_rows(profiles, step)
+        before = encoder.samples
+        assert fast([rows]) == encoder.encoder(_Families([rows.metric()]))
+        assert encoder.samples - before == {0: 6, 1: 0, 2: 2, 3: 0}[step]  # only the unseen rows are learnt
+
+
+@pytest.mark.parametrize("accept", ["", OPENMETRICS, "text/plain;version=1.0.0;escaping=allow-utf-8"])
+def test_new_hosts_mid_stream_are_learnt_alone_and_render_exactly(fake: FakeSkillable, accept: str) -> None:
+    """Every render equals prometheus_client's; a new lab host costs its own 26 series at the encoder
+    (13 place series, 11 + 2 status-less ones), not the whole family again."""
+    poller = make_poller(fake)
+    collector = SkillableCollector([("", poller)], Names(), 60)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    encoder = CountingEncoder(accept)
+    fake.add(*[lab(i, NOW - 600, NOW - 60, host=100 + i) for i in range(20)])
+    asked = []
+    for step in range(4):
+        poller.refresh(5)
+        before = encoder.samples
+        assert collector.exposition(encoder.encoding()) == encoder.encoder(registry)
+        asked.append(encoder.samples - before)
+        fake.advance(60)
+        # one more host in step 1 (between the others), none in step 2, two in step 3
+        new_hosts = {0: [1055], 1: [], 2: [90, 999]}.get(step, [])
+        fake.add(*[lab(1000 + step * 10 + i, NOW + step * 60, NOW + step * 60 + 30, host=host)
+                   for i, host in enumerate(new_hosts)])
+        fake.add(lab(2000 + step, NOW + step * 60, NOW + step * 60 + 20, host=101))  # a known host's change
+    assert asked[0] > 20 * 26
+    assert asked[1:] == [26, 0, 2 * 26]
+
+
+@pytest.mark.parametrize("accept", ENCODINGS)
+def test_exposition_of_a_state_with_new_hosts_equals_the_encoder_at_scale(accept: str) -> None:
+    """The same at 120 hosts over two datacenters, with the state driven directly."""
+    from exporter.poller import Health, PollView
+
+    state = FleetState(10_000)
+    state.apply([result(i, NOW - 100, NOW - 50, host=i, datacenter=i % 2) for i in range(120)], NOW - 3600)
+
+    class Stub:
+        window_minutes = 60
+
+        def view(self) -> PollView:
+            return PollView(state.snapshot(), Health(up=True))
+
+    collector = SkillableCollector([("", Stub())], Names(), 60)  # type: ignore[list-item]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    encoder = CountingEncoder(accept)
+    assert collector.exposition(encoder.encoding()) == encoder.encoder(registry)
+    state.apply([result(5000, NOW - 10, None, host=150_000, datacenter=7)], NOW - 3600)  # new host and region
+    before = encoder.samples
+    assert collector.exposition(encoder.encoding()) == encoder.encoder(registry)
+    assert encoder.samples - before == 26 + 40  # the host's series and its region's histograms
+    state.apply([result(5000, NOW - 10, NOW - 5, host=150_000, datacenter=7)], NOW - 3600)
+    before = encoder.samples
+    assert collector.exposition(encoder.encoding()) == encoder.encoder(registry)
+    assert encoder.samples == before
+
+
+# -- choosing the encoding ---------------------------------------------------------
+
+ACCEPT_PART = st.one_of(
+    st.sampled_from(["application/openmetrics-text", "text/plain", "*/*", "application/json", ""]),
+    st.text(max_size=12),
+)
+PARAM = st.one_of(
+    st.builds(lambda v: f"version={v}", st.one_of(
+        st.sampled_from(["1.0.0", "0.0.1", "0.0.4", "2.0.0", "1.19.0", "abc", "1..0", "1.0.a", "", "01.0.0", "9"]),
+        st.text(max_size=8))),
+    st.builds(lambda e: f"escaping={e}", st.sampled_from(["allow-utf-8", "underscores", "dots", "values", "x"])),
+    st.sampled_from(["q=0.5", "charset=utf-8", ""]),
+)
+ACCEPT = st.lists(st.builds(lambda m, ps: ";".join([m, *ps]), ACCEPT_PART, st.lists(PARAM, max_size=3)),
+                  max_size=4).map(",".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ACCEPT)
+def test_choose_encoding_answers_every_accept_header_from_a_closed_set(accept: str) -> None:
+    """Never raises; one of at most 14 encodings, whatever the header; and where prometheus_client's
+    choose_encoder answers, the same bytes (the version named may be the one written, see render.py)."""
+    encoding = choose_encoding(accept)
+    assert encoding.content_type in KNOWN_ENCODINGS
+    families = odd_families(1)
+    try:
+        encoder, content_type = choose_encoder(accept)
+    except TypeError:
+        assert encoding.content_type == "text/plain; version=0.0.4; charset=utf-8"
+        return
+    assert encoding.encoder(_Families(families)) == encoder(_Families(families))
+    if not content_type.startswith("application/openmetrics-text; version="):
+        assert encoding.content_type == content_type
+
+
+KNOWN_ENCODINGS = {
+    "text/plain; version=0.0.4; charset=utf-8",
+    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    *(f"text/plain; version=1.0.0; charset=utf-8; escaping={e}" for e in ("allow-utf-8", "underscores", "dots", "values")),
+    *(f"application/openmetrics-text; version={v}; charset=utf-8; escaping={e}"
+      for v in ("1.0.0", "2.0.0") for e in ("allow-utf-8", "underscores", "dots", "values")),
+}
+
+
+def test_a_version_that_is_no_number_gets_the_default_format() -> None:
+    for accept in ("text/plain; version=abc", "application/openmetrics-text; version=1.x.0", "text/plain;version=1..0"):
+        assert choose_encoding(accept).content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert choose_encoding("application/openmetrics-text;version=1.19.0").content_type == \
+        "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
