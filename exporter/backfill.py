@@ -45,12 +45,14 @@ import msgspec
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
+from .app import ExporterApp
 from .client import TOO_LARGE, ApiError, SkillableClient
-from .collector import PLACE, SkillableCollector
+from .collector import PLACE
 from .config import Account, Config, ConfigError, load_config
 from .model import LabResult, decode_latest_results
 from .persistence import StateFileError, StateStore, encode_account, read_state_file, restore_account
-from .poller import UNAUTHORIZED, Poller, failure_reason
+from .poller import UNAUTHORIZED, failure_reason
+from .render import Rows
 
 DAY = 86400
 API_MAX_SECONDS = 7 * DAY  # /Results refuses a longer range ("Timeframe cannot exceed 7 days")
@@ -309,24 +311,25 @@ def family_header(family: Metric) -> str:
 
 
 class SampleLines:
-    """Samples of metric families as OpenMetrics line prefixes (name and labels, the --label labels first)
-    and values; a prefix is kept per series, so a step costs a dict lookup per sample."""
+    """The collector's lab families (Rows: keys, values, and how a key's sample is named) as OpenMetrics
+    line prefixes (name and labels, the --label labels first) with values. A prefix is made once per
+    series, so a step costs a dict lookup per sample."""
 
     def __init__(self, labels: Sequence[tuple[str, str]]) -> None:
         self._extra = "".join(f'{name}="{_escape(value)}",' for name, value in labels)
-        self._prefixes: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._prefixes: dict[str, dict[object, str]] = {}  # family name -> row key -> prefix
 
-    def samples(self, families: Iterable[Metric]) -> list[tuple[str, float]]:
+    def samples(self, parts: Iterable[Rows]) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
-        prefixes = self._prefixes
-        for family in families:
-            for s in family.samples:
-                key = (s.name, tuple(s.labels.items()))
+        for part in parts:
+            prefixes = self._prefixes.setdefault(part.family.name, {})
+            for key, value in zip(part.keys, part.values):
                 prefix = prefixes.get(key)
                 if prefix is None:
-                    inner = self._extra + ",".join(f'{k}="{_escape(v)}"' for k, v in key[1])
-                    prefix = prefixes[key] = f"{s.name}{{{inner.rstrip(',')}}} " if inner else f"{s.name} "
-                out.append((prefix, s.value))
+                    name, labels = part.sample(key)
+                    inner = self._extra + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                    prefix = prefixes[key] = f"{name}{{{inner.rstrip(',')}}} " if inner else f"{name} "
+                out.append((prefix, value))
         return out
 
 
@@ -337,12 +340,12 @@ def value_text(value: float) -> str:
 class DayFile:
     """One day's OpenMetrics file, written under a .tmp name and renamed once complete."""
 
-    def __init__(self, folder: Path, start: int, families: Iterable[Metric]) -> None:
+    def __init__(self, folder: Path, start: int, families: Iterable[Rows]) -> None:
         self.start = start
         self.path = folder / f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%dT%H%M%SZ}.om"
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._handle: TextIO = open(self._tmp, "w", encoding="utf-8", buffering=1 << 20)
-        self._handle.write("".join(family_header(f) for f in families))
+        self._handle.write("".join(family_header(f.family) for f in families))
         self.samples = 0
         self.steps = 0
         self.series: set[str] = set()
@@ -410,17 +413,16 @@ class RunSettings:
 
 
 class Run:
-    """The replay of one backfill: accounts (a Poller each, holding the state and its health, as the live
-    exporter does), the collector that builds their families, and the files and checkpoints in --output."""
+    """The replay of one backfill: the live exporter's own wiring (ExporterApp: a Poller per account, holding
+    its FleetState and health, and the collector), driven by the replay instead of scrapes, and the files
+    and checkpoints in --output."""
 
-    def __init__(self, config: Config, opts: Options, clients: dict[str, SkillableClient]) -> None:
+    def __init__(self, config: Config, opts: Options) -> None:
         self.config = config
         self.opts = opts
-        self.pollers = {
-            a.name: Poller(clients[a.name], a.window_minutes, config.overlap_minutes, 0.0, config.max_lab_hosts)
-            for a in config.accounts
-        }
-        self.collector = SkillableCollector(list(self.pollers.items()), config.names, config.window_minutes)
+        self.app = ExporterApp(config)
+        self.pollers = self.app.pollers
+        self.collector = self.app.collector
         self.lines = SampleLines(opts.labels)
         self.om_dir = opts.output / "openmetrics"
         self.blocks_dir = opts.output / "blocks"
@@ -493,10 +495,10 @@ class Run:
         try:
             for t in range(resume, opts.end + 1, step):
                 for name, poller in self.pollers.items():
-                    state = poller.state
+                    state = poller.state  # as Poller._poll does at time t
                     state.apply(feeds[name].take(t), t - step, seen_at=t)
-                    state.evict(t - poller.window_minutes * 60)
-                families = list(self.collector.lab_metrics())
+                    state.evict(t - poller.window_minutes * 60, t - poller.max_running_minutes * 60)
+                families = self.collector.lab_parts()
                 lines = self.lines.samples(families)
                 if previous is not None:
                     born = [line for line in lines if line[0] not in previous]
@@ -590,9 +592,8 @@ def main(argv: Sequence[str]) -> int:
     if not any(name in ("job", "instance") for name, _ in opts.labels):
         print("skillable-exporter backfill: warning: no --label job=... instance=...: the history will not join "
               "the live series, which Prometheus labels with the target's job and instance", file=sys.stderr)
-    clients = {a.name: SkillableClient(a.api_url, a.api_key, config.max_response_bytes) for a in config.accounts}
+    run = Run(config, opts)
     try:
-        run = Run(config, opts, clients)
         try:
             resume = run.prepare()
         except ConfigError as exc:
@@ -609,8 +610,7 @@ def main(argv: Sequence[str]) -> int:
     except BackfillError as exc:
         return fail(f"stopped: {exc}. Complete days are in {opts.output}; run the same command again to resume.")
     finally:
-        for client in clients.values():
-            client.close()
+        run.app.close()
         if simulator is not None:
             simulator.shutdown()
             simulator.server_close()

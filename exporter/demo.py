@@ -143,9 +143,12 @@ class Traffic:
         until = min(until, now)
         first = math.floor((since - MAX_LAB_SECONDS) / 60)
         last = math.floor(until / 60)
+        # Minutes beyond LatestResults' reach (a backfill's) are made afresh, not cached: a 30-day
+        # backfill of the in-process demo would otherwise keep every lab of the month.
+        reach = (now - 10080 * 60 - MAX_LAB_SECONDS) / 60
         out: list[tuple[Lab, bool]] = []
         for minute in range(first, last + 1):
-            for lab in self.labs_starting_in(minute):
+            for lab in self.labs_starting_in(minute) if minute >= reach else self._generate(minute):
                 if lab.start > now:
                     continue
                 ended = lab.end <= now

@@ -204,9 +204,10 @@ class FakeSkillable(ThreadingHTTPServer):
         ]
 
     def changed_between(self, start: int, end: int) -> list[dict[str, Any]]:
-        """/Results' truth: records that started or ended in [start, end] (epoch seconds, both included)."""
+        """/Results' truth: records that started or ended in [start, end] (epoch seconds, both included),
+        as they look at the fake's current time (see run())."""
         return [
-            r for r in self.state.records
+            r for r in self.records_now()
             if any(isinstance(r.get(k), (int, float)) and start <= r[k] <= end for k in ("Start", "End"))
         ]
 

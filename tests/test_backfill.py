@@ -30,10 +30,14 @@ STATUS = {1: "cancelled", 2: "no_show", 3: "incomplete", 4: "complete", 10: "sto
           20: "lab_creation_failed", 30: "resume_failed", 40: "save_failed", 50: "submitted_for_grading",
           60: "grading_in_progress"}
 PLACES = ((101, 1, 1), (102, 1, 1), (201, 2, 3))  # (host, datacenter, delivery region)
+PROFILES = (7001, 7002, 7003)
 COUNTERS = ("skillable_lab_instances_started_total", "skillable_lab_instances_ended_total",
             "skillable_exams_total", "skillable_exams_passed_total", "skillable_lab_run_time_seconds_count",
             "skillable_lab_run_time_seconds_sum", "skillable_lab_run_time_seconds_bucket",
-            "skillable_lab_task_completion_ratio_count", "skillable_exam_score_ratio_count")
+            "skillable_lab_task_completion_ratio_count", "skillable_exam_score_ratio_count",
+            "skillable_lab_profile_instances_started_total", "skillable_lab_profile_instances_ended_total",
+            "skillable_lab_profile_exams_total", "skillable_lab_profile_run_time_seconds_count",
+            "skillable_lab_profile_run_time_seconds_sum", "skillable_lab_profile_exam_score_ratio_count")
 
 
 def backfill(fake: FakeSkillable, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -60,6 +64,7 @@ def traffic(fake: FakeSkillable, start: int, end: int, seed: int = 13, per_hour:
             exam = status == 4 and rng.random() < 0.3
             score = rng.randrange(101) if exam else None
             records.append(lab(ident, begin, finish, status=status, host=host, datacenter=dc, region=region,
+                               LabProfileId=rng.choice(PROFILES),
                                IsExam=exam, ExamScore=score, ExamMaxPossibleScore=100 if exam else None,
                                ExamPassed=(score >= 70) if exam else None))
     fake.add(*records)
@@ -70,11 +75,13 @@ def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def ended_by_status(records: list[dict[str, Any]], start: float, end: float) -> dict[str, float]:
-    out: dict[str, float] = {}
+def ended_by_status(records: list[dict[str, Any]], start: float, end: float,
+                    by_profile: bool = False) -> dict[tuple[str, ...], float]:
+    out: dict[tuple[str, ...], float] = {}
     for r in records:
         if start <= r["End"] < end:
-            out[STATUS[r["CompletionStatus"]]] = out.get(STATUS[r["CompletionStatus"]], 0) + 1
+            key = (str(r["LabProfileId"]),) * by_profile + (STATUS[r["CompletionStatus"]],)
+            out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -183,9 +190,9 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
-    def by(self, expr: str, at: float, label: str) -> dict[str, float]:
-        return {r["metric"].get(label, ""): float(r["value"][1]) for r in self.query(expr, at)
-                if float(r["value"][1]) != 0}
+    def by(self, expr: str, at: float, *labels: str) -> dict[tuple[str, ...], float]:
+        return {tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
+                for r in self.query(expr, at) if float(r["value"][1]) != 0}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -222,11 +229,17 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
     try:
         # Each backfilled day, as a dashboard would ask for it.
         for day in range(start, start + 3 * DAY, DAY):
+            when = time.strftime("%F", time.gmtime(day))
             got = prom.by('sum by (completion_status) (increase(skillable_lab_instances_ended_total{job="skillable"}[1d]))',
                           day + DAY, "completion_status")
-            assert got == ended_by_status(records, day, day + DAY), time.strftime("%F", time.gmtime(day))
-            started = prom.by('sum(increase(skillable_lab_instances_started_total{job="skillable"}[1d]))', day + DAY, "")
-            assert started == {"": float(sum(day <= r["Start"] < day + DAY for r in records))}
+            assert got == ended_by_status(records, day, day + DAY), when
+            got = prom.by('sum by (lab_profile_id, completion_status) '
+                          '(increase(skillable_lab_profile_instances_ended_total{job="skillable"}[1d]))',
+                          day + DAY, "lab_profile_id", "completion_status")
+            assert got == ended_by_status(records, day, day + DAY, by_profile=True), when
+            truth = float(sum(day <= r["Start"] < day + DAY for r in records))
+            for name in ("skillable_lab_instances_started_total", "skillable_lab_profile_instances_started_total"):
+                assert prom.by(f'sum(increase({name}{{job="skillable"}}[1d]))', day + DAY) == {(): truth}, name
 
         # The live exporter, restored from the state file, scraped under the same job and instance.
         environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
@@ -239,8 +252,8 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         eventually(lambda: prom.query('skillable_up{job="skillable"} == 1', time.time()), 30, "the first live scrape")
         # More labs while the exporter runs, on the places the history has.
         later = int(time.time())
-        fresh = [lab(10**9 + i, later - 5 + i, later - 4 + i, status=4 if i % 2 else 20, host=h, datacenter=d, region=g)
-                 for i, (h, d, g) in enumerate(PLACES * 2)]
+        fresh = [lab(10**9 + i, later - 5 + i, later - 4 + i, status=4 if i % 2 else 20, host=h, datacenter=d,
+                     region=g, LabProfileId=PROFILES[i % 3]) for i, (h, d, g) in enumerate(PLACES * 2)]
         fake.add(*fresh)
         records += fresh
         seam_start = to - 3600
@@ -265,6 +278,8 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         assert before and before == after
         starts = prom.query(f'sum(increase(skillable_lab_instances_started_total{{job="skillable"}}[{window}]))', at)
         assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
+        ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
     finally:
         if exporter is not None:
             exporter.terminate()
