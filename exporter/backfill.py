@@ -589,6 +589,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"skillable-exporter backfill: warning: history before {rfc3339(int(now - opts.retention))} is older "
               f"than the retention ({args.bf_retention}): Prometheus deletes it as soon as it loads it, unless its "
               "--storage.tsdb.retention.time is longer (set --prometheus.retention to match)", file=sys.stderr)
+    if opts.end > now - SAFETY_MARGIN_SECONDS:
+        print("skillable-exporter backfill: warning: --to is within the last 3 hours (Prometheus' head block): "
+              "safe only if Prometheus has no samples of these series after --to", file=sys.stderr)
     if not any(name in ("job", "instance") for name, _ in opts.labels):
         print("skillable-exporter backfill: warning: no --label job=... instance=...: the history will not join "
               "the live series, which Prometheus labels with the target's job and instance", file=sys.stderr)

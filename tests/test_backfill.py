@@ -164,6 +164,40 @@ def test_an_api_failure_mid_way_keeps_only_complete_days_and_a_rerun_resumes(
     assert len(fresh) == 3 and resumed == fresh  # the resumed run wrote exactly what a clean run writes
 
 
+def test_a_day_too_large_for_the_response_limit_is_read_in_smaller_windows(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = int(fake.clock()) // DAY * DAY
+    records = traffic(fake, end - DAY, end)
+    done = backfill(fake, f"--from={iso(end - DAY)}", f"--to={iso(end)}", f"--output={tmp_path}", "--step=5m",
+                    "--label=job=skillable", "--label=instance=x:1", env={"SKILLABLE_MAX_RESPONSE_BYTES": "8192"})
+    assert done.returncode == 0, done.stderr
+    spans = [dict(p.split("=") for p in s.query.split("&")) for s in fake.results_requests()]
+    assert len(spans) > 2 and min(int(q["end"]) - int(q["start"]) for q in spans) < DAY / 4
+    text = next((tmp_path / "openmetrics").glob("*.om")).read_text()
+    last = {}
+    for line in text.splitlines():
+        if line.startswith("skillable_lab_instances_ended_total{"):
+            series, value, _ = line.rsplit(" ", 2)
+            last[series] = float(value)
+    # Every end of the day but those of its last step (which the next day's first sample shows).
+    assert sum(last.values()) == sum(1 for r in records if end - DAY <= r["End"] < end - 300)
+
+
+def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
+    end = int(time.time()) // 3600 * 3600 - 3600
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(end - 3600)}",
+                           f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
+                           "--label=instance=x:1", "--step=5m"],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [om] = (tmp_path / "openmetrics").glob("*.om")
+    text = om.read_text()
+    assert text.endswith("# EOF\n") and 'skillable_lab_profile_instances_started_total{job="skillable"' in text
+
+
 # -- the real thing: blocks in Prometheus 2.42, then the live exporter across the seam ------------
 
 
