@@ -50,7 +50,14 @@ from .client import TOO_LARGE, ApiError, SkillableClient
 from .collector import PLACE
 from .config import Account, Config, ConfigError, load_config
 from .model import LabResult, decode_latest_results
-from .persistence import StateFileError, StateStore, encode_account, read_state_file, restore_account
+from .persistence import (
+    StateFileError,
+    StateStore,
+    check_state_path,
+    encode_account,
+    read_state_file,
+    restore_account,
+)
 from .poller import UNAUTHORIZED, failure_reason
 from .render import Rows
 
@@ -333,8 +340,21 @@ class SampleLines:
         return out
 
 
+_TEXTS: dict[float, str] = {}  # float -> its text, as the exposition writes it; sums repeat step after step
+MAX_TEXTS = 100_000
+
+
 def value_text(value: float) -> str:
-    return str(value) if isinstance(value, int) else floatToGoString(value)
+    if type(value) is int:  # counts (2 and 2.0 are one dict key, so ints stay out of the table)
+        return str(value)
+    text = _TEXTS.get(value)
+    if text is None or value == 0:  # 0.0 and -0.0 are one key too
+        text = floatToGoString(value)
+        if value == value and value != 0:  # NaN is never found again
+            if len(_TEXTS) >= MAX_TEXTS:
+                _TEXTS.clear()
+            _TEXTS[value] = text
+    return text
 
 
 class DayFile:
@@ -348,7 +368,7 @@ class DayFile:
         self._handle.write("".join(family_header(f.family) for f in families))
         self.samples = 0
         self.steps = 0
-        self.series: set[str] = set()
+        self.series = 0  # the most series of a step
 
     def write(self, lines: list[tuple[str, float]], at: int, values: bool = True) -> None:
         stamp = f" {at}\n"
@@ -357,7 +377,7 @@ class DayFile:
         self.samples += len(lines)
         if values:
             self.steps += 1
-            self.series.update(p for p, _ in lines)
+            self.series = max(self.series, len(lines))
 
     def finish(self) -> Path:
         self._handle.write("# EOF\n")
@@ -490,7 +510,7 @@ class Run:
             for name, poller in self.pollers.items()
         }
         files: dict[int, DayFile] = {}
-        previous: set[str] | None = None  # series of the step before: None at the start (nothing to zero)
+        previous: list[str] | None = None  # series of the step before: None at the start (nothing to zero)
         began = time.monotonic()
         try:
             for t in range(resume, opts.end + 1, step):
@@ -500,11 +520,13 @@ class Run:
                     state.evict(t - poller.window_minutes * 60, t - poller.max_running_minutes * 60)
                 families = self.collector.lab_parts()
                 lines = self.lines.samples(families)
-                if previous is not None:
-                    born = [line for line in lines if line[0] not in previous]
+                series = [prefix for prefix, _ in lines]
+                if previous is not None and series != previous:  # the same prefix objects: a fast compare
+                    seen = set(previous)
+                    born = [line for line in lines if line[0] not in seen]
                     if born:
                         files[_day(t - step)].write(born, t - step, values=False)
-                previous = {prefix for prefix, _ in lines}
+                previous = series
                 for day in [d for d in files if d != _day(t) or t == opts.end]:
                     self._complete(files.pop(day), t, feeds, out, began)
                     began = time.monotonic()
@@ -525,7 +547,7 @@ class Run:
         self.save_state(self.checkpoint, as_of)
         results = sum(f.results for f in feeds.values())
         made = f", {len(blocks)} blocks" if blocks is not None else ""
-        print(f"{rfc3339(file.start)[:10]}: {file.steps} steps, {len(file.series)} series, {file.samples} samples"
+        print(f"{rfc3339(file.start)[:10]}: {file.steps} steps, {file.series} series, {file.samples} samples"
               f"{made}, {results} results read so far ({time.monotonic() - began:.1f}s) -> {path}",
               file=out, flush=True)
 
@@ -569,8 +591,8 @@ def main(argv: Sequence[str]) -> int:
         if state_file and os.path.exists(state_file):
             raise ConfigError("storage.state-file", f"{state_file} exists: it may be a live exporter's; "
                                                     "backfill writes a new one only")
-        if state_file and not os.path.isdir(os.path.dirname(os.path.abspath(state_file))):
-            raise ConfigError("storage.state-file", f"folder of {state_file} does not exist")
+        if state_file:
+            check_state_path(state_file)
     except ConfigError as exc:
         print(f"skillable-exporter backfill: {exc}", file=sys.stderr)
         return EXIT_CONFIG
