@@ -162,6 +162,8 @@ def test_an_api_failure_mid_way_keeps_only_complete_days_and_a_rerun_resumes(
     resumed = {p.name: p.read_bytes() for p in (out / "openmetrics").iterdir()}
     fresh = {p.name: p.read_bytes() for p in (tmp_path / "clean" / "openmetrics").iterdir()}
     assert len(fresh) == 3 and resumed == fresh  # the resumed run wrote exactly what a clean run writes
+    other = backfill(fake, *args[:-1], "--step=1m", f"--output={out}")
+    assert other.returncode == 2 and "other settings" in other.stderr
 
 
 def test_a_day_too_large_for_the_response_limit_is_read_in_smaller_windows(
