@@ -341,7 +341,7 @@ class SampleLines:
 
 
 _TEXTS: dict[float, str] = {}  # float -> its text, as the exposition writes it; sums repeat step after step
-MAX_TEXTS = 100_000
+MAX_TEXTS = 10_000  # as render.py keeps
 
 
 def value_text(value: float) -> str:
