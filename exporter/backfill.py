@@ -203,7 +203,9 @@ def parse_options(args: argparse.Namespace, now: float) -> Options:
     promtool = args.bf_promtool or shutil.which("promtool")
     if args.bf_promtool and not shutil.which(args.bf_promtool):
         raise ConfigError("promtool", f"{args.bf_promtool} is not an executable")
-    parse_duration("max-block-duration", args.bf_block)
+    block = parse_duration("max-block-duration", args.bf_block)
+    if block < 7200:
+        raise ConfigError("max-block-duration", f"{args.bf_block!r} is below promtool's smallest block, 2h")
     try:
         timeout, retries = float(args.bf_timeout), int(args.bf_retries)
     except ValueError:
@@ -214,7 +216,7 @@ def parse_options(args: argparse.Namespace, now: float) -> Options:
     if any((output / marker).exists() for marker in ("wal", "chunks_head", "lock")):
         raise ConfigError("output", f"{output} looks like a Prometheus data folder; backfill never writes "
                                     "into one (give an empty folder, then move the blocks)")
-    return Options(start, end, step, output, labels, promtool, args.bf_block,
+    return Options(start, end, step, output, labels, promtool, f"{block}s",
                    parse_duration("prometheus.retention", args.bf_retention), timeout, retries)
 
 

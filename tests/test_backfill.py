@@ -187,6 +187,29 @@ def test_a_day_too_large_for_the_response_limit_is_read_in_smaller_windows(
     assert sum(last.values()) == sum(1 for r in records if end - DAY <= r["End"] < end - 300)
 
 
+def test_several_accounts_are_backfilled_side_by_side_with_their_account_label(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = int(fake.clock()) // 3600 * 3600
+    records = traffic(fake, end - 7200, end, per_hour=20)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"accounts": [{"name": "east", "api_key_env": "KEY_EAST", "api_url": fake.url},
+                                                   {"name": "west", "api_key_env": "KEY_WEST", "api_url": fake.url}]}))
+    key = fake.state.api_key
+    done = backfill(fake, f"--config.file={config}", f"--from={iso(end - 7200)}", f"--to={iso(end)}", "--step=5m",
+                    f"--output={tmp_path / 'out'}", "--label=job=skillable", env={"KEY_EAST": key, "KEY_WEST": key})
+    assert done.returncode == 0, done.stderr
+    text = next((tmp_path / "out" / "openmetrics").glob("*.om")).read_text()
+    for account in ("east", "west"):
+        last: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(f'skillable_lab_instances_started_total{{job="skillable",account="{account}"'):
+                series, value, _ = line.rsplit(" ", 2)
+                last[series] = float(value)
+        assert sum(last.values()) == sum(1 for r in records if end - 7200 <= r["Start"] < end - 300), account
+
+
 def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
     end = int(time.time()) // 3600 * 3600 - 3600
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
