@@ -310,7 +310,10 @@ class _SimulatorHandler(BaseHTTPRequestHandler):
             regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
             self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
         elif endpoint == "stats":
-            running = sum(1 for _, ended in self.server.traffic.changed_within(now, 480) if not ended)
+            # Every lab started and not ended (the longest runs MAX_LAB_SECONDS), as the exporter's
+            # sum(skillable_lab_instances_running) counts them from its first poll.
+            minutes = MAX_LAB_SECONDS // 60 + 1
+            running = sum(1 for _, ended in self.server.traffic.changed_within(now, minutes) if not ended)
             self._json({"NumActive": running, "NumSaved": running // 7, "Status": 1, "Error": None}, endpoint)
         else:
             self.send_error(404)

@@ -44,7 +44,9 @@ def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None: 
 
 
 def test_against_the_fake_the_key_never_leaks(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
-    fake.add(lab(1, NOW - 600, NOW - 60, status=20), lab(2, NOW - 300))
+    fake.state.live_offset = 0.0  # the exporter process runs on the real clock: so does the fake
+    now = int(fake.clock())
+    fake.add(lab(1, now - 600, now - 60, status=20), lab(2, now - 300))
     key = fake.state.api_key
     exporter = run_exporter("--log.level=debug", env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": key})
     metrics = exporter.get("/metrics").text

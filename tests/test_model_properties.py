@@ -110,13 +110,15 @@ def check_state_and_exposition(results: list[LabResult]) -> None:
     """Whatever decoded must fold into the state and render, with sane numbers."""
     state = FleetState(max_lab_hosts=50)
     now = 1_800_000_000
-    state.apply(results, now - 3600)
-    state.apply(results, now - 3500)  # the same batch again: an overlapping poll
-    state.evict(now - 3600)
+    state.apply(results, now - 3600, seen_at=now)
+    state.apply(results, now - 3500, seen_at=now)  # the same batch again: an overlapping poll
+    state.evict(now - 3600, now - 86400)
     snap = state.snapshot()
     assert all(v >= 0 for v in snap.instances.values())
     assert all(v >= 0 for v in snap.running.values())
-    assert sum(snap.instances.values()) == snap.tracked == len(state.instances)
+    # Every instance held is in exactly one gauge: ended ones by status, running ones in _running.
+    assert sum(snap.instances.values()) + sum(snap.running.values()) == snap.tracked == len(state.instances)
+    assert sum(snap.profile_running.values()) == sum(snap.running.values())
     assert sum(snap.started.values()) <= len({r.lab_instance_id for r in results})
     for table in (snap.run_time, snap.task_completion, snap.exam_score):
         for hist in table.values():

@@ -199,3 +199,26 @@ def test_host_limit_sends_extra_hosts_to_other(fake: FakeSkillable) -> None:
     assert hosts == {"200", "201", "202", "other"}
     assert snap.host_overflow_total == 2
     assert sum(snap.started.values()) == 5
+
+
+def test_per_profile_counts_follow_the_fake_across_overlapping_polls_and_the_cap(fake: FakeSkillable) -> None:
+    for i in range(30):
+        fake.add(lab(i, NOW - 1800 + i * 30, NOW - 1200 + i * 30, status=20 if i % 3 == 0 else 4,
+                     LabProfileId=100 + i % 4, IsExam=i % 2 == 0, ExamScore=80 if i % 2 == 0 else None,
+                     ExamMaxPossibleScore=100, ExamPassed=True if i % 2 == 0 else None))
+    poller = make_poller(fake, max_lab_profiles=3)
+    for _ in range(4):  # overlapping polls return the same records again
+        poller.refresh(5)
+        fake.advance(30)
+    snap = poller.view().snapshot
+    truth: dict[tuple[str, str], int] = {}
+    for r in fake.records_now():
+        profile = str(r["LabProfileId"]) if r["LabProfileId"] < 103 else "other"  # the first three seen
+        status = "lab_creation_failed" if r["CompletionStatus"] == 20 else "complete"
+        truth[(profile, status)] = truth.get((profile, status), 0) + 1
+    assert snap.profiles == ["100", "101", "102", "other"]
+    assert {k: v for k, v in snap.profile_ended.items() if v} == truth
+    assert snap.profile_started == {p: sum(v for (q, _), v in truth.items() if q == p) for p in snap.profiles}
+    assert snap.profile_overflow_total == 7  # the instances of profile 103
+    assert sum(snap.profile_exams.values()) == 15 == sum(snap.profile_exams_passed.values())
+    assert snap.profile_exam_score["100"].count == snap.profile_exams["100"]

@@ -16,7 +16,7 @@ from exporter.poller import Poller
 
 from .conftest import make_poller
 from .fakeapi import FakeSkillable, lab
-from .harness import Harness, Samples, harness, total  # noqa: F401 - harness is a fixture
+from .harness import Harness, Samples, harness, parse, total  # noqa: F401 - harness is a fixture
 
 NOW = 1_800_000_000
 HOUR = 3600
@@ -161,3 +161,14 @@ def test_an_end_in_the_year_3000_never_keeps_an_instance_in_memory(fake: FakeSki
     fake.advance(2 * 3600)
     poller.refresh(5)
     assert poller.view().snapshot.tracked == 0
+
+
+def test_the_demo_running_labs_match_its_stats_active_labs(run_exporter) -> None:  # type: ignore[no-untyped-def]
+    """Issue 9: with --demo, sum(skillable_lab_instances_running) was 450 while /stats said 595."""
+    exporter = run_exporter("--demo")
+    for _ in range(3):  # the first scrape and the polls after it
+        samples = parse(exporter.get("/metrics").text)
+        running = total(samples, "skillable_lab_instances_running")
+        active = total(samples, "skillable_account_active_labs")
+        assert running > 100
+        assert abs(running - active) <= max(3, 0.01 * active), (running, active)
