@@ -30,7 +30,6 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import Names
-from .model import ALL_STATUSES
 from .poller import PollView, Poller
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
 from .state import PROFILE_ZERO_STATUSES, Histogram, Snapshot, Summary
@@ -98,7 +97,8 @@ class SkillableCollector(Collector):
         exactly while every input of parts() is unchanged. One render at a time:
         concurrent scrapes after a poll wait for the first one and reuse its body.
         Bodies are kept by the encoding chosen, one each: Accept headers cannot add
-        entries (issue 10, item 7). A LineEncoder writes them (see render.py).
+        entries (issue 10, item 7), and encodings that write the same bytes share one
+        body and its gzip. A LineEncoder writes them (see render.py).
         """
         with self._lock:
             views = self._views()
@@ -110,6 +110,12 @@ class SkillableCollector(Collector):
             if line_encoder is None:
                 line_encoder = self._line_encoders[encoding] = LineEncoder(encoding.encoder)
             body = line_encoder(self.parts(views))
+            for other in self._rendered.values():
+                # Encodings can write the same bytes (OpenMetrics 1.0.0 and 2.0.0; allow-utf-8 and underscores
+                # escaping, for legacy names): keep one copy.
+                if other.body == body and _same_inputs(other.inputs, inputs):
+                    body = other.body
+                    break
             self._rendered[encoding] = _Rendered(inputs, body)
             return body
 

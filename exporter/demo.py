@@ -1,7 +1,8 @@
 """A simulated Skillable Lab API on loopback, fed by a deterministic generator of lab traffic.
 
 `skillable-exporter --demo` starts it so a new user sees real metrics with no
-account; the benchmark runs it in a process of its own (`python -m exporter.demo`).
+account; `python -m exporter.demo` serves it alone. The benchmark's simulator
+(bench/simulator.py) is this one with a movable clock and hooks of its own.
 It speaks real HTTP, so the exporter's whole client path runs against it.
 
 The traffic is a pure function of (seed, minute): every minute some labs start
@@ -91,6 +92,12 @@ class Traffic:
                 self._cache[minute] = labs
         return labs
 
+    @property
+    def minutes_held(self) -> int:
+        """How many minutes of generated labs are kept (bounded: see _forget_before)."""
+        with self._lock:
+            return len(self._cache)
+
     def _forget_before(self, minute: int) -> None:
         """Drop minutes no query can reach any more (older than 7 days plus the longest lab),
         so a demo that runs for weeks does not grow."""
@@ -175,7 +182,6 @@ def _duration(rng: random.Random, status: int) -> int:
 
 
 _encoder = msgspec.json.Encoder()
-BENCH_CACHED_BODIES = 4
 
 
 def result_json(lab: Lab, ended: bool, now: float) -> bytes:
@@ -215,22 +221,6 @@ def latest_results_body(traffic: Traffic, now: float, minutes: int) -> bytes:
     return b'{"Results":[' + b",".join(parts) + b'],"Status":1,"Error":null}'
 
 
-class BenchClock:
-    """The simulator's clock for the benchmark: real time (or a frozen instant) plus a movable offset.
-
-    Frozen, the same (now, minutes) always yields the same body, so the
-    benchmark can cache it and move time forward a minute at a time.
-    """
-
-    def __init__(self, offset: float = 0.0, frozen: bool = False) -> None:
-        self.offset = offset
-        self._frozen_at = time.time() if frozen else None
-
-    def __call__(self) -> float:
-        base = time.time() if self._frozen_at is None else self._frozen_at
-        return base + self.offset
-
-
 class SimulatorServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -238,58 +228,28 @@ class SimulatorServer(ThreadingHTTPServer):
 
     def __init__(
         self, address: tuple[str, int], traffic: Traffic, clock: Callable[[], float] = time.time,
-        bench_hooks: bool = False,
+        handler: type[BaseHTTPRequestHandler] | None = None,
     ) -> None:
         self.traffic = traffic
         self.clock = clock
-        self.requests: dict[str, int] = {}
-        self.bytes_sent = 0
-        self._count_lock = threading.Lock()
-        # Benchmark only (off by default): /_bench/* endpoints, and a cache of
-        # LatestResults bodies by (now, minutes), which hits only on a frozen clock.
-        self.bench_hooks = bench_hooks
-        self._bodies: dict[tuple[float, int], bytes] = {}
-        super().__init__(address, _SimulatorHandler)
+        super().__init__(address, handler or SimulatorHandler)
 
     def latest_results(self, now: float, minutes: int) -> bytes:
-        if not self.bench_hooks:
-            return latest_results_body(self.traffic, now, minutes)
-        key = (now, minutes)
-        with self._count_lock:
-            body = self._bodies.get(key)
-        if body is None:
-            body = latest_results_body(self.traffic, now, minutes)
-            with self._count_lock:
-                if len(self._bodies) >= BENCH_CACHED_BODIES:
-                    self._bodies.pop(next(iter(self._bodies)))
-                self._bodies[key] = body
-        return body
-
-    def counters(self) -> dict[str, Any]:
-        with self._count_lock:
-            return {"requests": dict(self.requests), "bytes_sent": self.bytes_sent, "now": self.clock()}
+        return latest_results_body(self.traffic, now, minutes)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def count(self, endpoint: str, size: int) -> None:
-        with self._count_lock:
-            self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
-            self.bytes_sent += size
 
-
-class _SimulatorHandler(BaseHTTPRequestHandler):
+class SimulatorHandler(BaseHTTPRequestHandler):
     server: SimulatorServer
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # no delayed-ACK stall between headers and body (see server.py)
 
     def do_GET(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        if self.server.bench_hooks and url.path.startswith("/_bench/"):
-            self._bench(url.path, parse_qs(url.query))
-            return
         endpoint = url.path.rstrip("/").rsplit("/", 1)[-1].lower()
         if not self.headers.get("api_key"):
             self._json({"Status": 0, "Error": "Missing api_key header"})
@@ -330,35 +290,11 @@ class _SimulatorHandler(BaseHTTPRequestHandler):
         return b'{"Results":[' + b",".join(result_json(lab, ended, now) for lab, ended in labs) \
             + b'],"Status":1,"Error":null}'
 
-    def _bench(self, path: str, query: dict[str, list[str]]) -> None:
-        """Benchmark only. /_bench/counters: requests and bytes sent so far (not counted themselves).
-        /_bench/clock?advance=S&warm=M,M: move the clock S seconds on, then build (and cache)
-        the LatestResults bodies for those minutes so that building them is not timed."""
-        server = self.server
-        if path == "/_bench/clock":
-            clock = server.clock
-            if not isinstance(clock, BenchClock):
-                self.send_error(409, "the clock is not a BenchClock")
-                return
-            clock.offset += float(query.get("advance", ["0"])[0])
-            for minutes in query.get("warm", [""])[0].split(","):
-                if minutes.strip():
-                    server.latest_results(clock(), int(minutes))
-        elif path != "/_bench/counters":
-            self.send_error(404)
-            return
-        body = _encoder.encode(server.counters())
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def _json(self, payload: dict[str, Any], endpoint: str = "error") -> None:
         self._send(_encoder.encode(payload), endpoint)
 
     def _send(self, body: bytes, endpoint: str) -> None:
-        self.server.count(endpoint, len(body))
+        """Answer `body` (JSON) for `endpoint`, the API endpoint it answers ("error" for a refusal)."""
         self.send_response(200)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -379,29 +315,33 @@ def start_simulator(
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions)")
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The simulator's command line (the benchmark's simulator adds its own flags to it)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 picks a free one)")
     parser.add_argument("--labs-per-minute", type=float, default=12.0)
     parser.add_argument("--seed", type=int, default=7)
-    bench = parser.add_argument_group("benchmark only")
-    bench.add_argument("--clock-offset", type=float, default=0.0, help="seconds added to the clock")
-    bench.add_argument("--freeze-clock", action="store_true", help="stop the clock (it then moves only by /_bench/clock)")
-    bench.add_argument("--bench-hooks", action="store_true", help="serve /_bench/counters and /_bench/clock")
-    args = parser.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
-    clock: Callable[[], float] = time.time
-    if args.clock_offset or args.freeze_clock or args.bench_hooks:
-        clock = BenchClock(args.clock_offset, args.freeze_clock)
-    server = SimulatorServer(
-        (host, int(port)), Traffic(args.labs_per_minute, args.seed), clock, bench_hooks=args.bench_hooks
-    )
-    print(server.url, flush=True)  # the benchmark reads the address from here
+    return parser
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host, int(port)
+
+
+def serve(server: SimulatorServer) -> int:
+    """Print the address (whoever started the process reads it from there), then serve until interrupted."""
+    print(server.url, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions)").parse_args(argv)
+    return serve(SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed)))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Hashable, Sequence
@@ -250,7 +251,8 @@ class LineEncoder:
             value = " " + floatToGoString(sample.value)
             if not line.endswith(value):
                 raise _NotPlain
-            starts.append(line[: -len(value)] + " ")
+            # Interned: the encodings that write the same line share the string.
+            starts.append(sys.intern(line[: -len(value)] + " "))
         return starts
 
     def _text(self, number: float) -> str:

@@ -9,12 +9,14 @@ from typing import Any, Iterator
 import pytest
 
 from .fakeapi import FakeSkillable
-from .harness import ROOT, ExporterProcess, MonotonicStub, free_port, make_poller  # noqa: F401 (also imported from here)
+from .harness import NOW, ExporterProcess
+# Helpers tests once imported from here: harness.py is their one home, these names only point there.
+from .harness import ROOT, MonotonicStub, free_port, make_poller  # noqa: F401
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeSkillable]:
-    server = FakeSkillable(now=1_800_000_000)
+    server = FakeSkillable(now=NOW)
     yield server
     server.stop()
 

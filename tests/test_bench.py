@@ -7,50 +7,18 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.__main__ import build_parser
-from exporter.app import ExporterApp
-from exporter.config import load_config
-from exporter.demo import BenchClock, start_simulator
-from exporter.model import LabResult
+from bench.simulator import BenchClock
+from bench.simulator import start as start_bench_simulator
+from exporter.demo import start_simulator
 
-from .conftest import MonotonicStub
-from .fakeapi import FakeSkillable
+from .harness import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-NOW = 1_800_000_000
-OPENMETRICS = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3"
-
-
-def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
-           datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
-    return LabResult(lab_instance_id=instance_id, start=start, end=end, completion_status=status,
-                     lab_host_id=host, datacenter_id=datacenter, delivery_region_id=region, **extra)
-
-
-def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
-    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
-    config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
-    return ExporterApp(config, clock=fake.clock, monotonic=mono)
-
-
-def registry_text(app: ExporterApp) -> bytes:
-    """The plain path: prometheus_client rendering the registry, no cache involved."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(app.collector)
-    return generate_latest(registry)
-
-
-# -- the exposition cache ------------------------------------------------------
 
 def test_simulator_bench_hooks_freeze_move_and_count() -> None:
-    clock = BenchClock(frozen=True)
-    sim = start_simulator(labs_per_minute=5, clock=clock)
-    sim.bench_hooks = True
+    sim = start_bench_simulator(labs_per_minute=5, clock=BenchClock(frozen=True))
     try:
         def get(path: str, **headers: str) -> bytes:
             request = urllib.request.Request(sim.url + path, headers=headers)
@@ -70,7 +38,7 @@ def test_simulator_bench_hooks_freeze_move_and_count() -> None:
         sim.server_close()
 
 
-def test_bench_hooks_are_off_by_default() -> None:
+def test_the_shipped_demo_has_no_bench_hooks() -> None:
     sim = start_simulator(labs_per_minute=5)
     try:
         with urllib.request.urlopen(sim.url + "/_bench/counters", timeout=10) as response:
@@ -97,7 +65,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert exporter["concurrent_requests"] == 1 and exporter["concurrent_good"] == 50
     assert exporter["requests_per_scrape"] == 1.0  # every steady scrape polled once, incrementally
     assert exporter["bytes_per_poll"] < row["payload_bytes"]
+    assert set(row["render"]) == {"known", "new_host", "new_profile", "series"}  # the render ratios were measured
+    assert row["render"]["series"] > 2000 * 26
 
-
-# -- the hand-inlined apply() against the plain per-result rules ----------------------
 

@@ -99,4 +99,4 @@ def test_demo_traffic_is_deterministic_and_bounded_in_memory() -> None:
     for day in range(10):  # ten days of a long-running demo, polled once a simulated hour
         for hour in range(24):
             a.changed_within(now + day * 86400 + hour * 3600, 60)
-    assert len(a._cache) <= limit + 24 * 60 + MAX_LAB_SECONDS // 60
+    assert a.minutes_held <= limit + 24 * 60 + MAX_LAB_SECONDS // 60

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +35,7 @@ from .dashboard_queries import (
     substitute,
     variable_query_text,
 )
+from .harness import tool
 
 PATHS = dashboard_paths()
 IDS = [p.stem for p in PATHS]
@@ -46,12 +46,6 @@ MULTI_VARIABLES = ("job", "instance", "account") + PLACE_VARIABLES
 FLEET_WIDE_PANELS = {"Error budget left"}
 EXPORTER_WIDE = {"skillable_lookback_window_seconds", "skillable_exporter_build_info", "skillable_datacenter_info",
                  "skillable_delivery_region_info", "skillable_lab_host_info"}
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool not found: install Debian's `prometheus` package (.ci/run does)"
-    return path
 
 
 @pytest.fixture(scope="module", params=PATHS, ids=IDS)
@@ -277,7 +271,7 @@ def test_every_panel_and_variable_query_is_valid_promql(tmp_path: Path) -> None:
     assert len(rules) > 40
     rules_file = tmp_path / "dashboard-queries.yml"
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
-    result = subprocess.run([promtool(), "check", "rules", str(rules_file)], capture_output=True, text=True)
+    result = subprocess.run([tool("promtool"), "check", "rules", str(rules_file)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -16,7 +16,7 @@ from exporter.collector import SkillableCollector
 from exporter.config import Names
 from exporter.poller import Poller
 
-from .conftest import MonotonicStub, make_poller
+from .harness import MonotonicStub, make_poller
 from .fakeapi import FakeSkillable, lab
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -142,6 +142,24 @@ def test_an_accept_version_that_is_no_number_is_answered_and_serving_goes_on(har
     assert not garbage.content.endswith(b"# EOF\n")
 
 
+def test_encodings_that_write_the_same_bytes_share_one_body_and_its_gzip(fake: FakeSkillable) -> None:
+    """Escapings allow-utf-8 and underscores differ only for names that are not legacy names (every name
+    here is one); dots and values escape underscores too, so they write other bytes."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")
+    server = ExporterServer(("127.0.0.1", 0), app)
+    bodies = [app.metrics(f"application/openmetrics-text;version={v};escaping={e}", None)[0]
+              for v in ("1.0.0", "2.0.0") for e in ("allow-utf-8", "underscores")]
+    assert all(body is bodies[0] for body in bodies)
+    assert server.gzipped(bodies[1]) is server.gzipped(bodies[3])
+    dots = app.metrics("application/openmetrics-text;version=1.0.0;escaping=dots", None)[0]
+    assert dots != bodies[0]
+    text = app.metrics("text/plain;version=1.0.0;escaping=allow-utf-8", None)[0]
+    assert text is not bodies[0] and text is app.metrics("", None)[0]
+    server.server_close()
+    app.close()
+
+
 def test_probe_has_its_own_cache(fake: FakeSkillable) -> None:
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     app = make_app(fake, MonotonicStub(), "--skillable.min-poll-interval=30")

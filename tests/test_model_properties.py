@@ -26,7 +26,7 @@ from exporter.model import (
 from exporter.poller import Poller
 from exporter.state import FleetState
 
-from .conftest import make_poller
+from .harness import make_poller
 from .fakeapi import FakeSkillable, lab, with_records
 from .harness import parse, total
 

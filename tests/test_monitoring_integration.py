@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +43,7 @@ from .dashboard_queries import (
     substitute,
     variable_query_text,
 )
+from .harness import free_port, tool
 
 pytestmark = pytest.mark.integration
 
@@ -56,18 +55,6 @@ HOST_NAMES = {"117": "flaky-host-117"}
 DEMO_FAILING_HOST = {"lab_host_id": "117", "datacenter_id": "3"}
 OVERRIDE_LABEL = {"test_override": "for-0s"}
 METRIC_NAME = re.compile(r"\b(skillable_[a-z_]+?)(?:_bucket)?\b(?=[{\[(\s])")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} not found: install Debian's prometheus and prometheus-alertmanager (.ci/run does)"
-    return path
 
 
 def eventually(check: Callable[[], T | None], deadline: float, what: str, interval: float = 0.2) -> T:
@@ -134,7 +121,7 @@ def _override_rules() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prometheus, alertmanager = binary("prometheus"), binary("prometheus-alertmanager")
+    prometheus, alertmanager = tool("prometheus"), tool("prometheus-alertmanager")
     work = tmp_path_factory.mktemp("monitoring")
     ports = {name: free_port() for name in ("exporter", "prometheus", "alertmanager")}
     s = Stack(work, f"http://127.0.0.1:{ports['exporter']}", f"http://127.0.0.1:{ports['prometheus']}",

@@ -6,7 +6,7 @@ import threading
 
 from exporter.poller import Poller
 
-from .conftest import MonotonicStub, make_poller
+from .harness import MonotonicStub, make_poller
 from .fakeapi import FakeSkillable, lab
 
 NOW = 1_800_000_000

@@ -8,13 +8,14 @@ fails these tests: it never skips them.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from .harness import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM = ROOT / "prometheus"
@@ -24,12 +25,6 @@ ALERTMANAGER = ROOT / "alertmanager" / "alertmanager.yml"
 DASHBOARDS = ROOT / "grafana" / "dashboards"
 DOCS = ROOT / "docs" / "monitoring.md"
 RECORD_NAME = re.compile(r"^[a-z_]+:[a-z0-9_]+:[a-z0-9_]+$")
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} not found: install Debian's prometheus / prometheus-alertmanager packages (.ci/run does)"
-    return path
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

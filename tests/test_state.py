@@ -5,49 +5,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.__main__ import build_parser
-from exporter.app import ExporterApp
-from exporter.config import load_config
 from exporter.demo import Traffic, latest_results_body
 from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
-import msgspec
-
 from exporter.state import (
     EXTRA_PLACES, MAX_FUTURE_SECONDS, OVERFLOW_PLACE, PROFILE_ZERO_STATUSES, RATIO_BUCKETS, FleetExport, FleetState,
     Histogram,
 )
 
-from .conftest import MonotonicStub
-from .fakeapi import FakeSkillable
-
-ROOT = Path(__file__).resolve().parent.parent
-NOW = 1_800_000_000
-OPENMETRICS = "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,text/plain;q=0.3"
-
-
-def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
-           datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
-    return LabResult(lab_instance_id=instance_id, start=start, end=end, completion_status=status,
-                     lab_host_id=host, datacenter_id=datacenter, delivery_region_id=region, **extra)
-
-
-def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
-    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
-    config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
-    return ExporterApp(config, clock=fake.clock, monotonic=mono)
-
-
-def registry_text(app: ExporterApp) -> bytes:
-    """The plain path: prometheus_client rendering the registry, no cache involved."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(app.collector)
-    return generate_latest(registry)
+from .harness import NOW, result
 
 
 # -- the exposition cache ------------------------------------------------------

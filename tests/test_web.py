@@ -23,7 +23,7 @@ from exporter.config import ConfigError, load_config, read_key_file
 from exporter.webconfig import WebConfig, load_web_config
 
 from . import fakeapi as f
-from .conftest import ROOT, ExporterProcess
+from .harness import ROOT, ExporterProcess
 from .fakeapi import FakeSkillable, lab
 from .tlsutil import certs  # noqa: F401 (the fixture)
 
