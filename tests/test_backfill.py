@@ -20,9 +20,8 @@ import pytest
 import requests
 import yaml
 
-from .conftest import ROOT, free_port
 from .fakeapi import FakeSkillable, _Handler, lab
-from .test_monitoring_integration import binary, eventually
+from .harness import ROOT, eventually, free_port, tool
 
 DAY = 86400
 # The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
@@ -240,9 +239,15 @@ class Prometheus:
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = open(work / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
-            [binary("prometheus"), f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
+            [tool("prometheus"), f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
              f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
-        eventually(lambda: requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200, 20, "Prometheus")
+        eventually(self._ready, 20, "Prometheus")
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
 
     def query(self, expr: str, at: float) -> list[dict[str, Any]]:
         body = requests.get(f"{self.url}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}, timeout=10).json()
