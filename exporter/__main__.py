@@ -127,6 +127,11 @@ def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[Expo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["backfill"]:  # the subcommand lives in backfill.py
+        from .backfill import main as backfill_main
+
+        return backfill_main(argv[1:])
     args = build_parser().parse_args(argv)
     flags = vars(args)
     try:

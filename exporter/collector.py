@@ -90,6 +90,11 @@ class SkillableCollector(Collector):
     def _views(self) -> Views:
         return [(name, poller.view()) for name, poller in self._accounts]
 
+    def lab_parts(self) -> list[Rows]:
+        """Only the lab families (per place and per lab profile; no exporter health, no names), as Rows:
+        what `backfill` writes for each step of history, built by the same code a scrape uses."""
+        return list(self._lab_parts(self._views()))
+
     # -- the exposition cache ----------------------------------------------
 
     def exposition(self, encoding: Encoding) -> bytes:

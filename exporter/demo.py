@@ -227,17 +227,24 @@ class Traffic:
 
     def changed_within(self, now: float, minutes: int) -> list[tuple[Lab, bool]]:
         """(lab, ended) for every lab that started or ended in (now - minutes, now]."""
-        since = now - minutes * 60
-        first = math.floor((since - MAX_LAB_SECONDS) / 60)
-        last = math.floor(now / 60)
         self._forget_before(math.floor((now - 10080 * 60 - MAX_LAB_SECONDS) / 60))
+        return self.changed_between(now - minutes * 60, now, now)
+
+    def changed_between(self, since: float, until: float, now: float) -> list[tuple[Lab, bool]]:
+        """(lab, ended as of `now`) for every lab that started or ended in (since, until], until <= now."""
+        until = min(until, now)
+        first = math.floor((since - MAX_LAB_SECONDS) / 60)
+        last = math.floor(until / 60)
+        # Minutes beyond LatestResults' reach (a backfill's) are made afresh, not cached: a 30-day
+        # backfill of the in-process demo would otherwise keep every lab of the month.
+        reach = (now - 10080 * 60 - MAX_LAB_SECONDS) / 60
         out: list[tuple[Lab, bool]] = []
         for minute in range(first, last + 1):
-            for lab in self.labs_starting_in(minute):
+            for lab in self.labs_starting_in(minute) if minute >= reach else self._generate(minute):
                 if lab.start > now:
                     continue
                 ended = lab.end <= now
-                if since < lab.start or (ended and since < lab.end):
+                if since < lab.start <= until or (ended and since < lab.end <= until):
                     out.append((lab, ended))
         return out
 
@@ -370,6 +377,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 self._json({"Results": None, "Status": 0, "Error": "minutes must be between 1 and 10080"})
                 return
             self._send(self.server.latest_results(now, minutes), endpoint)
+        elif endpoint == "results":
+            self._send(self._results(parse_qs(url.query), now), endpoint)
         elif endpoint == "deliveryregions":
             regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
             self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
@@ -383,6 +392,18 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             self._json({"NumActive": running, "NumSaved": running // 7, "Status": 1, "Error": None}, endpoint)
         else:
             self.send_error(404)
+
+    def _results(self, query: dict[str, list[str]], now: float) -> bytes:
+        """/Results?start=&end= (epoch seconds, both included, at most 7 days apart), as the API documents it."""
+        try:
+            start, end = int(query.get("start", [""])[0]), int(query.get("end", [""])[0])
+        except ValueError:
+            return _encoder.encode({"Results": None, "Status": 0, "Error": "start and end are required"})
+        if not 0 <= end - start <= 7 * 86400:
+            return _encoder.encode({"Results": None, "Status": 0, "Error": "Timeframe cannot exceed 7 days"})
+        labs = self.server.traffic.changed_between(start - 1, end, now)
+        return b'{"Results":[' + b",".join(result_json(lab, ended, now) for lab, ended in labs) \
+            + b'],"Status":1,"Error":null}'
 
     def _json(self, payload: dict[str, Any], endpoint: str = "error") -> None:
         self._send(_encoder.encode(payload), endpoint)
@@ -401,10 +422,11 @@ class SimulatorHandler(BaseHTTPRequestHandler):
 
 def start_simulator(
     host: str = "127.0.0.1", port: int = 0, labs_per_minute: float = DEMO_LABS_PER_MINUTE, seed: int = 7,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.time, history_minutes: int | None = DEMO_HISTORY_MINUTES,
 ) -> SimulatorServer:
-    """Start the simulator in a background thread; stop it with .shutdown() and .server_close()."""
-    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock, history_minutes=DEMO_HISTORY_MINUTES)
+    """Start the simulator in a background thread; stop it with .shutdown() and .server_close().
+    `history_minutes`: how long before now the simulated account came into use (None: always)."""
+    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock, history_minutes=history_minutes)
     threading.Thread(target=server.serve_forever, name="skillable-simulator", daemon=True).start()
     return server
 
@@ -434,7 +456,7 @@ def serve(server: SimulatorServer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argument_parser("Simulated Skillable Lab API (LatestResults, stats, deliveryregions, catalog)").parse_args(argv)
+    args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions, catalog)").parse_args(argv)
     return serve(SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed)))
 
 

@@ -513,16 +513,27 @@ class StateStore:
         self.close(final, timeout)
         log.info("state file written path=%s accounts=%d", self.path, len(final))
 
+    def _own(self, pollers: Mapping[str, Poller]) -> dict[str, str]:
+        """The accounts this process holds, each with the API URL it polls (written in the file)."""
+        own_urls = {name: api_identity(poller.client.base_url) for name, poller in pollers.items()}
+        with self._cond:
+            self._own_urls = dict(own_urls)
+            self._urls = dict(own_urls)
+        return own_urls
+
+    def save(self, pollers: Mapping[str, Poller], timeout: float = 10.0) -> None:
+        """Write these pollers' state once, each account with its API URL, and close: for a process
+        that does not serve (backfill)."""
+        self._own(pollers)
+        self.close({name: encode_account(poller) for name, poller in pollers.items()}, timeout)
+
     def load(self, pollers: Mapping[str, Poller]) -> dict[str, AccountState]:
         """The saved state of each configured account that may be restored into it.
 
         A file that cannot be used gives one warning and {}; an account that cannot be
         used, that lost entries or that was saved for another API URL, one warning each.
         """
-        own_urls = {name: api_identity(poller.client.base_url) for name, poller in pollers.items()}
-        with self._cond:
-            self._own_urls = dict(own_urls)
-            self._urls = dict(own_urls)
+        own_urls = self._own(pollers)
         try:
             saved = load_state_file(self.path)
         except FileNotFoundError:

@@ -109,6 +109,7 @@ class Seen:
     minutes: int | None
     api_key: str | None
     at: float
+    query: str = ""
 
 
 @dataclass
@@ -236,6 +237,17 @@ class FakeSkillable(ThreadingHTTPServer):
             or (isinstance(r.get("End"), (int, float)) and since < r["End"] <= now)
         ]
 
+    def changed_between(self, start: int, end: int) -> list[dict[str, Any]]:
+        """/Results' truth: records that started or ended in [start, end] (epoch seconds, both included),
+        as they look at the fake's current time (see run())."""
+        return [
+            r for r in self.records_now()
+            if any(isinstance(r.get(k), (int, float)) and start <= r[k] <= end for k in ("Start", "End"))
+        ]
+
+    def results_requests(self) -> list[Seen]:
+        return [s for s in self.state.seen if s.path.lower().endswith("/results")]
+
     def latest_requests(self) -> list[Seen]:
         return [s for s in self.state.seen if s.path.lower().endswith("/latestresults")]
 
@@ -332,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint = self.endpoint
         with self.server.lock:
             state = self.server.state
-            state.seen.append(Seen(url.path, self.minutes, self.headers.get("api_key"), self.server.clock()))
+            state.seen.append(Seen(url.path, self.minutes, self.headers.get("api_key"), self.server.clock(), url.query))
             fault = state.sticky_fault
             if fault is None:
                 for i, (target, queued) in enumerate(state.faults):
@@ -366,6 +378,15 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = {"Results": self.server.changed_within(minutes), "Status": 1, "Error": None}
                 payload.update(state.extra_top_level)
                 return payload
+            if endpoint == "results":
+                query = parse_qs(urlsplit(self.path).query)
+                try:
+                    start, end = int(query["start"][0]), int(query["end"][0])
+                except (KeyError, ValueError):
+                    return {"Results": None, "Status": 0, "Error": "start and end are required"}
+                if not 0 <= end - start <= 7 * 86400:
+                    return {"Results": None, "Status": 0, "Error": "Timeframe cannot exceed 7 days"}
+                return {"Results": self.server.changed_between(start, end), "Status": 1, "Error": None}
             if endpoint == "stats":
                 return {**state.stats, "Status": 1, "Error": None}
             if endpoint == "deliveryregions":

@@ -1,0 +1,351 @@
+"""The backfill subcommand against the independent fake API (its /Results), run as a user runs it.
+
+The end-to-end test loads the blocks into a real Prometheus 2.42 (Debian's, on loopback, with a
+temporary data folder), checks each backfilled day's increase() against the fake's truth, then
+starts the live exporter with the backfill's state file under the same job and instance labels and
+checks the seam: no counter resets, and the increase over a range spanning it equals the truth.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+import yaml
+
+from .fakeapi import FakeSkillable, _Handler, lab
+from .harness import ROOT, eventually, free_port, tool
+
+DAY = 86400
+# The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
+STATUS = {1: "cancelled", 2: "no_show", 3: "incomplete", 4: "complete", 10: "storage_provisioning_failed",
+          20: "lab_creation_failed", 30: "resume_failed", 40: "save_failed", 50: "submitted_for_grading",
+          60: "grading_in_progress"}
+PLACES = ((101, 1, 1), (102, 1, 1), (201, 2, 3))  # (host, datacenter, delivery region)
+PROFILES = (7001, 7002, 7003)
+COUNTERS = ("skillable_lab_instances_started_total", "skillable_lab_instances_ended_total",
+            "skillable_exams_total", "skillable_exams_passed_total", "skillable_lab_run_time_seconds_count",
+            "skillable_lab_run_time_seconds_sum", "skillable_lab_run_time_seconds_bucket",
+            "skillable_lab_task_completion_ratio_count", "skillable_exam_score_ratio_count",
+            "skillable_lab_profile_instances_started_total", "skillable_lab_profile_instances_ended_total",
+            "skillable_lab_profile_exams_total", "skillable_lab_profile_run_time_seconds_count",
+            "skillable_lab_profile_run_time_seconds_sum", "skillable_lab_profile_exam_score_ratio_count")
+
+
+def backfill(fake: FakeSkillable, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    environ.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
+                    "SKILLABLE_MAX_RESPONSE_BYTES": str(64 * 1024 * 1024)}, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "exporter", "backfill", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def traffic(fake: FakeSkillable, start: int, end: int, seed: int = 13, per_hour: int = 6) -> list[dict[str, Any]]:
+    """Labs starting in [start, end) (some running across midnight, some exams), all ended by `end`
+    except none: every record is in the past, as the API reports it."""
+    rng = random.Random(seed)
+    records = []
+    ident = start
+    for hour in range(start, end, 3600):
+        for _ in range(rng.randrange(per_hour)):
+            ident += 1
+            begin = hour + rng.randrange(3600)
+            finish = min(begin + rng.choice((60, 600, 2700, 5400, 9000)), end - 1)
+            host, dc, region = rng.choice(PLACES)
+            status = rng.choice((4, 4, 4, 3, 1, 2, 10, 20, 50))
+            exam = status == 4 and rng.random() < 0.3
+            score = rng.randrange(101) if exam else None
+            records.append(lab(ident, begin, finish, status=status, host=host, datacenter=dc, region=region,
+                               LabProfileId=rng.choice(PROFILES),
+                               IsExam=exam, ExamScore=score, ExamMaxPossibleScore=100 if exam else None,
+                               ExamPassed=(score >= 70) if exam else None))
+    fake.add(*records)
+    return records
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def ended_by_status(records: list[dict[str, Any]], start: float, end: float,
+                    by_profile: bool = False) -> dict[tuple[str, ...], float]:
+    out: dict[tuple[str, ...], float] = {}
+    for r in records:
+        if start <= r["End"] < end:
+            key = (str(r["LabProfileId"]),) * by_profile + (STATUS[r["CompletionStatus"]],)
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+@pytest.fixture
+def live_fake() -> Iterator[FakeSkillable]:
+    server = FakeSkillable(live=True)  # the fake's clock is the wall clock, which Prometheus stamps by
+    yield server
+    server.stop()
+
+
+# -- the CLI's handling of bad input and failures ---------------------------------
+
+
+def test_from_after_to_exits_2_with_one_line(fake: FakeSkillable, tmp_path: Path) -> None:
+    done = backfill(fake, "--from=2026-11-02", "--to=2026-11-01T00:00:00Z", f"--output={tmp_path / 'out'}")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--to" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prometheus_data_folder_is_refused(fake: FakeSkillable, tmp_path: Path) -> None:
+    (tmp_path / "wal").mkdir()
+    done = backfill(fake, "--from=2026-11-01", "--to=2026-11-02", f"--output={tmp_path}")
+    assert done.returncode == 2 and "Prometheus data folder" in done.stderr
+
+
+def test_a_long_range_is_read_in_windows_the_api_allows_and_old_history_is_warned(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = int(fake.clock()) // DAY * DAY
+    start = end - 9 * DAY  # more than the 7 days /Results allows at once
+    traffic(fake, start, end, per_hour=1)
+    done = backfill(fake, f"--from={iso(start)}", f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
+                    "--label=instance=x:1", "--prometheus.retention=5d", "--step=5m")
+    assert done.returncode == 0, done.stderr
+    assert "older than the retention (5d)" in done.stderr
+    asked = [dict(p.split("=") for p in s.query.split("&")) for s in fake.results_requests()]
+    spans = [(int(q["start"]), int(q["end"])) for q in asked]
+    assert all(0 < e - s <= 7 * DAY for s, e in spans)
+    assert spans[0][0] <= start and spans[-1][1] >= end
+    assert all(later[0] <= earlier[1] for earlier, later in zip(spans, spans[1:]))  # no gap between windows
+    files = sorted(p.name for p in (tmp_path / "openmetrics").iterdir())
+    assert len(files) == 9 and all(f.endswith(".om") for f in files)
+
+
+def test_an_api_failure_mid_way_keeps_only_complete_days_and_a_rerun_resumes(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = int(fake.clock()) // DAY * DAY
+    start = end - 3 * DAY
+    traffic(fake, start, end)
+    failing_from = start + DAY
+
+    def fail_second_day(h: _Handler) -> None:
+        query = dict(p.split("=") for p in h.path.partition("?")[2].split("&") if "=" in p)
+        if h.endpoint == "results" and int(query.get("start", 0)) >= failing_from - 1:
+            h.send_json({"Results": None, "Status": 0, "Error": "Service temporarily unavailable"})
+        else:
+            h.answer()
+
+    fake.fault_always(fail_second_day)
+    out = tmp_path / "out"
+    args = (f"--from={iso(start)}", f"--to={iso(end)}", "--label=job=skillable", "--label=instance=x:1", "--retries=1", "--step=5m")
+    first = backfill(fake, *args, f"--output={out}")
+    assert first.returncode == 1
+    assert "stopped" in first.stderr and "reason=api_error" in first.stderr and "resume" in first.stderr
+    names = [p.name for p in (out / "openmetrics").iterdir()]
+    assert names == [time.strftime("%Y-%m-%dT%H%M%SZ.om", time.gmtime(start))]  # day one only, no .tmp
+    assert not list((out / "blocks").glob(".tmp-*"))
+    fake.heal()
+    second = backfill(fake, *args, f"--output={out}")
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout
+    clean = backfill(fake, *args, f"--output={tmp_path / 'clean'}")
+    assert clean.returncode == 0, clean.stderr
+    resumed = {p.name: p.read_bytes() for p in (out / "openmetrics").iterdir()}
+    fresh = {p.name: p.read_bytes() for p in (tmp_path / "clean" / "openmetrics").iterdir()}
+    assert len(fresh) == 3 and resumed == fresh  # the resumed run wrote exactly what a clean run writes
+    other = backfill(fake, *args[:-1], "--step=1m", f"--output={out}")
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_a_day_too_large_for_the_response_limit_is_read_in_smaller_windows(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = int(fake.clock()) // DAY * DAY
+    records = traffic(fake, end - DAY, end)
+    done = backfill(fake, f"--from={iso(end - DAY)}", f"--to={iso(end)}", f"--output={tmp_path}", "--step=5m",
+                    "--label=job=skillable", "--label=instance=x:1", env={"SKILLABLE_MAX_RESPONSE_BYTES": "8192"})
+    assert done.returncode == 0, done.stderr
+    spans = [dict(p.split("=") for p in s.query.split("&")) for s in fake.results_requests()]
+    assert len(spans) > 2 and min(int(q["end"]) - int(q["start"]) for q in spans) < DAY / 4
+    text = next((tmp_path / "openmetrics").glob("*.om")).read_text()
+    last = {}
+    for line in text.splitlines():
+        if line.startswith("skillable_lab_instances_ended_total{"):
+            series, value, _ = line.rsplit(" ", 2)
+            last[series] = float(value)
+    # Every end of the day but those of its last step (which the next day's first sample shows).
+    assert sum(last.values()) == sum(1 for r in records if end - DAY <= r["End"] < end - 300)
+
+
+def test_several_accounts_are_backfilled_side_by_side_with_their_account_label(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = int(fake.clock()) // 3600 * 3600
+    records = traffic(fake, end - 7200, end, per_hour=20)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"accounts": [{"name": "east", "api_key_env": "KEY_EAST", "api_url": fake.url},
+                                                   {"name": "west", "api_key_env": "KEY_WEST", "api_url": fake.url}]}))
+    key = fake.state.api_key
+    done = backfill(fake, f"--config.file={config}", f"--from={iso(end - 7200)}", f"--to={iso(end)}", "--step=5m",
+                    f"--output={tmp_path / 'out'}", "--label=job=skillable", env={"KEY_EAST": key, "KEY_WEST": key})
+    assert done.returncode == 0, done.stderr
+    text = next((tmp_path / "out" / "openmetrics").glob("*.om")).read_text()
+    for account in ("east", "west"):
+        last: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(f'skillable_lab_instances_started_total{{job="skillable",account="{account}"'):
+                series, value, _ = line.rsplit(" ", 2)
+                last[series] = float(value)
+        assert sum(last.values()) == sum(1 for r in records if end - 7200 <= r["Start"] < end - 300), account
+
+
+def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
+    end = int(time.time()) // 3600 * 3600 - 3600
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(end - 3600)}",
+                           f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
+                           "--label=instance=x:1", "--step=5m"],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [om] = (tmp_path / "openmetrics").glob("*.om")
+    text = om.read_text()
+    assert text.endswith("# EOF\n") and 'skillable_lab_profile_instances_started_total{job="skillable"' in text
+
+
+# -- the real thing: blocks in Prometheus 2.42, then the live exporter across the seam ------------
+
+
+class Prometheus:
+    def __init__(self, work: Path, exporter_port: int, blocks: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        data = work / "prom"
+        data.mkdir()
+        for block in blocks.iterdir():  # as the docs say: move the block folders into the data folder
+            block.rename(data / block.name)
+        config = {"global": {"scrape_interval": "1s"},
+                  "scrape_configs": [{"job_name": "skillable", "scrape_timeout": "1s",
+                                      "static_configs": [{"targets": [f"127.0.0.1:{exporter_port}"]}]}]}
+        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = open(work / "prometheus.log", "wb")
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        eventually(self._ready, 20, "Prometheus")
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def query(self, expr: str, at: float) -> list[dict[str, Any]]:
+        body = requests.get(f"{self.url}/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}, timeout=10).json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def by(self, expr: str, at: float, *labels: str) -> dict[tuple[str, ...], float]:
+        return {tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
+                for r in self.query(expr, at) if float(r["value"][1]) != 0}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.mark.integration
+def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_continues_without_a_seam(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    now = int(time.time())
+    today = now // DAY * DAY
+    start = today - 3 * DAY if now - today > 900 else today - 4 * DAY  # three whole days before --to
+    to = now // 60 * 60 - 60
+    records = traffic(fake, start - 6 * 3600, to + 50)  # some labs started before --from; some end after --to
+    exporter_port = free_port()
+    labels = ("--label=job=skillable", f"--label=instance=127.0.0.1:{exporter_port}")
+    state_file = tmp_path / "state.json"
+    done = backfill(fake, f"--from={iso(start)}", f"--to={iso(to)}", f"--output={tmp_path / 'out'}", *labels,
+                    f"--storage.state-file={state_file}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(" blocks, ") >= 3 and "chown -R prometheus:prometheus" in done.stdout
+    blocks = tmp_path / "out" / "blocks"
+    assert all((b / "meta.json").is_file() for b in blocks.iterdir()) and any(blocks.iterdir())
+
+    prom = Prometheus(tmp_path, exporter_port, blocks)
+    exporter = None
+    try:
+        # Each backfilled day, as a dashboard would ask for it.
+        for day in range(start, start + 3 * DAY, DAY):
+            when = time.strftime("%F", time.gmtime(day))
+            got = prom.by('sum by (completion_status) (increase(skillable_lab_instances_ended_total{job="skillable"}[1d]))',
+                          day + DAY, "completion_status")
+            assert got == ended_by_status(records, day, day + DAY), when
+            got = prom.by('sum by (lab_profile_id, completion_status) '
+                          '(increase(skillable_lab_profile_instances_ended_total{job="skillable"}[1d]))',
+                          day + DAY, "lab_profile_id", "completion_status")
+            assert got == ended_by_status(records, day, day + DAY, by_profile=True), when
+            truth = float(sum(day <= r["Start"] < day + DAY for r in records))
+            for name in ("skillable_lab_instances_started_total", "skillable_lab_profile_instances_started_total"):
+                assert prom.by(f'sum(increase({name}{{job="skillable"}}[1d]))', day + DAY) == {(): truth}, name
+
+        # The live exporter, restored from the state file, scraped under the same job and instance.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+        environ.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+        log = open(tmp_path / "exporter.log", "wb")
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{exporter_port}",
+             f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        eventually(lambda: prom.query('skillable_up{job="skillable"} == 1', time.time()), 30, "the first live scrape")
+        # More labs while the exporter runs, on the places the history has.
+        later = int(time.time())
+        fresh = [lab(10**9 + i, later - 5 + i, later - 4 + i, status=4 if i % 2 else 20, host=h, datacenter=d,
+                     region=g, LabProfileId=PROFILES[i % 3]) for i, (h, d, g) in enumerate(PLACES * 2)]
+        fake.add(*fresh)
+        records += fresh
+        seam_start = to - 3600
+        want = sum(1 for r in records if r["End"] >= seam_start)
+
+        def seam_total() -> float | None:
+            # At the newest live sample's own time, so increase() extrapolates nothing.
+            newest = prom.query('max(timestamp(skillable_lab_instances_ended_total{job="skillable"}))', time.time())
+            at = float(newest[0]["value"][1])
+            window = f"{int(round((at - seam_start) * 1000))}ms"
+            value = prom.query(f'sum(increase(skillable_lab_instances_ended_total{{job="skillable"}}[{window}]))', at)
+            return at if value and float(value[0]["value"][1]) == want else None
+
+        at = eventually(seam_total, 30, f"the increase across the seam to reach the truth ({want})")
+        window = f"{int(round((at - start) * 1000))}ms"
+        for name in COUNTERS:
+            resets = prom.query(f'max(resets({name}{{job="skillable"}}[{window}]))', at)
+            assert resets and float(resets[0]["value"][1]) == 0, name
+        # The live series are the backfilled ones (same labels), not new series beside them.
+        before = {frozenset(r["metric"].items()) for r in prom.query('skillable_lab_instances_started_total', to - 60)}
+        after = {frozenset(r["metric"].items()) for r in prom.query('skillable_lab_instances_started_total', at)}
+        assert before and before == after
+        starts = prom.query(f'sum(increase(skillable_lab_instances_started_total{{job="skillable"}}[{window}]))', at)
+        assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
+        ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
+    finally:
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait(15)
+        prom.stop()
