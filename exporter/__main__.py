@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prometheus exporter for Skillable (Lab on Demand) lab results. "
         "The API key comes from SKILLABLE_API_KEY or --skillable.api-key-file, never from a flag. "
         "SIGHUP or POST /-/reload reloads the config file and the web config.",
+        epilog="Subcommand: 'skillable-exporter backfill --from TIME --to TIME --output DIR' writes past weeks "
+        "as OpenMetrics files and TSDB blocks for Prometheus (see 'skillable-exporter backfill --help' "
+        "and docs/backfill.md).",
     )
     parser.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML config file")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
