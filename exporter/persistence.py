@@ -501,8 +501,8 @@ class StateStore:
                 except StateFileError as exc:
                     log.warning("state file %s: account %r not restored, starting it empty: %s", self.path, name, exc)
                 else:
-                    log.info("restored state account=%r instances=%d last_success=%s",
-                             name, len(saved[name].fleet.instances), saved[name].last_success)
+                    log.info("restored state", extra={"account": name, "instances": len(saved[name].fleet.instances),
+                                                      "last_success": saved[name].last_success})
             # Encoded by the polling thread (which still holds the poll), written by the writer thread.
             poller.on_poll = lambda p, name=name: self.submit(name, encode_account(p))
 
@@ -511,7 +511,7 @@ class StateStore:
         idle = {name: poller.stop(timeout) for name, poller in pollers.items()}
         final = {name: encode_account(poller) for name, poller in pollers.items() if idle[name]}
         self.close(final, timeout)
-        log.info("state file written path=%s accounts=%d", self.path, len(final))
+        log.info("state file written", extra={"path": self.path, "accounts": len(final)})
 
     def _own(self, pollers: Mapping[str, Poller]) -> dict[str, str]:
         """The accounts this process holds, each with the API URL it polls (written in the file)."""
@@ -641,7 +641,8 @@ class StateStore:
             write_atomically(self.path, data)
         except OSError as exc:
             if not self._failing:  # once per run of failures, not per poll
-                log.error("cannot write state file %s: %s", self.path, exc.strerror or exc)
+                log.error("cannot write state file %s", self.path,
+                          extra={"path": self.path, "reason": "write_error", "err": exc.strerror or str(exc)})
             self._failing = True
             return
         if self._failing:

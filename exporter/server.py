@@ -191,7 +191,7 @@ class ExporterServer(ThreadingHTTPServer):
         error = sys.exc_info()[1]
         peer = client_address[0] if client_address else "?"
         if isinstance(error, OSError):  # resets, broken pipes, timeouts, TLS errors
-            log.debug("connection from %s failed error=%s", peer, error)
+            log.debug("connection failed", extra={"peer": peer, "err": str(error)})
         else:
             log.debug("connection from %s failed", peer, exc_info=True)
 
