@@ -256,7 +256,7 @@ def start_exporter(sim: Simulator, window: int, min_interval: float = 0.0) -> Ta
             # The first poll asks max(window, max-running-minutes): the same window as the baseline's.
             f"--skillable.max-running-minutes={window}",
             f"--skillable.min-poll-interval={min_interval}", "--no-collector.stats",
-            "--no-collector.delivery-regions", "--log.level=warn"]
+            "--no-collector.delivery-regions", "--no-collector.catalog", "--log.level=warn"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     env.update(SKILLABLE_API_URL=sim.url, SKILLABLE_API_KEY="bench")
     return Target("exporter", argv, env, port)
