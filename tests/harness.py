@@ -68,16 +68,36 @@ def tool(name: str, install_hint: str = "Debian's prometheus / prometheus-alertm
     return found
 
 
-def eventually(check: Callable[[], Any], deadline: float, what: str, interval: float = 0.05) -> Any:
-    """Call `check` until it returns something truthy, or fail once `deadline` seconds have passed."""
+def eventually(check: Callable[[], Any], deadline: float, what: str, interval: float = 0.05,
+               ignoring: tuple[type[Exception], ...] = ()) -> Any:
+    """Call `check` until it returns something truthy, or fail once `deadline` seconds have passed.
+    Errors of the `ignoring` types (a server still starting) count as not yet, and the last one is
+    named in the failure."""
     end = time.monotonic() + deadline
+    last_error: Exception | None = None
     while True:
-        got = check()
-        if got:
-            return got
+        try:
+            got = check()
+            if got:
+                return got
+        except ignoring as exc:
+            last_error = exc
         if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline:g}s waiting for {what}")
+            raise AssertionError(f"timed out after {deadline:g}s waiting for {what}"
+                                 + (f" (last error: {last_error})" if last_error else ""))
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return int(proc.returncode)
 
 
 def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
@@ -288,13 +308,7 @@ class ExporterProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        status = stop_process(self.proc, 15)
         if not self._log.closed:
             self._log.close()
-        return int(self.proc.returncode)
+        return status

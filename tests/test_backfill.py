@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from .fakeapi import FakeSkillable, _Handler, lab
-from .harness import ROOT, eventually, free_port, tool
+from .harness import ROOT, eventually, free_port, stop_process, tool
 
 DAY = 86400
 # The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
@@ -259,12 +259,7 @@ class Prometheus:
                 for r in self.query(expr, at) if float(r["value"][1]) != 0}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -29,7 +29,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -48,7 +47,8 @@ from .dashboard_queries import (
     substitute,
     variable_query_text,
 )
-from .harness import free_port, tool
+from . import harness
+from .harness import free_port, stop_process, tool
 
 pytestmark = pytest.mark.integration
 
@@ -69,20 +69,10 @@ METRIC_NAME = re.compile(r"\b(skillable_[a-z_]+?)(?:_bucket)?\b(?=[{\[(\s])")
 
 
 def eventually(check: Callable[[], T | None], deadline: float, what: str, interval: float = 0.2) -> T:
-    """Call `check` until it returns something truthy or `deadline` seconds pass."""
-    end = time.monotonic() + deadline
-    last_error: Exception | None = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except (requests.RequestException, ValueError, KeyError) as exc:
-            last_error = exc
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline:.0f}s waiting for {what}"
-                                 + (f" (last error: {last_error})" if last_error else ""))
-        time.sleep(interval)
+    """harness.eventually, polling less often, with a server still starting (no answer, a body
+    that is not yet JSON or lacks a key) counted as not yet."""
+    return harness.eventually(check, deadline, what, interval,  # type: ignore[no-any-return]
+                              ignoring=(requests.RequestException, ValueError, KeyError))
 
 
 @dataclass
@@ -183,13 +173,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         for proc in s.procs.values():
             if proc.poll() is None:
-                proc.terminate()
-        for name, proc in s.procs.items():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                proc.terminate()  # all at once; stop_process then waits for each
+        for proc in s.procs.values():
+            stop_process(proc)
 
 
 @pytest.fixture(scope="module")
