@@ -31,7 +31,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import __version__
 
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 1024 * 1024
 CONNECT_TIMEOUT_CAP = 5.0
 
 # The bounded set of failure reasons the client raises (the poller adds a few).
@@ -292,6 +292,9 @@ class SkillableClient:
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > max_bytes:
             raise ApiError(TOO_LARGE, f"{endpoint}: body of {length} bytes exceeds the limit of {max_bytes}")
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if length.isdigit() and encoding in ("", "identity"):
+            return self._read_into(endpoint, response, int(length), deadline, watchdog)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -308,6 +311,37 @@ class SkillableClient:
         if watchdog.fired or time.monotonic() > deadline:
             raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({size} body bytes read)")
         return b"".join(chunks)
+
+    def _read_into(
+        self, endpoint: str, response: requests.Response, length: int, deadline: float, watchdog: _Deadline
+    ) -> bytes:
+        """A body of announced length (already checked against the cap), not compressed: read
+        straight into one buffer of that length. Joining chunks held the body twice at the peak
+        and, with the pages that costs, took half again as long for a 50 MB answer (measured)."""
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        got = 0
+        try:
+            while got < length:
+                n = response.raw.readinto(view[got:got + CHUNK_BYTES])
+                if not n:
+                    break
+                got += n
+                if time.monotonic() > deadline:
+                    break
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if watchdog.fired or time.monotonic() > deadline:
+                raise ApiError(TIMEOUT, f"{endpoint}: body cut off: the deadline passed") from None
+            raise ApiError(CONNECTION_RESET, f"{endpoint}: body cut off: connection reset or closed "
+                                             f"({type(exc).__name__})") from None
+        finally:
+            view.release()
+        if watchdog.fired or time.monotonic() > deadline:
+            raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({got} body bytes read)")
+        if got < length:
+            raise ApiError(CONNECTION_RESET, f"{endpoint}: body cut off: connection closed after {got} of "
+                                             f"{length} bytes")
+        return buffer  # type: ignore[return-value]  # a bytearray: every decoder takes any buffer
 
 
 def _request_error(
