@@ -48,6 +48,7 @@ import math
 import sys
 from bisect import bisect_left, bisect_right
 from collections import Counter
+from operator import add
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
@@ -108,9 +109,7 @@ class Histogram:
 
     def add(self, counts: Sequence[int], total: float) -> None:
         """Observations already bucketed by these bounds (bucket_of): counts per bucket, and their sum."""
-        mine = self.counts
-        for index, n in enumerate(counts):
-            mine[index] += n
+        self.counts = list(map(add, self.counts, counts))
         self.total += total
 
     def cumulative(self) -> list[tuple[str, float]]:
@@ -379,15 +378,15 @@ class Ledger:
             tallies = groups[g].tallies
             base = g * SLOTS
             gauges, ended = self.gauges[base:base + SLOTS], self.ended[base:base + SLOTS]
-            started, exams, passed = self.started[g], self.exams[g], self.passed[g]
+            started, running, exams, passed = self.started[g], gauges[RUNNING_SLOT], self.exams[g], self.passed[g]
+            # zip stops before RUNNING_SLOT
+            cells = [cell for cell in zip(ALL_STATUSES, gauges, ended) if cell[1] or cell[2]]
             for t in tallies:
                 t.started += started
-                t.running += gauges[RUNNING_SLOT]
-                for status, closed, n in zip(ALL_STATUSES, gauges, ended):  # stops before RUNNING_SLOT
-                    if closed:
-                        t.closed[status] += closed
-                    if n:
-                        t.ended[status] += n
+                t.running += running
+                for status, closed, n in cells:
+                    t.closed[status] += closed
+                    t.ended[status] += n
                 t.exams += exams
                 t.exams_passed += passed
             self.gauges[base:base + SLOTS] = self.ended[base:base + SLOTS] = ZERO_SLOTS
@@ -430,7 +429,8 @@ class Observed:
 def _bucketed(bounds: Sequence[float], values: list[float], clamp: bool) -> tuple[list[int], float]:
     """The count in each bucket (bucket_of) of `values`, and their sum; each value first clamped to
     0..1 (as _ratio) if `clamp`. Sorts `values` in place."""
-    if sum(values) != sum(values):  # a NaN has no place in a sorted list: one value at a time
+    total = sum(values)
+    if total != total:  # a NaN has no place in a sorted list: one value at a time
         clamped = [_ratio(v) for v in values] if clamp else values
         counts = [0] * (len(bounds) + 1)
         for value in clamped:
@@ -439,13 +439,15 @@ def _bucketed(bounds: Sequence[float], values: list[float], clamp: bool) -> tupl
     values.sort()
     if clamp:  # the values below 0 lead a sorted list and those above 1 end it
         low, high = bisect_left(values, 0.0), bisect_right(values, 1.0)
-        values[:low] = [0.0] * low
-        values[high:] = [1.0] * (len(values) - high)
+        if low or high < len(values):
+            values[:low] = [0.0] * low
+            values[high:] = [1.0] * (len(values) - high)
+            total = sum(values)
     # bucket_of puts a value in the first bucket whose bound is >= it, so the values up to a bound
     # are those in its bucket and the buckets before it.
     upto = [bisect_right(values, bound) for bound in bounds]
     upto.append(len(values))
-    return [n - m for n, m in zip(upto, [0, *upto[:-1]])], float(sum(values))
+    return [n - m for n, m in zip(upto, [0, *upto[:-1]])], float(total)
 
 
 class Instance(msgspec.Struct, gc=False):
