@@ -9,12 +9,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.demo import Traffic, latest_results_body
 from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
 from exporter.state import (
-    EXTRA_PLACES, MAX_FUTURE_SECONDS, OVERFLOW_PLACE, PROFILE_ZERO_STATUSES, RATIO_BUCKETS, FleetExport, FleetState,
-    Histogram,
+    EXTRA_PLACES, MAX_FUTURE_SECONDS, OVERFLOW_PLACE, PROFILE_ZERO_STATUSES, RATIO_BUCKETS, RUN_TIME_BUCKETS, FleetExport,
+    FleetState, Histogram, _bucketed, _ratio, bucket_of,
 )
 
 from .harness import NOW, result
@@ -122,6 +124,25 @@ def test_histogram_buckets_are_upper_inclusive(value: float, bucket: int) -> Non
     hist = Histogram((60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400))
     hist.observe(value)
     assert hist.counts.index(1) == bucket
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                          st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0, -0.0, 1.0000001, -1e-9]),
+                          st.integers(-5, 90_000).map(float)), max_size=60),
+       st.booleans(), st.sampled_from([RATIO_BUCKETS, RUN_TIME_BUCKETS]))
+def test_sorted_bucketing_is_bucket_of_each_value(values: list[float], clamp: bool,
+                                                   bounds: tuple[float, ...]) -> None:
+    """The fold buckets a group's values by sorting them (_bucketed): the reference is bucket_of,
+    value by value, after the clamp to 0..1 that ratios get (_ratio)."""
+    expected = [_ratio(v) if clamp else v for v in values]
+    counts, total = _bucketed(bounds, list(values), clamp)
+    want = [0] * (len(bounds) + 1)
+    for value in expected:
+        want[bucket_of(bounds, value)] += 1
+    assert counts == want
+    exact = math.fsum(expected) if all(math.isfinite(v) for v in expected) else sum(expected)
+    assert total == pytest.approx(exact, nan_ok=True, rel=1e-9, abs=1e-9) or math.isinf(exact)
 
 
 # -- cardinality ---------------------------------------------------------------------
@@ -339,7 +360,7 @@ def test_an_end_in_the_year_3000_is_refused_and_never_held() -> None:
 # -- the line encoder gives the encoders' own bytes ------------------------------------
 
 def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
-    """The counts of new instances wait in their bundle until apply() ends; a second sighting in
+    """The counts of new instances wait in the ledger until apply() ends; a second sighting in
     the same payload must still see them."""
     fast, plain = FleetState(2000), ReferenceState(2000)
     batch = [
