@@ -48,7 +48,8 @@ import math
 import sys
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from operator import add
+from itertools import repeat
+from operator import add, sub
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
@@ -445,9 +446,8 @@ def _bucketed(bounds: Sequence[float], values: list[float], clamp: bool) -> tupl
             total = sum(values)
     # bucket_of puts a value in the first bucket whose bound is >= it, so the values up to a bound
     # are those in its bucket and the buckets before it.
-    upto = [bisect_right(values, bound) for bound in bounds]
-    upto.append(len(values))
-    return [n - m for n, m in zip(upto, [0, *upto[:-1]])], float(total)
+    upto = [*map(bisect_right, repeat(values), bounds), len(values)]
+    return list(map(sub, upto, [0, *upto[:-1]])), float(total)
 
 
 class Instance(msgspec.Struct, gc=False):
