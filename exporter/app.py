@@ -63,6 +63,7 @@ class ExporterApp:
     ) -> None:
         """`clock` and `monotonic` are for tests: the wall clock polls are timed by, and the backoff clock."""
         self.config = config
+        self.monotonic = monotonic  # the pollers' clock: scrapes are stamped with it as they arrive (server.py)
         self._make_client = make_client or (
             lambda url, key: SkillableClient(url, key, self.config.max_response_bytes)
         )
@@ -133,9 +134,11 @@ class ExporterApp:
             wait = min(wait, scrape_timeout - TIMEOUT_OFFSET_SECONDS)
         return max(wait, MIN_SCRAPE_WAIT_SECONDS)
 
-    def metrics(self, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str]:
-        """Refresh every account (in parallel), then render. Returns (body, content type)."""
-        self._refresh(list(self.pollers.values()), self.scrape_wait(scrape_timeout_header))
+    def metrics(self, accept: str, scrape_timeout_header: str | None,
+                arrived: float | None = None) -> tuple[bytes, str]:
+        """Refresh every account (in parallel), then render. Returns (body, content type).
+        `arrived`: when the scrape came in, by self.monotonic (Poller.request)."""
+        self._refresh(list(self.pollers.values()), self.scrape_wait(scrape_timeout_header), arrived)
         encoding = choose_encoding(accept)
         return self.collector.exposition(encoding), encoding.content_type
 
@@ -158,12 +161,13 @@ class ExporterApp:
             return next(iter(self.pollers))
         return None
 
-    def probe(self, account: str, accept: str, scrape_timeout_header: str | None) -> tuple[bytes, str] | None:
+    def probe(self, account: str, accept: str, scrape_timeout_header: str | None,
+              arrived: float | None = None) -> tuple[bytes, str] | None:
         """The multi-target form: metrics of one account only, or None if there is no such account."""
         name = self.probe_account(account)
         if name is None:
             return None
-        self._refresh([self.pollers[name]], self.scrape_wait(scrape_timeout_header))
+        self._refresh([self.pollers[name]], self.scrape_wait(scrape_timeout_header), arrived)
         encoding = choose_encoding(accept)
         return self._probe_collectors[name].exposition(encoding), encoding.content_type
 
@@ -178,10 +182,10 @@ class ExporterApp:
         return head, compressor.compress(eof_of(body) if tail is None else tail) + compressor.flush()
 
     @staticmethod
-    def _refresh(pollers: list[Poller], timeout: float) -> None:
+    def _refresh(pollers: list[Poller], timeout: float, arrived: float | None = None) -> None:
         """Ask every account's worker for a poll at once, then wait for all within one deadline:
         the accounts poll in parallel in their own long-lived threads, and a scrape starts none."""
-        asked = [(poller, poller.request()) for poller in pollers]
+        asked = [(poller, poller.request(arrived)) for poller in pollers]
         deadline = time.monotonic() + timeout
         for poller, poll in asked:
             if poll is not None:

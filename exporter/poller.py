@@ -148,6 +148,7 @@ class Poller:
         self._wall = 0.0  # the wall clock as _now() last read it
         self._mono_at_success: float | None = None  # the monotonic clock at the last success
         self._result_in = False  # the poll in flight has its result in; only its after-poll hook runs
+        self._result_at: float | None = None  # the monotonic clock when the last poll's result came in
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
@@ -179,14 +180,20 @@ class Poller:
     # waits, at most its own deadline; the poll keeps the configured timeout whatever the scrape
     # sends, and a poll that outlives the scrape's wait lands for later scrapes.
 
-    def request(self) -> int | None:
+    def request(self, arrived: float | None = None) -> int | None:
         """Ask for a poll if one is due. The number of the poll to wait for, or None if none is needed.
 
-        At most one poll runs at a time: a request while one runs joins it.
+        At most one poll runs at a time: a request while one runs joins it. `arrived` is when the
+        scrape asking came in (this poller's monotonic clock): if a poll's result came in since,
+        that poll ran while the scrape was waiting to be read (or began after it came), and its
+        answer is the scrape's, as if the scrape had joined it. So a burst of scrapes is one poll
+        even when the poll keeps the exporter too busy to read them all before it ends.
         """
         with self._lock:
             if self._in_flight:
                 return self._polls_asked
+            if arrived is not None and self._result_at is not None and self._result_at >= arrived:
+                return None
             if self._closed or not self._due():
                 return None
             self._in_flight = True
@@ -202,13 +209,13 @@ class Poller:
             # Waiting ends when the poll's result is in, not when its after-poll hook is done.
             return self._done.wait_for(lambda: self._polls_done >= poll, timeout)
 
-    def refresh(self, timeout: float) -> None:
+    def refresh(self, timeout: float, arrived: float | None = None) -> None:
         """Make sure a poll happened recently enough, waiting at most `timeout` seconds.
 
         A scrape never waits longer than `timeout`, even for what no deadline can interrupt
         (a DNS lookup that hangs): it then answers from the last poll.
         """
-        poll = self.request()
+        poll = self.request(arrived)
         if poll is not None:
             self.wait(poll, timeout)
 
@@ -229,6 +236,7 @@ class Poller:
             finally:
                 with self._lock:
                     self._result_in = True
+                    self._result_at = self._monotonic()
                     self._polls_done = self._polls_asked
                     self._done.notify_all()
             if self.on_poll is not None:

@@ -51,14 +51,23 @@ class Connections:
         self._lock = threading.Lock()
         self._open: dict[socket.socket, bool] = {}  # connection -> busy; oldest first
         self._threads: dict[socket.socket, threading.Thread] = {}
+        self._accepted: dict[socket.socket, float] = {}  # connection -> when it was accepted
 
-    def admit(self, sock: socket.socket) -> bool:
-        """Make room for a new connection if needed. False if every open connection is busy."""
+    def admit(self, sock: socket.socket, accepted: float | None = None) -> bool:
+        """Make room for a new connection if needed. False if every open connection is busy.
+        `accepted`: when it was accepted (the app's monotonic clock), for accepted_at."""
         with self._lock:
             if len(self._open) >= self.limit and not self._close_oldest_idle()[0]:
                 return False
             self._open[sock] = False
+            if accepted is not None:
+                self._accepted[sock] = accepted
             return True
+
+    def accepted_at(self, sock: socket.socket) -> float | None:
+        """When the connection was accepted, the first time it is asked (its first request's arrival)."""
+        with self._lock:
+            return self._accepted.pop(sock, None)
 
     def make_room(self) -> bool:
         """No thread could be started: close the oldest idle connection and wait for its thread."""
@@ -73,6 +82,7 @@ class Connections:
         for sock, busy in self._open.items():
             if not busy:
                 del self._open[sock]
+                self._accepted.pop(sock, None)
                 try:
                     # The socket's own shutdown, under TLS too: the thread reading it returns at once.
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -98,6 +108,7 @@ class Connections:
         with self._lock:
             self._open.pop(sock, None)
             self._threads.pop(sock, None)
+            self._accepted.pop(sock, None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -156,7 +167,7 @@ class ExporterServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.admit(request):
+        if not self.connections.admit(request, self.app.monotonic()):
             log.debug("connection from %s refused: every connection is busy", client_address[0])
             self.shutdown_request(request)
             return
@@ -231,6 +242,11 @@ class Handler(BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def parse_request(self) -> bool:
+        # When the request came in: the first on a connection with its accept, a later one as its
+        # request line is read. A scrape arriving while a poll runs shares that poll, even if this
+        # thread only gets to read it after the poll has ended (Poller.request).
+        accepted = self.server.connections.accepted_at(self.connection)
+        self.arrived = accepted if accepted is not None else self.server.app.monotonic()
         rfile, watched = self.rfile, _LastLine(self.rfile)
         self.rfile = watched  # type: ignore[assignment]
         try:
@@ -263,12 +279,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if url.path == self.server.telemetry_path:
             accept = self.headers.get("Accept", "")
-            body, ctype = self.server.app.metrics(accept, self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"))
+            body, ctype = self.server.app.metrics(accept, self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
+                                                  self.arrived)
             self._send_metrics(body, ctype, self.server.app.runtime_metrics(accept))
         elif url.path == "/probe":
             account = parse_qs(url.query).get("account", [""])[0]
             answer = self.server.app.probe(
-                account, self.headers.get("Accept", ""), self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
+                account, self.headers.get("Accept", ""), self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
+                self.arrived,
             )
             if answer is None:
                 self._send(HTTPStatus.BAD_REQUEST, b"unknown or missing ?account=\n", "text/plain; charset=utf-8")

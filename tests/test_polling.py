@@ -150,6 +150,23 @@ def test_concurrent_refreshes_share_one_poll(fake: FakeSkillable) -> None:
     assert len(fake.latest_requests()) == 1
 
 
+def test_a_scrape_that_arrived_during_a_poll_it_could_not_join_is_answered_by_that_poll(fake: FakeSkillable) -> None:
+    """Every scrape polls (min interval 0), but single flight is judged by when a scrape came in:
+    one that arrived while a poll ran and was only read after it ended (a busy exporter) is that
+    poll's; one arriving after the poll's result gets a poll of its own."""
+    mono = MonotonicStub()
+    poller = make_poller(fake, min_interval=0.0, monotonic=mono)
+    arrived_during = mono()  # this scrape arrives as the first poll starts; it is read only afterwards
+    poller.refresh(5, arrived=mono())
+    mono.advance(0.5)
+    poller.refresh(5, arrived=arrived_during)
+    assert len(fake.latest_requests()) == 1
+    poller.refresh(5, arrived=mono())  # arrived after that poll's result
+    assert len(fake.latest_requests()) == 2
+    poller.refresh(5)  # no arrival time (a caller that keeps none): polls, as min interval 0 says
+    assert len(fake.latest_requests()) == 3
+
+
 def test_min_poll_interval_reuses_last_poll(fake: FakeSkillable) -> None:
     mono = MonotonicStub()
     poller = make_poller(fake, min_interval=30.0, monotonic=mono)
