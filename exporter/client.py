@@ -308,8 +308,7 @@ class SkillableClient:
                     break
         except requests.RequestException as exc:
             raise _request_error(endpoint, exc, watchdog.fired, "body cut off", self._host) from None
-        if watchdog.fired or time.monotonic() > deadline:
-            raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({size} body bytes read)")
+        _check_deadline(endpoint, size, deadline, watchdog)
         return b"".join(chunks)
 
     def _read_into(
@@ -330,18 +329,24 @@ class SkillableClient:
                 if time.monotonic() > deadline:
                     break
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            if watchdog.fired or time.monotonic() > deadline:
+            # As _request_error maps them on the chunked path: a socket read timeout is a timeout too.
+            if watchdog.fired or time.monotonic() > deadline or isinstance(exc, urllib3.exceptions.ReadTimeoutError):
                 raise ApiError(TIMEOUT, f"{endpoint}: body cut off: the deadline passed") from None
             raise ApiError(CONNECTION_RESET, f"{endpoint}: body cut off: connection reset or closed "
                                              f"({type(exc).__name__})") from None
         finally:
             view.release()
-        if watchdog.fired or time.monotonic() > deadline:
-            raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({got} body bytes read)")
+        _check_deadline(endpoint, got, deadline, watchdog)
         if got < length:
             raise ApiError(CONNECTION_RESET, f"{endpoint}: body cut off: connection closed after {got} of "
                                              f"{length} bytes")
         return buffer  # type: ignore[return-value]  # a bytearray: every decoder takes any buffer
+
+
+def _check_deadline(endpoint: str, read: int, deadline: float, watchdog: _Deadline) -> None:
+    """A body read to its end or cut off by the deadline: the latter is a timeout, whatever was read."""
+    if watchdog.fired or time.monotonic() > deadline:
+        raise ApiError(TIMEOUT, f"{endpoint}: answer not complete before the deadline ({read} body bytes read)")
 
 
 def _request_error(
