@@ -677,10 +677,7 @@ class FleetState:
                     marked[g] = 1
                     touched.append(g)
                 cell = g * SLOTS + status
-                if inst.end is None:  # gauges[gauge_slot(inst)] += 1, inlined
-                    gauges[cell - status + RUNNING_SLOT] += 1
-                else:
-                    gauges[cell] += 1
+                gauges[g * SLOTS + RUNNING_SLOT if inst.end is None else cell] += 1  # gauge_slot(inst), inlined
                 if end is not None and end >= first and not inst.ended_counted:  # rules 2 and 4
                     inst.ended_counted = True
                     ended[cell] += 1
