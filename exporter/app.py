@@ -18,7 +18,7 @@ from typing import Any, Callable
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Gauge
 
 from .client import SkillableClient
-from .collector import SkillableCollector, eof_of, gzip_head
+from .collector import SkillableCollector, eof_of, gzip_head, shared_window
 from .config import Config, ConfigError, setting_name
 from .poller import Failure, Poller
 from .render import choose_encoding
@@ -118,8 +118,7 @@ class ExporterApp:
         self.registry.register(collector)
 
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
-        windows = {poller.window_minutes for _, poller in accounts}
-        window = windows.pop() if len(windows) == 1 else None  # HELP names a window only if all share it
+        window = shared_window(poller for _, poller in accounts)
         return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles)
 
     def scrape_wait(self, scrape_timeout_header: str | None) -> float:

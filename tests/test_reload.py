@@ -17,8 +17,9 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from exporter.__main__ import build_parser, make_reloader
+from exporter.__main__ import make_reloader
 from exporter.app import RELOADABLE, ExporterApp, Reloader
+from exporter.cli import build_parser
 from exporter.config import SETTINGS, Config, load_config, setting_name
 from exporter.server import ExporterServer
 from exporter.webconfig import load_web_config

@@ -263,7 +263,7 @@ def test_new_hosts_mid_stream_are_learnt_alone_and_render_exactly(fake: FakeSkil
 @pytest.mark.parametrize("accept", ENCODINGS)
 def test_exposition_of_a_state_with_new_hosts_equals_the_encoder_at_scale(accept: str) -> None:
     """The same at 120 hosts over two datacenters, with the state driven directly."""
-    from exporter.poller import Health, PollView
+    from exporter.account import Health, PollView
 
     state = FleetState(10_000)
     state.apply([result(i, NOW - 100, NOW - 50, host=i, datacenter=i % 2) for i in range(120)], NOW - 3600)
