@@ -47,6 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TextIO
 
@@ -500,11 +501,11 @@ class Run:
                 as_of.add(account.health.last_success)
         except (OSError, KeyError, StateFileError) as exc:
             raise BackfillError(f"checkpoint {self.checkpoint} cannot be read ({exc}); use an empty folder") from None
-        resume = int(as_of.pop()) if len(as_of) == 1 and None not in as_of else None
+        resume = as_of.pop() if len(as_of) == 1 else None
         if resume is None or resume > self.opts.end:
             raise ConfigError("to", f"{self.opts.output} already holds history to "
-                                    f"{rfc3339(resume) if resume else '?'}, past --to; use an empty folder")
-        return resume
+                                    f"{rfc3339(int(resume)) if resume else '?'}, past --to; use an empty folder")
+        return int(resume)
 
     def save_state(self, path: Path, what: str) -> None:
         """Every account's memory, as of its last step (its last success: the live exporter asks from
@@ -521,7 +522,7 @@ class Run:
     def run(self, resume: int, out: TextIO) -> None:
         opts, step = self.opts, self.opts.step
         feeds = {
-            name: Feed(lambda a, b, c=account.client: fetch_results(c, a, b, opts), resume, opts.end)
+            name: Feed(partial(fetch_results, account.client, opts=opts), resume, opts.end)
             for name, account in self.accounts.items()
         }
         files: dict[int, DayFile] = {}
