@@ -204,6 +204,19 @@ def test_the_crd_check_catches_what_the_api_server_would_refuse(every_toggle):
     assert "labels.weight" in problems and "valid string" in problems
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"serviceMonitor": {"enable": True}}, "at '/serviceMonitor': additional properties 'enable' not allowed"),
+    ({"persistance": {"enabled": False}}, "additional properties 'persistance' not allowed"),
+    ({"serviceMonitor": {"interval": "30 seconds"}}, "at '/serviceMonitor/interval'"),
+    ({"replicaCount": "2"}, "at '/replicaCount': got string, want integer"),
+    ({"apiKey": {"values": {"api-key": ""}}}, "at '/apiKey/values/api-key'"),
+])
+def test_values_schema_refuses_what_would_silently_do_nothing(values, message):
+    """values.schema.json: a misspelt toggle is an error naming it, not a chart without its
+    ServiceMonitor; the exporter's own `config` is left to the exporter's check."""
+    assert message in render_error(values)
+
+
 # --------------------------------------------------------------------------
 # The Deployment
 
