@@ -327,6 +327,13 @@ def test_several_accounts_mount_the_whole_secret(every_toggle):
     assert sorted(every_toggle.one("Secret")["data"]) == ["americas", "emea"]
 
 
+def test_notes_give_the_secret_command_for_the_accounts_listed():
+    accounts = values_file("all-toggles-values.yaml")["config"]["accounts"]
+    rendered = render({"config": {"accounts": accounts}})
+    assert (f"kubectl -n {NAMESPACE} create secret generic {FULLNAME}-api-key"
+            " --from-file=emea=./emea.key --from-file=americas=./americas.key\n") in rendered.notes
+
+
 def test_demo_mode_needs_no_key():
     rendered = render({"demo": True})
     assert "--demo" in rendered.container["args"]
