@@ -649,17 +649,14 @@ class Run:
             leftover.unlink()
         for scratch in self.blocks_dir.glob(".tmp-*"):
             shutil.rmtree(scratch, ignore_errors=True)
-        settings_file = self.state_dir / "run.json"
         mine = asdict(self.settings)
-        if settings_file.exists():
-            theirs = json.loads(settings_file.read_text())
+        if self.settings_file.exists():
+            theirs = json.loads(self.settings_file.read_text())
             if theirs != mine:
                 raise ConfigError("output", f"{self.opts.output} holds a backfill with other settings "
                                             f"({theirs}); use an empty folder or the same settings")
-        else:
-            if any(self.om_dir.iterdir()) or any(self.blocks_dir.iterdir()):
-                raise ConfigError("output", f"{self.opts.output} holds files of another run; use an empty folder")
-            settings_file.write_text(json.dumps(mine))
+        elif any(self.om_dir.iterdir()) or any(self.blocks_dir.iterdir()):
+            raise ConfigError("output", f"{self.opts.output} holds files of another run; use an empty folder")
         resume = self._restore(self.accounts)
         if resume > self.opts.end:
             raise ConfigError("to", f"{self.opts.output} already holds history to {rfc3339(resume)}, past --to; "
@@ -674,6 +671,10 @@ class Run:
             for name, account in self.accounts.items()
         }
         return resume
+
+    @property
+    def settings_file(self) -> Path:
+        return self.state_dir / "run.json"
 
     def _restore(self, accounts: dict[str, Replayed]) -> int:
         """Every account's memory as of the checkpoint, into `accounts`; returns its time (--from without one)."""
@@ -740,6 +741,8 @@ class Run:
         self._began = time.monotonic()
         writing = _day(self.resume)  # the day whose file is being written
         try:
+            if not self.settings_file.exists():  # only now: a run refused before (the disk) binds no settings
+                self.settings_file.write_text(json.dumps(asdict(self.settings)))
             for t in range(self.resume, opts.end + 1, step):
                 for name, account in self.accounts.items():
                     account.step(feeds[name].take(t), t, step)
@@ -918,7 +921,8 @@ def main(argv: Sequence[str]) -> int:
                 print(f"resuming after the last complete day, from {rfc3339(resume)}", flush=True)
             print(f"backfilling {rfc3339(opts.start)} to {rfc3339(opts.end)} at {opts.step}s steps into "
                   f"{opts.output}" + ("" if opts.promtool else " (no promtool: files only)"), flush=True)
-            check_disk(run.estimate(), opts)
+            if resume < opts.end:
+                check_disk(run.estimate(), opts)
         except ConfigError as exc:
             print(f"skillable-exporter backfill: {exc}", file=sys.stderr)
             return EXIT_CONFIG
