@@ -60,11 +60,12 @@ def run_backfill(url: str, days: int, step: str, out: Path) -> tuple[float, int,
 def allocated(folder: Path) -> int:
     """Bytes allocated to the files under `folder` (0 for what vanished while walking it)."""
     total = 0
-    for path in folder.rglob("*"):
-        try:
-            total += path.lstat().st_blocks * 512
-        except FileNotFoundError:
-            pass
+    for parent, _, names in os.walk(folder):  # a folder that vanishes while walked is skipped
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
     return total
 
 
