@@ -1,7 +1,15 @@
-"""Memory of `skillable-exporter backfill` over 30 days against 3 days, in the same run.
+"""Memory of `skillable-exporter backfill` over 30 days against 3 days, in the same run; and, with
+--disk, the disk and time a demo backfill takes a day (the figures in docs/backfill.md).
 
-    python bench/backfill.py             # 3 and 30 days at 5-minute steps; writes BENCHMARKS.md
-    python bench/backfill.py --no-write  # print only
+    python3 bench/backfill.py             # 3 and 30 days at 5-minute steps; writes BENCHMARKS.md
+    python3 bench/backfill.py --no-write  # print only
+    python3 bench/backfill.py --disk      # 7 days of the demo with promtool, as a user runs it: print only
+
+--disk runs `skillable-exporter backfill --demo` with its defaults (1-minute steps, 6h blocks, the
+files deleted once their blocks exist; promtool from the PATH) over the 7 whole days before the
+last midnight, samples the output folder's disk use every 0.2 s (allocated blocks, so promtool's
+preallocated chunk file counts), and prints each day's time, file and blocks from its progress
+line, the estimate the backfill printed, the peak and what is left.
 
 The simulator (exporter.demo, a process of its own) serves /Results at 10 labs a minute, about
 100,000 lab instances a week (each gives a start and an end). The backfill runs as a process of its
@@ -49,11 +57,79 @@ def run_backfill(url: str, days: int, step: str, out: Path) -> tuple[float, int,
     return seconds, usage.ru_maxrss, size
 
 
+def allocated(folder: Path) -> int:
+    """Bytes allocated to the files under `folder` (0 for what vanished while walking it)."""
+    total = 0
+    for parent, _, names in os.walk(folder):  # a folder that vanishes while walked is skipped
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+_DAY_LINE = re.compile(r"^(day \d+ of \d+) \((\S+)\): .* samples, ([\d.]+ [kMG]?B) of OpenMetrics, ([\d.]+ [kMG]?B) "
+                       r"in (\d+) blocks, .*\(([\d.]+)s")
+
+
+def disk_run(days: int, out: Path) -> int:
+    """A demo backfill of `days` whole days with promtool, its disk and time (see the module docstring)."""
+    import threading
+
+    today = int(time.time()) // 86400 * 86400
+    start = time.strftime("%Y-%m-%d", time.gmtime(today - days * 86400))
+    end = time.strftime("%Y-%m-%d", time.gmtime(today))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    peak = [0]
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            peak[0] = max(peak[0], allocated(out) if out.exists() else 0)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={start}", f"--to={end}", f"--output={out}",
+         "--label=job=skillable", "--label=instance=bench:10180", "--prometheus.retention=60d"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    seconds = time.monotonic() - began
+    running.clear()
+    sampler.join()
+    if done.returncode != 0:
+        raise SystemExit(f"backfill failed: {done.stderr}")
+    print(f"{days} days of the demo, {start} to {end}, default settings (1m steps, 6h blocks, files deleted):")
+    print(next(line for line in done.stdout.splitlines() if line.startswith("disk: ")))
+    print("\n".join(line for line in done.stdout.splitlines() if line.startswith("day ")))
+    print("| Day | Time | OpenMetrics | Blocks |\n|---|---|---|---|")
+    for line in done.stdout.splitlines():
+        match = _DAY_LINE.match(line)
+        if match:
+            day, date, om, blocks, count, took = match.groups()
+            print(f"| {day} ({date}) | {float(took):.1f} s | {om} | {blocks} ({count}) |")
+    left = allocated(out)
+    blocks = allocated(out / "blocks")
+    print(f"wall time {seconds:.0f} s ({seconds / days:.1f} s a day); peak disk {peak[0] / 1e6:.0f} MB "
+          f"(with promtool's preallocation); left {left / 1e6:.1f} MB, of which blocks {blocks / 1e6:.1f} MB; "
+          f"OpenMetrics files left: {len(list(out.rglob('*.om')))}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--step", default="5m")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--disk", action="store_true", help="disk and time a day of a demo backfill (print only)")
+    parser.add_argument("--days", type=int, default=7, help="with --disk: how many days")
     args = parser.parse_args()
+    if args.disk:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+            return disk_run(args.days, Path(tmp) / "out")
     sim = subprocess.Popen([sys.executable, "-m", "exporter.demo", f"--labs-per-minute={LABS_PER_MINUTE}"],
                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -24,11 +24,18 @@ The replay, and the rules it counts by (docs/backfill.md explains the procedure 
   exporter restored from it continues every counter, asks only for the minutes since --to, and its
   per-instance memory keeps it from counting the last window again.
 
-A day is complete when its file is renamed from `.tmp` and its blocks are made; only then is the
-checkpoint (the state as of the day's end, in the state-file format) written, so a failed run
-leaves no complete-looking file for an incomplete day, and a rerun resumes after the last
-complete day. A checkpoint or state file that cannot be written stops the run (exit 1, one line).
-Memory holds one day of /Results and the current state, never the whole range.
+A day is complete when its checkpoint is written (the state as of the day's end, in the state-file
+format), and that comes last: the file renamed from `.tmp`, its blocks made, the file deleted
+(unless --keep-openmetrics), then the checkpoint. A rerun resumes from the checkpoint and first
+removes what a run that died after it left of later days: their files, and their blocks, which
+are known by the time of their first sample (a day's blocks hold only that day). So no day is
+lost or written twice. Whatever cannot be written (a full disk, in a file, in promtool or in the
+checkpoint) stops the run with one line naming the day (exit 1), the day taken away again.
+
+Before any work, --output is refused (exit 2, one line) when it cannot hold files; before the
+replay, when its filesystem has less room than the estimate (DiskEstimate, from the first day of
+/Results) unless --no-disk-check. Memory holds one day of /Results and the current state, never
+the whole range.
 
 The replay builds no ExporterApp and starts no poller or thread: each account is its memory
 (account.py) and a client, read by the same collector a scrape uses, and the lines are written
@@ -61,7 +68,8 @@ from .collector import PLACE, SkillableCollector, shared_window
 from .config import Account, Config, ConfigError, load_config
 from .failures import UNAUTHORIZED, backoff_seconds, failure_reason, retry_after
 from .model import LabResult, decode_latest_results
-from .persistence import StateFileError, StatePathError, read_state_file, restore_account, write_state_file
+from .persistence import (StateFileError, StatePathError, encode_account, read_state_file, restore_account,
+                          write_state_file)
 from .render import LineEncoder, Rows, choose_encoding
 from .state import FleetState
 
@@ -144,10 +152,12 @@ class Options:
     output: Path
     labels: tuple[tuple[str, str], ...]
     promtool: str | None  # None: write the files only
-    block_duration: str
+    max_block_seconds: int  # --max-block-duration
     retention: int
     request_timeout: float
     retries: int
+    keep_openmetrics: bool = False  # keep each day's file once its blocks exist
+    disk_check: bool = True  # refuse to start when --output's filesystem cannot hold the estimate
 
 
 def parse_options(args: argparse.Namespace, now: float) -> Options:
@@ -182,8 +192,29 @@ def parse_options(args: argparse.Namespace, now: float) -> Options:
     if any((output / marker).exists() for marker in ("wal", "chunks_head", "lock")):
         raise ConfigError("output", f"{output} looks like a Prometheus data folder; backfill never writes "
                                     "into one (give an empty folder, then move the blocks)")
-    return Options(start, end, step, output, labels, promtool, f"{block}s",
-                   parse_duration("prometheus.retention", args.bf_retention), timeout, retries)
+    return Options(start, end, step, output, labels, promtool, block,
+                   parse_duration("prometheus.retention", args.bf_retention), timeout, retries,
+                   args.bf_keep_openmetrics, not args.bf_no_disk_check)
+
+
+def check_output(output: Path) -> None:
+    """Refuse, before any work, an --output that cannot hold files: a regular file, a folder under
+    one, a read-only mount, a folder this user cannot write, a disk already full. Creates the folder,
+    then writes, syncs and removes a byte in it, as the run will. Raises ConfigError (one line)."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError("output", f"{output} is not a folder")
+    probe = output / f".backfill-probe-{os.getpid()}"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError("output", f"{output} cannot be written ({exc.strerror or exc})") from None
 
 
 # -- reading /Results ------------------------------------------------------------
@@ -253,6 +284,7 @@ class Feed:
 
     def __init__(self, fetch: Callable[[int, int], Read], start: int, end: int) -> None:
         self._fetch = fetch
+        self._start = start
         self._loaded_to = start  # every event before this is in _events (or was taken)
         self._end = end
         self._events: list[tuple[int, int, LabResult]] = []
@@ -276,6 +308,14 @@ class Feed:
                 invalid, self._invalid = self._invalid, 0
                 return Read(list(out.values()), invalid)
             self._load()
+
+    def preview(self) -> tuple[Read, int, int]:
+        """The first window's events as one step would take them, without taking them, and the window
+        [start, end): what the disk estimate replays. The window is read once; take() uses it."""
+        if self._loaded_to == self._start < self._end:
+            self._load()
+        latest = {result.lab_instance_id: result for _, _, result in self._events[self._next:]}
+        return Read(list(latest.values()), self._invalid), self._start, self._loaded_to
 
     def _load(self) -> None:
         start = self._loaded_to
@@ -340,10 +380,11 @@ class DayFile:
     def __init__(self, folder: Path, start: int, header: str, trailer: str) -> None:
         self.start = start
         self.path = folder / f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%dT%H%M%SZ}.om"
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._handle: TextIO = open(self._tmp, "w", encoding="utf-8", buffering=1 << 20)
+        self.temporary = self.path.with_name(self.path.name + ".tmp")
+        self._handle: TextIO = open(self.temporary, "w", encoding="utf-8", buffering=1 << 20)
         self._handle.write(header)
         self._trailer = trailer
+        self.opened = time.monotonic()
         self.samples = 0
         self.steps = 0
         self.series = 0  # the most series of a step
@@ -361,23 +402,27 @@ class DayFile:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
-        os.replace(self._tmp, self.path)
+        os.replace(self.temporary, self.path)
         return self.path
 
     def discard(self) -> None:
-        self._handle.close()
-        self._tmp.unlink(missing_ok=True)
+        """Close and remove the unfinished file; a close that fails (its buffer on a full disk) is ignored."""
+        try:
+            self._handle.close()
+        except OSError:
+            pass
+        self.temporary.unlink(missing_ok=True)
 
 
 # -- blocks ------------------------------------------------------------------------
 
 
-def make_blocks(promtool: str, om_file: Path, blocks: Path, block_duration: str) -> list[str]:
+def make_blocks(promtool: str, om_file: Path, blocks: Path, block_seconds: int) -> list[str]:
     """promtool's blocks for one file, made in a folder of their own, then moved into `blocks`."""
     scratch = blocks / f".tmp-{om_file.stem}"
     shutil.rmtree(scratch, ignore_errors=True)
     done = subprocess.run(
-        [promtool, "tsdb", "create-blocks-from", f"--max-block-duration={block_duration}", "openmetrics",
+        [promtool, "tsdb", "create-blocks-from", f"--max-block-duration={block_seconds}s", "openmetrics",
          str(om_file), str(scratch)],
         capture_output=True, text=True,
     )
@@ -392,6 +437,123 @@ def make_blocks(promtool: str, om_file: Path, blocks: Path, block_duration: str)
             made.append(entry.name)
     shutil.rmtree(scratch, ignore_errors=True)
     return made
+
+
+def remove_blocks_since(blocks: Path, since: int) -> None:
+    """Remove the blocks whose first sample is at or after `since`. A day's file holds only the samples
+    of that day, and promtool's blocks keep within their file's time range, so this removes the blocks
+    of the days from `since` on, and only them: a block is marked with its day by its own meta.json.
+    A block whose meta.json cannot be read was never complete (promtool writes it last): removed too."""
+    for entry in blocks.iterdir() if blocks.exists() else []:
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            first = json.loads((entry / "meta.json").read_text())["minTime"] // 1000
+        except (OSError, ValueError, KeyError, TypeError):
+            first = since
+        if first >= since:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# -- disk ------------------------------------------------------------------------
+
+# Blocks as promtool 2.42 writes them, measured on the demo (docs/backfill.md, "Disk and time"):
+# about 125 bytes a series in each block (its index entry, chunk headers) plus 0.75 bytes a sample
+# (compressed chunks). A whole day at the 6h default is 4 blocks: 500 bytes a series a day, plus
+# 1,080 at 1-minute steps.
+BLOCK_BYTES_PER_SERIES = 125
+BLOCK_BYTES_PER_SAMPLE = 0.75
+# Room for what the first day cannot show: series that appear later in the range (new hosts and lab
+# profiles), counters with more digits, the filesystem's rounding of small files.
+DISK_MARGIN = 1.25
+# promtool (2.42) preallocates each block's chunk file at the TSDB's segment size, 512 MiB, and cuts it
+# to size when the block is written: without that much free beside the files, no block can be made
+# ("write chunks: preallocate: no space left on device", verified on ext4 and tmpfs).
+PROMTOOL_PREALLOCATED_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """The disk a backfill needs on --output's filesystem at its fullest, in bytes. OpenMetrics: the
+    bytes of a step (the series of the first day as the encoder writes them) times the steps of a
+    day; kept for every day (--keep-openmetrics, or no promtool) or one day at a time (deleted once
+    its blocks exist). Blocks: the measured bytes per series and sample above. The checkpoint: twice
+    the state (written to a temporary file, then renamed)."""
+
+    series: int
+    days: int
+    openmetrics_day: int  # the largest day's file
+    openmetrics: int  # what is on disk of the files at most at once
+    blocks: int
+    checkpoint: int
+    every_day_kept: bool
+    promtool: int  # promtool's room while it writes a block (PROMTOOL_PREALLOCATED_BYTES), 0 without it
+
+    @property
+    def total(self) -> int:
+        return int((self.openmetrics + self.blocks + self.checkpoint) * DISK_MARGIN) + self.promtool
+
+    def describe(self) -> str:
+        files = (f"OpenMetrics {size_text(self.openmetrics)} (all {self.days} days kept)" if self.every_day_kept
+                 else f"OpenMetrics {size_text(self.openmetrics)} (one day at a time, deleted once its blocks exist)")
+        blocks = f", blocks {size_text(self.blocks)}" if self.blocks else ""
+        promtool = f", and {size_text(self.promtool)} promtool preallocates while it writes a block" \
+            if self.promtool else ""
+        return (f"about {size_text(self.total)} for {self.days} days of {self.series} series: {files}{blocks}, "
+                f"checkpoint {size_text(self.checkpoint)}, plus {DISK_MARGIN - 1:.0%}{promtool}")
+
+
+def block_seconds(max_block_duration: int) -> int:
+    """The blocks promtool makes for --max-block-duration: the longest of 2h, 6h, 18h, 54h ... (each 3
+    times the last) within it, aligned to the epoch."""
+    seconds = 7200
+    while seconds * 3 <= max_block_duration:
+        seconds *= 3
+    return seconds
+
+
+def estimate_disk(series: int, step_bytes: int, file_bytes: int, state_bytes: int, start: int, end: int,
+                  step: int, blocks: int | None, keep: bool) -> DiskEstimate:
+    """The estimate for the steps in [start, end): `step_bytes` a step, `file_bytes` a file besides (its
+    header and trailer), `blocks` the seconds of promtool's blocks (None: no promtool), `keep` whether
+    the files stay once their blocks exist."""
+    days = [(max(day, start), min(day + DAY, end)) for day in range(_day(start), end, DAY)]
+    steps = [-(-(last - first) // step) for first, last in days]
+    files = [file_bytes + n * step_bytes for n in steps]
+    kept = keep or not blocks
+    block_bytes = 0.0
+    for (first, last), n in zip(days, steps):
+        count = -(-last // blocks) - first // blocks if blocks else 0  # the block windows the day touches
+        block_bytes += series * (BLOCK_BYTES_PER_SERIES * count + BLOCK_BYTES_PER_SAMPLE * n)
+    return DiskEstimate(series, len(steps), max(files, default=0), sum(files) if kept else max(files, default=0),
+                        int(block_bytes) if blocks else 0, 2 * state_bytes, kept,
+                        PROMTOOL_PREALLOCATED_BYTES if blocks else 0)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def free_bytes(folder: Path) -> int:
+    """What this user may still write on the filesystem of `folder`."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def size_text(size: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
+def duration_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # -- the run -----------------------------------------------------------------------
@@ -448,9 +610,7 @@ class Run:
         self.config = config
         self.opts = opts
         self.accounts = replayed(config)
-        accounts = list(self.accounts.items())
-        self.collector = SkillableCollector(accounts, config.names, shared_window(self.accounts.values()),
-                                            config.max_lab_profiles)
+        self.collector = self._collector(self.accounts)
         self.lines = SampleLines(opts.labels)
         self.om_dir = opts.output / "openmetrics"
         self.blocks_dir = opts.output / "blocks"
@@ -459,6 +619,12 @@ class Run:
             opts.start, opts.step, [list(label) for label in opts.labels], [a.name for a in config.accounts],
             [a.window_minutes for a in config.accounts], config.max_lab_hosts,
         )
+        self.feeds: dict[str, Feed] = {}
+        self.resume = opts.start
+
+    def _collector(self, accounts: dict[str, Replayed]) -> SkillableCollector:
+        return SkillableCollector(list(accounts.items()), self.config.names, shared_window(accounts.values()),
+                                  self.config.max_lab_profiles)
 
     def close(self) -> None:
         for account in self.accounts.values():
@@ -472,39 +638,61 @@ class Run:
 
     def prepare(self) -> int:
         """Create the folders, clear what an interrupted run left half-done, and return where to start:
-        --from, or the end of the last complete day of an earlier run with the same settings."""
+        --from, or the end of the last complete day of an earlier run with the same settings.
+
+        The checkpoint is what makes a day complete. A run that died after a day's blocks were made but
+        before its checkpoint was written left that day's blocks (and file): they are removed here, by
+        the time of their first sample, so the rerun writes the day once."""
         for folder in (self.om_dir, self.blocks_dir, self.state_dir):
             folder.mkdir(parents=True, exist_ok=True)
         for leftover in self.om_dir.glob("*.tmp"):
             leftover.unlink()
         for scratch in self.blocks_dir.glob(".tmp-*"):
             shutil.rmtree(scratch, ignore_errors=True)
-        settings_file = self.state_dir / "run.json"
         mine = asdict(self.settings)
-        if settings_file.exists():
-            theirs = json.loads(settings_file.read_text())
+        if self.settings_file.exists():
+            theirs = json.loads(self.settings_file.read_text())
             if theirs != mine:
                 raise ConfigError("output", f"{self.opts.output} holds a backfill with other settings "
                                             f"({theirs}); use an empty folder or the same settings")
-        else:
-            if any(self.om_dir.iterdir()) or any(self.blocks_dir.iterdir()):
-                raise ConfigError("output", f"{self.opts.output} holds files of another run; use an empty folder")
-            settings_file.write_text(json.dumps(mine))
+        elif any(self.om_dir.iterdir()) or any(self.blocks_dir.iterdir()):
+            raise ConfigError("output", f"{self.opts.output} holds files of another run; use an empty folder")
+        resume = self._restore(self.accounts)
+        if resume > self.opts.end:
+            raise ConfigError("to", f"{self.opts.output} already holds history to {rfc3339(resume)}, past --to; "
+                                    "use an empty folder")
+        for kept in self.om_dir.glob("*.om"):
+            if _file_start(kept) >= resume:
+                kept.unlink()
+        remove_blocks_since(self.blocks_dir, resume)
+        self.resume = resume
+        self.feeds = {
+            name: Feed(partial(fetch_results, account.client, opts=self.opts), resume, self.opts.end)
+            for name, account in self.accounts.items()
+        }
+        return resume
+
+    @property
+    def settings_file(self) -> Path:
+        return self.state_dir / "run.json"
+
+    def _restore(self, accounts: dict[str, Replayed]) -> int:
+        """Every account's memory as of the checkpoint, into `accounts`; returns its time (--from without one)."""
         if not self.checkpoint.exists():
             return self.opts.start
         try:
             saved = read_state_file(str(self.checkpoint))
             as_of = set()
-            for name, account in self.accounts.items():
+            for name, account in accounts.items():
                 memory = restore_account(saved[name], account.state)
                 account.state, account.health = memory.state, memory.health
                 as_of.add(account.health.last_success)
         except (OSError, KeyError, StateFileError) as exc:
             raise BackfillError(f"checkpoint {self.checkpoint} cannot be read ({exc}); use an empty folder") from None
         resume = as_of.pop() if len(as_of) == 1 else None
-        if resume is None or resume > self.opts.end:
-            raise ConfigError("to", f"{self.opts.output} already holds history to "
-                                    f"{rfc3339(int(resume)) if resume else '?'}, past --to; use an empty folder")
+        if resume is None:
+            raise ConfigError("output", f"{self.opts.output} holds a checkpoint without one time for every account; "
+                                        "use an empty folder")
         return int(resume)
 
     def save_state(self, path: Path, what: str) -> None:
@@ -517,19 +705,45 @@ class Run:
         except OSError as exc:
             raise BackfillError(f"the {what} {path} could not be written ({exc.strerror or exc})") from None
 
+    # the disk it needs
+
+    def estimate(self) -> DiskEstimate:
+        """The disk the rest of the run needs (DiskEstimate), from the first window of /Results (read
+        once: the replay takes it from there) replayed as one step on a copy of the state: the series
+        the collector then serves, as the encoder writes them, are the series of every step."""
+        c = self.config
+        probe: dict[str, Replayed] = {}
+        for name, account in self.accounts.items():
+            memory = empty_memory(c.max_lab_hosts, c.max_lab_profiles, c.max_running_minutes)
+            probe[name] = Replayed(account.client, account.window_minutes, account.max_running_minutes,
+                                   memory.state, memory.health)
+        self._restore(probe)
+        at = self.resume
+        for name, account in probe.items():
+            read, start, end = self.feeds[name].preview()
+            account.step(read, end, end - start)
+            at = max(at, end)
+        families = self._collector(probe).lab_parts()
+        series, values = self.lines.starts(families, at)
+        step_bytes = len(self.lines.lines(series, values, at).encode())
+        file_bytes = len((self.lines.header(families) + self.lines.trailer).encode())
+        state_bytes = sum(len(encode_account(account)) for account in probe.values()) + 1024
+        return estimate_disk(len(series), step_bytes, file_bytes, state_bytes, self.resume, self.opts.end,
+                             self.opts.step, block_seconds(self.opts.max_block_seconds) if self.opts.promtool else None,
+                             self.opts.keep_openmetrics)
+
     # the replay
 
-    def run(self, resume: int, out: TextIO) -> None:
-        opts, step = self.opts, self.opts.step
-        feeds = {
-            name: Feed(partial(fetch_results, account.client, opts=opts), resume, opts.end)
-            for name, account in self.accounts.items()
-        }
+    def run(self, out: TextIO) -> None:
+        opts, step, feeds = self.opts, self.opts.step, self.feeds
         files: dict[int, DayFile] = {}
         previous: list[str] | None = None  # series of the step before: None at the start (nothing to zero)
-        began = time.monotonic()
+        self._began = time.monotonic()
+        writing = _day(self.resume)  # the day whose file is being written
         try:
-            for t in range(resume, opts.end + 1, step):
+            if not self.settings_file.exists():  # only now: a run refused before (the disk) binds no settings
+                self.settings_file.write_text(json.dumps(asdict(self.settings)))
+            for t in range(self.resume, opts.end + 1, step):
                 for name, account in self.accounts.items():
                     account.step(feeds[name].take(t), t, step)
                 families = self.collector.lab_parts()
@@ -538,42 +752,82 @@ class Run:
                     seen = set(previous)
                     born = [start for start in series if start not in seen]
                     if born:
+                        writing = _day(t - step)
                         text = self.lines.lines(born, [0] * len(born), t - step)
-                        files[_day(t - step)].write(text, len(born), step=False)
+                        files[writing].write(text, len(born), step=False)
                 previous = series
                 for day in [d for d in files if d != _day(t) or t == opts.end]:
-                    self._complete(files.pop(day), feeds, out, began)
-                    began = time.monotonic()
+                    self._complete(files.pop(day), t, out)
                 if t < opts.end:
-                    if _day(t) not in files:
-                        files[_day(t)] = DayFile(self.om_dir, t, self.lines.header(families), self.lines.trailer)
-                    files[_day(t)].write(self.lines.lines(series, values, t), len(series))
-        except BaseException:
+                    writing = _day(t)
+                    if writing not in files:
+                        files[writing] = DayFile(self.om_dir, t, self.lines.header(families), self.lines.trailer)
+                    files[writing].write(self.lines.lines(series, values, t), len(series))
+        except OSError as exc:  # a full disk, mostly: the day's file is removed below, complete days stay
+            what = exc.filename or (files[writing].temporary if writing in files else self.om_dir)
+            raise BackfillError(f"{self._day_name(writing)}: {what} could not be written "
+                                f"({exc.strerror or exc})") from None
+        finally:
             for file in files.values():
                 file.discard()
-            raise
+        if opts.promtool and not opts.keep_openmetrics:
+            try:
+                self.om_dir.rmdir()  # empty: every day's file made way for its blocks
+            except OSError:
+                pass
 
-    def _complete(self, file: DayFile, feeds: dict[str, Feed], out: TextIO, began: float) -> None:
-        """A day is done: its file renamed into place, its blocks made, then the checkpoint as of its end
-        (every account's last step). A checkpoint that cannot be written takes the day's file and blocks
-        away again, so the folder holds exactly the days a rerun will not write again."""
-        path = file.finish()
-        blocks = make_blocks(self.opts.promtool, path, self.blocks_dir, self.opts.block_duration) \
-            if self.opts.promtool else None
+    def _day_name(self, start: int) -> str:
+        """'day N of M (YYYY-MM-DD)': N and M count the days of the whole range, resumed or not."""
+        first, last = _day(self.opts.start), _day(self.opts.end - 1)
+        return f"day {(_day(start) - first) // DAY + 1} of {(last - first) // DAY + 1} ({rfc3339(start)[:10]})"
+
+    def _complete(self, file: DayFile, t: int, out: TextIO) -> None:
+        """A day is done (t is the first step after it): its file renamed into place, its blocks made and
+        the file deleted (unless kept), then the checkpoint as of its end (every account's last step).
+        Whatever fails before the checkpoint is written takes the day's file and blocks away again, so
+        the folder holds exactly the days a rerun will not write again."""
+        name = self._day_name(file.start)
+        path = file.path
+        blocks: list[str] | None = None
         try:
+            try:
+                path = file.finish()
+                file_bytes = path.stat().st_size
+                if self.opts.promtool:
+                    blocks = make_blocks(self.opts.promtool, path, self.blocks_dir, self.opts.max_block_seconds)
+                    if not self.opts.keep_openmetrics:
+                        path.unlink()
+            except OSError as exc:
+                raise BackfillError(f"{name}: {exc.filename or path} could not be written "
+                                    f"({exc.strerror or exc})") from None
+            except BackfillError as exc:
+                raise BackfillError(f"{name}: {exc}") from None
             self.save_state(self.checkpoint, f"checkpoint of {rfc3339(file.start)[:10]}")
-        except BackfillError:
+        except BaseException:
+            file.discard()
             path.unlink(missing_ok=True)
-            for block in blocks or []:
-                shutil.rmtree(self.blocks_dir / block, ignore_errors=True)
+            remove_blocks_since(self.blocks_dir, file.start)
             raise
-        results = sum(f.results for f in feeds.values())
-        invalid = sum(f.invalid for f in feeds.values())
-        made = f", {len(blocks)} blocks" if blocks is not None else ""
+        results = sum(f.results for f in self.feeds.values())
+        invalid = sum(f.invalid for f in self.feeds.values())
+        made = f", {size_text(sum(folder_bytes(self.blocks_dir / b) for b in blocks))} in {len(blocks)} blocks" \
+            if blocks is not None else ""
         skipped = f", {invalid} invalid records skipped" if invalid else ""
-        print(f"{rfc3339(file.start)[:10]}: {file.steps} steps, {file.series} series, {file.samples} samples"
-              f"{made}, {results} results read so far{skipped} ({time.monotonic() - began:.1f}s) -> {path}",
-              file=out, flush=True)
+        elapsed = time.monotonic() - self._began
+        done, left = t - self.resume, self.opts.end - t
+        eta = f", about {duration_text(elapsed * left / done)} left" if left > 0 and done > 0 else ""
+        where = f" -> {path}" if path.exists() else ""
+        print(f"{name}: {file.steps} steps, {file.series} series, {file.samples} samples, {size_text(file_bytes)} "
+              f"of OpenMetrics{made}, {results} results "
+              f"read so far{skipped} ({time.monotonic() - file.opened:.1f}s{eta}){where}", file=out, flush=True)
+
+
+def _file_start(path: Path) -> int:
+    """The first step of a day's file, from its name (DayFile.path)."""
+    try:
+        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=timezone.utc).timestamp())
+    except ValueError:
+        return 0
 
 
 def _day(t: int) -> int:
@@ -604,6 +858,20 @@ def next_steps(opts: Options, state_file: str | None, made_blocks: bool) -> str:
     return "\n".join(lines)
 
 
+def check_disk(estimate: DiskEstimate, opts: Options) -> None:
+    """Print the estimate; refuse (ConfigError, one line) when --output's filesystem has less room,
+    unless --no-disk-check says the estimate is wrong (then warn and go on)."""
+    free = free_bytes(opts.output)
+    print(f"disk: {estimate.describe()}; {size_text(free)} free in {opts.output}", flush=True)
+    if estimate.total <= free:
+        return
+    problem = (f"{opts.output} has {size_text(free)} free, the backfill needs {estimate.describe()}: "
+               "free some space, backfill fewer days or into another folder")
+    if opts.disk_check:
+        raise ConfigError("output", problem + ", or pass --no-disk-check if the estimate is wrong")
+    print(f"skillable-exporter backfill: warning: {problem} (going on: --no-disk-check)", file=sys.stderr)
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_backfill_parser().parse_args(list(argv))
     now = time.time()
@@ -622,6 +890,11 @@ def main(argv: Sequence[str]) -> int:
     if args.config_check:
         print("skillable-exporter backfill: configuration is valid")
         return 0
+    try:
+        check_output(opts.output)
+    except ConfigError as exc:
+        print(f"skillable-exporter backfill: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     simulator = None
     if config.demo:
         import dataclasses
@@ -644,14 +917,16 @@ def main(argv: Sequence[str]) -> int:
     try:
         try:
             resume = run.prepare()
+            if resume > opts.start:
+                print(f"resuming after the last complete day, from {rfc3339(resume)}", flush=True)
+            print(f"backfilling {rfc3339(opts.start)} to {rfc3339(opts.end)} at {opts.step}s steps into "
+                  f"{opts.output}" + ("" if opts.promtool else " (no promtool: files only)"), flush=True)
+            if resume < opts.end:
+                check_disk(run.estimate(), opts)
         except ConfigError as exc:
             print(f"skillable-exporter backfill: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        if resume > opts.start:
-            print(f"resuming after the last complete day, from {rfc3339(resume)}", flush=True)
-        print(f"backfilling {rfc3339(opts.start)} to {rfc3339(opts.end)} at {opts.step}s steps into {opts.output}"
-              + ("" if opts.promtool else " (no promtool: files only)"), flush=True)
-        run.run(resume, sys.stdout)
+        run.run(sys.stdout)
         if state_file:
             run.save_state(Path(state_file), "state file")
             print(f"state as of {rfc3339(opts.end)} written to {state_file}")

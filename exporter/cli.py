@@ -136,6 +136,11 @@ def build_backfill_parser() -> argparse.ArgumentParser:
                        default=DEFAULT_RETENTION,
                        help="the target Prometheus' --storage.tsdb.retention.time: older history is warned "
                             f"about, since Prometheus deletes it at once [default: {DEFAULT_RETENTION}]")
+    group.add_argument("--keep-openmetrics", dest="bf_keep_openmetrics", action="store_true",
+                       help="keep each day's OpenMetrics file [default: deleted once promtool made its blocks]")
+    group.add_argument("--no-disk-check", dest="bf_no_disk_check", action="store_true",
+                       help="start even when the estimate of the disk needed exceeds the free space of --output's "
+                            "filesystem (it is an estimate: docs/backfill.md)")
     group.add_argument("--request-timeout", dest="bf_timeout", metavar="SECONDS", default="120",
                        help="total seconds one /Results request may take [default: 120]")
     group.add_argument("--retries", dest="bf_retries", metavar="N", default="3",

@@ -151,7 +151,7 @@ def test_a_long_range_is_read_in_windows_the_api_allows_and_old_history_is_warne
     start = end - 9 * DAY  # more than the 7 days /Results allows at once
     traffic(fake, start, end, per_hour=1)
     done = backfill(fake, f"--from={iso(start)}", f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
-                    "--label=instance=x:1", "--prometheus.retention=5d", "--step=5m")
+                    "--label=instance=x:1", "--prometheus.retention=5d", "--step=5m", "--keep-openmetrics")
     assert done.returncode == 0, done.stderr
     assert "older than the retention (5d)" in done.stderr
     asked = [dict(p.split("=") for p in s.query.split("&")) for s in fake.results_requests()]
@@ -181,7 +181,8 @@ def test_an_api_failure_mid_way_keeps_only_complete_days_and_a_rerun_resumes(
 
     fake.fault_always(fail_second_day)
     out = tmp_path / "out"
-    args = (f"--from={iso(start)}", f"--to={iso(end)}", "--label=job=skillable", "--label=instance=x:1", "--retries=1", "--step=5m")
+    args = (f"--from={iso(start)}", f"--to={iso(end)}", "--label=job=skillable", "--label=instance=x:1", "--retries=1",
+            "--keep-openmetrics", "--step=5m")
     first = backfill(fake, *args, f"--output={out}")
     assert first.returncode == 1
     assert "stopped" in first.stderr and "reason=api_error" in first.stderr and "resume" in first.stderr
@@ -208,7 +209,8 @@ def test_a_day_too_large_for_the_response_limit_is_read_in_smaller_windows(
     end = int(fake.clock()) // DAY * DAY
     records = traffic(fake, end - DAY, end)
     done = backfill(fake, f"--from={iso(end - DAY)}", f"--to={iso(end)}", f"--output={tmp_path}", "--step=5m",
-                    "--label=job=skillable", "--label=instance=x:1", env={"SKILLABLE_MAX_RESPONSE_BYTES": "8192"})
+                    "--label=job=skillable", "--label=instance=x:1", "--keep-openmetrics",
+                    env={"SKILLABLE_MAX_RESPONSE_BYTES": "8192"})
     assert done.returncode == 0, done.stderr
     spans = [dict(p.split("=") for p in s.query.split("&")) for s in fake.results_requests()]
     assert len(spans) > 2 and min(int(q["end"]) - int(q["start"]) for q in spans) < DAY / 4
@@ -233,7 +235,8 @@ def test_several_accounts_are_backfilled_side_by_side_with_their_account_label(
                                                    {"name": "west", "api_key_env": "KEY_WEST", "api_url": fake.url}]}))
     key = fake.state.api_key
     done = backfill(fake, f"--config.file={config}", f"--from={iso(end - 7200)}", f"--to={iso(end)}", "--step=5m",
-                    f"--output={tmp_path / 'out'}", "--label=job=skillable", env={"KEY_EAST": key, "KEY_WEST": key})
+                    f"--output={tmp_path / 'out'}", "--label=job=skillable", "--keep-openmetrics",
+                    env={"KEY_EAST": key, "KEY_WEST": key})
     assert done.returncode == 0, done.stderr
     text = next((tmp_path / "out" / "openmetrics").glob("*.om")).read_text()
     for account in ("east", "west"):
@@ -251,7 +254,7 @@ def test_backfill_help_lists_only_what_backfill_reads() -> None:
     flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9.-]*)", done.stdout, flags=re.M))
     settings = {f"--{name}" for name in BACKFILL_SETTINGS}
     own = {"--from", "--to", "--output", "--label", "--step", "--promtool", "--max-block-duration",
-           "--prometheus.retention", "--request-timeout", "--retries"}
+           "--prometheus.retention", "--request-timeout", "--retries", "--keep-openmetrics", "--no-disk-check"}
     assert flags == {"--help", "--config.file", "--config.check", "--demo"} | settings | own
     served = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9.-]*)", build_parser().format_help(), flags=re.M))
     assert {"--web.listen-address", "--log.level", "--skillable.timeout", "--collector.stats"} <= served - flags
@@ -272,7 +275,8 @@ def test_a_record_without_lab_instance_id_is_counted_invalid_as_the_live_exporte
     fake.add(lab(1, end - 3000, end - 2000, status=4), broken)
     state = tmp_path / "state.json"
     done = backfill(fake, f"--from={iso(end - 3600)}", f"--to={iso(end)}", f"--output={tmp_path / 'out'}",
-                    "--step=5m", "--label=job=skillable", "--label=instance=x:1", f"--storage.state-file={state}")
+                    "--step=5m", "--label=job=skillable", "--label=instance=x:1", f"--storage.state-file={state}",
+                    "--keep-openmetrics")
     assert done.returncode == 0, done.stderr
     assert "1 invalid records skipped" in done.stdout
     saved = read_state_file(str(state))[""]
@@ -313,7 +317,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_writes_th
     traffic(fake, end - 7200, end)
     out = tmp_path / "out"
     args = (f"--from={iso(end - 7200)}", f"--to={iso(end)}", f"--output={out}", "--step=5m",
-            "--label=job=skillable", "--label=instance=x:1")
+            "--label=job=skillable", "--label=instance=x:1", "--keep-openmetrics")
     done = backfill(fake, *args, full_disk=out / ".backfill")
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -332,7 +336,7 @@ def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(end - 3600)}",
                            f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
-                           "--label=instance=x:1", "--step=5m"],
+                           "--label=instance=x:1", "--step=5m", "--keep-openmetrics"],
                           cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     [om] = (tmp_path / "openmetrics").glob("*.om")
