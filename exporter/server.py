@@ -181,6 +181,11 @@ class Connections:
         self._open.pop(connection, None)
         self._by_transport.pop(connection.transport, None)  # type: ignore[arg-type]
 
+    def close_idle(self) -> None:
+        for connection in list(self._open):
+            if not connection.busy and connection.transport is not None:
+                connection.transport.close()
+
     def sweep(self, now: float) -> None:
         """Abort the connections that have been closing for CLOSE_GRACE_SECONDS (`now`: time.monotonic)."""
         for connection in list(self._open):
@@ -312,6 +317,7 @@ class ExporterServer:
             listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.connections.close_idle()  # aiohttp's shutdown would wait its whole timeout for their next request
         if self._http is not None:
             await self._http.shutdown(SHUTDOWN_SECONDS)
         for listener in self._listeners:
@@ -504,6 +510,10 @@ class ExporterServer:
                     if part:
                         await response.write(part)
                 await response.write_eof()
+                # Until the client has taken all but 64 kB of it: aiohttp waits only past 64 kB
+                # written, so without this a pipelining client that never reads would have every
+                # answer queued in memory.
+                await request.writer.drain()
         except TimeoutError:
             log.debug("answer not taken within the write deadline: connection aborted",
                       extra={"peer": request.remote or "?", "seconds": self.write_timeout})
