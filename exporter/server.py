@@ -8,7 +8,9 @@ What a client gets to use, and for how long:
 - Request framing (request line, headers, Content-Length, Transfer-Encoding, pipelining) is the
   HTTP parser's, aiohttp's C one (llhttp), by RFC 9112; nothing here reads a header to find
   where a request ends. A request it refuses is answered 400 and its connection closed.
-- A connection costs no thread. Idle, slow and stalled ones hold a socket and a few kB.
+- A connection costs no thread. An idle or slow one holds a socket and a few kB; one whose
+  client does not read holds at most one answer and 64 kB of send buffer (each answer waits
+  until the client has taken all but 64 kB of it).
 - A head is at most MAX_HEADERS headers of MAX_FIELD_BYTES each; aiohttp parses at most 32
   pipelined requests ahead of the one being answered, then stops reading.
 - IDLE_TIMEOUT_SECONDS after its accept or its last answer, a connection without a whole new
@@ -16,7 +18,8 @@ What a client gets to use, and for how long:
   connection is). A TLS handshake has HANDSHAKE_TIMEOUT_SECONDS.
 - Every answer is written within WRITE_TIMEOUT_SECONDS, or its connection is aborted: a client
   that does not read (a slow reader, a pipelining flood) loses its connection, nothing else.
-  A connection being closed whose peer takes no more bytes is aborted CLOSE_GRACE_SECONDS on.
+  A connection being closed (after aiohttp's own 400, say) whose peer takes no more bytes is
+  aborted CLOSE_GRACE_SECONDS on.
 - At most Connections.limit connections are open; a new one past that closes the one idle the
   longest (waiting for a request: an idle or slow-header flood's), never one being answered.
 - Blocking work (waiting for a poll, rendering, gzip, the landing page, a reload) runs in a pool
