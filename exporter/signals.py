@@ -2,7 +2,7 @@
 
 Their default actions end a process, and systemd counts a death by SIGHUP as a clean exit (so
 `Restart=on-failure` does not restart it). So the program's entry points (`skillable-exporter`:
-entry() below; `python -m exporter`: the top of __main__.py) catch them before importing anything
+entry.py; `python -m exporter`: the top of __main__.py) catch them before importing anything
 else, and queue them: serve() takes them over once it can act on them (a SIGHUP is a reload once
 serving, a SIGTERM a clean stop), and release() hands them back for a command that is not the
 server (backfill), delivering what was queued.
@@ -47,14 +47,6 @@ def release() -> None:
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     for signum in take_pending():
         os.kill(os.getpid(), signum)
-
-
-def entry() -> int:
-    """The `skillable-exporter` command: signals first, then the rest of the exporter."""
-    catch_early()
-    from .__main__ import main
-
-    return main()
 
 
 def notify(state: str) -> bool:
