@@ -511,12 +511,10 @@ class ExporterServer:
             async with asyncio.timeout(self.write_timeout):
                 await response.prepare(request)
                 # One write: the head and the body leave in one send (a cached exposition's gzip is copied
-                # once here, which costs less than a second send and its bookkeeping).
+                # once here, which costs less than a second send and its bookkeeping). write_eof then
+                # waits until the client has taken all but 64 kB of it, so a pipelining client that
+                # never reads holds one answer, not all it asked for.
                 await response.write_eof(answer.parts[0] if len(answer.parts) == 1 else b"".join(answer.parts))
-                # Until the client has taken all but 64 kB of it: aiohttp waits only past 64 kB
-                # written, so without this a pipelining client that never reads would have every
-                # answer queued in memory.
-                await request.writer.drain()
         except TimeoutError:
             log.debug("answer not taken within the write deadline: connection aborted",
                       extra={"peer": request.remote or "?", "seconds": self.write_timeout})
