@@ -10,7 +10,9 @@ libraries. This checkout is "after". Each target, in turn, against the same simu
 default min poll interval):
 
 - steady: sequential scrapes as Prometheus makes them (a fresh connection, its Accept header, gzip),
-  the two targets taking turns ten scrapes at a time: p50 and p99;
+  the two targets taking turns ten scrapes at a time: p50 and p99; once answered from the exposition
+  cache (the server's own cost), once with a poll and a render each (--skillable.min-poll-interval=0,
+  as bench/run.py's steady scrape);
 - keep-alive load: 50, then 200 clients each on one keep-alive connection, scraping back to back
   for LOAD_SECONDS: answers, failed requests (a connection closed or reset without an answer, an
   error status, no answer within 30 s), p50/p99, peak threads;
@@ -47,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- server-bench:begin -->", "<!-- server-bench:end -->"
 LOAD_SECONDS, QUICK_LOAD_SECONDS = 30.0, 8.0
 STEADY_SCRAPES, QUICK_STEADY_SCRAPES = 1000, 200
+POLLING_SCRAPES, QUICK_POLLING_SCRAPES = 300, 100
 SLOW_HEADERS = 200
 SLOW_READERS, PIPELINED = 70, 50
 FLOOD_SCRAPES = 15
@@ -70,14 +73,15 @@ def start_simulator() -> tuple[subprocess.Popen[str], str]:
 
 
 class Exporter:
-    def __init__(self, name: str, checkout: Path, api_url: str) -> None:
+    def __init__(self, name: str, checkout: Path, api_url: str, *args: str) -> None:
         self.name = name
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
         env.update(SKILLABLE_API_URL=api_url, SKILLABLE_API_KEY="bench")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}",
-             "--no-collector.stats", "--no-collector.delivery-regions", "--no-collector.catalog", "--log.level=warn"],
+             "--no-collector.stats", "--no-collector.delivery-regions", "--no-collector.catalog", "--log.level=warn",
+             *args],
             cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     def status(self, key: str) -> int:
@@ -301,7 +305,7 @@ async def under_load(exporter: Exporter, quick: bool, log: Any) -> dict[str, Any
 # -- the report --------------------------------------------------------------------------------------
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
+    return f"{seconds * 1000:.2f} ms" if seconds < 0.01 else f"{seconds * 1000:.1f} ms"
 
 
 def latency_cell(latencies: list[float], failed: int, total: int | None = None) -> str:
@@ -317,10 +321,11 @@ def report(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str
     def row(measure: str, b: str, a: str, ratio: str = "") -> None:
         lines.append(f"| {measure} | {b} | {a} | {ratio} |")
 
-    for q, name in ((0.5, "p50"), (0.99, "p99")):
-        b, a = percentile(before["steady"], q), percentile(after["steady"], q)
-        row(f"steady scrape {name} ({len(after['steady'])} sequential, fresh connection, gzip, taking turns)", ms(b), ms(a),
-            f"{a / b:.2f}x")
+    for key, what in (("steady", "from the cache"), ("steady_polling", "with a poll and a render each")):
+        for q, name in ((0.5, "p50"), (0.99, "p99")):
+            b, a = percentile(before[key], q), percentile(after[key], q)
+            row(f"steady scrape {what} {name} ({len(after[key])} sequential, taking turns)", ms(b), ms(a),
+                f"{a / b:.2f}x")
     for clients in (50, 200):
         b, a = before[f"load{clients}"], after[f"load{clients}"]
         row(f"{clients} keep-alive scrapers for {seconds:g} s: answers, failed requests",
@@ -357,16 +362,25 @@ def write_block(block: str) -> None:
 async def run(before_dir: Path, quick: bool, log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     sim, url = start_simulator()
     exporters = [Exporter("before", before_dir, url), Exporter("after", ROOT, url)]
+    polling = [Exporter("before", before_dir, url, "--skillable.min-poll-interval=0"),
+               Exporter("after", ROOT, url, "--skillable.min-poll-interval=0")]
     try:
-        for exporter in exporters:
+        for exporter in exporters + polling:
             await wait_up(exporter)
         latencies = await steady(exporters, QUICK_STEADY_SCRAPES if quick else STEADY_SCRAPES)
+        polled = await steady(polling, QUICK_POLLING_SCRAPES if quick else POLLING_SCRAPES)
+        for exporter in polling:
+            exporter.stop()
         for name, values in latencies.items():
-            log(f"{name}: steady p50 {percentile(values, 0.5) * 1000:.2f} ms")
+            log(f"{name}: steady p50 {percentile(values, 0.5) * 1000:.2f} ms, "
+                f"with a poll each {percentile(polled[name], 0.5) * 1000:.2f} ms")
         results = {}
         for exporter in exporters:
-            results[exporter.name] = await under_load(exporter, quick, log) | {"steady": latencies[exporter.name]}
+            results[exporter.name] = await under_load(exporter, quick, log) | {
+                "steady": latencies[exporter.name], "steady_polling": polled[exporter.name]}
     finally:
+        for exporter in polling:
+            exporter.stop()
         for exporter in exporters:
             exporter.stop()
         sim.terminate()
