@@ -71,6 +71,7 @@ FDS_KEPT = 64  # file descriptors kept back from connections: listeners, the API
 MAX_HEADERS, MAX_FIELD_BYTES, MAX_LINE_BYTES = 32, 8190, 8190  # a request head's limits
 WORKERS = 16  # threads for blocking work: scrapes waiting for a poll wait here
 SWEEP_SECONDS = 1.0
+CHUNK_BYTES = 64 * 1024  # a large answer is written in pieces of this size (see _write_body)
 TEXT = "text/plain; charset=utf-8"
 
 
@@ -498,6 +499,23 @@ class ExporterServer:
         finally:
             self._bcrypt_turn.release()
 
+    @staticmethod
+    async def _write_body(request: aioweb.BaseRequest, response: aioweb.StreamResponse,
+                          parts: tuple[bytes | memoryview, ...]) -> None:
+        """A small body in one write (the head leaves with it, in one send). A large one in pieces of
+        CHUNK_BYTES, each written once the client has taken all but 64 kB of the ones before: asyncio
+        copies what the socket does not take at once, so a client that does not read holds one piece,
+        never a copy of a whole exposition (the pieces are views of the cached one)."""
+        if sum(len(part) for part in parts) <= CHUNK_BYTES:
+            await response.write_eof(parts[0] if len(parts) == 1 else b"".join(parts))
+            return
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), CHUNK_BYTES):
+                await response.write(view[start:start + CHUNK_BYTES])
+                await request.writer.drain()
+        await response.write_eof()
+
     async def _send(self, request: aioweb.BaseRequest, answer: Answer) -> aioweb.StreamResponse:
         """Write `answer` within the write deadline, or abort the connection."""
         headers = {"Content-Type": answer.content_type, "Content-Length": str(sum(len(p) for p in answer.parts))}
@@ -510,11 +528,7 @@ class ExporterServer:
         try:
             async with asyncio.timeout(self.write_timeout):
                 await response.prepare(request)
-                # One write: the head and the body leave in one send (a cached exposition's gzip is copied
-                # once here, which costs less than a second send and its bookkeeping). write_eof then
-                # waits until the client has taken all but 64 kB of it, so a pipelining client that
-                # never reads holds one answer, not all it asked for.
-                await response.write_eof(answer.parts[0] if len(answer.parts) == 1 else b"".join(answer.parts))
+                await self._write_body(request, response, answer.parts)
         except TimeoutError:
             log.debug("answer not taken within the write deadline: connection aborted",
                       extra={"peer": request.remote or "?", "seconds": self.write_timeout})

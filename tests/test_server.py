@@ -146,6 +146,7 @@ def test_seventy_pipelining_clients_that_never_read_leave_real_scrapes_alone(big
     """On main they took every slot: 0 of 15 real scrapes were answered until they left."""
     exporter = big_exporter
     assert len(exporter.get("/metrics").content) > 500_000
+    rss_before = rss_kb(exporter.proc.pid)
     flood: list[socket.socket] = []
     try:
         for _ in range(NON_READERS):
@@ -159,10 +160,18 @@ def test_seventy_pipelining_clients_that_never_read_leave_real_scrapes_alone(big
             response = exporter.get("/metrics", timeout=5)  # a new connection, as Prometheus makes
             assert response.status_code == 200 and "skillable_up 1.0" in response.text
             assert time.monotonic() - began < 2.0
+        # Each stalled connection holds a piece of its answer, not a copy of the 1 MB exposition.
+        grown = rss_kb(exporter.proc.pid) - rss_before
+        assert grown < 24 * 1024, grown
     finally:
         for sock in flood:
             sock.close()
     assert exporter.proc.poll() is None and "Traceback" not in exporter.log()
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
 
 
 # -- request framing: item 3 -------------------------------------------------------------------
