@@ -9,8 +9,8 @@ What a client gets to use, and for how long:
   HTTP parser's, aiohttp's C one (llhttp), by RFC 9112; nothing here reads a header to find
   where a request ends. A request it refuses is answered 400 and its connection closed.
 - A connection costs no thread. An idle or slow one holds a socket and a few kB; one whose
-  client does not read holds at most one answer and 64 kB of send buffer (each answer waits
-  until the client has taken all but 64 kB of it).
+  client does not read holds about 128 kB: answers go out in 64 kB pieces, each once the client
+  has taken all but 64 kB of the ones before (_write_body).
 - A head is at most MAX_HEADERS headers of MAX_FIELD_BYTES each; aiohttp parses at most 32
   pipelined requests ahead of the one being answered, then stops reading.
 - IDLE_TIMEOUT_SECONDS after its accept or its last answer, a connection without a whole new
