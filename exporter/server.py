@@ -12,7 +12,10 @@ What a client gets to use, and for how long:
   client does not read holds about 128 kB: answers go out in 64 kB pieces, each once the client
   has taken all but 64 kB of the ones before (_write_body).
 - A head is at most MAX_HEADERS headers of MAX_FIELD_BYTES each; aiohttp parses at most 32
-  pipelined requests ahead of the one being answered, then stops reading.
+  pipelined requests ahead of the one being answered, then stops reading. A connection that has
+  sent more than MAX_AHEAD_BYTES since its last request was taken (a huge head, a pile of
+  pipelined requests behind a stalled answer, a body nobody asked for) is closed: what the parser
+  holds for one connection stays under that.
 - IDLE_TIMEOUT_SECONDS after its accept or its last answer, a connection without a whole new
   request is closed; bytes trickling in do not reset that clock (a slow head is cut as an idle
   connection is). A TLS handshake has HANDSHAKE_TIMEOUT_SECONDS.
@@ -69,6 +72,7 @@ SHUTDOWN_SECONDS = 2.0  # at SIGTERM, answers under way get this long to finish
 MAX_CONNECTIONS = 1000  # open connections, all listeners together (fewer if the open-file limit is low)
 FDS_KEPT = 64  # file descriptors kept back from connections: listeners, the API, the state file
 MAX_HEADERS, MAX_FIELD_BYTES, MAX_LINE_BYTES = 32, 8190, 8190  # a request head's limits
+MAX_AHEAD_BYTES = 128 * 1024  # sent by a client and not yet taken by a request being answered
 WORKERS = 16  # threads for blocking work: scrapes waiting for a poll wait here
 SWEEP_SECONDS = 1.0
 CHUNK_BYTES = 64 * 1024  # a large answer is written in pieces of this size (see _write_body)
@@ -104,11 +108,13 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.closing_since: float | None = None
         self._arrival: float | None = connections.clock()  # the accept: its first request's arrival
+        self._ahead = 0  # bytes received since a request was last taken
         self._admitted = False
 
     def take_arrival(self) -> float:
         """When the request now being answered arrived (see the module docstring)."""
         arrival, self._arrival = self._arrival, None
+        self._ahead = 0
         return arrival if arrival is not None else self.connections.clock()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,6 +127,12 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._admitted:
+            return
+        self._ahead += len(data)
+        if self._ahead > MAX_AHEAD_BYTES:
+            log.debug("connection closed: too much sent ahead of its answers", extra={"bytes": self._ahead})
+            assert self.transport is not None
+            self.transport.abort()  # its connection_lost follows, as for any other
             return
         if self._arrival is None:
             self._arrival = self.connections.clock()
