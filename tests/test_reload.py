@@ -260,6 +260,7 @@ def reload_over_tls(exporter: Any, ca: Path, cert: tuple[str, str] | None = None
     return requests.post(exporter.url + "/-/reload", verify=str(ca), cert=cert, timeout=15)
 
 
+@pytest.mark.integration
 def test_turning_client_certificates_on_is_refused_not_half_applied(
     certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
 ) -> None:
@@ -282,6 +283,7 @@ def test_turning_client_certificates_on_is_refused_not_half_applied(
         assert exporter.stop() == 0
 
 
+@pytest.mark.integration
 def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_served(
     certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
 ) -> None:
@@ -304,6 +306,7 @@ def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_se
         assert exporter.stop() == 0
 
 
+@pytest.mark.integration
 def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:  # noqa: F811
     """What a running listener can change, it does: a new client CA trusts its own clients only."""
     from .test_web import Exporter
