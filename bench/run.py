@@ -2,6 +2,7 @@
 
     python bench/run.py            # 1k, 10k and 100k windows; writes BENCHMARKS.md
     python bench/run.py --quick    # one start per target, fewer samples (< 60 s); --no-write leaves BENCHMARKS.md
+    python bench/run.py --server-before ../server-base    # and the HTTP server against that checkout (bench/server.py)
 
 Every process is separate: the simulator (bench/simulator.py: exporter.demo's, with
 a frozen clock and the /_bench hooks), the baseline (bench/baseline.py) and the exporter
@@ -681,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="comma-separated subset of " + ",".join(SIZES))
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
+    parser.add_argument("--server-before", metavar="DIR", dest="server_before",
+                        help="also run the HTTP server's benchmark (bench/server.py) against that checkout")
     parser.add_argument("--py-spy", metavar="DIR", dest="py_spy",
                         help="record the exporter (last cold start and its steady state) with py-spy into DIR; "
                              "the profiler slows what it records, so take timings from a run without it")
@@ -716,6 +719,11 @@ def main(argv: list[str] | None = None) -> int:
             f" --sizes {args.sizes}" if args.sizes else "")
         write_benchmarks(table, facts, command, series)
         log("wrote BENCHMARKS.md")
+    if args.server_before:
+        from bench.server import main as server_main
+
+        server_main(["--before", args.server_before, *(["--quick"] if args.quick else []),
+                     *(["--no-write"] if args.no_write else [])])
     log("done")
     return 0
 

@@ -4,71 +4,48 @@ The command line itself (flags, environment, the backfill subcommand) is cli.py'
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m exporter: SIGHUP and SIGTERM are caught before the imports below (signals.py)
+    from exporter.signals import catch_early
+
+    catch_early()
+
+import asyncio
 import dataclasses
 import logging
 import os
 import signal
 import socket
 import sys
-import threading
-from typing import Callable, MutableMapping, Sequence
+from typing import Callable, Sequence
 
-from . import statefile
+from . import signals, statefile
 from .app import ExporterApp, Reloader
 from .cli import BACKFILL, EXIT_CONFIG, build_parser, load, subcommand
 from .config import Account, Config, ConfigError
+from .listeners import bind, describe, parse_listen_address, systemd_listen_fds
 from .logs import setup_logging
-from .server import Connections, ExporterServer
+from .server import ExporterServer, raise_open_file_limit
 from .version import build_info
 from .webconfig import WebConfig
 
 log = logging.getLogger("exporter")
 
 
-def parse_listen_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-SD_LISTEN_FDS_START = 3  # systemd passes its sockets from this file descriptor on (sd_listen_fds(3))
-
-
-def systemd_listen_fds(environ: MutableMapping[str, str], unset: bool = False) -> list[int]:
-    """The file descriptors of the sockets systemd passed to this process (socket activation), as
-    sd_listen_fds(3) finds them; `unset` removes the variables so nothing started later inherits them."""
-    try:
-        pid, count = int(environ.get("LISTEN_PID", "")), int(environ.get("LISTEN_FDS", ""))
-    except ValueError:
-        count = 0
-    else:
-        count = count if pid == os.getpid() else 0
-    if count < 1:
-        raise ConfigError("web.systemd-socket", "no sockets passed: LISTEN_FDS and LISTEN_PID are not set for this process")
-    if unset:
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            environ.pop(name, None)
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
-
-
-def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[ExporterServer] | None:
-    """One server per listen address (or per socket systemd passed), sharing one connection bound."""
-    connections = Connections()
-    servers: list[ExporterServer] = []
+def listen(config: Config) -> list[socket.socket] | None:
+    """The listening sockets: systemd's (checked in main) or one per listen address; None (logged)
+    if an address cannot be listened on."""
     if config.systemd_socket:
-        for fd in systemd_listen_fds(os.environ, unset=True):
-            servers.append(ExporterServer(None, app, web, sock=socket.socket(fileno=fd), connections=connections,
-                                          telemetry_path=config.telemetry_path))
-        return servers
+        return [socket.socket(fileno=fd) for fd in systemd_listen_fds(os.environ, unset=True)]
+    sockets: list[socket.socket] = []
     for address in config.listen_addresses:
         try:
-            servers.append(ExporterServer(parse_listen_address(address), app, web, connections=connections,
-                                          telemetry_path=config.telemetry_path))
+            sockets.append(bind(parse_listen_address(address)))
         except OSError as exc:
             log.error("cannot listen", extra={"address": address, "err": exc.strerror or str(exc)})
-            for server in servers:
-                server.server_close()
+            for sock in sockets:
+                sock.close()
             return None
-    return servers
+    return sockets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == BACKFILL:
         from .backfill import main as backfill_main
 
+        signals.release()  # a batch job: SIGTERM and SIGINT end it as usual
         return backfill_main(argv)
     args = build_parser().parse_args(argv)
     flags = vars(args)
@@ -109,23 +87,8 @@ def config_check_summary(path: str | None, config: Config) -> str:
 
 
 def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tuple[Config, WebConfig | None]]) -> int:
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    wake = threading.Event()
-    stop_signal: list[str] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        # Only flags here: the main loop below does the work, outside the signal handler.
-        if signum == signal.SIGHUP:
-            reload_requested.set()
-        else:
-            stop_signal.append(signal.Signals(signum).name)
-            stop.set()
-        wake.set()
-
-    # First of all: from here on no signal Prometheus tooling sends ends the process unplanned.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    # Until the event loop takes them over, SIGHUP, SIGTERM and SIGINT wait in a queue (signals.py).
+    signals.catch_early()
     try:
         store = statefile.open_store(config.state_file) if config.state_file else None  # locks the file: first
     except ConfigError as exc:
@@ -142,30 +105,14 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
     app = ExporterApp(config)
     if store is not None:
         statefile.attach(store, app.pollers)  # before the first scrape can poll
-    servers = listen(config, app, web)
-    if servers is None:
+    raise_open_file_limit()
+    sockets = listen(config)
+    if sockets is None:
         return 1
-
-    reloader = make_reloader(app, servers, reload_config, demo_url)
-    scheme = "https" if web is not None and web.ssl_context is not None else "http"
-    for server in servers:
-        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-        log.info("listening", extra={
-            "address": f"{scheme}://{server.server_address[0]}:{server.server_address[1]}",
-            "version": build_info().version, "revision": build_info().revision,
-            "accounts": len(config.accounts), "window_minutes": config.window_minutes,
-        })
-    while not stop.is_set():
-        wake.wait()
-        wake.clear()
-        if reload_requested.is_set() and not stop.is_set():
-            reload_requested.clear()
-            log.info("received SIGHUP, reloading the configuration")
-            reloader.reload()
-    log.info("shutting down", extra={"signal": stop_signal[0] if stop_signal else ""})
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    server = ExporterServer(None, app, web, sockets=sockets, telemetry_path=config.telemetry_path)
+    reloader = make_reloader(app, [server], reload_config, demo_url)
+    asyncio.run(_serve(server, reloader, config, web))
+    signals.catch_early()  # the loop has given them back: SIGTERM must not cut the state file's last write
     if store is not None:
         statefile.shutdown(store, app.pollers, app.config.timeout + 1)
     app.close()
@@ -174,6 +121,55 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
         simulator.server_close()
     log.info("stopped")
     return 0
+
+
+async def _serve(server: ExporterServer, reloader: Reloader, config: Config, web: WebConfig | None) -> None:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads, one reload at a time (a storm of them is one
+    or two). Signals queued before the loop took them over act now: a reload once serving, a stop
+    before serving starts."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reload_wanted = asyncio.Event()
+    stop_signal: list[str] = []
+
+    def on_signal(signum: int) -> None:
+        if signum == signal.SIGHUP:
+            reload_wanted.set()
+        else:
+            stop_signal.append(signal.Signals(signum).name)
+            stop.set()
+
+    for signum in signals.CAUGHT:
+        loop.add_signal_handler(signum, on_signal, signum)
+    for signum in signals.take_pending():
+        on_signal(signum)
+    if stop.is_set():
+        log.info("shutting down before serving", extra={"signal": stop_signal[0]})
+        return
+
+    async def reload_on_sighup() -> None:
+        while True:
+            await reload_wanted.wait()
+            reload_wanted.clear()
+            log.info("received SIGHUP, reloading the configuration")
+            signals.notify(signals.reloading())
+            await server.run_blocking(reloader.reload)
+            signals.notify("READY=1")
+
+    await server.start()
+    scheme = "https" if web is not None and web.ssl_context is not None else "http"
+    for sock in server.sockets:
+        log.info("listening", extra={
+            "address": describe(sock, scheme), "version": build_info().version, "revision": build_info().revision,
+            "accounts": len(config.accounts), "window_minutes": config.window_minutes,
+        })
+    signals.notify("READY=1")
+    reloads = loop.create_task(reload_on_sighup())
+    await stop.wait()
+    log.info("shutting down", extra={"signal": stop_signal[0]})
+    signals.notify("STOPPING=1")
+    reloads.cancel()
+    await server.stop()
 
 
 def make_reloader(

@@ -128,13 +128,21 @@ def _listen_addresses(name: str, value: Any) -> tuple[str, ...]:
 
 
 # Paths the exporter serves itself; the telemetry path may not hide one.
-RESERVED_PATHS = ("/", "/healthz", "/probe")
+RESERVED_PATHS = ("/", "/healthz", "/probe", "/-/reload")
 
 
 def _telemetry_path(name: str, value: Any) -> str:
+    """A path a scrape can reach as written: '/' then segments of letters, digits and . _ ~ -,
+    none empty (a request for '//metrics' reads as the host 'metrics' and an empty path) and none
+    '.' or '..' (clients resolve those away before asking); not a path of the exporter's own."""
     text = _text(name, value)
-    if not re.match(r"^/[A-Za-z0-9._~/-]*$", text) or text in RESERVED_PATHS:
-        raise ConfigError(name, f"{value!r} is not a path starting with / other than {', '.join(RESERVED_PATHS)}")
+    segments = text[1:].split("/")
+    if text.endswith("/"):
+        segments.pop()  # a trailing slash is a path of its own: /metrics/ is asked as written
+    if (not re.match(r"^/[A-Za-z0-9._~/-]*$", text) or text in RESERVED_PATHS
+            or any(segment in ("", ".", "..") for segment in segments)):
+        raise ConfigError(name, f"{value!r} is not a path starting with / (no empty, '.' or '..' segment) "
+                          f"other than {', '.join(RESERVED_PATHS)}")
     return text
 
 

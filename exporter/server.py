@@ -1,152 +1,392 @@
 """The HTTP endpoint: /metrics, /probe, /healthz, POST /-/reload, a landing page, 404 elsewhere.
 
-A plain ThreadingHTTPServer keeps the dependency list short; TLS and basic
-auth come from a web config file (see webconfig.py).
+Served by aiohttp's low-level server (aiohttp.web.Server, the protocol factory of
+asyncio's loop.create_server) on one event loop for every listener and every connection; TLS and
+basic auth come from a web config file (see webconfig.py).
 
-Threads are bounded (Connections): each open connection holds one handler thread, at most
-MAX_CONNECTIONS of them for the whole process. When the bound is reached, or the process
-cannot start another thread (a pids limit, systemd TasksMax), the connection idle the longest
-(one waiting for a request, as a slow-header or idle flood's are) is closed to make room; a
-connection whose request is being answered is never closed. Polls never need a handler
-thread (poller.py), so a flood can slow nothing but other idle connections.
+What a client gets to use, and for how long:
+- Request framing (request line, headers, Content-Length, Transfer-Encoding, pipelining) is the
+  HTTP parser's, aiohttp's C one (llhttp), by RFC 9112; nothing here reads a header to find
+  where a request ends. A request it refuses is answered 400 and its connection closed.
+- A connection costs no thread. An idle or slow one holds a socket and a few kB; one whose
+  client does not read holds about 128 kB: answers go out in 64 kB pieces, each once the client
+  has taken all but 64 kB of the ones before (_write_body).
+- A head is at most MAX_HEADERS headers of MAX_FIELD_BYTES each; aiohttp parses at most 32
+  pipelined requests ahead of the one being answered, then stops reading. A connection that has
+  sent more than MAX_AHEAD_BYTES since its last request was taken (a huge head, a pile of
+  pipelined requests behind a stalled answer, a body nobody asked for) is closed: what the parser
+  holds for one connection stays under that.
+- IDLE_TIMEOUT_SECONDS after its accept or its last answer, a connection without a whole new
+  request is closed; bytes trickling in do not reset that clock (a slow head is cut as an idle
+  connection is). A TLS handshake has HANDSHAKE_TIMEOUT_SECONDS.
+- Every answer is written within WRITE_TIMEOUT_SECONDS, or its connection is aborted: a client
+  that does not read (a slow reader, a pipelining flood) loses its connection, nothing else.
+  A connection being closed (after aiohttp's own 400, say) whose peer takes no more bytes is
+  aborted CLOSE_GRACE_SECONDS on.
+- At most Connections.limit connections are open; a new one past that closes the one idle the
+  longest (waiting for a request: an idle or slow-header flood's), never one being answered.
+- Blocking work (waiting for a poll, rendering, gzip, the landing page, a reload) runs in a pool
+  of WORKERS threads (workers.py), never on the loop; bcrypt in a pool of its own, one check at a
+  time, a check waiting at most BCRYPT_QUEUE_SECONDS (then 401), as exporter-toolkit does.
+
+Single flight is judged by when a scrape arrived (Poller.request): a connection's first request
+by its accept, a later one by the first bytes received after the previous request was taken.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
+import resource
 import socket
+import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import ssl
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
+
+from aiohttp import web as aioweb
 
 from .app import AccountStatus, ExporterApp
 from .collector import without_eof
 from .config import ConfigError
+from .listeners import bind
 from .version import build_info
-from .webconfig import SETTING as WEB_SETTING, WebConfig
+from .webconfig import BCRYPT_QUEUE_SECONDS, SETTING as WEB_SETTING, WebConfig, handshake_changes
+from .workers import NoWorker, Workers
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 64  # handler threads, process-wide: more than 50 concurrent scrapers need
-IDLE_TIMEOUT_SECONDS = 30  # a connection that sends nothing for this long is closed
-ROOM_WAIT_SECONDS = 1.0  # at the task limit, how long to wait for a closed idle connection's thread
-ROOM_ATTEMPTS, ROOM_RETRY_SECONDS = 25, 0.02  # then tries to start the new one, this far apart
+IDLE_TIMEOUT_SECONDS = 30.0  # no whole request this long after the accept or the last answer: closed
+WRITE_TIMEOUT_SECONDS = 30.0  # an answer not taken by the client within this: connection aborted
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+TLS_SHUTDOWN_SECONDS = 5.0
+CLOSE_GRACE_SECONDS = 5.0  # a closing connection whose peer takes nothing more: aborted after this
+LINGER_SECONDS = 2.0  # after answering, a request body nobody asked for is read and dropped this long
+SHUTDOWN_SECONDS = 2.0  # at SIGTERM, answers under way get this long to finish
+MAX_CONNECTIONS = 1000  # open connections, all listeners together (fewer if the open-file limit is low)
+FDS_KEPT = 64  # file descriptors kept back from connections: listeners, the API, the state file
+MAX_HEADERS, MAX_FIELD_BYTES, MAX_LINE_BYTES = 32, 8190, 8190  # a request head's limits
+MAX_AHEAD_BYTES = 128 * 1024  # sent by a client and not yet taken by a request being answered
+WORKERS = 16  # threads for blocking work: scrapes waiting for a poll wait here
+SWEEP_SECONDS = 1.0
+CHUNK_BYTES = 64 * 1024  # a large answer is written in pieces of this size (see _write_body)
+TEXT = "text/plain; charset=utf-8"
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one, as Go's runtime does for every Go exporter:
+    each connection is a file descriptor, and a soft limit of 1024 is the common default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass
+
+
+def connection_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft - FDS_KEPT))
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: aiohttp's protocol for it inside, and what the limits need to know
+    (whether a request is being answered, when the next one arrived, when it began closing)."""
+
+    def __init__(self, inner: asyncio.Protocol, connections: Connections) -> None:
+        self.inner = inner
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.busy = False
+        self.closing_since: float | None = None
+        self._arrival: float | None = connections.clock()  # the accept: its first request's arrival
+        self._ahead = 0  # bytes received since a request was last taken
+        self._admitted = False
+
+    def take_arrival(self) -> float:
+        """When the request now being answered arrived (see the module docstring)."""
+        arrival, self._arrival = self._arrival, None
+        self._ahead = 0
+        return arrival if arrival is not None else self.connections.clock()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self.connections.admit(self):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._admitted = True
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return
+        self._ahead += len(data)
+        if self._ahead > MAX_AHEAD_BYTES:
+            log.debug("connection closed: too much sent ahead of its answers", extra={"bytes": self._ahead})
+            assert self.transport is not None
+            self.transport.abort()  # its connection_lost follows, as for any other
+            return
+        if self._arrival is None:
+            self._arrival = self.connections.clock()
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self._admitted else None
+
+    def pause_writing(self) -> None:
+        if self._admitted:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._admitted:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self.connections.release(self)
+            self.inner.connection_lost(exc)
 
 
 class Connections:
-    """The open connections of every listener, each with its handler thread, bounded.
+    """The open connections of every listener, bounded (see the module docstring). Loop-only."""
 
-    A connection is idle from its accept (and between keep-alive requests) until a request's
-    headers are in, then busy until the answer is sent.
-    """
-
-    def __init__(self, limit: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
+        """`clock`: the app's monotonic clock, which arrivals are stamped with."""
         self.limit = limit
-        self._lock = threading.Lock()
-        self._open: dict[socket.socket, bool] = {}  # connection -> busy; oldest first
-        self._threads: dict[socket.socket, threading.Thread] = {}
-        self._accepted: dict[socket.socket, float] = {}  # connection -> when it was accepted
+        self.clock = clock
+        self._open: dict[_Connection, None] = {}  # least recently changed first
+        self._by_transport: dict[asyncio.BaseTransport, _Connection] = {}
 
-    def admit(self, sock: socket.socket, accepted: float | None = None) -> bool:
-        """Make room for a new connection if needed. False if every open connection is busy.
-        `accepted`: when it was accepted (the app's monotonic clock), for accepted_at."""
-        with self._lock:
-            if len(self._open) >= self.limit and not self._close_oldest_idle()[0]:
-                return False
-            self._open[sock] = False
-            if accepted is not None:
-                self._accepted[sock] = accepted
-            return True
+    def admit(self, connection: _Connection) -> bool:
+        """Make room for a new connection if needed. False if every open connection is busy."""
+        if len(self._open) >= self.limit and not self._close_longest_idle():
+            log.debug("connection refused: every connection is busy", extra={"open": len(self._open)})
+            return False
+        self._open[connection] = None
+        assert connection.transport is not None
+        self._by_transport[connection.transport] = connection
+        return True
 
-    def accepted_at(self, sock: socket.socket) -> float | None:
-        """When the connection was accepted, the first time it is asked (its first request's arrival)."""
-        with self._lock:
-            return self._accepted.pop(sock, None)
+    def _close_longest_idle(self) -> bool:
+        for connection in self._open:
+            transport = connection.transport
+            if not connection.busy and transport is not None and not transport.is_closing():
+                transport.abort()  # its connection_lost releases it
+                return True
+        return False
 
-    def make_room(self) -> bool:
-        """No thread could be started: close the oldest idle connection and wait for its thread."""
-        with self._lock:
-            closed, thread = self._close_oldest_idle()
-        if thread is not None:
-            thread.join(ROOM_WAIT_SECONDS)
-        return closed
+    def of(self, transport: asyncio.BaseTransport | None) -> _Connection | None:
+        return self._by_transport.get(transport) if transport is not None else None
 
-    def _close_oldest_idle(self) -> tuple[bool, threading.Thread | None]:
-        """(whether one was closed, its handler thread if it has one yet)."""
-        for sock, busy in self._open.items():
-            if not busy:
-                del self._open[sock]
-                self._accepted.pop(sock, None)
-                try:
-                    # The socket's own shutdown, under TLS too: the thread reading it returns at once.
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                return True, self._threads.pop(sock, None)
-        return False, None
+    def mark(self, connection: _Connection, busy: bool) -> None:
+        """A request is being answered (busy) or the connection waits for the next (idle)."""
+        if connection in self._open:
+            del self._open[connection]  # re-inserted last: the newest idle is closed last
+            self._open[connection] = None
+        connection.busy = busy
 
-    def started(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._threads[sock] = threading.current_thread()
+    def release(self, connection: _Connection) -> None:
+        self._open.pop(connection, None)
+        self._by_transport.pop(connection.transport, None)  # type: ignore[arg-type]
 
-    def mark(self, sock: socket.socket, busy: bool) -> bool:
-        """False if the connection was closed to make room: its request (cut short) is not answered."""
-        with self._lock:
-            if sock not in self._open:
-                return False
-            del self._open[sock]  # re-inserted last: the newest idle is closed last
-            self._open[sock] = busy
-            return True
+    def close_idle(self) -> None:
+        """At stop: the connections waiting for a request go at once (no TLS goodbye to wait for)."""
+        for connection in list(self._open):
+            if not connection.busy and connection.transport is not None:
+                connection.transport.abort()
 
-    def release(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._open.pop(sock, None)
-            self._threads.pop(sock, None)
-            self._accepted.pop(sock, None)
+    def sweep(self, now: float) -> None:
+        """Abort the connections that have been closing for CLOSE_GRACE_SECONDS (`now`: time.monotonic)."""
+        for connection in list(self._open):
+            transport = connection.transport
+            if transport is None or not transport.is_closing():
+                continue
+            if connection.closing_since is None:
+                connection.closing_since = now
+            elif now - connection.closing_since >= CLOSE_GRACE_SECONDS:
+                transport.abort()
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._open)
+        return len(self._open)
 
 
-class ExporterServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+class _ClientErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log. What it logs as an exception is a request its parser refused or a
+    connection that failed: the client's problem, one debug line with the error, no traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **_kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        self.logger.debug(msg, *args, extra={"err": str(error)})
+
+
+def _loop_error(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's errors: a connection's (a reset, a failed handshake) at debug, anything
+    else (no file descriptor left for accept) as one warning; never a traceback."""
+    error = context.get("exception")
+    fields = {"err": str(error) if error is not None else "", "detail": str(context.get("message", ""))}
+    if isinstance(error, (ConnectionError, ssl.SSLError, TimeoutError)):
+        log.debug("connection failed", extra=fields)
+    else:
+        log.warning("event loop error", extra=fields)
+
+
+@dataclass
+class Answer:
+    status: int
+    parts: tuple[bytes | memoryview, ...]  # the body, in pieces (a cached exposition is not copied)
+    content_type: str = TEXT
+    gzip: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _text(status: HTTPStatus, body: bytes) -> Answer:
+    return Answer(int(status), (body,))
+
+
+UNAUTHORIZED = Answer(int(HTTPStatus.UNAUTHORIZED), (b"Unauthorized\n",),
+                      headers={"WWW-Authenticate": 'Basic realm="skillable-exporter"'})
+
+
+class ExporterServer:
+    """The exporter's HTTP server on `address`, or on `sockets` (listening, e.g. systemd's).
+
+    In a program: `await start()`, then `await stop()`, on the caller's event loop. In a thread
+    of its own (tests): serve_forever(), then shutdown() and server_close() from another thread.
+    """
 
     def __init__(
         self, address: tuple[str, int] | None, app: ExporterApp, web: WebConfig | None = None, *,
-        sock: socket.socket | None = None, connections: Connections | None = None,
-        telemetry_path: str = "/metrics",
+        sockets: list[socket.socket] | None = None, telemetry_path: str = "/metrics",
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS, write_timeout: float = WRITE_TIMEOUT_SECONDS,
+        max_connections: int | None = None,
     ) -> None:
-        """Listen on `address`, or serve `sock`, a listening socket handed over (systemd socket activation)."""
         self.app = app
         self.web = web
-        self.connections = connections if connections is not None else Connections()
         self.telemetry_path = telemetry_path
+        self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
         # POST /-/reload calls this (set by the CLI); it returns None or why the reload was refused.
         self.reload: Callable[[], str | None] | None = None
-        if sock is not None:
-            self.address_family = sock.family
-            super().__init__(sock.getsockname(), Handler, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
-        else:
+        if sockets is None:
             assert address is not None
-            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-            super().__init__(address, Handler)
-        if web is not None and web.ssl_context is not None:
+            sockets = [bind(address)]
+        self.sockets = sockets
+        self.connections = Connections(max_connections or connection_limit(), app.monotonic)
+        self.workers = Workers("http-work", WORKERS)
+        self._bcrypt = Workers("bcrypt", 1)
+        self._bcrypt_turn: asyncio.Lock | None = None
+        self._tls = web.ssl_context if web is not None else None
+        if self._tls is not None:
             # Every handshake runs this callback (with or without SNI), which hands the connection
             # the newest context: a reload swaps certificates without a new listening socket.
-            web.ssl_context.sni_callback = self._current_tls_context
-            self.socket = web.ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+            self._tls.sni_callback = self._current_tls_context
+        self._http: aioweb.Server | None = None
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._shutdown_asked = threading.Event()
+        self._stopped = threading.Event()
+        self._serving_forever = False
+
+    # -- serving -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve every socket, from the running loop."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        loop.set_exception_handler(_loop_error)
+        self._bcrypt_turn = asyncio.Lock()
+        self.workers.start(1)  # at least one thread, whatever a task limit says later
+        self._http = aioweb.Server(
+            self._handle, access_log=None, logger=_ClientErrorLog(log, {}), keepalive_timeout=self.idle_timeout,
+            max_line_size=MAX_LINE_BYTES, max_field_size=MAX_FIELD_BYTES, max_headers=MAX_HEADERS,
+            lingering_time=LINGER_SECONDS,
+        )
+        tls: dict[str, Any] = {}
+        if self._tls is not None:
+            tls = {"ssl": self._tls, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT_SECONDS,
+                   "ssl_shutdown_timeout": TLS_SHUTDOWN_SECONDS}
+        for sock in self.sockets:
+            self._listeners.append(await loop.create_server(self._protocol, sock=sock, **tls))
+        self._sweeper = loop.create_task(self._sweep())
+
+    def _protocol(self) -> asyncio.Protocol:
+        assert self._http is not None
+        return _Connection(self._http(), self.connections)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            self.connections.sweep(time.monotonic())
+
+    async def stop(self) -> None:
+        """Stop listening, give answers under way SHUTDOWN_SECONDS, close every connection."""
+        for listener in self._listeners:
+            listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.connections.close_idle()  # aiohttp's shutdown would wait its whole timeout for their next request
+        if self._http is not None:
+            await self._http.shutdown(SHUTDOWN_SECONDS)
+        for listener in self._listeners:
+            await listener.wait_closed()
+        self.workers.close()
+        self._bcrypt.close()
+
+    async def run_blocking(self, work: Callable[[], Any]) -> Any:
+        """`work()` in a worker thread (a reload on SIGHUP)."""
+        return await self.workers.run(work)
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:  # noqa: ARG002 - socketserver's signature
+        """Serve in this thread until shutdown() is called from another."""
+        self._serving_forever = True
+        try:
+            asyncio.run(self._serve_until_shutdown())
+        finally:
+            self._stopped.set()
+
+    async def _serve_until_shutdown(self) -> None:
+        self._stop_requested = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        await self.start()
+        if not self._shutdown_asked.is_set():
+            await self._stop_requested.wait()
+        await self.stop()
+
+    def shutdown(self) -> None:
+        """Make serve_forever() return, and wait until it has."""
+        self._shutdown_asked.set()
+        loop, event = self._loop, self._stop_requested
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop has ended already
+                pass
+        if self._serving_forever:
+            self._stopped.wait(SHUTDOWN_SECONDS + 10)
+
+    def server_close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    @property
+    def server_address(self) -> Any:
+        return self.sockets[0].getsockname()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    # -- the web config --------------------------------------------------------
 
     def _current_tls_context(self, sock: ssl.SSLObject, _name: str | None, context: ssl.SSLContext) -> None:
         current = self.web.ssl_context if self.web is not None else None
@@ -154,216 +394,161 @@ class ExporterServer(ThreadingHTTPServer):
             sock.context = current
 
     def check_web(self, web: WebConfig | None) -> None:
-        """A reloaded web config may change users and certificates, not whether TLS is on."""
+        """A reloaded web config may change users, headers, the certificate, its key and the client
+        CA; whether TLS is on, and how a handshake is made, need a restart (handshake_changes)."""
         was_tls = self.web is not None and self.web.ssl_context is not None
         if was_tls != (web is not None and web.ssl_context is not None):
             raise ConfigError(WEB_SETTING, "turning TLS on or off needs a restart")
+        changed = handshake_changes(self.web, web)
+        if changed:
+            names = ", ".join(f"tls_server_config.{name}" for name in changed)
+            raise ConfigError(f"{WEB_SETTING}: {names}",
+                              "changing it needs a restart (needs_restart): a running listener keeps its handshake settings")
 
     def set_web(self, web: WebConfig | None) -> None:
         self.web = web
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.admit(request, self.app.monotonic()):
-            log.debug("connection from %s refused: every connection is busy", client_address[0])
-            self.shutdown_request(request)
-            return
-        for attempt in range(ROOM_ATTEMPTS):
-            thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                      name="http-conn", daemon=True)
-            try:
-                thread.start()
-                return
-            except RuntimeError:  # the process is at its task limit
-                if attempt == 0:
-                    log.debug("cannot start a handler thread (at the task limit): closing the longest-idle connection")
-                    if not self.connections.make_room():
-                        break
-                else:  # the closed connection's thread has ended, but the kernel may not have reaped it yet
-                    time.sleep(ROOM_RETRY_SECONDS)
-        log.debug("connection from %s refused: no thread can be started", client_address[0])
-        self.connections.release(request)
-        self.shutdown_request(request)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        self.connections.started(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.release(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that speaks plain HTTP to the TLS port, fails the handshake or hangs up
-        # mid-answer is the client's problem: one debug line, not a traceback on stderr. Only
-        # what is not a socket error (a bug) keeps its traceback, still at debug level.
-        error = sys.exc_info()[1]
-        peer = client_address[0] if client_address else "?"
-        if isinstance(error, OSError):  # resets, broken pipes, timeouts, TLS errors
-            log.debug("connection failed", extra={"peer": peer, "err": str(error)})
-        else:
-            log.debug("connection from %s failed", peer, exc_info=True)
 
     def gzipped(self, body: bytes, tail: bytes | None = None) -> tuple[bytes, bytes]:
         """gzip of `body` (then `tail`), in two pieces: an exposition's is kept with it in the one
         exposition cache (collector.py), so it is compressed once, not once per scrape."""
         return self.app.gzipped(body, tail)
 
+    # -- requests --------------------------------------------------------------
 
-class _LastLine:
-    """The request's input as http.client.parse_headers reads it, remembering the last line read:
-    a complete head ends with a blank line, one cut by the client's EOF does not (and is not
-    answered, nor does it make a scrape poll)."""
-
-    def __init__(self, rfile: Any) -> None:
-        self._rfile = rfile
-        self.last = b""
-
-    def readline(self, limit: int = -1) -> bytes:
-        self.last = self._rfile.readline(limit)
-        return self.last
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._rfile, name)
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: ExporterServer
-    protocol_version = "HTTP/1.1"
-    # Headers and body are two writes: with Nagle on, the body could wait for the client's
-    # delayed ACK of the headers (40 ms on Linux), which showed as the scrape latency p99.
-    disable_nagle_algorithm = True
-    timeout = IDLE_TIMEOUT_SECONDS  # a client that sends nothing is dropped
-
-    def handle_one_request(self) -> None:
-        self.server.connections.mark(self.connection, busy=False)  # waiting for a request
-        super().handle_one_request()
-
-    def parse_request(self) -> bool:
-        # When the request came in: the first on a connection with its accept, a later one as its
-        # request line is read. A scrape arriving while a poll runs shares that poll, even if this
-        # thread only gets to read it after the poll has ended (Poller.request).
-        accepted = self.server.connections.accepted_at(self.connection)
-        self.arrived = accepted if accepted is not None else self.server.app.monotonic()
-        rfile, watched = self.rfile, _LastLine(self.rfile)
-        self.rfile = watched  # type: ignore[assignment]
+    async def _handle(self, request: aioweb.BaseRequest) -> aioweb.StreamResponse:
+        connection = self.connections.of(request.transport)
+        arrived = connection.take_arrival() if connection is not None else self.app.monotonic()
+        if connection is not None:
+            self.connections.mark(connection, busy=True)
         try:
-            if not super().parse_request():
-                return False
+            try:
+                answer = await self._answer(request, arrived)
+            except NoWorker:  # only at a task limit that left no thread at all
+                answer = _text(HTTPStatus.SERVICE_UNAVAILABLE, b"no worker thread could be started\n")
+            except Exception:  # noqa: BLE001 - a bug answers 500; serving goes on
+                log.debug("request failed", exc_info=True)
+                answer = _text(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 internal server error\n")
+            return await self._send(request, answer)
         finally:
-            self.rfile = rfile
-        if watched.last not in (b"\r\n", b"\n"):  # the head ended at the client's EOF, cut short
-            self.close_connection = True
-            return False
-        if not self.server.connections.mark(self.connection, busy=True):  # headers in: being answered
-            self.close_connection = True  # closed to make room: what arrived is a fragment
-            return False
-        return True
+            if connection is not None:
+                self.connections.mark(connection, busy=False)
 
-    def end_headers(self) -> None:
-        web = self.server.web
-        if web is not None:
-            for name, value in web.headers.items():  # http_server_config.headers, on every answer
-                self.send_header(name, value)
-        super().end_headers()
+    async def _answer(self, request: aioweb.BaseRequest, arrived: float) -> Answer:
+        url = urlsplit(request.raw_path)
+        if request.method == "GET":
+            return await self._get(request, url, arrived)
+        if request.method == "POST":
+            return await self._post(request, url.path)
+        if request.method == "HEAD":
+            return _text(HTTPStatus.METHOD_NOT_ALLOWED, b"")
+        return _text(HTTPStatus.NOT_IMPLEMENTED, b"501 method not implemented\n")
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        url = urlsplit(self.path)
+    async def _get(self, request: aioweb.BaseRequest, url: SplitResult, arrived: float) -> Answer:
         if url.path == "/healthz":
             # Liveness only: never touches the API, and needs no credentials so probes stay simple.
-            self._send(HTTPStatus.OK, b"OK\n", "text/plain; charset=utf-8")
-            return
-        if not self._authorized():
-            return
-        if url.path == self.server.telemetry_path:
-            accept = self.headers.get("Accept", "")
-            body, ctype = self.server.app.metrics(accept, self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
-                                                  self.arrived)
-            self._send_metrics(body, ctype, self.server.app.runtime_metrics(accept))
-        elif url.path == "/probe":
+            return _text(HTTPStatus.OK, b"OK\n")
+        if not await self._authorized(request):
+            return UNAUTHORIZED
+        headers = request.headers
+        accept = headers.get("Accept", "")
+        scrape_timeout = headers.get("X-Prometheus-Scrape-Timeout-Seconds")
+        gzip = "gzip" in headers.get("Accept-Encoding", "")
+        if url.path == self.telemetry_path:
+            return await self.workers.run(partial(self._metrics, accept, scrape_timeout, arrived, gzip))
+        if url.path == "/probe":
             account = parse_qs(url.query).get("account", [""])[0]
-            answer = self.server.app.probe(
-                account, self.headers.get("Accept", ""), self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
-                self.arrived,
-            )
-            if answer is None:
-                self._send(HTTPStatus.BAD_REQUEST, b"unknown or missing ?account=\n", "text/plain; charset=utf-8")
-            else:
-                self._send(HTTPStatus.OK, answer[0], answer[1], compress=True)
-        elif url.path == "/":
-            page = landing_page(self.server.app, self.server.telemetry_path)
-            self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
-        elif url.path == "/-/reload":
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"This endpoint requires a POST request.\n",
-                       "text/plain; charset=utf-8")
-        else:
-            self._send(HTTPStatus.NOT_FOUND, b"404 page not found\n", "text/plain; charset=utf-8")
+            return await self.workers.run(partial(self._probe, account, accept, scrape_timeout, arrived, gzip))
+        if url.path == "/":
+            page = await self.workers.run(partial(landing_page, self.app, self.telemetry_path))
+            return Answer(int(HTTPStatus.OK), (page.encode(),), "text/html; charset=utf-8")
+        if url.path == "/-/reload":
+            return _text(HTTPStatus.METHOD_NOT_ALLOWED, b"This endpoint requires a POST request.\n")
+        return _text(HTTPStatus.NOT_FOUND, b"404 page not found\n")
 
-    def do_POST(self) -> None:  # noqa: N802
-        # No request body is read: one sent would be taken for the next request, so close after.
-        if self.headers.get("Content-Length", "0") != "0" or "chunked" in self.headers.get("Transfer-Encoding", ""):
-            self.close_connection = True
-        if urlsplit(self.path).path != "/-/reload":
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"405 method not allowed\n", "text/plain; charset=utf-8")
-            return
-        if not self._authorized():
-            return
-        reload = self.server.reload
-        error = reload() if reload is not None else "reloading is not enabled"
-        if error is None:
-            self._send(HTTPStatus.OK, b"OK\n", "text/plain; charset=utf-8")
-        else:  # as blackbox_exporter answers
-            body = f"failed to reload config: {error}\n".encode()
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, body, "text/plain; charset=utf-8")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"", "text/plain; charset=utf-8")
-
-    def _authorized(self) -> bool:
-        web = self.server.web
-        if web is None or web.check_authorization(self.headers.get("Authorization")):
-            return True
-        self.send_response(HTTPStatus.UNAUTHORIZED)
-        self.send_header("WWW-Authenticate", 'Basic realm="skillable-exporter"')
-        self.send_header("Content-Length", "13")
-        self.end_headers()
-        self.wfile.write(b"Unauthorized\n")
-        return False
-
-    def _send_metrics(self, body: bytes, content_type: str, runtime: bytes) -> None:
+    def _metrics(self, accept: str, scrape_timeout: str | None, arrived: float, gzip: bool) -> Answer:
         """The (cached) exposition followed by the runtime metrics, gzipped if the client takes it."""
-        compress = "gzip" in self.headers.get("Accept-Encoding", "")
-        if compress:
-            parts: tuple[bytes | memoryview, ...] = self.server.gzipped(body, runtime)
-        else:
-            parts = (without_eof(body), runtime)
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
-        if compress:
-            self.send_header("Content-Encoding", "gzip")
-        self.end_headers()
+        body, content_type = self.app.metrics(accept, scrape_timeout, arrived)
+        runtime = self.app.runtime_metrics(accept)
+        parts = self.gzipped(body, runtime) if gzip else (without_eof(body), runtime)
+        return Answer(int(HTTPStatus.OK), parts, content_type, gzip)
+
+    def _probe(self, account: str, accept: str, scrape_timeout: str | None, arrived: float, gzip: bool) -> Answer:
+        answer = self.app.probe(account, accept, scrape_timeout, arrived)
+        if answer is None:
+            return _text(HTTPStatus.BAD_REQUEST, b"unknown or missing ?account=\n")
+        body, content_type = answer
+        return Answer(int(HTTPStatus.OK), self.gzipped(body) if gzip else (body,), content_type, gzip)
+
+    async def _post(self, request: aioweb.BaseRequest, path: str) -> Answer:
+        if path != "/-/reload":
+            return _text(HTTPStatus.METHOD_NOT_ALLOWED, b"405 method not allowed\n")
+        if not await self._authorized(request):
+            return UNAUTHORIZED
+        reload = self.reload
+        error = await self.workers.run(reload) if reload is not None else "reloading is not enabled"
+        if error is None:
+            return _text(HTTPStatus.OK, b"OK\n")
+        # as blackbox_exporter answers
+        return _text(HTTPStatus.INTERNAL_SERVER_ERROR, f"failed to reload config: {error}\n".encode())
+
+    async def _authorized(self, request: aioweb.BaseRequest) -> bool:
+        """Basic auth: decided on the loop when no bcrypt is needed, else one bcrypt check at a time
+        in its own thread, waiting at most BCRYPT_QUEUE_SECONDS for its turn (then refused)."""
+        web_config = self.web
+        if web_config is None:
+            return True
+        header = request.headers.get("Authorization")
+        verdict = web_config.authorization_without_bcrypt(header)
+        if verdict is not None:
+            return verdict
+        assert self._bcrypt_turn is not None
+        try:
+            await asyncio.wait_for(self._bcrypt_turn.acquire(), BCRYPT_QUEUE_SECONDS)
+        except TimeoutError:
+            return False
+        try:
+            return await self._bcrypt.run(partial(web_config.check_authorization, header))
+        finally:
+            self._bcrypt_turn.release()
+
+    @staticmethod
+    async def _write_body(request: aioweb.BaseRequest, response: aioweb.StreamResponse,
+                          parts: tuple[bytes | memoryview, ...]) -> None:
+        """A small body in one write (the head leaves with it, in one send). A large one in pieces of
+        CHUNK_BYTES, each written once the client has taken all but 64 kB of the ones before: asyncio
+        copies what the socket does not take at once, so a client that does not read holds one piece,
+        never a copy of a whole exposition (the pieces are views of the cached one)."""
+        if sum(len(part) for part in parts) <= CHUNK_BYTES:
+            await response.write_eof(parts[0] if len(parts) == 1 else b"".join(parts))
+            return
         for part in parts:
-            self.wfile.write(part)
+            view = memoryview(part)
+            for start in range(0, len(view), CHUNK_BYTES):
+                await response.write(view[start:start + CHUNK_BYTES])
+                await request.writer.drain()
+        await response.write_eof()
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, compress: bool = False) -> None:
-        if compress and "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = b"".join(self.server.gzipped(body))
-            encoding = "gzip"
-        else:
-            encoding = None
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if encoding:
-            self.send_header("Content-Encoding", encoding)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        log.debug("http %s", format % args)
+    async def _send(self, request: aioweb.BaseRequest, answer: Answer) -> aioweb.StreamResponse:
+        """Write `answer` within the write deadline, or abort the connection."""
+        headers = {"Content-Type": answer.content_type, "Content-Length": str(sum(len(p) for p in answer.parts))}
+        if answer.gzip:
+            headers["Content-Encoding"] = "gzip"
+        headers.update(answer.headers)
+        if self.web is not None:
+            headers.update(self.web.headers)  # http_server_config.headers, on every answer
+        response = aioweb.StreamResponse(status=answer.status, headers=headers)
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await response.prepare(request)
+                await self._write_body(request, response, answer.parts)
+        except TimeoutError:
+            log.debug("answer not taken within the write deadline: connection aborted",
+                      extra={"peer": request.remote or "?", "seconds": self.write_timeout})
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:  # the client went away; aiohttp ends the connection
+            pass
+        return response
 
 
 # In the manner of exporter-toolkit's landing page (web/landing_page.css).

@@ -108,12 +108,22 @@ class _AuthCheck:
         self._lock = threading.Lock()
         self._bcrypt = threading.Lock()  # bcrypt is CPU-bound: one check at a time
 
-    def check(self, user: bytes, password: bytes) -> bool:
-        hashed = self.users.get(user)
-        key = hashlib.sha256(b"\0".join((user, hashed or b"", password))).digest()
+    def _key(self, user: bytes, password: bytes) -> bytes:
+        return hashlib.sha256(b"\0".join((user, self.users.get(user) or b"", password))).digest()
+
+    def passed_before(self, user: bytes, password: bytes) -> bool:
+        """These credentials passed a bcrypt check lately (the cache): true without another."""
+        if user not in self.users:
+            return False
+        key = self._key(user, password)
         with self._lock:
-            if hashed is not None and key in self._ok:
-                return True
+            return key in self._ok
+
+    def check(self, user: bytes, password: bytes) -> bool:
+        if self.passed_before(user, password):
+            return True
+        hashed = self.users.get(user)
+        key = self._key(user, password)
         # bcrypt uses the first 72 bytes of a password and Go's bcrypt.CompareHashAndPassword (the
         # toolkit's) compares only those; Python's bcrypt raises on longer ones. Cut, as Go reads.
         password = password[:BCRYPT_MAX_PASSWORD_BYTES]
@@ -145,6 +155,8 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     users: dict[bytes, bytes] = field(default_factory=dict, repr=False)
     headers: dict[str, str] = field(default_factory=dict)  # http_server_config.headers, on every answer
+    # The tls_server_config settings a TLS handshake is made with, as written (see handshake_changes).
+    handshake: dict[str, str] = field(default_factory=dict)
     _auth: _AuthCheck = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -154,13 +166,39 @@ class WebConfig:
         """True when no users are configured, or the Basic credentials match a bcrypt hash."""
         if not self.users:
             return True
-        if not header or not header.startswith("Basic "):
+        credentials = _credentials(header)
+        return credentials is not None and self._auth.check(*credentials)
+
+    def authorization_without_bcrypt(self, header: str | None) -> bool | None:
+        """The verdict of check_authorization when it needs no bcrypt check (no users, a malformed
+        header, credentials that passed lately), else None: the server runs bcrypt off its loop."""
+        if not self.users:
+            return True
+        credentials = _credentials(header)
+        if credentials is None:
             return False
-        try:
-            user, _, password = base64.b64decode(header[6:], validate=True).partition(b":")
-        except (binascii.Error, ValueError):
-            return False
-        return self._auth.check(user, password)
+        return True if self._auth.passed_before(*credentials) else None
+
+
+def _credentials(header: str | None) -> tuple[bytes, bytes] | None:
+    """(user, password) of a Basic Authorization header, or None."""
+    if not header or not header.startswith("Basic "):
+        return None
+    try:
+        user, _, password = base64.b64decode(header[6:], validate=True).partition(b":")
+    except (binascii.Error, ValueError):
+        return None
+    return user, password
+
+
+def handshake_changes(old: WebConfig | None, new: WebConfig | None) -> list[str]:
+    """The tls_server_config settings that differ between two web configs, other than the
+    certificate, key and client CA. A running listener cannot apply those: a new connection's
+    context is swapped in (the certificate, key and CA go with it) only after OpenSSL has set up the
+    handshake from the listener's first one (client_auth_type, versions, ciphers, curves)."""
+    before = old.handshake if old is not None else {}
+    after = new.handshake if new is not None else {}
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
 
 
 _HASH = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
@@ -177,7 +215,7 @@ def load_web_config(path: str) -> WebConfig:
     tree = check_mapping(SETTING, tree, _TOP_KEYS, f"{path} to hold a mapping")
     base = os.path.dirname(os.path.abspath(path))
     tls = tree.get("tls_server_config")
-    context = _ssl_context(tls, base) if tls else None
+    context, handshake = _ssl_context(tls, base) if tls else (None, {})
     headers = _headers(tree.get("http_server_config"))
     users_raw = tree.get("basic_auth_users") or {}
     if not isinstance(users_raw, dict):
@@ -187,7 +225,7 @@ def load_web_config(path: str) -> WebConfig:
         if not isinstance(hashed, str) or not _HASH.match(hashed):
             raise ConfigError(f"{SETTING}: basic_auth_users.{user}", "expected a bcrypt hash")
         users[str(user).encode()] = hashed.encode()
-    return WebConfig(context, users, headers)
+    return WebConfig(context, users, headers, handshake)
 
 
 def _headers(raw: object) -> dict[str, str]:
@@ -230,7 +268,8 @@ def _tls_version(where: str, raw: object, default: str) -> ssl.TLSVersion:
     return _TLS_VERSIONS[name]
 
 
-def _ssl_context(raw: object, base: str) -> ssl.SSLContext:
+def _ssl_context(raw: object, base: str) -> tuple[ssl.SSLContext, dict[str, str]]:
+    """The context, and the handshake settings it was made with (WebConfig.handshake)."""
     where = f"{SETTING}: tls_server_config"
     tls = check_mapping(where, raw, _TLS_KEYS, "a mapping")
     if not tls.get("cert_file") or not tls.get("key_file"):
@@ -278,7 +317,12 @@ def _ssl_context(raw: object, base: str) -> ssl.SSLContext:
             raise ConfigError(f"{where}.client_ca_file", f"cannot load: {exc}") from None
     elif auth != "NoClientCert":
         context.load_default_certs(ssl.Purpose.CLIENT_AUTH)  # as Go does without ClientCAs: the system's
-    return context
+    handshake = {
+        "client_auth_type": auth, "min_version": low.name, "max_version": high.name,
+        "cipher_suites": ",".join(suites), "curve_preferences": ",".join(curves),
+        "prefer_server_cipher_suites": str(prefer),
+    }
+    return context, handshake
 
 
 def _path(base: str, value: object) -> str:

@@ -242,3 +242,89 @@ def test_what_a_reload_applies_and_what_waits_for_a_restart(fake: FakeSkillable)
         assert poller.client is not client
     finally:
         app.close()
+
+
+# -- TLS settings a reload cannot apply fully (issue 19 item 10) ------------------------------------
+
+
+def tls_web_config(path: Path, certs: Path, client_ca: Path | None = None) -> Path:
+    """A web config serving certs' server certificate; with `client_ca`, client certificates required."""
+    lines = ["tls_server_config:", f"  cert_file: {certs / 'server.crt'}", f"  key_file: {certs / 'server.key'}"]
+    if client_ca is not None:
+        lines += ["  client_auth_type: RequireAndVerifyClientCert", f"  client_ca_file: {client_ca}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reload_over_tls(exporter: Any, ca: Path, cert: tuple[str, str] | None = None) -> requests.Response:
+    return requests.post(exporter.url + "/-/reload", verify=str(ca), cert=cert, timeout=15)
+
+
+@pytest.mark.integration
+def test_turning_client_certificates_on_is_refused_not_half_applied(
+    certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
+) -> None:
+    """On main the reload said 'config reloaded' and clients without a certificate were still served."""
+    from .test_web import Exporter
+
+    web = tls_web_config(tmp_path / "web.yml", certs)
+    exporter = Exporter(fake, tmp_path / "exporter.log", f"--web.config-file={web}", https=True, ca=certs / "ca.crt")
+    try:
+        assert exporter.get("/metrics").status_code == 200
+        tls_web_config(web, certs, client_ca=certs / "ca.crt")
+        answer = reload_over_tls(exporter, certs / "ca.crt")
+        assert answer.status_code == 500, answer.text
+        assert "tls_server_config.client_auth_type" in answer.text and "needs_restart" in answer.text
+        text = exporter.get("/metrics").text  # the running TLS settings, whole: no certificate asked
+        assert total(parse(text), RELOAD_OK) == 0
+        refused = [line for line in exporter.log().splitlines() if "config reload refused" in line]
+        assert len(refused) == 1 and "client_auth_type" in refused[0]
+    finally:
+        assert exporter.stop() == 0
+
+
+@pytest.mark.integration
+def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_served(
+    certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
+) -> None:
+    """On main, after this reload every new connection failed."""
+    from .test_web import Exporter
+
+    web = tls_web_config(tmp_path / "web.yml", certs, client_ca=certs / "ca.crt")
+    cert = (str(certs / "client.crt"), str(certs / "client.key"))
+    exporter = Exporter(fake, tmp_path / "exporter.log", f"--web.config-file={web}", https=True,
+                        ca=certs / "ca.crt", cert=cert)
+    try:
+        tls_web_config(web, certs)
+        answer = reload_over_tls(exporter, certs / "ca.crt", cert)
+        assert answer.status_code == 500 and "needs_restart" in answer.text
+        for _ in range(3):  # new connections, each with the client certificate
+            assert exporter.get("/metrics").status_code == 200
+        with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
+            requests.get(exporter.url + "/metrics", verify=str(certs / "ca.crt"), timeout=15)
+    finally:
+        assert exporter.stop() == 0
+
+
+@pytest.mark.integration
+def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:  # noqa: F811
+    """What a running listener can change, it does: a new client CA trusts its own clients only."""
+    from .test_web import Exporter
+    from .tlsutil import make_certs
+
+    second = tmp_path / "second"
+    second.mkdir()
+    make_certs(second)  # another CA, with a client certificate of its own
+    web = tls_web_config(tmp_path / "web.yml", certs, client_ca=certs / "ca.crt")
+    first_client = (str(certs / "client.crt"), str(certs / "client.key"))
+    second_client = (str(second / "client.crt"), str(second / "client.key"))
+    exporter = Exporter(fake, tmp_path / "exporter.log", f"--web.config-file={web}", https=True,
+                        ca=certs / "ca.crt", cert=first_client)
+    try:
+        tls_web_config(web, certs, client_ca=second / "ca.crt")
+        assert reload_over_tls(exporter, certs / "ca.crt", first_client).status_code == 200
+        assert exporter.get("/metrics", cert=second_client).status_code == 200
+        with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
+            exporter.get("/metrics", cert=first_client)
+    finally:
+        assert exporter.stop() == 0

@@ -65,6 +65,13 @@ def test_the_unit_is_hardened(tmp_path: Path) -> None:
     assert float(match.group(1)) <= 2.0, score.stdout  # systemd rates 0-10; under 2 is its "OK"
 
 
+def test_the_unit_waits_for_the_exporter_to_serve() -> None:
+    """Type=notify (issue 19 item 11): `systemctl start` returns, and a `reload` goes out, once the
+    exporter has told systemd READY=1 (tests/test_signals.py checks that it does)."""
+    service = service_section()
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+
+
 def test_the_units_command_line_is_one_the_exporter_accepts() -> None:
     command = shlex.split(service_section()["ExecStart"][0])
     assert command[0] == INSTALLED_BINARY

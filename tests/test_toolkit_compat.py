@@ -156,13 +156,105 @@ def test_telemetry_path_moves_the_metrics(start: Any) -> None:
     assert 'href="custom/metrics"' in exporter.get("/").text  # the landing page links to it
 
 
-@pytest.mark.parametrize("path", ["metrics", "/healthz", "/", "/probe", "/a b"])
+# "//metrics" and the dot segments were accepted on main, and then every scrape got 404 (issue 19 item 6).
+BAD_TELEMETRY_PATHS = ["metrics", "/healthz", "/", "/probe", "/a b", "//metrics", "/custom//metrics", "/./metrics",
+                       "/custom/../metrics", "/-/reload"]
+
+
+@pytest.mark.parametrize("path", BAD_TELEMETRY_PATHS)
 def test_a_bad_telemetry_path_is_refused(path: str) -> None:
     result = subprocess.run([sys.executable, "-m", "exporter", f"--web.telemetry-path={path}", "--config.check"],
                             env={**os.environ, "SKILLABLE_API_KEY": "k"}, capture_output=True, text=True,
                             cwd=ROOT, timeout=30)
     assert result.returncode == 2 and "web.telemetry-path" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_a_telemetry_path_that_cannot_be_served_stops_start_up(fake: FakeSkillable) -> None:
+    """Not only --config.check: the exporter itself exits 2 with one line instead of serving 404s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    result = subprocess.run([sys.executable, "-m", "exporter", "--web.telemetry-path=//metrics",
+                             f"--web.listen-address=127.0.0.1:{free_port()}"],
+                            env={**env, "SKILLABLE_API_KEY": "k", "SKILLABLE_API_URL": fake.url},
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 2 and "web.telemetry-path" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.integration
+def test_a_listen_address_without_a_host_serves_ipv6_and_ipv4(start: Any) -> None:
+    """':PORT' is every interface, as in Go's exporters: one dual-stack socket where IPv6 exists
+    (on main it was 0.0.0.0 only, and an IPv6 scraper could not reach it)."""
+    port = free_port()
+    exporter = start(f"--web.listen-address=:{port}")
+    assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=15).status_code == 200
+    if ipv6_loopback():
+        response = requests.get(f"http://[::1]:{port}/metrics", timeout=15)
+        assert response.status_code == 200 and "skillable_up" in response.text
+        assert f"listening address=http://[::]:{port}" in exporter.log()
+    else:  # a machine without IPv6: IPv4's every interface
+        assert f"listening address=http://0.0.0.0:{port}" in exporter.log()
+
+
+# What systemd could be made to pass (a unit's ListenDatagram=, a mistaken LISTEN_FDS): each was a
+# traceback on main (ENOTSOCK, EBADF, MemoryError), or for UDP a "listening" line and no service.
+SOCKET_LAUNCHER = """
+import os, socket, sys
+kind, path = sys.argv[1], sys.argv[2]
+count = "1"
+if kind == "regular-file":
+    fd = os.open(path, os.O_RDONLY)
+elif kind == "udp":
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    fd = udp.detach()
+elif kind == "not-listening":
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    fd = tcp.detach()
+elif kind == "closed-fd":
+    fd = None
+else:  # a good listening socket, and a count no process could have been passed
+    fd = socket.create_server(("127.0.0.1", 0)).detach()
+    count = "1000000000"
+if fd is None:
+    try:
+        os.close(3)
+    except OSError:
+        pass
+else:
+    os.dup2(fd, 3)
+    os.set_inheritable(3, True)  # dup2 onto itself (fd was already 3) keeps it close-on-exec
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = count
+os.execv(sys.executable, [sys.executable, "-m", "exporter", "--web.systemd-socket"])
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind, problem", [
+    ("regular-file", "is not a socket"), ("closed-fd", "is not open"), ("udp", "is not a stream"),
+    ("not-listening", "is not listening"), ("absurd-count", "LISTEN_FDS=1000000000"),
+])
+def test_socket_activation_refuses_anything_but_listening_stream_sockets(kind: str, problem: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SKILLABLE_", "LISTEN_"))}
+    regular = tmp_path / "regular-file"
+    regular.write_text("not a socket\n")
+    result = subprocess.run([sys.executable, "-c", SOCKET_LAUNCHER, kind, str(regular)],
+                            env={**env, "SKILLABLE_API_KEY": "k"}, capture_output=True, text=True, cwd=ROOT, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "web.systemd-socket" in result.stderr and problem in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_systemd_socket_activation(fake: FakeSkillable, tmp_path: Path) -> None:
