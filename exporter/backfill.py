@@ -47,8 +47,8 @@ from prometheus_client.utils import floatToGoString
 
 from .app import ExporterApp
 from .client import TOO_LARGE, ApiError, SkillableClient
-from .collector import PLACE
 from .config import Account, Config, ConfigError, load_config
+from .families import LAB_LABELS
 from .model import LabResult, decode_latest_results
 from .persistence import (
     StateFileError,
@@ -72,8 +72,7 @@ DEFAULT_BLOCK_DURATION = "6h"  # 4 blocks a day: 4 passes of promtool over a fil
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 STATE_DIR = ".backfill"  # under --output: the run's settings and its checkpoint
-RESERVED_LABELS = frozenset({*PLACE, "completion_status", "lab_profile_id", "account", "le", "quantile",
-                             "__name__"})
+RESERVED_LABELS = frozenset({*LAB_LABELS, "account", "le", "quantile", "__name__"})
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
