@@ -249,6 +249,16 @@ class Dimension:
         return (OVERFLOW,) * len(self.labels)
 
 
+def named_families(prefix: str) -> tuple[tuple[str, str], ...]:
+    """Every table's family, named as a new dimension's would be: prefix + instances_running, ... (PLACE and
+    PROFILE keep the names they were published with)."""
+    stems = {"closed": "instances", "running": "instances_running", "started": "instances_started_total",
+             "ended": "instances_ended_total", "run_time": "run_time_seconds",
+             "task_completion": "task_completion_ratio", "exam_score": "exam_score_ratio", "exams": "exams_total",
+             "exams_passed": "exams_passed_total"}
+    return tuple((table, prefix + stems[table]) for table in TABLES)
+
+
 PLACE = Dimension(
     name="place",
     labels=("datacenter_id", "delivery_region_id", "lab_host_id"),

@@ -3,25 +3,37 @@ apply/evict against a plain reference implementation of the counting rules."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.demo import Traffic, latest_results_body
 from exporter.model import STATUS_NAMES, LabResult, decode_latest_results
 from bench.simulator import FleetTraffic
+from exporter.collector import SkillableCollector
+from exporter.config import Names
+from exporter.families import lab_families
+from exporter.persistence import load_state_file
+from exporter.poller import Health, PollView
 from exporter.model import ALL_STATUSES
 from exporter.state import (
     EXTRA_KEYS, MAX_FUTURE_SECONDS, OVERFLOW_PLACE, PROFILE_ZERO_STATUSES, RATIO_BUCKETS, RUN_TIME_BUCKETS, FleetExport,
     FleetState, Histogram, _bucketed, _ratio, bucket_of,
 )
 
+from . import state_v2
 from .harness import NOW, result
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 # -- the exposition cache ------------------------------------------------------
@@ -417,3 +429,71 @@ def test_an_instance_twice_in_one_payload_counts_like_two_polls() -> None:
     assert sum(h.count for h in snap.run_time.values()) == 2
 
 
+
+
+# -- the state file of the layout before the declarations (version 2) -------------------------
+
+def served(states: dict[str, FleetState]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every lab sample and the fleet's own counters that a collector over these accounts serves."""
+    class Stub:
+        window_minutes = state_v2.WINDOW_MINUTES
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def view(self) -> PollView:
+            return PollView(states[self.name].snapshot(), Health(up=True))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SkillableCollector([(n, Stub(n)) for n in states], Names(),  # type: ignore[misc]
+                                         state_v2.WINDOW_MINUTES, state_v2.MAX_LAB_PROFILES))
+    return samples_of(generate_latest(registry).decode())
+
+
+FLEET_FAMILIES = {f.name for f in lab_families()} | {
+    "skillable_results_invalid_total", "skillable_lab_host_overflow_total", "skillable_lab_profile_overflow_total",
+    "skillable_lab_instances_expired_total", "skillable_tracked_instances"}
+
+
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
+            if f.name in FLEET_FAMILIES or f"{f.name}_total" in FLEET_FAMILIES for s in f.samples}
+
+
+def test_a_state_file_of_version_2_restores_with_every_counter_intact() -> None:
+    """The migration (issue 17): a state file written by the exporter at commit 5737f51, before the dimensions
+    were declared (tests/state_v2.py made the fixtures with that commit's code), restores with every series that
+    exporter served at the value it served, and the next poll counts what it counted there. The only new series
+    are the profile statuses that now exist at 0 (issue 18)."""
+    saved = load_state_file(str(FIXTURES / "state_v2.json"))
+    assert not saved.refused and not saved.left_out and set(saved.accounts) == set(state_v2.ACCOUNTS)
+    assert json.loads((FIXTURES / "state_v2.json").read_text())["version"] == 2
+    before, after = (FIXTURES / "state_v2.prom").read_text().split("# after\n")
+    states = {name: FleetState.restore(saved.accounts[name].fleet, state_v2.MAX_LAB_HOSTS, state_v2.MAX_LAB_PROFILES,
+                                       state_v2.MAX_RUNNING_SECONDS) for name in state_v2.ACCOUNTS}
+    for restored, expected in ((True, samples_of(before)), (False, samples_of(after))):
+        got = served(states)
+        assert len(expected) > 500 and set(got) >= set(expected)
+        if restored:  # the very values saved
+            assert {k: got[k] for k in expected} == expected
+        else:  # sums of new values: added in another order than 5737f51 grouped them, so the last bits differ
+            assert {k: got[k] for k in expected if not k[0].endswith("_sum")} == \
+                {k: v for k, v in expected.items() if not k[0].endswith("_sum")}
+            assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-12, abs=0)
+        new = {k: v for k, v in got.items() if k not in expected}
+        assert new and all(name == "skillable_lab_profile_instances_ended_total" and v == 0
+                           for (name, _), v in new.items())
+        for name, seed in state_v2.ACCOUNTS.items():
+            results, horizon, seen_at = state_v2.after(seed)
+            states[name].apply(results, horizon, seen_at=seen_at)
+            state_v2.evict(states[name], seen_at)
+    # What the fixture holds is what the test says: every kind of counter, and not at zero.
+    old = samples_of(before)
+    for family in ("skillable_lab_instances_ended_total", "skillable_lab_profile_instances_ended_total",
+                   "skillable_lab_run_time_seconds_bucket", "skillable_exam_score_ratio_count",
+                   "skillable_lab_profile_exam_score_ratio_sum", "skillable_lab_instances_running",
+                   "skillable_lab_host_overflow_total", "skillable_lab_profile_overflow_total",
+                   "skillable_lab_instances_expired_total", "skillable_results_invalid_total"):
+        assert sum(v for (name, _), v in old.items() if name == family) > 0, family
+    assert any(dict(labels).get("lab_profile_id") == "unknown" for _, labels in old)
+    assert any(dict(labels).get("completion_status") == "save_failed" for _, labels in old)
