@@ -747,7 +747,7 @@ def report(results: list[Result]) -> str:
             "min-poll-interval 3600 s", "", "",
             f"{e['concurrent_requests']} ({e['concurrent_good']} good answers)", "", "",
             verdict(e["concurrent_requests"] == 1, "exactly 1"))
-        row(f"the same with min-poll-interval 0 (single flight alone; a scrape landing after the poll "
+        row("the same with min-poll-interval 0 (single flight alone; a scrape landing after the poll "
             "polls again)", "", "", str(e["concurrent_requests_no_interval"]), "", "",
             verdict(e["concurrent_requests_no_interval"] == 1, "exactly 1") if big else "")
     return "\n".join(lines)

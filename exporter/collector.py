@@ -194,9 +194,7 @@ class SkillableCollector(Collector):
 
     def _health_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
         """The families of families.health_families, in its order."""
-        made = {f.name: KINDS[f.type](f.name, f.help, labels=self._labels(list(f.labels)) if f.accounts
-                                      else list(f.labels))
-                for f in health_families(self._dimensions)}
+        made = {f.name: self._plain_family(f) for f in health_families(self._dimensions)}
         up, last_success = made["skillable_up"], made["skillable_last_success_timestamp_seconds"]
         duration, minutes = made["skillable_poll_duration_seconds"], made["skillable_poll_lookback_seconds"]
         requests, failures = made["skillable_api_requests_total"], made["skillable_api_request_failures_total"]
@@ -230,6 +228,12 @@ class SkillableCollector(Collector):
         info = build_info()
         made["skillable_exporter_build_info"].add_metric([info.version, info.revision, platform.python_version()], 1)
         yield from made.values()
+
+    def _plain_family(self, f: Family) -> GaugeMetricFamily | CounterMetricFamily:
+        """An empty gauge or counter family of the table, with `account` among its labels if it has one."""
+        labels = self._labels(list(f.labels)) if f.accounts else list(f.labels)
+        kind = CounterMetricFamily if f.type == "counter" else GaugeMetricFamily
+        return kind(f.name, f.help, labels=labels)
 
     # -- names for ids -----------------------------------------------------
 

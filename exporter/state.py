@@ -375,7 +375,8 @@ class Tallies:
         self.observer_keys: list[Key] = []
         self.observer_index: dict[Key, int] = {}
         self.observers: tuple[list[Observer], ...] = tuple([] for _ in OBSERVED)  # per table, per observer
-        self.waiting: tuple[list[list[float]], ...] = tuple([] for _ in OBSERVED)  # rule 4's values, until fold()
+        # rule 4's values, per table and observer, until fold()
+        self.waiting: tuple[list[list[float]], list[list[float]], list[list[float]]] = ([], [], [])
 
     def key_index(self, r: LabResult) -> int:
         """The index of a new instance's key, by the cap (class docstring); made the first time. Remembered
@@ -651,6 +652,12 @@ class Snapshot:
         return self.dimensions[name]
 
 
+# What apply() reads of a dimension in its pass per result: shift, known.get, read, key_index, counts,
+# observer_of, and the waiting values of the run time, task completion and exam score observers.
+_Pass = tuple[int, Callable[[Any], "int | None"], Callable[[LabResult], Any], Callable[[LabResult], int], list[int],
+              list[int], list[list[float]], list[list[float]], list[list[float]]]
+
+
 class FleetState:
     """Per-instance memory and tallies for one Skillable account. Not thread-safe: the poller locks.
 
@@ -716,7 +723,8 @@ class FleetState:
         dims = list(self.tallies.values())
         # Per dimension: where an instance's key index lies in its `keys`, how a new instance's key is looked
         # up (its raw ids' index if known, else made), its tallies and its observers' waiting values.
-        tallies = [(t.shift, t.known.get, t.read, t.key_index, t.counts, t.observer_of, *t.waiting) for t in dims]
+        tallies: list[_Pass] = [(t.shift, t.known.get, t.read, t.key_index, t.counts, t.observer_of, *t.waiting)
+                                for t in dims]
         mask, width, running_slot = KEY_MASK, WIDTH, RUNNING_SLOT  # constants as locals: the loop reads them often
         closed_aged: list[int] = []  # new entries for the heaps
         open_aged: list[int] = []
@@ -845,8 +853,8 @@ class FleetState:
                 self._forget(key, inst)
                 gone += 1
         heap = self._open_by_age
-        bound = _bound(running_horizon) if running_horizon is not None else None
-        while bound is not None and heap and heap[0] < bound:
+        limit = _bound(running_horizon) if running_horizon is not None else None
+        while limit is not None and heap and heap[0] < limit:
             stamp, key = _entry_parts(heapq.heappop(heap))
             inst = instances.get(key)
             if inst is not None and inst.end is None and inst.opened == stamp:
