@@ -920,11 +920,8 @@ class FleetState:
         for name, t in state.tallies.items():
             if name in saved.dimensions:
                 t.restore(saved.dimensions[name])
-        # Per dimension of this version: where an instance's key for it is, or the key all instances get.
-        places: list[tuple[Tallies, int | None, int]] = []
-        for name, t in state.tallies.items():
-            position = order.index(name) if name in order else None
-            places.append((t, position, t.key(t.dim.unknown_key()) if position is None else -1))
+        # Per dimension of this version: where an instance's key for it is (None: the file has none).
+        places = [(t, order.index(name) if name in order else None) for name, t in state.tallies.items()]
         for item in saved.instances:
             if len(item.keys) != len(order):
                 raise RestoreError("an instance's keys do not match the dimensions")
@@ -932,10 +929,9 @@ class FleetState:
             if status is None:  # a bad value invalidates its record, not the state
                 continue
             keys = 0
-            for t, position, k in places:
-                if position is not None:
-                    k = t.key(t.checked(item.keys[position], t.dim.labels))
-                keys += k << t.shift
+            for t, position in places:
+                key = t.dim.unknown_key() if position is None else t.checked(item.keys[position], t.dim.labels)
+                keys += t.key(key) << t.shift
             # Whole seconds, as apply() keeps them (a file from before may hold a fraction).
             inst = Instance(keys, status, item.start, item.end, math.floor(item.last_change), math.floor(item.opened),
                             item.ended_counted, item.exam_counted)

@@ -127,6 +127,8 @@ def test_a_declared_dimension_round_trips_through_the_state_file_and_restores_ac
     assert dc.running[("unknown",)] == sum(newer.snapshot()["place"].running.values()) == 10
     assert sum(dc.closed.values()) == 30
     assert newer.snapshot()["place"] == plain.snapshot()["place"]
+    empty = FleetState.restore(FleetState().export(), dimensions=WITH_DATACENTER)
+    assert empty.snapshot()["datacenter"].keys == []  # the unknown key only for instances that need it
     newer.apply([result(100, NOW - 10, None, datacenter=1)], NOW - 60, seen_at=NOW)
     assert newer.snapshot()["datacenter"].started == {("1",): 1, ("unknown",): 0}
     newer.apply([result(4, NOW - 3000 + 40, NOW - 5, status=4)], NOW - 60, seen_at=NOW)  # a restored lab ends
