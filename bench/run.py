@@ -1,7 +1,8 @@
 """The benchmark: the exporter against the decode floor and the afternoon-script baseline, one run, one payload.
 
-    python bench/run.py            # 1k, 10k and 100k windows; writes BENCHMARKS.md
-    python bench/run.py --quick    # one start per target, fewer samples (< 60 s); --no-write leaves BENCHMARKS.md
+    python bench/run.py                  # 1k, 10k and 100k windows, then the fleet; writes BENCHMARKS.md
+    python bench/run.py --quick          # one start per target, fewer samples; --no-write leaves BENCHMARKS.md
+    python bench/run.py --sizes fleet    # only the fleet: 2,000 hosts x 500 profiles, spread vs tied
     python bench/run.py --server-before ../server-base    # and the HTTP server against that checkout (bench/server.py)
 
 Every process is separate: the simulator (bench/simulator.py: exporter.demo's, with
@@ -36,6 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 LABS_PER_MINUTE = 25  # about 50 changes (starts + ends) per simulated minute
 # window minutes -> about 1k, 10k and 100k results at 25 labs per minute
 SIZES = {"1k": 22, "10k": 350, "100k": 3950}
+# The fleet: a tenant at the default caps (--skillable.max-lab-hosts, --skillable.max-lab-profiles), its
+# profiles spread over every host of their datacenter or tied to four hosts each, at the 100k window.
+FLEET = "fleet"
+FLEET_HOSTS, FLEET_PROFILES = 2000, 500
+PLACEMENTS = ("tied", "spread")
 STEP_SECONDS = 60  # the simulator's clock moves this much between steady-state polls
 OVERLAP_MINUTES = 2  # the exporter's default --skillable.overlap-minutes
 CONCURRENT_SCRAPES = 50
@@ -65,6 +71,7 @@ class Record(msgspec.Struct, rename="pascal", gc=False):
     lab_host_id: int | None = None
     datacenter_id: int | None = None
     delivery_region_id: int | None = None
+    lab_profile_id: int | None = None
 
 
 class Envelope(msgspec.Struct):
@@ -161,10 +168,13 @@ def percentile(values: list[float], q: float) -> float:
 # -- the simulator ---------------------------------------------------------------
 
 class Simulator:
-    def __init__(self) -> None:
+    def __init__(self, placement: str | None = None) -> None:
+        """The demo's traffic, or with `placement` the fleet's (FLEET_HOSTS x FLEET_PROFILES)."""
+        fleet = [] if placement is None else ["--hosts", str(FLEET_HOSTS), "--profiles", str(FLEET_PROFILES),
+                                              "--placement", placement]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.simulator", "--listen", "127.0.0.1:0",
-             "--labs-per-minute", str(LABS_PER_MINUTE), "--freeze-clock"],
+             "--labs-per-minute", str(LABS_PER_MINUTE), "--freeze-clock", *fleet],
             stdout=subprocess.PIPE, cwd=ROOT, text=True, preexec_fn=die_with_parent,
         )
         assert self.proc.stdout is not None
@@ -271,6 +281,7 @@ class Result:
     window_minutes: int
     results: int = 0
     payload_bytes: int = 0
+    pairs: int = 0  # distinct (lab host, lab profile) in the window
     floor_read: float = 0.0
     floor_decode: float = 0.0
     m: dict[str, dict[str, float]] = field(default_factory=lambda: {"baseline": {}, "exporter": {}})
@@ -280,8 +291,11 @@ class Result:
         return self.floor_read + self.floor_decode
 
 
-def measure_floor(sim: Simulator, res: Result, reps: int) -> None:
-    reads, decodes = [], []
+def measure_floor(sim: Simulator, res: Result, reps: int, reads: list[float] | None = None,
+                  decodes: list[float] | None = None) -> None:
+    """The floor's median of `reps` reads and decodes, and of those in `reads` and `decodes` (which gain these)."""
+    reads = [] if reads is None else reads
+    decodes = [] if decodes is None else decodes
     body = b""
     for _ in range(reps):
         start = time.perf_counter()
@@ -292,6 +306,7 @@ def measure_floor(sim: Simulator, res: Result, reps: int) -> None:
         env = DECODER.decode(body)
         decodes.append(time.perf_counter() - start)
         res.results = len(env.Results or [])
+        res.pairs = len({(r.lab_host_id, r.lab_profile_id) for r in env.Results or []})
         del env
     res.payload_bytes = len(body)
     res.floor_read = statistics.median(reads)
@@ -484,6 +499,103 @@ def measure_size(sim: Simulator, size: str, quick: bool, log: Any, profile_dir: 
     return res
 
 
+def measure_fleet(quick: bool, log: Any) -> dict[str, Result]:
+    """The fleet at the 100k window, tied and spread, in the same run: the floor, the baseline's cold start
+    and peak RSS, and the exporter's cold start, full sync and peak RSS after it (the cold poll's peak),
+    the exporter started in turns, tied then spread, so that load on the machine falls on both alike. The
+    floor is measured again before each start of the exporter, so that it sees the same load too."""
+    window = SIZES["100k"]
+    reps = 1 if quick else 7
+    floors: dict[str, tuple[list[float], list[float]]] = {placement: ([], []) for placement in PLACEMENTS}
+    sims = {placement: Simulator(placement) for placement in PLACEMENTS}
+    results = {placement: Result(f"{FLEET} {placement}", window) for placement in PLACEMENTS}
+    try:
+        for placement, sim in sims.items():
+            res = results[placement]
+            sim.catch_up([window])
+            measure_floor(sim, res, 3, *floors[placement])
+            log(f"fleet {placement}: {res.results} results, {res.pairs} (host, profile) pairs; floor read "
+                f"{res.floor_read:.3f}s decode {res.floor_decode:.3f}s")
+        runs: dict[str, dict[str, list[float]]] = {p: {"cold": [], "sync": [], "rss": [], "baseline_cold": [],
+                                                       "baseline_rss": []} for p in PLACEMENTS}
+        for _ in range(1 if quick else 3):
+            for placement, sim in sims.items():
+                sim.catch_up([window])
+                base = start_baseline(sim, window)
+                try:
+                    runs[placement]["baseline_cold"].append(base.first_good_scrape()[0])
+                    runs[placement]["baseline_rss"].append(peak_rss_mb(base.proc.pid))
+                finally:
+                    base.stop()
+        for _ in range(reps):
+            for placement, sim in sims.items():
+                sim.catch_up([window])
+                measure_floor(sim, results[placement], 1, *floors[placement])
+                exp = start_exporter(sim, window)
+                try:
+                    cold, body = exp.first_good_scrape()
+                    runs[placement]["cold"].append(cold)
+                    runs[placement]["sync"].append(poll_duration(body))
+                    runs[placement]["rss"].append(peak_rss_mb(exp.proc.pid))
+                finally:
+                    exp.stop()
+        for placement, measured in runs.items():
+            m = results[placement].m
+            m["exporter"] = {k: statistics.median(v) for k, v in measured.items() if not k.startswith("baseline")}
+            m["exporter"]["sync_min"] = min(measured["sync"])
+            m["exporter"]["cold_min"] = min(measured["cold"])
+            m["floor_min"] = {"read": min(floors[placement][0]), "decode": min(floors[placement][1])}
+            m["baseline"] = {"cold": statistics.median(measured["baseline_cold"]),
+                             "rss": statistics.median(measured["baseline_rss"])}
+            log(f"fleet {placement}: " + "; ".join(f"{k} {', '.join(f'{v:.3f}' for v in vs)}"
+                                                   for k, vs in measured.items()))
+    finally:
+        for sim in sims.values():
+            sim.stop()
+    return results
+
+
+def fleet_report(results: dict[str, Result]) -> str:
+    tied, spread = results["tied"], results["spread"]
+    te, se = tied.m["exporter"], spread.m["exporter"]
+
+    def verdict(ok: bool, text: str) -> str:
+        return f"{text} {'met' if ok else 'MISSED'}"
+
+    lines = [f"The fleet: {FLEET_HOSTS} lab hosts and {FLEET_PROFILES} lab profiles at the 100k window, each "
+             "profile's labs on four hosts of its own (tied) or on every host of its datacenter (spread), "
+             "in the same run; medians, the exporter started in turns and the floor measured again before each "
+             "start.", "",
+             "| measure | tied | spread | spread / tied | target |", "| --- | --- | --- | --- | --- |"]
+
+    def row(measure: str, t: str, s: str, ratio: str = "", target: str = "") -> None:
+        lines.append(f"| {measure} | {t} | {s} | {ratio} | {target} |")
+
+    row("results, (lab host, lab profile) pairs", f"{tied.results}, {tied.pairs}", f"{spread.results}, {spread.pairs}")
+    row("floor: socket read + msgspec decode", f"{fmt_s(tied.floor_read)} + {fmt_s(tied.floor_decode)}",
+        f"{fmt_s(spread.floor_read)} + {fmt_s(spread.floor_decode)}")
+    row("cold full sync (exporter's poll)", f"{fmt_s(te['sync'])} ({te['sync'] / tied.floor:.2f}x floor)",
+        f"{fmt_s(se['sync'])} ({se['sync'] / spread.floor:.2f}x floor)", f"{se['sync'] / te['sync']:.2f}x",
+        verdict(se["sync"] <= 1.2 * te["sync"], "spread ≤ 1.2x tied") + "; "
+        + verdict(se["sync"] <= 3 * spread.floor and te["sync"] <= 3 * tied.floor, "≤ 3x floor"))
+    tf, sf = sum(tied.m["floor_min"].values()), sum(spread.m["floor_min"].values())
+    row("the fastest of each: floor, cold full sync (a loaded machine slows some starts more than others)",
+        f"{fmt_s(tf)}, {fmt_s(te['sync_min'])} ({te['sync_min'] / tf:.2f}x)",
+        f"{fmt_s(sf)}, {fmt_s(se['sync_min'])} ({se['sync_min'] / sf:.2f}x)", f"{se['sync_min'] / te['sync_min']:.2f}x")
+    row("peak RSS (VmHWM after the first good scrape)", f"{te['rss']:.0f} MB", f"{se['rss']:.0f} MB",
+        f"{se['rss'] / te['rss']:.2f}x", verdict(se["rss"] <= 1.1 * te["rss"], "spread ≤ 1.1x tied"))
+    for name, res in (("tied", tied), ("spread", spread)):
+        b, e = res.m["baseline"], res.m["exporter"]
+        row(f"{name}: cold start to first good scrape, exporter / baseline",
+            f"{fmt_s(e['cold'])} / {fmt_s(b['cold'])}" if name == "tied" else "",
+            f"{fmt_s(e['cold'])} / {fmt_s(b['cold'])}" if name == "spread" else "", f"{e['cold'] / b['cold']:.2f}x",
+            verdict(e["cold"] <= 0.5 * b["cold"], "exporter ≤ 0.5x baseline"))
+        row(f"{name}: peak RSS, exporter / baseline", f"{e['rss']:.0f} / {b['rss']:.0f} MB" if name == "tied" else "",
+            f"{e['rss']:.0f} / {b['rss']:.0f} MB" if name == "spread" else "", f"{e['rss'] / b['rss']:.2f}x",
+            verdict(2 * e["rss"] <= b["rss"], "exporter ≤ half"))
+    return "\n".join(lines)
+
+
 def series_per_100_hosts() -> tuple[int, int, int]:
     """Series in the exposition for 100 and 200 lab hosts (one datacenter and region), and per region.
 
@@ -628,7 +740,7 @@ def report(results: list[Result]) -> str:
             "", "", "", "", "")
         row("cold start to first good scrape", "", fmt_s(b["cold"]), fmt_s(e["cold"]),
             f"{e['cold'] / r.floor:.1f}x", f"{b['cold'] / e['cold']:.1f}x",
-            verdict(e["cold"] <= 0.6 * b["cold"], "exporter ≤ 0.6x baseline") if big else "")
+            verdict(e["cold"] <= 0.5 * b["cold"], "exporter ≤ 0.5x baseline") if big else "")
         row("full-window sync (exporter's poll)", fmt_s(r.floor), "", fmt_s(e["sync"]),
             f"{e['sync'] / r.floor:.2f}x", "", verdict(e["sync"] <= 3 * r.floor, "≤ 3x floor") if big else "")
         row("steady scrape latency p50", "", fmt_s(b["p50"]), fmt_s(e["p50"]), "",
@@ -650,7 +762,7 @@ def report(results: list[Result]) -> str:
             "min-poll-interval 3600 s", "", "",
             f"{e['concurrent_requests']} ({e['concurrent_good']} good answers)", "", "",
             verdict(e["concurrent_requests"] == 1, "exactly 1"))
-        row(f"the same with min-poll-interval 0 (single flight alone; a scrape landing after the poll "
+        row("the same with min-poll-interval 0 (single flight alone; a scrape landing after the poll "
             "polls again)", "", "", str(e["concurrent_requests_no_interval"]), "", "",
             verdict(e["concurrent_requests_no_interval"] == 1, "exactly 1") if big else "")
     return "\n".join(lines)
@@ -679,7 +791,7 @@ def write_benchmarks(table: str, facts: list[str], command: str, series: str) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one cold start per target, fewer samples (< 60 s)")
-    parser.add_argument("--sizes", help="comma-separated subset of " + ",".join(SIZES))
+    parser.add_argument("--sizes", help="comma-separated subset of " + ",".join([*SIZES, FLEET]))
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
     parser.add_argument("--server-before", metavar="DIR", dest="server_before",
@@ -688,20 +800,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="record the exporter (last cold start and its steady state) with py-spy into DIR; "
                              "the profiler slows what it records, so take timings from a run without it")
     args = parser.parse_args(argv)
-    sizes = args.sizes.split(",") if args.sizes else list(SIZES)
+    sizes = args.sizes.split(",") if args.sizes else [*SIZES, FLEET]
     started = time.monotonic()
     load_before = os.getloadavg()
 
     def log(text: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    sim = Simulator()
-    try:
-        results = [measure_size(sim, size, args.quick, log, args.py_spy) for size in sizes]
-    finally:
-        sim.stop()
+    results: list[Result] = []
+    if set(sizes) & set(SIZES):
+        sim = Simulator()
+        try:
+            results = [measure_size(sim, size, args.quick, log, args.py_spy) for size in sizes if size in SIZES]
+        finally:
+            sim.stop()
+    fleet = measure_fleet(args.quick, log) if FLEET in sizes else {}
     facts = machine_facts(load_before)
-    table = report(results)
+    table = "\n\n".join(filter(None, [report(results) if results else "", fleet_report(fleet) if fleet else ""]))
     s100, s200, per_region = series_per_100_hosts()
     per_100_profiles, per_100_named = series_per_100_profiles()
     render = render_after_new_series()
@@ -713,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(facts) + "\n\n" + table + "\n\n" + series)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            [r.__dict__ | {"floor": r.floor, "render": render} for r in results], indent=2))
+            [r.__dict__ | {"floor": r.floor, "render": render} for r in [*results, *fleet.values()]], indent=2))
     if not args.no_write:
         command = "python bench/run.py" + (" --quick" if args.quick else "") + (
             f" --sizes {args.sizes}" if args.sizes else "")

@@ -64,9 +64,10 @@ from . import statefile
 from .account import Health, PollView, apply_poll, empty_memory
 from .cli import build_backfill_parser
 from .client import TOO_LARGE, SkillableClient
-from .collector import PLACE, SkillableCollector, shared_window
+from .collector import SkillableCollector, shared_window
 from .config import Account, Config, ConfigError, load_config
 from .failures import UNAUTHORIZED, backoff_seconds, failure_reason, retry_after
+from .families import LAB_LABELS
 from .model import LabResult, decode_latest_results
 from .persistence import (StateFileError, StatePathError, encode_account, read_state_file, restore_account,
                           write_state_file)
@@ -86,8 +87,7 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"  # what promtool rea
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 STATE_DIR = ".backfill"  # under --output: the run's settings and its checkpoint
-RESERVED_LABELS = frozenset({*PLACE, "completion_status", "lab_profile_id", "account", "le", "quantile",
-                             "__name__"})
+RESERVED_LABELS = frozenset({*LAB_LABELS, "account", "le", "quantile", "__name__"})
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 

@@ -32,18 +32,12 @@ from .account import AccountView, PollView
 from .catalog import AccountProfiles, catalog_families
 from .config import Names
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
-from .state import PROFILE_ZERO_STATUSES, Histogram, Snapshot, Summary
+from .families import NAME_FAMILIES, STATUS_LABEL, Family, health_families, lab_families
+from .state import DIMENSIONS, PROFILE, Dimension, Histogram, Snapshot, Summary
 from .version import build_info
 
-PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
-REGION = ["datacenter_id", "delivery_region_id"]
-PROFILE = ["lab_profile_id"]
 GZIP_LEVEL = 1  # a 10x smaller exposition for about 1 ms per 100 kB
 EOF_LINE = b"# EOF\n"  # how an OpenMetrics exposition ends
-SHARED_POLL_NOTE = (
-    " Values come from the most recent poll, which concurrent scrapes share and"
-    " which is reused for --skillable.min-poll-interval seconds."
-)
 Views = list[tuple[str, PollView]]
 
 
@@ -60,11 +54,13 @@ class _Rendered:
 class SkillableCollector(Collector):
     def __init__(
         self, accounts: Sequence[tuple[str, AccountView]], names: Names, window_minutes: int | None,
-        max_lab_profiles: int = 500,
+        max_lab_profiles: int = 500, dimensions: Sequence[Dimension] = DIMENSIONS,
     ) -> None:
         """`window_minutes`: the window every account in `accounts` has, named in the HELP texts;
-        None when they differ (each account's is in skillable_lookback_window_seconds)."""
+        None when they differ (each account's is in skillable_lookback_window_seconds). `dimensions`:
+        those of the accounts' states (state.DIMENSIONS unless a test declares others)."""
         self._accounts = list(accounts)
+        self._dimensions = tuple(dimensions)
         self._max_lab_profiles = max_lab_profiles
         self._names = names
         self._window_minutes = window_minutes
@@ -186,173 +182,25 @@ class SkillableCollector(Collector):
     # -- lab metrics -------------------------------------------------------
 
     def _lab_families(self) -> list[LabFamily]:
-        """The lab metric families in the order they are exposed."""
-        if self._window_minutes is None:
-            window = "the account's lookback window (skillable_lookback_window_seconds)"
-        else:
-            window = f"the last {self._window_minutes} minutes (the lookback window)"
-        return [
-            LabFamily(
-                GaugeMetricFamily, "skillable_lab_instances",
-                f"Ended lab instances whose last state change was within {window}, by current completion"
-                " status; running labs are in skillable_lab_instances_running only." + SHARED_POLL_NOTE,
-                PLACE + ["completion_status"], _table("instances"), _per_status_sample,
-            ),
-            LabFamily(
-                GaugeMetricFamily, "skillable_lab_instances_running",
-                "Lab instances started and not ended, however long ago they started (a lab saved for later"
-                " has no End either), up to --skillable.max-running-minutes." + SHARED_POLL_NOTE,
-                PLACE, _table("running"), _plain_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_lab_instances_started_total",
-                "Lab instances seen starting, each counted once however many polls return it.",
-                PLACE, _table("started"), _plain_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_lab_instances_ended_total",
-                "Lab instances seen ending, counted once under the completion status they ended with.",
-                PLACE + ["completion_status"], _table("ended"), _per_status_sample,
-            ),
-            LabFamily(
-                HistogramMetricFamily, "skillable_lab_run_time_seconds",
-                "Total run time of ended lab instances, observed once per instance.",
-                REGION, _histogram_table("run_time"), _histogram_sample,
-            ),
-            LabFamily(
-                HistogramMetricFamily, "skillable_lab_task_completion_ratio",
-                "Share of integrated tasks completed (0-1) in ended lab instances.",
-                REGION, _histogram_table("task_completion"), _histogram_sample,
-            ),
-            LabFamily(
-                HistogramMetricFamily, "skillable_exam_score_ratio",
-                "Exam score divided by the maximum possible score (0-1), observed once per scored exam.",
-                REGION, _histogram_table("exam_score"), _histogram_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_exams_total",
-                "Scored exams, counted once when their score first appears.",
-                PLACE, _table("exams"), _plain_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_exams_passed_total", "Scored exams that the learner passed.",
-                PLACE, _table("exams_passed"), _plain_sample,
-            ),
-        ]
-
-    def _profile_families(self) -> list[LabFamily]:
-        """The lab-profile families (issue 11): labelled by lab_profile_id alone, never with the place labels,
-        counted by the same rules as the per-place ones; summaries without quantiles (_count, _sum)."""
-        return [
-            LabFamily(
-                CounterMetricFamily, "skillable_lab_profile_instances_started_total",
-                "Lab instances seen starting, by lab profile, each counted once however many polls return it.",
-                PROFILE, _table("profile_started"), _profile_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_lab_profile_instances_ended_total",
-                "Lab instances seen ending, by lab profile, counted once under the completion status they ended"
-                f" with. The statuses {', '.join(PROFILE_ZERO_STATUSES)} exist from the start, the others once"
-                " they occur.",
-                PROFILE + ["completion_status"], _table("profile_ended"), _plain_sample,
-            ),
-            LabFamily(
-                GaugeMetricFamily, "skillable_lab_profile_instances_running",
-                "Lab instances started and not ended, by lab profile." + SHARED_POLL_NOTE,
-                PROFILE, _table("profile_running"), _profile_sample,
-            ),
-            LabFamily(
-                SummaryMetricFamily, "skillable_lab_profile_run_time_seconds",
-                "Total run time of ended lab instances, by lab profile, observed once per instance.",
-                PROFILE, _summary_table("profile_run_time"), _summary_sample,
-            ),
-            LabFamily(
-                SummaryMetricFamily, "skillable_lab_profile_task_completion_ratio",
-                "Share of integrated tasks completed (0-1) in ended lab instances, by lab profile.",
-                PROFILE, _summary_table("profile_task_completion"), _summary_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_lab_profile_exams_total",
-                "Scored exams, by lab profile, counted once when their score first appears.",
-                PROFILE, _table("profile_exams"), _profile_sample,
-            ),
-            LabFamily(
-                CounterMetricFamily, "skillable_lab_profile_exams_passed_total",
-                "Scored exams that the learner passed, by lab profile.",
-                PROFILE, _table("profile_exams_passed"), _profile_sample,
-            ),
-            LabFamily(
-                SummaryMetricFamily, "skillable_lab_profile_exam_score_ratio",
-                "Exam score divided by the maximum possible score (0-1), by lab profile, observed once per scored"
-                " exam.",
-                PROFILE, _summary_table("profile_exam_score"), _summary_sample,
-            ),
-        ]
+        """The lab metric families in the order they are exposed, from the dimensions' declarations
+        (families.lab_families): each reads its dimension's table of the snapshot."""
+        return [LabFamily(KINDS[f.type], f.name, f.help, list(f.labels), *_table_rows(f))
+                for f in lab_families(self._dimensions, self._window_minutes)]
 
     def _lab_parts(self, views: Views) -> Iterator[Rows]:
-        return (self._rows(spec, views) for spec in [*self._lab_families(), *self._profile_families()])
+        return (self._rows(spec, views) for spec in self._lab_families())
 
     # -- exporter health ---------------------------------------------------
 
     def _health_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
-        no_labels = self._labels([])
-        up = GaugeMetricFamily(
-            "skillable_up", "1 if the last LatestResults poll succeeded, else 0." + SHARED_POLL_NOTE,
-            labels=no_labels,
-        )
-        last_success = GaugeMetricFamily(
-            "skillable_last_success_timestamp_seconds",
-            "Unix time at which the last successful LatestResults poll was made.", labels=no_labels,
-        )
-        duration = GaugeMetricFamily(
-            "skillable_poll_duration_seconds", "Seconds the last poll of the Skillable API took.",
-            labels=no_labels,
-        )
-        minutes = GaugeMetricFamily(
-            "skillable_poll_lookback_seconds", "How far back the last successful LatestResults poll asked (its minutes parameter, in seconds).",
-            labels=no_labels,
-        )
-        requests = CounterMetricFamily(
-            "skillable_api_requests_total", "Requests made to the Skillable API.",
-            labels=self._labels(["endpoint"]),
-        )
-        failures = CounterMetricFamily(
-            "skillable_api_request_failures_total", "Failed requests to the Skillable API, by reason.",
-            labels=self._labels(["endpoint", "reason"]),
-        )
-        invalid = CounterMetricFamily(
-            "skillable_results_invalid_total", "Results that failed validation and were skipped.",
-            labels=no_labels,
-        )
-        overflow = CounterMetricFamily(
-            "skillable_lab_host_overflow_total",
-            "Lab instances whose host was reported as lab_host_id=\"other\" because of the host limit.",
-            labels=no_labels,
-        )
-        profile_overflow = CounterMetricFamily(
-            "skillable_lab_profile_overflow_total",
-            "Lab instances whose profile was reported as lab_profile_id=\"other\" because of"
-            " --skillable.max-lab-profiles.",
-            labels=no_labels,
-        )
-        expired = CounterMetricFamily(
-            "skillable_lab_instances_expired_total",
-            "Running lab instances dropped with no End after --skillable.max-running-minutes.",
-            labels=no_labels,
-        )
-        tracked = GaugeMetricFamily(
-            "skillable_tracked_instances", "Lab instances held in the exporter's memory.", labels=no_labels,
-        )
-        active = GaugeMetricFamily(
-            "skillable_account_active_labs",
-            "Labs active right now account-wide (starting, running, saving, tearing down), from /stats."
-            + SHARED_POLL_NOTE,
-            labels=no_labels,
-        )
-        saved = GaugeMetricFamily(
-            "skillable_account_saved_labs", "Labs saved right now account-wide, from /stats." + SHARED_POLL_NOTE,
-            labels=no_labels,
-        )
+        """The families of families.health_families, in its order."""
+        made = {f.name: self._plain_family(f) for f in health_families(self._dimensions)}
+        up, last_success = made["skillable_up"], made["skillable_last_success_timestamp_seconds"]
+        duration, minutes = made["skillable_poll_duration_seconds"], made["skillable_poll_lookback_seconds"]
+        requests, failures = made["skillable_api_requests_total"], made["skillable_api_request_failures_total"]
+        invalid, expired = made["skillable_results_invalid_total"], made["skillable_lab_instances_expired_total"]
+        tracked, window = made["skillable_tracked_instances"], made["skillable_lookback_window_seconds"]
+        active, saved = made["skillable_account_active_labs"], made["skillable_account_saved_labs"]
         for account, view in views:
             h, labels = view.health, self._values(account, [])
             up.add_metric(labels, 1.0 if h.up else 0.0)
@@ -367,28 +215,25 @@ class SkillableCollector(Collector):
             for (endpoint, reason), count in sorted(h.failures.items()):
                 failures.add_metric(self._values(account, [endpoint, reason]), count)
             invalid.add_metric(labels, view.snapshot.invalid_total)
-            overflow.add_metric(labels, view.snapshot.host_overflow_total)
-            profile_overflow.add_metric(labels, view.snapshot.profile_overflow_total)
+            for dim in self._dimensions:
+                made[dim.overflow_family].add_metric(labels, view.snapshot[dim.name].overflow_total)
             expired.add_metric(labels, view.snapshot.expired_total)
             tracked.add_metric(labels, view.snapshot.tracked)
             if h.stats is not None and h.stats.active is not None:
                 active.add_metric(labels, h.stats.active)
             if h.stats is not None and h.stats.saved is not None:
                 saved.add_metric(labels, h.stats.saved)
-        window = GaugeMetricFamily(
-            "skillable_lookback_window_seconds", "The lookback window the lab gauges cover.", labels=no_labels,
-        )
         for account, poller in self._accounts:  # each account may have its own window
             window.add_metric(self._values(account, []), poller.window_minutes * 60)
-        build = GaugeMetricFamily(
-            "skillable_exporter_build_info", "Version of skillable-exporter, always 1.",
-            labels=["version", "revision", "python_version"],
-        )
         info = build_info()
-        build.add_metric([info.version, info.revision, platform.python_version()], 1)
-        yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, profile_overflow)
-        yield from (expired, tracked)
-        yield from (active, saved, window, build)
+        made["skillable_exporter_build_info"].add_metric([info.version, info.revision, platform.python_version()], 1)
+        yield from made.values()
+
+    def _plain_family(self, f: Family) -> GaugeMetricFamily | CounterMetricFamily:
+        """An empty gauge or counter family of the table, with `account` among its labels if it has one."""
+        labels = self._labels(list(f.labels)) if f.accounts else list(f.labels)
+        kind = CounterMetricFamily if f.type == "counter" else GaugeMetricFamily
+        return kind(f.name, f.help, labels=labels)
 
     # -- names for ids -----------------------------------------------------
 
@@ -397,19 +242,13 @@ class SkillableCollector(Collector):
         for _, view in views:
             regions.update({str(k): v for k, v in view.health.region_names.items()})
         regions.update(self._names.delivery_regions)  # the config file wins over the API
-        for metric, label, names in (
-            ("skillable_datacenter_info", "datacenter", self._names.datacenters),
-            ("skillable_delivery_region_info", "delivery_region", regions),
-            ("skillable_lab_host_info", "lab_host", self._names.lab_hosts),
-        ):
-            family = GaugeMetricFamily(
-                metric, f"Name of a {label.replace('_', ' ')} id, always 1.",
-                labels=[f"{label}_id", f"{label}_name"],
-            )
+        for spec, names in zip(NAME_FAMILIES, (self._names.datacenters, regions, self._names.lab_hosts)):
+            family = GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
-        profiles = [AccountProfiles(a, v.health.catalog, v.snapshot.profiles) for a, v in views]
+        profiles = [AccountProfiles(a, v.health.catalog, [key[0] for key in v.snapshot[PROFILE.name].keys])
+                    for a, v in views]
         yield from catalog_families(profiles, self._names, self._max_lab_profiles, self._account_label)
 
 
@@ -435,11 +274,25 @@ class LabFamily:
     sample: Callable[[Any], tuple[str, tuple[str, ...]]]
 
 
-def _table(table: str) -> Callable[[Snapshot], KeysValues]:
-    """A per-place table of the snapshot. It holds every place (in `places` order) and, in the per-status
-    tables, every status of a place in ALL_STATUSES order: its own key order is the exposition's."""
+KINDS: dict[str, type[Metric]] = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
+                                  "histogram": HistogramMetricFamily, "summary": SummaryMetricFamily}
+
+
+def _table_rows(f: Family) -> tuple[Callable[[Snapshot], KeysValues], Callable[[Any], tuple[str, tuple[str, ...]]]]:
+    """How a lab family reads its dimension's table of a snapshot (`rows`), and names a row (`sample`)."""
+    name, table = f.dimension.name, f.table  # type: ignore[union-attr]
+    if f.type == "histogram":
+        return _histogram_rows(name, table), _histogram_sample
+    if f.type == "summary":
+        return _summary_rows(name, table), _summary_sample
+    return _dict_rows(name, table), (_per_status_sample if STATUS_LABEL in f.labels else _plain_sample)
+
+
+def _dict_rows(dimension: str, table: str) -> Callable[[Snapshot], KeysValues]:
+    """A table of one dimension: it holds every key (in `keys` order) and, in the per-status tables, the
+    statuses of a key in ALL_STATUSES order: its own key order is the exposition's."""
     def rows(snapshot: Snapshot) -> KeysValues:
-        counts = getattr(snapshot, table)
+        counts = getattr(snapshot[dimension], table)
         return list(counts), list(counts.values())
     return rows
 
@@ -449,53 +302,49 @@ def _plain_sample(key: Any) -> tuple[str, tuple[str, ...]]:
 
 
 def _per_status_sample(key: Any) -> tuple[str, tuple[str, ...]]:
-    place, status = key
-    return "", (*place, status)
+    labels, status = key
+    return "", (*labels, status)
 
 
-def _profile_sample(key: Any) -> tuple[str, tuple[str, ...]]:
-    return "", (key,)
-
-
-def _summary_table(table: str) -> Callable[[Snapshot], KeysValues]:
-    """Per profile: _count, then _sum."""
+def _summary_rows(dimension: str, table: str) -> Callable[[Snapshot], KeysValues]:
+    """Per observer key: _count, then _sum."""
     def rows(snapshot: Snapshot) -> KeysValues:
         keys: list[Any] = []
         values: list[Any] = []
         summary: Summary
-        for profile, summary in getattr(snapshot, table).items():
-            keys += [(profile, "_count"), (profile, "_sum")]
+        for key, summary in getattr(snapshot[dimension], table).items():
+            keys += [(key, "_count"), (key, "_sum")]
             values += [summary.count, summary.total]
         return keys, values
     return rows
 
 
 def _summary_sample(key: Any) -> tuple[str, tuple[str, ...]]:
-    profile, suffix = key
-    return suffix, (profile,)
+    labels, suffix = key
+    return suffix, labels
 
 
-def _histogram_table(table: str) -> Callable[[Snapshot], KeysValues]:
-    """Per region: a key and value per bucket (cumulative, le ending in +Inf), then _count and _sum."""
+def _histogram_rows(dimension: str, table: str) -> Callable[[Snapshot], KeysValues]:
+    """Per observer key: a key and value per bucket (cumulative, le ending in +Inf), then _count and _sum."""
     def rows(snapshot: Snapshot) -> KeysValues:
         keys: list[Any] = []
         values: list[Any] = []
         hist: Histogram
-        for region, hist in getattr(snapshot, table).items():
+        for key, hist in getattr(snapshot[dimension], table).items():
             buckets = hist.cumulative()
-            keys += [(region, le) for le, _ in buckets]
+            keys += [(key, le) for le, _ in buckets]
             values += [count for _, count in buckets]
-            keys += [(region, "_count"), (region, "_sum")]
+            keys += [(key, "_count"), (key, "_sum")]
             values += [buckets[-1][1], hist.total]
         return keys, values
     return rows
 
 
 def _histogram_sample(key: Any) -> tuple[str, tuple[str, ...]]:
-    region, le = key
+    labels, le = key
     if le in ("_count", "_sum"):
-        return le, region
-    return "_bucket", (*region, le)
+        return le, labels
+    return "_bucket", (*labels, le)
 
 
 def shared_window(accounts: Iterable[AccountView]) -> int | None:

@@ -9,7 +9,7 @@ wiring's business (statefile.py); this module imports neither the poller nor the
 
 The file is JSON, keyed by account name:
 
-    {"format": "skillable-exporter-state", "version": 2, "saved_at": <unix time>,
+    {"format": "skillable-exporter-state", "version": 3, "saved_at": <unix time>,
      "api_urls": {"<name>": "https://host/path"},
      "accounts": {"<name>": {"last_success": ..., "requests": {...}, "fleet": {...}, ...}}}
 
@@ -85,7 +85,9 @@ from .state import FleetExport, FleetState, RestoreError
 log = logging.getLogger(__name__)
 
 FORMAT = "skillable-exporter-state"
-VERSION = 2  # 2: the fleet is FleetState.export() (running instances, lab profiles)
+VERSION = 3  # 2: the fleet is FleetState.export() (running instances, lab profiles); 3: with its keys' order
+# Versions read: a file of version 2 restores with every counter (FleetExport.order's default, state.py).
+READABLE_VERSIONS = (2, VERSION)
 LOCK_SUFFIX = ".lock"
 UNREADABLE_URL = "(unreadable)"
 
@@ -289,7 +291,7 @@ def load_state_file(path: str) -> SavedFile:
         header = msgspec.json.decode(data, type=_Header)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise StateFileError(f"not a state file ({exc})") from None
-    if header.format != FORMAT or header.version != VERSION:
+    if header.format != FORMAT or header.version not in READABLE_VERSIONS:
         raise StateFileError(f"format {header.format!r} version {header.version!r}, expected {FORMAT!r} "
                              f"version {VERSION}")
     try:

@@ -31,14 +31,23 @@ has them again, written plainly, as ReferenceState):
    after the poll that returned it is invalid (counted, skipped), so every
    instance leaves memory by rule 6 or 7 whatever its timestamps say.
 
-Every rule counts into *tallies*, one per label value of each dimension (a
-place: datacenter, region and host; a lab profile). An instance belongs to one
-Group, the tallies it counts into, one per dimension; the rules above are
-written once, in apply(), against the group: what they count is written in a
-Ledger, which hands it to each tally of the group at the end (Ledger.fold).
-A new dimension is a Dimension subclass
-listed in FleetState.dimensions, not another copy of the rules. Gauges are kept
-as running totals, so a scrape costs O(series), not O(instances).
+Dimensions. Instances are labelled along each *dimension* in DIMENSIONS: the place
+(datacenter, delivery region, lab host) and the lab profile. A dimension is one
+declaration (Dimension): its labels and the result fields they are read from, the
+cap on its keys, its observers (a histogram per region, or a summary per key), the
+statuses that exist at zero and its metric families. The keys, the caps, the
+snapshot, the collector's families and the state file's layout derive from the
+declarations, so a new dimension is one more Dimension, not another copy of the rules.
+
+An instance counts into one tally per dimension, the one of its key there, and
+nothing is kept per combination of dimensions: a lab profile that runs on every
+host of a datacenter costs what one tied to four hosts costs. Memory follows the
+instances plus the keys of each dimension; a poll costs its changes times the
+number of dimensions, plus the keys they touch. apply() decides once per result
+what rules 1-5 count (a start, an end under a status, an exam, the gauge slot the
+instance leaves and the one it enters), then adds that to each of the instance's
+tallies. Gauges are kept as running totals, so a scrape costs O(series), not
+O(instances).
 """
 
 from __future__ import annotations
@@ -47,43 +56,32 @@ import heapq
 import math
 import sys
 from bisect import bisect_left, bisect_right
-from collections import Counter
-from itertools import repeat
-from operator import add, sub
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from itertools import repeat
+from operator import add, attrgetter, sub
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import msgspec
 
 from .model import ALL_STATUSES, STATUS_NAMES, UNKNOWN_STATUS, Count, Finite, Int64, LabResult
 
-Place = tuple[str, str, str]  # datacenter_id, delivery_region_id, lab_host_id
-Region = tuple[str, str]  # datacenter_id, delivery_region_id
+Key = tuple[str, ...]  # a key's label values, in its dimension's `labels` order
 
-UNKNOWN_ID = "unknown"
-OVERFLOW_HOST = "other"
-OVERFLOW_PLACE: tuple[str, str, str] = (OVERFLOW_HOST, OVERFLOW_HOST, OVERFLOW_HOST)
-# Label combinations (places) allowed beyond one per tracked host: room for hosts seen under
-# "unknown" ids and for the overflow host in each region. Series <= 26 per place + 40 per region.
-EXTRA_PLACES = 100
+UNKNOWN_ID = "unknown"  # the label value of a null id
+OVERFLOW = "other"  # the label value of the keys beyond a dimension's cap
+# Keys allowed beyond a dimension's cap: a capped label (the host) is limited to `cap` values, but the
+# labels before it (datacenter, region) are not, so the label combinations are capped at cap + EXTRA_KEYS
+# (room for hosts seen under "unknown" ids and for the overflow host in each region); the rest share
+# one key, every label "other". Series per place <= 26, plus 40 per region.
+EXTRA_KEYS = 100
+KEY_CACHE_SIZE = 65536  # raw ids remembered per dimension (Tallies.known); cleared when full
 
 RUN_TIME_BUCKETS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400)
 RATIO_BUCKETS: tuple[float, ...] = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1)
-GROUP_CACHE_SIZE = 65536  # raw id tuples remembered by FleetState._group_of; cleared when full
 
-# Per-profile ended series that exist at 0 from a profile's first activity, so failure and
-# completion rates work from the first scrape: 7 of the 11 statuses; the other four
-# (resume_failed, save_failed, grading_in_progress, unknown) appear when they first occur.
-# Series per profile: 7 + started + running + exams + passed + 3 summaries x 2 = 17 at zero, 21 at most.
-PROFILE_ZERO_STATUSES: tuple[str, ...] = (
-    "complete", "incomplete", "cancelled", "no_show", "storage_provisioning_failed", "lab_creation_failed",
-    "submitted_for_grading",
-)
-UNKNOWN_PROFILE = "unknown"
-OVERFLOW_PROFILE = "other"
-
-DEFAULT_MAX_RUNNING_SECONDS = 1440 * 60
+DEFAULT_MAX_LAB_HOSTS = 2000
 DEFAULT_MAX_LAB_PROFILES = 500
+DEFAULT_MAX_RUNNING_SECONDS = 1440 * 60
 # A Start or End further than this after the poll that returned it is not a clock skew but a
 # bad value (an End in the year 3000): the record is invalid (rule 9).
 MAX_FUTURE_SECONDS = 86400
@@ -113,6 +111,10 @@ class Histogram:
         self.counts = list(map(add, self.counts, counts))
         self.total += total
 
+    def take(self, values: list[float], clamp: bool) -> None:
+        """Observe every value (each clamped to 0..1 first if `clamp`); `values` is left sorted."""
+        self.add(*_bucketed(self.bounds, values, clamp))
+
     def cumulative(self) -> list[tuple[str, float]]:
         """Buckets as prometheus_client wants them: cumulative, ending in +Inf."""
         out: list[tuple[str, float]] = []
@@ -128,6 +130,14 @@ class Histogram:
 
     def copy(self) -> Histogram:
         return Histogram(self.bounds, list(self.counts), self.total)
+
+    def saved_counts(self) -> list[int]:
+        return list(self.counts)
+
+    def restore(self, counts: list[int], total: float) -> None:
+        if len(counts) != len(self.bounds) + 1:
+            raise RestoreError("histogram buckets differ from this version's")
+        self.counts, self.total = list(counts), total
 
 
 @dataclass(slots=True)
@@ -145,8 +155,25 @@ class Summary:
         self.count += sum(counts)
         self.total += total
 
+    def take(self, values: list[float], clamp: bool) -> None:
+        """Observe every value (each clamped to 0..1 first if `clamp`), as Histogram.take would count and
+        sum them; no buckets, so no sorting."""
+        total = sum(values)
+        if clamp and (total != total or min(values) < 0.0 or max(values) > 1.0):
+            total = sum(map(_ratio, values))
+        self.count += len(values)
+        self.total += total
+
     def copy(self) -> Summary:
         return Summary(self.count, self.total)
+
+    def saved_counts(self) -> list[int]:
+        return [self.count]
+
+    def restore(self, counts: list[int], total: float) -> None:
+        if len(counts) != 1:
+            raise RestoreError("a summary has one count")
+        self.count, self.total = counts[0], total
 
 
 class Observer(Protocol):
@@ -154,7 +181,13 @@ class Observer(Protocol):
 
     def add(self, counts: Sequence[int], total: float) -> None: ...
 
+    def take(self, values: list[float], clamp: bool) -> None: ...
+
     def copy(self) -> Observer: ...
+
+    def saved_counts(self) -> list[int]: ...
+
+    def restore(self, counts: list[int], total: float) -> None: ...
 
 
 def bucket_of(bounds: Sequence[float], value: float) -> int:
@@ -167,265 +200,315 @@ def _bound_text(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() and bound >= 1 else repr(float(bound))
 
 
+# The observed tables (rule 4), in this order everywhere: each one's histogram buckets, and whether
+# its values are ratios clamped to 0..1. Every value is bucketed by them once (_bucketed), whichever
+# observer (a region's histogram, a profile's summary) then takes it.
 OBSERVED = ("run_time", "task_completion", "exam_score")
-# Each observed table's histogram buckets: the places' histograms have them, and every value is
-# bucketed by them once, whichever observers (histograms, summaries) it then goes to.
 BOUNDS: dict[str, tuple[float, ...]] = {
     "run_time": RUN_TIME_BUCKETS, "task_completion": RATIO_BUCKETS, "exam_score": RATIO_BUCKETS}
+CLAMPED = {"run_time": False, "task_completion": True, "exam_score": True}
+
+# What a dimension counts per key, as the snapshot and the collector name the tables: the gauges
+# (rule 5), the counters (rules 1-3), then the observed tables (rule 4).
+TABLES = ("closed", "running", "started", "ended", "exams", "exams_passed", *OBSERVED)
 
 
-@dataclass(slots=True, eq=False)
-class Tally:
-    """What the rules count for one label value of one dimension (one place, one lab profile).
-
-    The observers may be shared: every place of a region observes into the region's histograms.
-    """
-
-    started: int = 0
-    running: int = 0  # gauge: instances with no End
-    closed: Counter[str] = field(default_factory=Counter)  # gauge: ended instances in memory, by status
-    ended: Counter[str] = field(default_factory=Counter)  # by the status each first ended with
-    exams: int = 0
-    exams_passed: int = 0
-    run_time: Observer = field(default_factory=Summary)
-    task_completion: Observer = field(default_factory=Summary)
-    exam_score: Observer = field(default_factory=Summary)
+# -- dimensions: each declared once ------------------------------------------------------------
 
 
-# -- dimensions: the only place that knows what a label value is -------------------------
-
-
+@dataclass(frozen=True)
 class Dimension:
-    """One way of labelling instances: how a result maps to a key, and a tally per key.
+    """One way of labelling lab instances, declared once; everything else derives from it.
 
-    `key_of` gives a result's key and may fold it into an overflow key (the cap);
-    `observers_for` makes (or shares) a new key's run time, task and score observers.
+    A key is the tuple of its `labels`' values, read from the result `fields` of the same
+    position (a null id reads "unknown"). The last label is capped: at most `cap` values of it
+    have keys of their own (`cap` is the setting `cap_setting`, `default_cap` unless configured);
+    an instance with another one gets it as "other" and is counted in the dimension's overflow.
+    The keys themselves are capped at cap + EXTRA_KEYS (module constant): beyond that, every
+    label reads "other". Each key has observers for the OBSERVED tables, kept per its leading
+    `observer_labels`: histograms shared by every key with the same ones (`histogram`), or
+    summaries of its own. `zero_statuses`: the completion statuses whose ended series exist at 0
+    for every key; the others appear once they occur.
+
+    For the collector: `families` names each table's metric family, in exposition order (a table
+    left out is counted, not exposed); `by` is put in their help texts after the subject ("Lab
+    instances seen starting, by lab profile, ..."); `noun` names what overflows, and
+    `overflow_family` the counter of the instances that did.
     """
 
-    name: str
-    width: int  # parts of a key
+    name: str  # in the snapshot and the state file
+    labels: tuple[str, ...]
+    fields: tuple[str, ...]  # the LabResult field each label reads
+    cap_setting: str
+    default_cap: int
+    observer_labels: tuple[str, ...]
+    histogram: bool
+    families: tuple[tuple[str, str], ...]  # (table, family name)
+    overflow_family: str
+    noun: str
+    by: str = ""
+    zero_statuses: tuple[str, ...] = ALL_STATUSES
 
-    def __init__(self) -> None:
-        self.tallies: dict[tuple[str, ...], Tally] = {}
-        self.overflow_total = 0
+    def __post_init__(self) -> None:
+        if len(self.fields) != len(self.labels) or self.labels[:len(self.observer_labels)] != self.observer_labels:
+            raise ValueError(f"dimension {self.name}: one field per label, observer labels leading the labels")
+        if any(table not in TABLES for table, _ in self.families):
+            raise ValueError(f"dimension {self.name}: a family of an unknown table")
 
-    def saved_observers(self) -> list[SavedObserver]:
-        """Each key's own observers (a dimension that shares them overrides this)."""
-        return [SavedObserver(list(k), table, [s.count], s.total)
-                for k, t in self.tallies.items() for table in OBSERVED for s in (getattr(t, table),)]
+    def unknown_key(self) -> Key:
+        """The key of a result whose ids are all null (restore gives it to instances saved before this
+        dimension existed)."""
+        return (UNKNOWN_ID,) * len(self.labels)
 
-    def restore_observer(self, saved: SavedObserver) -> None:
-        s = getattr(self.tally(self.check_key(saved.key)), _observed(saved.table))
-        if len(saved.counts) != 1:
-            raise RestoreError("a summary has one count")
-        s.count, s.total = saved.counts[0], saved.total
-
-    def check_key(self, key: list[str]) -> tuple[str, ...]:
-        if len(key) != self.width:
-            raise RestoreError(f"a {self.name} key has {len(key)} parts, not {self.width}")
-        return tuple(key)
-
-    def key_of(self, r: LabResult) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    def observers_for(self, key: tuple[str, ...]) -> tuple[Observer, Observer, Observer]:
-        raise NotImplementedError
-
-    def tally(self, key: tuple[str, ...]) -> Tally:
-        tally = self.tallies.get(key)
-        if tally is None:
-            run_time, task, score = self.observers_for(key)
-            tally = self.tallies[key] = Tally(run_time=run_time, task_completion=task, exam_score=score)
-        return tally
+    def overflow_key(self) -> Key:
+        return (OVERFLOW,) * len(self.labels)
 
 
-class Places(Dimension):
-    """datacenter, delivery region, lab host: at most max_lab_hosts hosts (+ EXTRA_PLACES label
-    combinations), the rest under "other"; histograms per region."""
-
-    name = "place"
-    width = 3
-
-    def __init__(self, max_lab_hosts: int) -> None:
-        super().__init__()
-        self.max_lab_hosts = max_lab_hosts
-        self.hosts: set[str] = set()
-        self.regions: dict[Region, tuple[Histogram, Histogram, Histogram]] = {}
-
-    def key_of(self, r: LabResult) -> tuple[str, ...]:
-        host = _label(r.lab_host_id)
-        overflow = host not in self.hosts and len(self.hosts) >= self.max_lab_hosts
-        place = (_label(r.datacenter_id), _label(r.delivery_region_id), OVERFLOW_HOST if overflow else host)
-        if place not in self.tallies and len(self.tallies) >= self.max_lab_hosts + EXTRA_PLACES:
-            # The total-series guard: hosts are capped above, but their datacenter and region ids are
-            # not, so the label combinations (26 series each) are capped too; the rest share one.
-            overflow, place = True, OVERFLOW_PLACE
-        if overflow:
-            self.overflow_total += 1
-        else:
-            self.hosts.add(host)
-        return place
-
-    def observers_for(self, key: tuple[str, ...]) -> tuple[Observer, Observer, Observer]:
-        region = (key[0], key[1])
-        shared = self.regions.get(region)
-        if shared is None:
-            shared = self.regions[region] = tuple(Histogram(BOUNDS[table]) for table in OBSERVED)  # type: ignore[assignment]
-        return shared
-
-    def saved_observers(self) -> list[SavedObserver]:
-        return [SavedObserver(list(region), table, list(h.counts), h.total)
-                for region, hists in self.regions.items() for table, h in zip(OBSERVED, hists)]
-
-    def restore_observer(self, saved: SavedObserver) -> None:
-        if len(saved.key) != 2:
-            raise RestoreError("a region key has two parts")
-        h = self.observers_for((saved.key[0], saved.key[1], OVERFLOW_HOST))[OBSERVED.index(_observed(saved.table))]
-        assert isinstance(h, Histogram)
-        if len(saved.counts) != len(h.bounds) + 1:
-            raise RestoreError("histogram buckets differ from this version's")
-        h.counts, h.total = list(saved.counts), saved.total
+def named_families(prefix: str) -> tuple[tuple[str, str], ...]:
+    """Every table's family, named as a new dimension's would be: prefix + instances_running, ... (PLACE and
+    PROFILE keep the names they were published with)."""
+    stems = {"closed": "instances", "running": "instances_running", "started": "instances_started_total",
+             "ended": "instances_ended_total", "run_time": "run_time_seconds",
+             "task_completion": "task_completion_ratio", "exam_score": "exam_score_ratio", "exams": "exams_total",
+             "exams_passed": "exams_passed_total"}
+    return tuple((table, prefix + stems[table]) for table in TABLES)
 
 
-class Profiles(Dimension):
-    """lab_profile_id: the first max_lab_profiles profiles seen active get their own key, the rest
-    share "other"; a null LabProfileId is "unknown" (a profile like any, for the cap)."""
+PLACE = Dimension(
+    name="place",
+    labels=("datacenter_id", "delivery_region_id", "lab_host_id"),
+    fields=("datacenter_id", "delivery_region_id", "lab_host_id"),
+    cap_setting="skillable.max-lab-hosts", default_cap=DEFAULT_MAX_LAB_HOSTS,
+    observer_labels=("datacenter_id", "delivery_region_id"), histogram=True,
+    families=(
+        ("closed", "skillable_lab_instances"),
+        ("running", "skillable_lab_instances_running"),
+        ("started", "skillable_lab_instances_started_total"),
+        ("ended", "skillable_lab_instances_ended_total"),
+        ("run_time", "skillable_lab_run_time_seconds"),
+        ("task_completion", "skillable_lab_task_completion_ratio"),
+        ("exam_score", "skillable_exam_score_ratio"),
+        ("exams", "skillable_exams_total"),
+        ("exams_passed", "skillable_exams_passed_total"),
+    ),
+    overflow_family="skillable_lab_host_overflow_total", noun="host",
+)
+# Every completion status exists at 0 per profile (issue 18): increase() over a range holding a
+# profile's first save_failed end then counts it. 11 ended series per profile, 21 series in all.
+PROFILE = Dimension(
+    name="profile",
+    labels=("lab_profile_id",),
+    fields=("lab_profile_id",),
+    cap_setting="skillable.max-lab-profiles", default_cap=DEFAULT_MAX_LAB_PROFILES,
+    observer_labels=("lab_profile_id",), histogram=False,
+    families=(
+        ("started", "skillable_lab_profile_instances_started_total"),
+        ("ended", "skillable_lab_profile_instances_ended_total"),
+        ("running", "skillable_lab_profile_instances_running"),
+        ("run_time", "skillable_lab_profile_run_time_seconds"),
+        ("task_completion", "skillable_lab_profile_task_completion_ratio"),
+        ("exams", "skillable_lab_profile_exams_total"),
+        ("exams_passed", "skillable_lab_profile_exams_passed_total"),
+        ("exam_score", "skillable_lab_profile_exam_score_ratio"),
+    ),
+    overflow_family="skillable_lab_profile_overflow_total", noun="profile", by=", by lab profile",
+)
+DIMENSIONS: tuple[Dimension, ...] = (PLACE, PROFILE)
 
-    name = "profile"
-    width = 1
-
-    def __init__(self, max_lab_profiles: int) -> None:
-        super().__init__()
-        self.max_lab_profiles = max_lab_profiles
-
-    def key_of(self, r: LabResult) -> tuple[str, ...]:
-        key = (UNKNOWN_PROFILE if r.lab_profile_id is None else str(r.lab_profile_id),)
-        if key not in self.tallies and len(self.tallies) - ((OVERFLOW_PROFILE,) in self.tallies) >= self.max_lab_profiles:
-            self.overflow_total += 1
-            return (OVERFLOW_PROFILE,)
-        return key
-
-    def observers_for(self, key: tuple[str, ...]) -> tuple[Observer, Observer, Observer]:
-        return Summary(), Summary(), Summary()
-
-
-# -- groups, and the ledger one apply() or evict() writes --------------------------------
+# Kept for the places' callers and tests: the overflow place, and the profile statuses at zero.
+OVERFLOW_PLACE: Key = PLACE.overflow_key()
+PROFILE_ZERO_STATUSES: tuple[str, ...] = PROFILE.zero_statuses
 
 STATUS_INDEX: dict[str, int] = {s: i for i, s in enumerate(ALL_STATUSES)}
 CODE_INDEX: dict[int | None, int] = {code: STATUS_INDEX[name] for code, name in STATUS_NAMES.items()}
 UNKNOWN_INDEX = STATUS_INDEX[UNKNOWN_STATUS]
-RUNNING_SLOT = len(ALL_STATUSES)  # a group's gauge slots: one per status (`closed`), then `running`
-SLOTS = RUNNING_SLOT + 1
-ZERO_SLOTS = [0] * SLOTS
+# A key's counts lie at k * WIDTH + these offsets in its dimension's Tallies.counts: `closed` by status
+# index, then `running` (rule 5: an instance is in one of these 12 gauge slots), `ended` by status index
+# (rule 2), `started` (rule 1), `exams` and `exams_passed` (rule 3). 26 ints, one per series of a place.
+RUNNING_SLOT = len(ALL_STATUSES)
+ENDED = RUNNING_SLOT + 1
+STARTED = ENDED + len(ALL_STATUSES)
+EXAMS = STARTED + 1
+PASSED = EXAMS + 1
+WIDTH = PASSED + 1
+ZERO_COUNTS = [0] * WIDTH
+# An Instance holds the index of its key in every dimension in one int, KEY_BITS each (an int, not
+# a tuple: the cyclic GC tracks tuples, and a cold poll makes 100,000 instances).
+#
+# OWN_INTS: a new instance keeps ints of its own for its id and times (`x += 0` makes one), not the
+# decoded record's. The record's other ints (host, profile, run time, ...) lie in the same 32-byte
+# blocks of the allocator; if the instances held the record's, every page of them would stay in use
+# when the records are freed. Measured at 100k results (2,000 hosts, 500 profiles): after the cold
+# poll the process holds 91 MB instead of 104, the first render peaks at 127 MB instead of 135
+# (the afternoon script: 269), for about 10 ms more in apply().
+KEY_BITS = 32
+KEY_MASK = 2**KEY_BITS - 1
 
 
-@dataclass(slots=True, eq=False)
-class Group:
-    """The tallies an instance counts into, one per dimension (its keys say which)."""
+class Tallies:
+    """One dimension's tallies: for each of its keys, what the rules counted.
 
-    keys: tuple[tuple[str, ...], ...]
-    tallies: tuple[Tally, ...]
-
-
-def gauge_slot(inst: Instance) -> int:
-    """Rule 5's gauges, the one place they are decided: an instance is in its group's `running`
-    with no End, else in `closed` under its status. apply() inlines it (it runs per result)."""
-    return inst.group * SLOTS + (RUNNING_SLOT if inst.end is None else inst.status)
-
-
-class Ledger:
-    """What one apply() or evict() has counted and not yet handed to the tallies: flat arrays
-    indexed by group (g) or by a group's slot (g * SLOTS + a status index, or RUNNING_SLOT),
-    and the groups touched. fold() hands each touched group's entries to each of its tallies
-    once, at the end, and zeroes them.
-
-    A fast path, and why: a cold poll counts 100,000 instances into about 1,200 groups (place x
-    lab profile). Adding to each group's own objects (a dict of cells, value lists) touched their
-    memory at random, and the same poll into 36 groups took half the time; these arrays are
-    small and contiguous. FleetState keeps one, grown by a slot set per new group (add_group),
-    so a poll that touches a few groups costs a few groups, not all of them.
+    A key has an index (k, its place in `keys`), and its counts are at k * WIDTH + an offset (RUNNING_SLOT,
+    ENDED, ...) in one flat list of ints: contiguous, cheap to add to, never seen by the cyclic GC.
+    Observers are kept per observer key (the key's leading observer_labels), and the values of a poll
+    wait in `waiting`, per table and observer, until fold() buckets them.
     """
 
-    def __init__(self) -> None:
-        self.touched: list[int] = []
-        self.marked = bytearray()  # 1 for a group in `touched`
-        self.started: list[int] = []  # per group: starts counted (rule 1)
-        self.gauges: list[int] = []  # per slot: change of `closed` under that status, or of `running` (rule 5)
-        self.ended: list[int] = []  # per status slot: ends counted (rule 2)
-        self.exams: list[int] = []  # per group: exams counted (rule 3)
-        self.passed: list[int] = []  # per group: of which passed
-        self.observed: tuple[Observed, ...] = tuple(Observed(table, table != "run_time") for table in OBSERVED)  # rule 4
+    def __init__(self, dim: Dimension, cap: int, shift: int) -> None:
+        self.dim = dim
+        self.cap = cap
+        self.shift = shift  # where its index lies in an Instance's `keys`
+        self.read: Callable[[LabResult], Any] = attrgetter(*dim.fields)  # a result's raw ids (one, or a tuple)
+        self.keys: list[Key] = []
+        self.index: dict[Key, int] = {}
+        # Per key and status, the (key, status) its per-status tables are keyed by in a snapshot: made once,
+        # so a snapshot (one after every poll that changed something) makes none, and the renderer's cache
+        # of row prefixes (render.py) shares them.
+        self.status_rows: list[tuple[Key, str]] = []
+        # Derived, not state: raw ids -> key index, for ids that did not overflow, so a new instance
+        # costs one lookup per dimension. Bounded (the ids are the API's): cleared when full.
+        self.known: dict[Any, int] = {}
+        self.capped: set[str] = set()  # values of the capped (last) label that have keys of their own
+        self.overflow_total = 0
+        self.counts: list[int] = []  # WIDTH per key (see WIDTH)
+        self.observer_of: list[int] = []  # per key: its observers' index
+        self.observer_keys: list[Key] = []
+        self.observer_index: dict[Key, int] = {}
+        self.observers: tuple[list[Observer], ...] = tuple([] for _ in OBSERVED)  # per table, per observer
+        # rule 4's values, per table and observer, until fold()
+        self.waiting: tuple[list[list[float]], list[list[float]], list[list[float]]] = ([], [], [])
 
-    def add_group(self) -> None:
-        """Room for one more group."""
-        self.marked.append(0)
-        self.started.append(0)
-        self.gauges.extend(ZERO_SLOTS)
-        self.ended.extend(ZERO_SLOTS)
-        self.exams.append(0)
-        self.passed.append(0)
-        for observed in self.observed:
-            observed.add_group()
+    def key_index(self, r: LabResult) -> int:
+        """The index of a new instance's key, by the cap (class docstring); made the first time. Remembered
+        for the next results with the same raw ids unless it overflowed (each such instance is counted)."""
+        raw = self.read(r)
+        values = [UNKNOWN_ID if v is None else str(v) for v in (raw if len(self.dim.fields) > 1 else (raw,))]
+        capped = values[-1]
+        overflow = capped not in self.capped and len(self.capped) >= self.cap
+        if overflow:
+            values[-1] = OVERFLOW
+        key = tuple(values)
+        if key not in self.index and len(self.keys) >= self.cap + EXTRA_KEYS:
+            overflow, key = True, self.dim.overflow_key()
+        if overflow:
+            self.overflow_total += 1
+            return self.key(key)
+        self.capped.add(capped)
+        if len(self.known) >= KEY_CACHE_SIZE:
+            self.known.clear()
+        k = self.known[raw] = self.key(key)
+        return k
 
-    def touch(self, g: int) -> None:
-        """Note group g for the fold. apply() inlines it (it runs once per result)."""
-        if not self.marked[g]:
-            self.marked[g] = 1
-            self.touched.append(g)
+    def key(self, key: Key) -> int:
+        """The index of `key`, made (with zero counts and its observers) the first time."""
+        k = self.index.get(key)
+        if k is None:
+            k = self.index[key] = len(self.keys)
+            self.keys.append(key)
+            self.status_rows.extend((key, status) for status in ALL_STATUSES)
+            self.counts.extend(ZERO_COUNTS)
+            self.observer_of.append(self.observer(key[:len(self.dim.observer_labels)]))
+        return k
 
-    def fold(self, groups: list[Group]) -> None:
-        """Add each touched group's entries to each of its tallies, and zero them."""
-        for g in self.touched:
-            tallies = groups[g].tallies
-            base = g * SLOTS
-            gauges, ended = self.gauges[base:base + SLOTS], self.ended[base:base + SLOTS]
-            started, running, exams, passed = self.started[g], gauges[RUNNING_SLOT], self.exams[g], self.passed[g]
-            # zip stops before RUNNING_SLOT
-            cells = [cell for cell in zip(ALL_STATUSES, gauges, ended) if cell[1] or cell[2]]
-            for t in tallies:
-                t.started += started
-                t.running += running
-                for status, closed, n in cells:
-                    t.closed[status] += closed
-                    t.ended[status] += n
-                t.exams += exams
-                t.exams_passed += passed
-            self.gauges[base:base + SLOTS] = self.ended[base:base + SLOTS] = ZERO_SLOTS
-            self.started[g] = self.exams[g] = self.passed[g] = self.marked[g] = 0
-            for observed in self.observed:
-                observed.fold(g, tallies)
-        self.touched.clear()
+    def observer(self, okey: Key) -> int:
+        """The index of the observers kept for observer key `okey`, made the first time."""
+        o = self.observer_index.get(okey)
+        if o is None:
+            o = self.observer_index[okey] = len(self.observer_keys)
+            self.observer_keys.append(okey)
+            for table, observers, waiting in zip(OBSERVED, self.observers, self.waiting):
+                observers.append(Histogram(BOUNDS[table]) if self.dim.histogram else Summary())
+                waiting.append([])
+        return o
 
+    def fold(self) -> None:
+        """Hand the values waiting since the last fold (rule 4) to their observers. It looks at every
+        observer's list once (a few thousand at most: the cap bounds them); a histogram sorts its values
+        to bucket them, a summary only counts and sums them."""
+        for table, observers, waiting in zip(OBSERVED, self.observers, self.waiting):
+            clamp = CLAMPED[table]
+            for o, values in enumerate(waiting):
+                if values:
+                    observers[o].take(values, clamp)
+                    values.clear()
 
-@dataclass(slots=True, eq=False)
-class Observed:
-    """One table's observations (rule 4) waiting for the fold: the values of each group.
+    def snapshot(self) -> DimensionCounts:
+        """A copy of every table, keys in sorted order (the exposition's), for the snapshot."""
+        counts = self.counts
+        order = sorted(range(len(self.keys)), key=self.keys.__getitem__)
+        keys = [self.keys[k] for k in order]
+        bases = [k * WIDTH for k in order]
+        statuses = range(len(ALL_STATUSES))
+        rows = [row for k in order for row in self.status_rows[k * len(statuses):(k + 1) * len(statuses)]]
+        closed = [counts[base + i] for base in bases for i in statuses]
+        ended = [counts[base + ENDED + i] for base in bases for i in statuses]
+        zero = [s in self.dim.zero_statuses for s in ALL_STATUSES] * len(keys)
+        observed = {table: {self.observer_keys[o]: observers[o].copy()
+                            for o in sorted(range(len(self.observer_keys)), key=self.observer_keys.__getitem__)}
+                    for table, observers in zip(OBSERVED, self.observers)}
 
-    The fold sorts a group's values once, which makes its bucket counts one bisect per bound
-    (the buckets bucket_of gives), whichever observers then take them (a region's histogram, a
-    profile's summary). Bucketing each value as it came (a bisect and two adds in Python) cost
-    about a fifth more instructions per result of a cold poll (cachegrind).
-    """
+        def per_key(offset: int) -> dict[Key, int]:
+            return dict(zip(keys, [counts[base + offset] for base in bases]))
 
-    table: str
-    clamp: bool = False  # ratios: clamped to 0..1 (_ratio) when folded
-    values: list[list[float]] = field(default_factory=list)  # per group
+        return DimensionCounts(
+            keys=keys,
+            closed=dict(zip(rows, closed)),
+            running=per_key(RUNNING_SLOT),
+            started=per_key(STARTED),
+            ended={row: n for row, n, at_zero in zip(rows, ended, zero) if at_zero or n},
+            exams=per_key(EXAMS),
+            exams_passed=per_key(PASSED),
+            run_time=observed["run_time"],
+            task_completion=observed["task_completion"],
+            exam_score=observed["exam_score"],
+            overflow_total=self.overflow_total,
+        )
 
-    def add_group(self) -> None:
-        self.values.append([])  # apply() appends a group's values here
+    # -- the state file's part of it --------------------------------------------------
 
-    def fold(self, g: int, tallies: Sequence[Tally]) -> None:
-        values = self.values[g]
-        if values:
-            counts, total = _bucketed(BOUNDS[self.table], values, self.clamp)
-            for t in tallies:
-                getattr(t, self.table).add(counts, total)
-            values.clear()
+    def export(self) -> SavedDimension:
+        counts = self.counts
+        tallies = [SavedTally(list(key), counts[base + STARTED],
+                              {s: n for s, n in zip(ALL_STATUSES, counts[base + ENDED:base + STARTED]) if n},
+                              counts[base + EXAMS], counts[base + PASSED])
+                   for key, base in zip(self.keys, range(0, len(counts), WIDTH))]
+        observers = [SavedObserver(list(okey), table, observers[o].saved_counts(), observers[o].total)
+                     for table, observers in zip(OBSERVED, self.observers) for o, okey in enumerate(self.observer_keys)]
+        return SavedDimension(self.overflow_total, tallies, observers)
+
+    def restore(self, saved: SavedDimension) -> None:
+        """The counters saved by export() (the gauges are derived from the instances, see FleetState.restore)."""
+        self.overflow_total = saved.overflow_total
+        for st in saved.tallies:
+            k = self.key(self.checked(st.key, self.dim.labels))
+            base = k * WIDTH
+            self.counts[base + STARTED], self.counts[base + EXAMS], self.counts[base + PASSED] = \
+                st.started, st.exams, st.exams_passed
+            for status, n in st.ended.items():
+                i = STATUS_INDEX.get(status)
+                if i is not None:  # a status this version does not know: left out, as a bad value
+                    self.counts[base + ENDED + i] = n
+        for so in saved.observers:
+            if so.table not in OBSERVED:
+                raise RestoreError(f"unknown observed table {so.table!r}")
+            o = self.observer(self.checked(so.key, self.dim.observer_labels))
+            self.observers[OBSERVED.index(so.table)][o].restore(so.counts, so.total)
+        self.capped.update(key[-1] for key in self.keys if key[-1] != OVERFLOW)
+
+    def checked(self, key: list[str], labels: tuple[str, ...]) -> Key:
+        if len(key) != len(labels):
+            raise RestoreError(f"a {self.dim.name} key has {len(key)} parts, not {len(labels)}")
+        return tuple(key)
 
 
 def _bucketed(bounds: Sequence[float], values: list[float], clamp: bool) -> tuple[list[int], float]:
     """The count in each bucket (bucket_of) of `values`, and their sum; each value first clamped to
-    0..1 (as _ratio) if `clamp`. Sorts `values` in place."""
+    0..1 (as _ratio) if `clamp`. Sorts `values` in place.
+
+    Sorting a list of values once (C) makes its bucket counts one bisect per bound; bucketing each
+    value as it came (a bisect and two adds in Python) cost about a fifth more instructions per
+    result of a cold poll (cachegrind). tests/test_state.py checks it against bucket_of.
+    """
     total = sum(values)
     if total != total:  # a NaN has no place in a sorted list: one value at a time
         clamped = [_ratio(v) for v in values] if clamp else values
@@ -452,12 +535,10 @@ class Instance(msgspec.Struct, gc=False):
     gc=False: it holds only numbers, so it can never be part of a reference cycle and the
     cyclic garbage collector need not track it. With 100,000 instances as dataclasses, each
     full collection took ~85 ms and landed in a scrape (the steady-state p99); untracked, they
-    cost it nothing. It names its Group by the group's index rather than holding it: a Struct
-    referring to a tracked object took twice as long to create (measured), and a cold poll
-    creates 100,000.
+    cost it nothing. Its keys are indexes in its dimensions' Tallies, packed in one int.
     """
 
-    group: int  # its Group's index in FleetState._groups
+    keys: int  # its key's index in each dimension: (keys >> Tallies.shift) & KEY_MASK
     status: int  # its current completion status, as an index in ALL_STATUSES
     start: int | None
     end: int | None
@@ -465,6 +546,12 @@ class Instance(msgspec.Struct, gc=False):
     opened: int  # Start, or the first poll that saw it if earlier or there is none: rule 6's clock
     ended_counted: bool = False
     exam_counted: bool = False
+
+
+def gauge_slot(inst: Instance) -> int:
+    """Rule 5's gauges, the one place they are decided: an instance is in its key's `running` with
+    no End, else in `closed` under its status. apply() inlines it (it runs per result)."""
+    return RUNNING_SLOT if inst.end is None else inst.status
 
 
 # -- what persistence saves (FleetState.export / FleetState.restore) ---------------------
@@ -475,7 +562,7 @@ class Instance(msgspec.Struct, gc=False):
 
 class SavedInstance(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     id: Int64
-    keys: list[list[str]]  # one key per dimension, in DIMENSIONS order
+    keys: list[list[str]]  # one key per dimension, in FleetExport.order
     status: str
     start: Int64 | None
     end: Int64 | None
@@ -494,7 +581,7 @@ class SavedTally(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 
 class SavedObserver(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    key: list[str]  # a region for places' histograms, a profile for profiles' summaries
+    key: list[str]  # an observer key: a region for places' histograms, a profile for profiles' summaries
     table: str  # one of OBSERVED
     counts: list[Count]  # bucket counts (not cumulative); a summary's [count]
     total: Finite
@@ -506,13 +593,24 @@ class SavedDimension(msgspec.Struct, forbid_unknown_fields=True):
     observers: list[SavedObserver]
 
 
+# The migration from the layout before the dimensions were declared (state file version 2, commit
+# 5737f51): it had no `order`, and listed an instance's keys place first, then profile. Everything
+# else of it is this layout, so a file of either restores with every counter intact.
+ORDER_BEFORE_DECLARATIONS = ("place", "profile")
+
+
 class FleetExport(msgspec.Struct, forbid_unknown_fields=True):
-    """Everything FleetState must keep across a restart; the gauges are derived, never saved."""
+    """Everything FleetState must keep across a restart; the gauges are derived, never saved.
+
+    `dimensions` holds each dimension's counters by its name; `order` names the dimension of each
+    of an instance's keys.
+    """
 
     invalid_total: Count
     expired_total: Count
     dimensions: dict[str, SavedDimension]
     instances: list[SavedInstance]
+    order: tuple[str, ...] = ORDER_BEFORE_DECLARATIONS
 
 
 class RestoreError(ValueError):
@@ -523,35 +621,41 @@ class RestoreError(ValueError):
 
 
 @dataclass
+class DimensionCounts:
+    """One dimension's tables in a snapshot. Every key has an entry in every table (per key, or per key
+    and status: every status in `closed`, the dimension's zero statuses and any other that occurred in
+    `ended`); the observed tables are per observer key."""
+
+    keys: list[Key]  # sorted
+    closed: dict[tuple[Key, str], int]  # ended instances in the window, by current status
+    running: dict[Key, int]
+    started: dict[Key, int]
+    ended: dict[tuple[Key, str], int]
+    exams: dict[Key, int]
+    exams_passed: dict[Key, int]
+    run_time: dict[Key, Observer]
+    task_completion: dict[Key, Observer]
+    exam_score: dict[Key, Observer]
+    overflow_total: int
+
+
+@dataclass
 class Snapshot:
     """A consistent copy of everything the collector needs, taken under the poller's lock."""
 
-    places: list[Place]
-    instances: dict[tuple[Place, str], int]  # ended instances in the window, by current status
-    running: dict[Place, int]
-    started: dict[Place, int]
-    ended: dict[tuple[Place, str], int]
-    exams: dict[Place, int]
-    exams_passed: dict[Place, int]
-    run_time: dict[Region, Histogram]
-    task_completion: dict[Region, Histogram]
-    exam_score: dict[Region, Histogram]
+    dimensions: dict[str, DimensionCounts]  # by Dimension.name, in the state's order
     tracked: int
     invalid_total: int
-    host_overflow_total: int
-    # The lab-profile dimension (see INTERFACES.md): every profile in `profiles` has an entry in
-    # every profile_* table; profile_ended holds every PROFILE_ZERO_STATUSES status per profile.
-    profiles: list[str] = field(default_factory=list)
-    profile_started: dict[str, int] = field(default_factory=dict)
-    profile_ended: dict[tuple[str, str], int] = field(default_factory=dict)
-    profile_running: dict[str, int] = field(default_factory=dict)
-    profile_run_time: dict[str, Summary] = field(default_factory=dict)
-    profile_task_completion: dict[str, Summary] = field(default_factory=dict)
-    profile_exams: dict[str, int] = field(default_factory=dict)
-    profile_exams_passed: dict[str, int] = field(default_factory=dict)
-    profile_exam_score: dict[str, Summary] = field(default_factory=dict)
-    profile_overflow_total: int = 0
-    expired_total: int = 0
+    expired_total: int
+
+    def __getitem__(self, name: str) -> DimensionCounts:
+        return self.dimensions[name]
+
+
+# What apply() reads of a dimension in its pass per result: shift, known.get, read, key_index, counts,
+# observer_of, and the waiting values of the run time, task completion and exam score observers.
+_Pass = tuple[int, Callable[[Any], "int | None"], Callable[[LabResult], Any], Callable[[LabResult], int], list[int],
+              list[int], list[list[float]], list[list[float]], list[list[float]]]
 
 
 class FleetState:
@@ -559,27 +663,26 @@ class FleetState:
 
     snapshot() returns the same (read-only) Snapshot object until the state changes,
     so the collector can cache its exposition by the snapshot's identity.
+
+    `max_lab_hosts` and `max_lab_profiles` cap PLACE and PROFILE; `caps` (by dimension name) caps
+    any other dimension, which otherwise gets its declaration's default_cap.
     """
 
-    def __init__(self, max_lab_hosts: int, max_lab_profiles: int = DEFAULT_MAX_LAB_PROFILES,
-                 max_running_seconds: float = DEFAULT_MAX_RUNNING_SECONDS) -> None:
+    def __init__(self, max_lab_hosts: int = DEFAULT_MAX_LAB_HOSTS, max_lab_profiles: int = DEFAULT_MAX_LAB_PROFILES,
+                 max_running_seconds: float = DEFAULT_MAX_RUNNING_SECONDS,
+                 dimensions: Sequence[Dimension] = DIMENSIONS, caps: Mapping[str, int] | None = None) -> None:
         self.max_lab_hosts = max_lab_hosts
         self.max_lab_profiles = max_lab_profiles
         self.max_running_seconds = max_running_seconds
-        self.places = Places(max_lab_hosts)
-        self.profiles = Profiles(max_lab_profiles)
-        # The dimensions, in the order a Group holds their tallies. A new one is declared here.
-        self.dimensions: tuple[Dimension, ...] = (self.places, self.profiles)
+        self.caps = {PLACE.name: max_lab_hosts, PROFILE.name: max_lab_profiles, **(caps or {})}
+        if len({d.name for d in dimensions}) != len(dimensions):
+            raise ValueError("two dimensions of one name")
+        self.dimensions: tuple[Dimension, ...] = tuple(dimensions)
+        self.tallies: dict[str, Tallies] = {
+            d.name: Tallies(d, self.caps.get(d.name, d.default_cap), i * KEY_BITS) for i, d in enumerate(dimensions)}
         self.instances: dict[int, Instance] = {}
         self.invalid_total = 0
         self.expired_total = 0
-        # Derived, not state: raw (datacenter, region, host, profile) ids -> Group, so that a new
-        # instance costs one dict lookup, not one per dimension.
-        self._group_of: dict[tuple[int | None, ...], int] = {}
-        # The groups, by index (an Instance names its group by index), and their index by keys.
-        self._groups: list[Group] = []
-        self._group_index: dict[tuple[tuple[str, ...], ...], int] = {}
-        self._ledger = Ledger()  # what apply() and evict() counted, until their end
         # Derived: min-heaps of entries (_entry) for (last_change, id) of ended and (opened, id) of
         # running instances, popped by evict(), so a poll costs O(changes), not O(instances). An
         # entry whose instance has changed since is stale and skipped.
@@ -587,14 +690,6 @@ class FleetState:
         self._open_by_age: list[int] = []
         self._version = 0
         self._snapshot: tuple[tuple[int, ...], Snapshot] | None = None
-
-    @property
-    def host_overflow_total(self) -> int:
-        return self.places.overflow_total
-
-    @property
-    def profile_overflow_total(self) -> int:
-        return self.profiles.overflow_total
 
     def changed(self) -> None:
         """Mark the state as changed, so the next snapshot() is taken afresh."""
@@ -612,11 +707,11 @@ class FleetState:
         record is refused and the horizon stands in.
 
         This loop runs once per result (100,000 times for a large cold poll), so it keeps its
-        names local and writes what it counts in a Ledger, folded into the tallies at the end.
+        names local: first what the rules count for the result, then that, added to the instance's
+        tally in each dimension.
         """
         self._version += 1
         instances = self.instances
-        group_of = self._group_of
         code_index = CODE_INDEX.get
         # Times are whole seconds: Start and End are (Int64), so they are compared with whole-second
         # bounds (exact: t >= horizon exactly when t >= ceil(horizon)), and the poll time is taken to
@@ -625,16 +720,25 @@ class FleetState:
         now = first if seen_at is None else math.floor(seen_at)
         ceiling = sys.maxsize if seen_at is None else now  # a later Start opens at the poll time
         latest = ceiling + MAX_FUTURE_SECONDS
-        ledger = self._ledger
-        touched, marked = ledger.touched, ledger.marked
-        started, gauges, ended = ledger.started, ledger.gauges, ledger.ended
-        run_times, task_ratios, score_ratios = (observed.values for observed in ledger.observed)
+        dims = list(self.tallies.values())
+        # Per dimension: where an instance's key index lies in its `keys`, how a new instance's key is looked
+        # up (its raw ids' index if known, else made), its tallies and its observers' waiting values.
+        tallies: list[_Pass] = [(t.shift, t.known.get, t.read, t.key_index, t.counts, t.observer_of, *t.waiting)
+                                for t in dims]
+        mask, width, running_slot = KEY_MASK, WIDTH, RUNNING_SLOT  # constants as locals: the loop reads them often
         closed_aged: list[int] = []  # new entries for the heaps
         open_aged: list[int] = []
         refused = 0
         try:
             for r in results:
                 key, start, end = r.lab_instance_id, r.start, r.end
+                inst = instances.get(key)
+                if inst is None:  # it keeps ints of its own, not the record's (OWN_INTS)
+                    key += 0
+                    if start is not None:
+                        start += 0
+                    if end is not None:
+                        end += 0
                 if start is not None:
                     stamp = start if end is None or end < start else end
                 elif end is not None:
@@ -645,23 +749,16 @@ class FleetState:
                     refused += 1
                     continue
                 status = code_index(r.completion_status, UNKNOWN_INDEX)  # type: ignore[arg-type]
-                inst = instances.get(key)
+                # First what the rules count for this sighting, decided once ...
                 if inst is None:
-                    # One lookup gives the new instance's group.
-                    g = group_of.get((r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id))
-                    if g is None:
-                        g = self._group(r)
-                    opened = now if start is None or start > ceiling else start
-                    inst = instances[key] = Instance(g, status, start, end, stamp, opened)
-                    if start is None or start >= first:  # rule 1
-                        started[g] += 1
-                    if end is None:  # _entry(), inlined
-                        open_aged.append((opened << SPAN_BITS) + key)
-                    else:
-                        closed_aged.append((stamp << SPAN_BITS) + key)
+                    leave = -1  # in no gauge yet
+                    count_start = start is None or start >= first  # rule 1
+                    ended_before = examined_before = False
+                    closed = end is not None
                 else:
-                    g = inst.group
-                    gauges[gauge_slot(inst)] -= 1  # out under its old fields, back in under the new ones below
+                    leave = running_slot if inst.end is None else inst.status  # gauge_slot(inst), inlined
+                    count_start = False
+                    ended_before, examined_before = inst.ended_counted, inst.exam_counted
                     was_open = inst.end is None
                     inst.status = status
                     if start is not None:
@@ -671,57 +768,75 @@ class FleetState:
                     moved = stamp > inst.last_change
                     if moved:
                         inst.last_change = stamp
-                    if inst.end is not None and (was_open or moved):  # a new entry for rule 7
+                    closed = inst.end is not None
+                    if closed and (was_open or moved):  # a new entry for rule 7
                         closed_aged.append(_entry(inst.last_change, key))
-                if not marked[g]:  # ledger.touch(g), inlined
-                    marked[g] = 1
-                    touched.append(g)
-                cell = g * SLOTS + status
-                gauges[g * SLOTS + RUNNING_SLOT if inst.end is None else cell] += 1  # gauge_slot(inst), inlined
-                if end is not None and end >= first and not inst.ended_counted:  # rules 2 and 4
-                    inst.ended_counted = True
-                    ended[cell] += 1
-                    seconds = r.total_run_time_seconds  # rule 4: each value to its group's list
-                    if seconds is not None and seconds >= 0:
-                        run_times[g].append(seconds)
+                enter = status if closed else running_slot  # rule 5: gauge_slot(inst), inlined
+                count_end = end is not None and end >= first and not ended_before  # rule 2
+                if count_end:
+                    ended = ENDED + status
+                    seconds = r.total_run_time_seconds  # rule 4
+                    if seconds is not None and seconds < 0:
+                        seconds = None
                     percent = r.task_complete_percent
-                    if percent is not None:
-                        task_ratios[g].append(percent / 100.0)  # clamped to 0..1 when folded
-                if not inst.exam_counted and (r.exam_score is not None or r.exam_passed is not None):  # rule 3
+                    task = None if percent is None else percent / 100.0  # clamped to 0..1 when folded
+                count_exam = False
+                if not examined_before and (r.exam_score is not None or r.exam_passed is not None):  # rule 3
                     event = end if end is not None else start
                     if event is None or event >= first:
-                        inst.exam_counted = True
-                        ledger.exams[g] += 1
-                        if r.exam_passed:
-                            ledger.passed[g] += 1
-                        if r.exam_score is not None and r.exam_max_possible_score:
-                            score_ratios[g].append(r.exam_score / r.exam_max_possible_score)
+                        count_exam = True
+                        passed = bool(r.exam_passed)
+                        score = r.exam_score / r.exam_max_possible_score \
+                            if r.exam_score is not None and r.exam_max_possible_score else None  # rule 4
+                if inst is not None:
+                    if leave == enter and not count_end and not count_exam:
+                        continue  # seen again, unchanged: nothing to count
+                    inst.ended_counted |= count_end
+                    inst.exam_counted |= count_exam
+                    keys = inst.keys
+                # ... then added to the instance's tally in every dimension, where a new instance's key is
+                # looked up (once: it keeps the index).
+                packed = 0
+                for shift, known, read, key_index, counts, observer_of, run_times, tasks, scores in tallies:
+                    if inst is None:
+                        k = known(read(r))
+                        if k is None:
+                            k = key_index(r)
+                        packed += k << shift
+                    else:
+                        k = (keys >> shift) & mask
+                    base = k * width
+                    if leave >= 0:
+                        counts[base + leave] -= 1
+                    counts[base + enter] += 1
+                    if count_start:
+                        counts[base + STARTED] += 1
+                    if count_end:
+                        counts[base + ended] += 1
+                        if seconds is not None:
+                            run_times[observer_of[k]].append(seconds)
+                        if task is not None:
+                            tasks[observer_of[k]].append(task)
+                    if count_exam:
+                        counts[base + EXAMS] += 1
+                        if passed:
+                            counts[base + PASSED] += 1
+                        if score is not None:
+                            scores[observer_of[k]].append(score)
+                if inst is None:
+                    opened = now if start is None or start > ceiling else start
+                    instances[key] = Instance(packed, status, start, end, stamp, opened, count_end, count_exam)
+                    if closed:  # _entry(), inlined
+                        closed_aged.append((stamp << SPAN_BITS) + key)
+                    else:
+                        open_aged.append((opened << SPAN_BITS) + key)
         finally:
-            ledger.fold(self._groups)
+            for t in dims:
+                t.fold()
             _push_all(self._closed_by_age, closed_aged)
             _push_all(self._open_by_age, open_aged)
             self.invalid_total += refused
         return refused
-
-    def _group(self, r: LabResult) -> int:
-        """The Group of a new instance's raw ids, made from each dimension's key. Kept for the
-        next instances with the same ids unless a key overflowed (each such instance is counted)."""
-        g = self._group_for(tuple(d.key_of(r) for d in self.dimensions))
-        keys = self._groups[g].keys
-        if keys[0][2] != OVERFLOW_HOST and keys[1][0] != OVERFLOW_PROFILE:
-            if len(self._group_of) >= GROUP_CACHE_SIZE:
-                self._group_of.clear()
-            self._group_of[(r.datacenter_id, r.delivery_region_id, r.lab_host_id, r.lab_profile_id)] = g
-        return g
-
-    def _group_for(self, keys: tuple[tuple[str, ...], ...]) -> int:
-        """The index of the Group with these keys, made the first time."""
-        g = self._group_index.get(keys)
-        if g is None:
-            g = self._group_index[keys] = len(self._groups)
-            self._groups.append(Group(keys, tuple(d.tally(k) for d, k in zip(self.dimensions, keys))))
-            self._ledger.add_group()
-        return g
 
     def evict(self, horizon: float, running_horizon: float | None = None) -> int:
         """Forget ended instances whose last change is older than `horizon` (rule 7) and drop
@@ -729,25 +844,23 @@ class FleetState:
         without it). The poller passes now - window and now - max_running. Returns how many
         instances left memory."""
         instances = self.instances
-        ledger = self._ledger
         gone = 0
         heap, bound = self._closed_by_age, _bound(horizon)
         while heap and heap[0] < bound:
             stamp, key = _entry_parts(heapq.heappop(heap))
             inst = instances.get(key)
             if inst is not None and inst.end is not None and inst.last_change == stamp:  # else stale
-                self._forget(key, inst, ledger)
+                self._forget(key, inst)
                 gone += 1
         heap = self._open_by_age
-        bound = _bound(running_horizon) if running_horizon is not None else None
-        while bound is not None and heap and heap[0] < bound:
+        limit = _bound(running_horizon) if running_horizon is not None else None
+        while limit is not None and heap and heap[0] < limit:
             stamp, key = _entry_parts(heapq.heappop(heap))
             inst = instances.get(key)
             if inst is not None and inst.end is None and inst.opened == stamp:
-                self._forget(key, inst, ledger)
+                self._forget(key, inst)
                 self.expired_total += 1
                 gone += 1
-        ledger.fold(self._groups)
         for heap in (self._closed_by_age, self._open_by_age):
             if len(heap) > 2 * len(instances) + 1024:  # bounded: drop the stale entries
                 self._rebuild_age_index()
@@ -756,10 +869,15 @@ class FleetState:
             self._version += 1
         return gone
 
-    def _forget(self, key: int, inst: Instance, ledger: Ledger) -> None:
+    def _forget(self, key: int, inst: Instance) -> None:
         del self.instances[key]
-        ledger.touch(inst.group)
-        ledger.gauges[gauge_slot(inst)] -= 1
+        self._move_gauges(inst, -1)
+
+    def _move_gauges(self, inst: Instance, by: int) -> None:
+        """Add `by` to the gauge the instance is in (gauge_slot), in every dimension."""
+        slot = gauge_slot(inst)
+        for t in self.tallies.values():
+            t.counts[((inst.keys >> t.shift) & KEY_MASK) * WIDTH + slot] += by
 
     def _rebuild_age_index(self) -> None:
         self._closed_by_age = [_entry(i.last_change, k) for k, i in self.instances.items() if i.end is not None]
@@ -771,53 +889,59 @@ class FleetState:
 
     def export(self) -> FleetExport:
         """Everything a restart needs, as a msgspec-encodable struct (see FleetState.restore)."""
-        dimensions: dict[str, SavedDimension] = {}
-        for d in self.dimensions:
-            tallies = [SavedTally(list(k), t.started, {s: n for s, n in t.ended.items() if n}, t.exams, t.exams_passed)
-                       for k, t in d.tallies.items()]
-            dimensions[d.name] = SavedDimension(d.overflow_total, tallies, d.saved_observers())
+        dims = list(self.tallies.values())
         instances = [
-            SavedInstance(key, [list(k) for k in self._groups[inst.group].keys], ALL_STATUSES[inst.status],
-                          inst.start, inst.end,
+            SavedInstance(key, [list(t.keys[(inst.keys >> t.shift) & KEY_MASK]) for t in dims],
+                          ALL_STATUSES[inst.status], inst.start, inst.end,
                           float(inst.last_change), float(inst.opened), inst.ended_counted, inst.exam_counted)
             for key, inst in self.instances.items()
         ]
-        return FleetExport(self.invalid_total, self.expired_total, dimensions, instances)
+        return FleetExport(self.invalid_total, self.expired_total, {t.dim.name: t.export() for t in dims},
+                           instances, tuple(self.tallies))
 
     @classmethod
-    def restore(cls, saved: FleetExport, max_lab_hosts: int, max_lab_profiles: int = DEFAULT_MAX_LAB_PROFILES,
-                max_running_seconds: float = DEFAULT_MAX_RUNNING_SECONDS) -> FleetState:
-        """A FleetState holding what export() gave. Raises RestoreError if it does not fit this version."""
-        state = cls(max_lab_hosts, max_lab_profiles, max_running_seconds)
+    def restore(cls, saved: FleetExport, max_lab_hosts: int = DEFAULT_MAX_LAB_HOSTS,
+                max_lab_profiles: int = DEFAULT_MAX_LAB_PROFILES,
+                max_running_seconds: float = DEFAULT_MAX_RUNNING_SECONDS,
+                dimensions: Sequence[Dimension] = DIMENSIONS, caps: Mapping[str, int] | None = None) -> FleetState:
+        """A FleetState holding what export() gave, or what a state file of the earlier layout holds
+        (ORDER_BEFORE_DECLARATIONS). Raises RestoreError if it does not fit this version.
+
+        The counters of each dimension the file and this version both know are restored; a dimension
+        the file does not know starts with zero counters, and the restored instances get its unknown
+        key (every label "unknown"), so its gauges hold every instance as the other dimensions' do. A
+        dimension this version does not know is left out.
+        """
+        state = cls(max_lab_hosts, max_lab_profiles, max_running_seconds, dimensions, caps)
         state.invalid_total, state.expired_total = saved.invalid_total, saved.expired_total
-        if set(saved.dimensions) != {d.name for d in state.dimensions}:
-            raise RestoreError(f"dimensions {sorted(saved.dimensions)} differ from this version's")
-        for d in state.dimensions:
-            dim = saved.dimensions[d.name]
-            d.overflow_total = dim.overflow_total
-            for st in dim.tallies:
-                t = d.tally(d.check_key(st.key))
-                t.started, t.exams, t.exams_passed = st.started, st.exams, st.exams_passed
-                t.ended.update(st.ended)
-            for so in dim.observers:
-                d.restore_observer(so)
-        state.places.hosts.update(k[2] for k in state.places.tallies if k[2] != OVERFLOW_HOST)
-        ledger = state._ledger
+        order = list(saved.order)
+        if len(set(order)) != len(order):
+            raise RestoreError(f"the order of an instance's keys names a dimension twice: {order}")
+        for name, t in state.tallies.items():
+            if name in saved.dimensions:
+                t.restore(saved.dimensions[name])
+        # Per dimension of this version: where an instance's key for it is (None: the file has none).
+        places = [(t, order.index(name) if name in order else None) for name, t in state.tallies.items()]
         for item in saved.instances:
-            if len(item.keys) != len(state.dimensions):
+            if len(item.keys) != len(order):
                 raise RestoreError("an instance's keys do not match the dimensions")
             status = STATUS_INDEX.get(item.status)
             if status is None:  # a bad value invalidates its record, not the state
                 continue
-            g = state._group_for(tuple(d.check_key(k) for d, k in zip(state.dimensions, item.keys)))
+            keys = 0
+            for t, position in places:
+                key = t.dim.unknown_key() if position is None else t.checked(item.keys[position], t.dim.labels)
+                keys += t.key(key) << t.shift
             # Whole seconds, as apply() keeps them (a file from before may hold a fraction).
-            inst = Instance(g, status, item.start, item.end, math.floor(item.last_change), math.floor(item.opened),
+            inst = Instance(keys, status, item.start, item.end, math.floor(item.last_change), math.floor(item.opened),
                             item.ended_counted, item.exam_counted)
+            previous = state.instances.get(item.id)
+            if previous is not None:  # an id twice: the last one holds, as a dict would have it
+                state._move_gauges(previous, -1)
             state.instances[item.id] = inst
-            # The gauges are derived from the instances, by the same bookkeeping as apply().
-            ledger.touch(g)
-            ledger.gauges[gauge_slot(inst)] += 1
-        ledger.fold(state._groups)
+            state._move_gauges(inst, +1)  # the gauges are derived from the instances, by rule 5
+        for t in state.tallies.values():
+            t.capped.update(key[-1] for key in t.keys if key[-1] != OVERFLOW)
         state._rebuild_age_index()
         return state
 
@@ -828,55 +952,11 @@ class FleetState:
         key = (self._version, self.invalid_total, len(self.instances))
         if self._snapshot is not None and self._snapshot[0] == key:
             return self._snapshot[1]
-        snapshot = self._take_snapshot()
+        snapshot = Snapshot({name: t.snapshot() for name, t in self.tallies.items()},
+                            tracked=len(self.instances), invalid_total=self.invalid_total,
+                            expired_total=self.expired_total)
         self._snapshot = (key, snapshot)
         return snapshot
-
-    def _take_snapshot(self) -> Snapshot:
-        tallies: dict[Place, Tally] = self.places.tallies  # type: ignore[assignment]
-        places = sorted(tallies)
-        regions = sorted({(p[0], p[1]) for p in places})
-        shared = self.places.regions
-        profile_tallies = self.profiles.tallies
-        profiles = sorted(k[0] for k in profile_tallies)
-        pt = {p: profile_tallies[(p,)] for p in profiles}
-        return Snapshot(
-            places=places,
-            instances={(p, s): tallies[p].closed.get(s, 0) for p in places for s in ALL_STATUSES},
-            running={p: tallies[p].running for p in places},
-            started={p: tallies[p].started for p in places},
-            ended={(p, s): tallies[p].ended.get(s, 0) for p in places for s in ALL_STATUSES},
-            exams={p: tallies[p].exams for p in places},
-            exams_passed={p: tallies[p].exams_passed for p in places},
-            run_time={r: shared[r][0].copy() for r in regions},
-            task_completion={r: shared[r][1].copy() for r in regions},
-            exam_score={r: shared[r][2].copy() for r in regions},
-            tracked=len(self.instances),
-            invalid_total=self.invalid_total,
-            host_overflow_total=self.places.overflow_total,
-            profiles=profiles,
-            profile_started={p: t.started for p, t in pt.items()},
-            profile_ended={(p, s): n for p, t in pt.items() for s, n in _profile_statuses(t.ended)},
-            profile_running={p: t.running for p, t in pt.items()},
-            profile_run_time={p: t.run_time.copy() for p, t in pt.items()},  # type: ignore[misc]
-            profile_task_completion={p: t.task_completion.copy() for p, t in pt.items()},  # type: ignore[misc]
-            profile_exams={p: t.exams for p, t in pt.items()},
-            profile_exams_passed={p: t.exams_passed for p, t in pt.items()},
-            profile_exam_score={p: t.exam_score.copy() for p, t in pt.items()},  # type: ignore[misc]
-            profile_overflow_total=self.profiles.overflow_total,
-            expired_total=self.expired_total,
-        )
-
-
-def _profile_statuses(ended: Counter[str]) -> list[tuple[str, int]]:
-    """The zero statuses always, in order, then any other status once it has occurred."""
-    rows = [(s, ended.get(s, 0)) for s in PROFILE_ZERO_STATUSES]
-    rows += [(s, ended[s]) for s in ALL_STATUSES if s not in PROFILE_ZERO_STATUSES and ended.get(s, 0)]
-    return rows
-
-
-def _label(value: int | None) -> str:
-    return UNKNOWN_ID if value is None else str(value)
 
 
 def _ratio(value: float) -> float:
@@ -918,9 +998,3 @@ def _push_all(heap: list[int], entries: list[int]) -> None:
     else:
         for entry in entries:
             heapq.heappush(heap, entry)
-
-
-def _observed(table: str) -> str:
-    if table not in OBSERVED:
-        raise RestoreError(f"unknown observed table {table!r}")
-    return table

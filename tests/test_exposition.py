@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.app import ExporterApp
 from exporter.collector import SkillableCollector
 from exporter.config import Names, load_config
+from exporter.families import all_families
 from exporter.poller import Poller
+from exporter.state import PLACE
 
 from .fakeapi import FakeSkillable, catalog_profile, catalog_series, lab
 from .harness import MonotonicStub, make_poller
@@ -173,19 +175,42 @@ def test_names_follow_conventions(fake: FakeSkillable) -> None:
     assert "user-secret-555" not in text and "203.0.113.9" not in text
 
 
-README_ROW = re.compile(r"^\| `((?:skillable|process|python)_[a-z_]+)` \| (\w+) \|", re.M)
+README_ROW = re.compile(r"^\| `((?:skillable|process|python)_[a-z_]+)` \| (\w+) \|([^|]*)\|", re.M)
 
 
-def test_readme_metrics_table_matches_the_code(fake: FakeSkillable) -> None:
+def readme_families() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The README's metrics tables: name -> (type, labels), "place" standing for the place labels."""
+    documented: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, kind, cell in README_ROW.findall((ROOT / "README.md").read_text()):
+        labels: list[str] = []
+        for part in filter(None, (p.strip() for p in cell.split(","))):
+            labels += PLACE.labels if part == "place" else [part.strip("`")]
+        documented[name] = (kind, tuple(labels))
+    return documented
+
+
+def test_readme_metrics_table_is_the_family_table() -> None:
+    """Issue 17 item 4: every family of the table (exporter/families.py) is in the README, with its type and
+    labels in order, and the README names no other."""
+    assert readme_families() == {f.name: (f.type, f.labels) for f in all_families()}
+
+
+def test_every_family_served_is_the_family_table(fake: FakeSkillable) -> None:
+    """What a scrape serves, every feature on, is the table: the same families, types and label names."""
     scenario(fake)
-    poller = make_poller(fake, collect_stats=True, collect_region_names=True)
+    poller = make_poller(fake, collect_stats=True, collect_region_names=True, collect_catalog=True)
     poller.refresh(5)
     text = render([("", poller)], Names(datacenters={"3": "x"}, lab_hosts={"49": "y"}))
     # The exporter's own metrics (process_*, python_*, reload) come from the app's runtime registry.
     runtime = generate_latest(ExporterApp(load_config({}, {"SKILLABLE_API_KEY": "k"})).runtime).decode()
-    served = dict(re.findall(r"^# TYPE (\S+) (\w+)$", text + runtime, flags=re.M))
-    documented = dict(README_ROW.findall((ROOT / "README.md").read_text()))
-    assert documented == served
+    table = {f.name: f for f in all_families()}
+    assert dict(re.findall(r"^# TYPE (\S+) (\w+)$", text + runtime, flags=re.M)) == \
+        {name: f.type for name, f in table.items()}
+    for family in text_string_to_metric_families(text + runtime):
+        spec = table.get(family.name) or table[family.name + "_total"]
+        assert family.samples, family.name  # every family has samples here, so every one's labels are checked
+        labels = {label for s in family.samples for label in s.labels} - {"le", "quantile"}
+        assert labels == set(spec.labels), family.name
 
 
 @pytest.mark.parametrize("name", ["single_account.prom", "failed_first_poll.prom"])

@@ -117,13 +117,15 @@ def check_state_and_exposition(results: list[LabResult]) -> None:
     state.apply(results, now - 3500, seen_at=now)  # the same batch again: an overlapping poll
     state.evict(now - 3600, now - 86400)
     snap = state.snapshot()
-    assert all(v >= 0 for v in snap.instances.values())
-    assert all(v >= 0 for v in snap.running.values())
+    place, profile = snap["place"], snap["profile"]
+    assert all(v >= 0 for v in place.closed.values())
+    assert all(v >= 0 for v in place.running.values())
     # Every instance held is in exactly one gauge: ended ones by status, running ones in _running.
-    assert sum(snap.instances.values()) + sum(snap.running.values()) == snap.tracked == len(state.instances)
-    assert sum(snap.profile_running.values()) == sum(snap.running.values())
-    assert sum(snap.started.values()) <= len({r.lab_instance_id for r in results})
-    for table in (snap.run_time, snap.task_completion, snap.exam_score):
+    assert sum(place.closed.values()) + sum(place.running.values()) == snap.tracked == len(state.instances)
+    assert sum(profile.closed.values()) + sum(profile.running.values()) == snap.tracked
+    assert sum(profile.running.values()) == sum(place.running.values())
+    assert sum(place.started.values()) <= len({r.lab_instance_id for r in results})
+    for table in (place.run_time, place.task_completion, place.exam_score):
         for hist in table.values():
             assert math.isfinite(hist.total) and all(c >= 0 for c in hist.counts)
 

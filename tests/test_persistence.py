@@ -29,6 +29,7 @@ from exporter.app import ExporterApp
 from exporter.client import SkillableClient
 from exporter.config import ConfigError, load_config
 from exporter.model import decode_latest_results
+from exporter.state import OBSERVED
 from exporter.persistence import (
     FORMAT,
     VERSION,
@@ -299,8 +300,8 @@ def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) ->
             f"  - {{name: emea, api_key_env: KEY_A, api_url: '{fake.url}'}}\n"
         )
         app, store = run()
-        assert sum(app.pollers["americas"].view().snapshot.ended.values()) == 3
-        assert sum(app.pollers["emea"].view().snapshot.ended.values()) == 1
+        assert sum(app.pollers["americas"].view().snapshot["place"].ended.values()) == 3
+        assert sum(app.pollers["emea"].view().snapshot["place"].ended.values()) == 1
         statefile.shutdown(store, app.pollers, 5)
         app.close()
     finally:
@@ -616,7 +617,9 @@ def test_the_state_file_never_holds_a_value_its_reader_rejects(
     fake.add(lab(1, NOW - 600, NOW - 60, status=4, TotalRunTimeSeconds=540, TaskCompletePercent=80))
     h = harness(str(path))
     h.scrape()
-    h.poller.state.places.regions[("3", "2")][1].total = float("nan")  # as "NaN" from the API made it on main
+    place = h.poller.state.tallies["place"]
+    task_completion = place.observers[OBSERVED.index("task_completion")]
+    task_completion[place.observer_index[("3", "2")]].total = float("nan")  # as "NaN" from the API made it on main
     h.close()
     assert set(read_state_file(str(path))) == {""}
     assert load_state_file(str(path)).left_out[""][0] == 1

@@ -13,16 +13,16 @@ NOW = 1_800_000_000
 
 
 def instances_total(poller: Poller) -> int:
-    return sum(poller.view().snapshot.instances.values())
+    return sum(poller.view().snapshot["place"].closed.values())
 
 
 def ended(poller: Poller, status: str) -> int:
-    snap = poller.view().snapshot
+    snap = poller.view().snapshot["place"]
     return sum(v for (place, s), v in snap.ended.items() if s == status)
 
 
 def started(poller: Poller) -> int:
-    return sum(poller.view().snapshot.started.values())
+    return sum(poller.view().snapshot["place"].started.values())
 
 
 def test_gauge_sum_equals_instances_changed_in_window(fake: FakeSkillable) -> None:
@@ -41,7 +41,7 @@ def test_gauge_sum_equals_instances_changed_in_window(fake: FakeSkillable) -> No
     assert poller.view().health.up
     # skillable_lab_instances holds the ended ones (1 and 3), _running the others (2 and 6).
     assert instances_total(poller) == len([r for r in truth if r["End"] is not None]) == 2
-    assert sum(poller.view().snapshot.running.values()) == 2
+    assert sum(poller.view().snapshot["place"].running.values()) == 2
 
 
 def test_five_new_failures_count_exactly_five_and_repeat_polls_add_nothing(fake: FakeSkillable) -> None:
@@ -89,12 +89,12 @@ def test_ended_instance_changing_status_later_is_not_counted_again(fake: FakeSki
     fake.advance(60)
     fake.update(7, CompletionStatus=4, ExamScore=81.5, ExamMaxPossibleScore=100, ExamPassed=True)
     poller.refresh(5)
-    snap = poller.view().snapshot
+    snap = poller.view().snapshot["place"]
     place = ("3", "2", "49")
     assert snap.ended[(place, "submitted_for_grading")] == 1
     assert snap.ended[(place, "complete")] == 0
-    assert snap.instances[(place, "complete")] == 1  # the gauge follows the current status
-    assert snap.instances[(place, "submitted_for_grading")] == 0
+    assert snap.closed[(place, "complete")] == 1  # the gauge follows the current status
+    assert snap.closed[(place, "submitted_for_grading")] == 0
     assert snap.exams[place] == 1 and snap.exams_passed[place] == 1
     assert snap.exam_score[("3", "2")].count == 1
 
@@ -108,14 +108,14 @@ def test_eviction_forgets_ended_instances_older_than_window_and_keeps_running_on
     poller.refresh(5)
     snap = poller.view().snapshot
     assert snap.tracked == 1  # lab 2 runs on, older than the window
-    assert instances_total(poller) == 0 and sum(snap.running.values()) == 1
+    assert instances_total(poller) == 0 and sum(snap["place"].running.values()) == 1
     fake.update(2, End=fake.state.now - 10, CompletionStatus=4)  # the long lab ends now
     fake.advance(60)
     poller.refresh(5)
     snap = poller.view().snapshot
     assert started(poller) == 2  # lab 2's start is not counted a second time
     assert ended(poller, "complete") == 2
-    assert snap.tracked == 1 and sum(snap.running.values()) == 0 and instances_total(poller) == 1
+    assert snap.tracked == 1 and sum(snap["place"].running.values()) == 0 and instances_total(poller) == 1
 
 
 def test_unknown_fields_and_status_codes_keep_up(fake: FakeSkillable) -> None:
@@ -125,7 +125,7 @@ def test_unknown_fields_and_status_codes_keep_up(fake: FakeSkillable) -> None:
     poller.refresh(5)
     view = poller.view()
     assert view.health.up
-    assert view.snapshot.ended[(("3", "2", "49"), "unknown")] == 1
+    assert view.snapshot["place"].ended[(("3", "2", "49"), "unknown")] == 1
     assert view.snapshot.invalid_total == 0
 
 
@@ -211,10 +211,10 @@ def test_host_limit_sends_extra_hosts_to_other(fake: FakeSkillable) -> None:
     fake.add(*(lab(i, NOW - 100, NOW - 50, status=4, host=200 + i) for i in range(5)))
     poller = make_poller(fake, max_lab_hosts=3)
     poller.refresh(5)
-    snap = poller.view().snapshot
-    hosts = {place[2] for place in snap.places}
+    snap = poller.view().snapshot["place"]
+    hosts = {place[2] for place in snap.keys}
     assert hosts == {"200", "201", "202", "other"}
-    assert snap.host_overflow_total == 2
+    assert snap.overflow_total == 2
     assert sum(snap.started.values()) == 5
 
 
@@ -227,15 +227,15 @@ def test_per_profile_counts_follow_the_fake_across_overlapping_polls_and_the_cap
     for _ in range(4):  # overlapping polls return the same records again
         poller.refresh(5)
         fake.advance(30)
-    snap = poller.view().snapshot
-    truth: dict[tuple[str, str], int] = {}
+    snap = poller.view().snapshot["profile"]
+    truth: dict[tuple[tuple[str], str], int] = {}
     for r in fake.records_now():
-        profile = str(r["LabProfileId"]) if r["LabProfileId"] < 103 else "other"  # the first three seen
+        profile = (str(r["LabProfileId"]) if r["LabProfileId"] < 103 else "other",)  # the first three seen
         status = "lab_creation_failed" if r["CompletionStatus"] == 20 else "complete"
         truth[(profile, status)] = truth.get((profile, status), 0) + 1
-    assert snap.profiles == ["100", "101", "102", "other"]
-    assert {k: v for k, v in snap.profile_ended.items() if v} == truth
-    assert snap.profile_started == {p: sum(v for (q, _), v in truth.items() if q == p) for p in snap.profiles}
-    assert snap.profile_overflow_total == 7  # the instances of profile 103
-    assert sum(snap.profile_exams.values()) == 15 == sum(snap.profile_exams_passed.values())
-    assert snap.profile_exam_score["100"].count == snap.profile_exams["100"]
+    assert snap.keys == [("100",), ("101",), ("102",), ("other",)]
+    assert {k: v for k, v in snap.ended.items() if v} == truth
+    assert snap.started == {p: sum(v for (q, _), v in truth.items() if q == p) for p in snap.keys}
+    assert snap.overflow_total == 7  # the instances of profile 103
+    assert sum(snap.exams.values()) == 15 == sum(snap.exams_passed.values())
+    assert snap.exam_score[("100",)].count == snap.exams[("100",)]

@@ -101,17 +101,17 @@ def test_a_lab_that_never_ends_expires_at_the_limit_and_is_counted(fake: FakeSki
     fake.run(2, NOW - 60, HOUR)
     poller = make_poller(fake, max_running_minutes=3 * 60)
     poller.refresh(5)
-    assert sum(poller.view().snapshot.running.values()) == 2
+    assert sum(poller.view().snapshot["place"].running.values()) == 2
     for _ in range(4 * 6):
         fake.advance(600)
         poller.refresh(5)
     snap = poller.view().snapshot
-    assert sum(snap.running.values()) == 0 and snap.expired_total == 1
-    assert sum(snap.ended.values()) == 1 and snap.tracked == 0
+    assert sum(snap["place"].running.values()) == 0 and snap.expired_total == 1
+    assert sum(snap["place"].ended.values()) == 1 and snap.tracked == 0
     fake.advance(7 * HOUR)  # its End arrives, after it expired: an end, not a start
     poller.refresh(5)
     snap = poller.view().snapshot
-    assert sum(snap.ended.values()) == 2 and sum(snap.started.values()) == 2
+    assert sum(snap["place"].ended.values()) == 2 and sum(snap["place"].started.values()) == 2
 
 
 # -- wall-clock steps (issue 10 item 4) -------------------------------------------------
@@ -142,13 +142,13 @@ def test_a_wall_clock_step_ahead_and_back_neither_forgets_nor_counts_twice(fake:
         if minute == 5:
             wall.step = 0.0  # and back
         poller.refresh(5)
-        snap = poller.view().snapshot
+        snap = poller.view().snapshot["place"]
         ended = [r for r in fake.records_now() if r.get("End") is not None]
         in_window = [r for r in ended if r["End"] >= fake.clock() - 5 * 60]
         assert sum(snap.started.values()) == len([r for r in fake.records_now() if r["Start"] <= fake.clock()])
         assert sum(snap.ended.values()) == len([r for r in ended if r["End"] >= NOW - 5 * 60]), minute
         assert sum(snap.running.values()) == len(fake.running()), minute
-        assert sum(snap.instances.values()) == len(in_window), minute
+        assert sum(snap.closed.values()) == len(in_window), minute
 
 
 def test_an_end_in_the_year_3000_never_keeps_an_instance_in_memory(fake: FakeSkillable) -> None:
