@@ -335,6 +335,10 @@ class Poller:
         except Exception as exc:  # noqa: BLE001 - no answer, however odd, may fail the scrape
             self._record_failure("LatestResults", exc)
         else:
+            if batch.salvaged:
+                log.warning("the answer was not valid JSON: text that JSON does not allow was replaced, records "
+                            "that could not be read were skipped (and counted invalid)", extra=self._fields(
+                                endpoint="LatestResults", count=batch.invalid))
             self._record_success(minutes, len(batch.results), invalid)
         self._extras(deadline)
         with self._lock:
