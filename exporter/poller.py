@@ -261,6 +261,7 @@ class Poller:
             health = Health(
                 h.up and not self._overdue(), h.last_success, h.last_duration, h.last_minutes,
                 Counter(h.requests), Counter(h.failures), h.stats, dict(h.region_names), h.catalog,
+                h.catalog_skipped,
             )
             return PollView(self.state.snapshot(), health)
 
@@ -365,8 +366,19 @@ class Poller:
             found = self._fetch_names(catalog.ENDPOINT, catalog.PARAMS, catalog.decode_catalog, deadline,
                                       self.max_catalog_bytes)
             if found is not None:
+                self._catalog_skipped(found)
                 with self._lock:
                     self.health.catalog = found
+                    self.health.catalog_skipped += found.skipped
+
+    def _catalog_skipped(self, found: catalog.Catalog) -> None:
+        """Log the catalog's skipped entries once: again only when a new catalog skips another number."""
+        before = self.health.catalog.skipped if self.health.catalog is not None else 0
+        if found.skipped and found.skipped != before:
+            log.warning("catalog entries skipped: not an object or no usable Id; counted in "
+                        "skillable_catalog_entries_skipped_total, logged again when their number changes",
+                        extra=self._fields(endpoint=catalog.ENDPOINT, count=found.skipped,
+                                           first=found.first_skipped))
 
     def _names_due(self, endpoint: str, deadline: float) -> bool:
         return self._monotonic() >= self._names_due_at.get(endpoint, 0.0) and self._left(deadline) > 0.2
