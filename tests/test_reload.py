@@ -21,13 +21,14 @@ import requests
 from exporter.__main__ import make_reloader
 from exporter.app import RELOADABLE, ExporterApp, Reloader
 from exporter.cli import build_parser
+from exporter.client import SkillableClient
 from exporter.config import SETTINGS, Config, load_config, setting_name
 from exporter.server import ExporterServer
 from exporter.webconfig import load_web_config
 
 from . import fakeapi as f
 from .fakeapi import FakeSkillable, lab
-from .harness import lab_counters, parse, total
+from .harness import MonotonicStub, eventually, lab_counters, make_poller, parse, total
 from .tlsutil import certs, issue  # noqa: F401 (certs is a fixture)
 
 
@@ -392,3 +393,34 @@ def test_a_reload_with_a_new_key_or_url_lifts_the_retry_after_hold(
     assert total(parse(text), "skillable_up") == 1, exporter.log()
     served = fake if change == "key" else other
     assert served.latest_requests()[-1].api_key == served.state.api_key
+
+
+def test_a_poll_still_running_with_the_old_key_sets_no_hold_after_the_reload(fake: FakeSkillable) -> None:
+    """The reload lifts the hold; the old key's poll, answered 429 Retry-After 3600 only after the reload,
+    must not set it again (a generation count: a poll's failures hold only the client it began with)."""
+    now = fake.clock()
+    fake.add(lab(1, now - 600, now - 60, status=4))
+    answer = threading.Event()
+
+    def late_429(handler: Any) -> None:
+        answer.wait(10)
+        f.retry_after(429, "3600")(handler)
+
+    fake.fault(late_429, endpoint="LatestResults")
+    poller = make_poller(fake, monotonic=MonotonicStub())
+    try:
+        old_poll = poller.request()
+        assert old_poll is not None
+        poller.reconfigure(SkillableClient(fake.url, fake.state.api_key, 1 << 20), 60, 2, 0.0, 9.0,
+                           new_key_or_url=True)
+        answer.set()
+        assert poller.wait(old_poll, 10)
+        asked = old_poll
+        for _ in range(2):  # the poll the reload asked for, then the next: neither held back (None: held)
+            asked = eventually(lambda: (n := poller.request()) is not None and n > asked and n, 5, "a new poll")
+            assert poller.wait(asked, 10) and poller.health.up
+        assert poller.health.failures[("LatestResults", "rate_limited")] == 1  # counted, all the same
+        assert len(fake.latest_requests()) == 3
+    finally:
+        poller.stop(5)
+        poller.client.close()
