@@ -12,6 +12,7 @@ import math
 import os
 import re
 import stat
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 from urllib.parse import urlsplit
@@ -423,30 +424,32 @@ def load_yaml(setting: str, path: str, text: str) -> tuple[Any, dict[tuple[str, 
 
 
 def _key_lines(setting: str, path: str, root: yaml.Node) -> dict[tuple[str, ...], int]:
-    """Each key's line by its path; a key twice in one mapping is a ConfigError. Iterative, and each
-    node visited once, so neither deep nesting nor an alias to itself can loop or overflow."""
+    """Each key's line by its path (the first such key in the file); a key twice in one mapping is a
+    ConfigError. Iterative and in the file's order, each node visited once, so neither deep nesting
+    nor an alias to itself can loop or overflow."""
     lines: dict[tuple[str, ...], int] = {}
-    todo: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    todo: deque[tuple[yaml.Node, tuple[str, ...], str]] = deque([(root, (), "")])  # node, path, its name
     visited: set[int] = set()
     while todo:
-        node, at = todo.pop()
+        node, at, shown = todo.popleft()
         if id(node) in visited:
             continue
         visited.add(id(node))
         if isinstance(node, yaml.SequenceNode):
-            todo.extend((item, (*at, LIST_ITEM)) for item in node.value)
+            todo.extend((item, (*at, LIST_ITEM), f"{shown}[{i}]") for i, item in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
             first: dict[tuple[str, str], int] = {}
             for key, value in node.value:
                 if key.tag == _MERGE or not isinstance(key, yaml.ScalarNode):
                     continue
-                line = key.start_mark.line + 1
+                line, name = key.start_mark.line + 1, f"{shown}.{key.value}" if shown else key.value
                 if (key.tag, key.value) in first:
-                    raise ConfigError(setting, f"{path}: {documented_name((*at, key.value))} is set twice, "
+                    named = name if LIST_ITEM in at else documented_name((*at, key.value))
+                    raise ConfigError(setting, f"{path}: {named} is set twice, "
                                                f"on line {first[(key.tag, key.value)]} and line {line}")
                 first[(key.tag, key.value)] = line
                 lines.setdefault((*at, key.value), line)
-                todo.append((value, (*at, key.value)))
+                todo.append((value, (*at, key.value), name))
     return lines
 
 

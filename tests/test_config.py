@@ -292,8 +292,9 @@ def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path: Path) -
     assert result.stderr.strip().splitlines() == [
         f"skillable-exporter: invalid setting config.file: {config}: skillable.window-minutes is set twice, "
         "on line 2 and line 4"]
-    accounts = write(tmp_path, "a.yaml", "accounts:\n  - name: a\n    api_key_env: K\n    name: b\n")
-    with pytest.raises(ConfigError, match=r"accounts\[\]\.name is set twice, on line 2 and line 4$"):
+    accounts = write(tmp_path, "a.yaml", "accounts:\n  - {name: a, api_key_env: K}\n  - name: b\n    api_key_env: K\n"
+                                         "    name: c\n")
+    with pytest.raises(ConfigError, match=r"accounts\[1\]\.name is set twice, on line 3 and line 5$"):
         load_config(flags("--config.file", accounts), {"K": "k"})
     web = write(tmp_path, "web.yml", "basic_auth_users:\n  alice: x\n  bob: y\n  alice: z\n")
     with pytest.raises(ConfigError, match=r"^invalid setting web.config-file: .*web.yml: basic_auth_users.alice is "
