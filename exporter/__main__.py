@@ -76,11 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def config_check_summary(path: str | None, config: Config) -> str:
     checked = f"configuration file {path}" if path else "configuration (flags and environment)"
     extra = f", web config {config.web_config_file}" if config.web_config_file else ""
-    missing = [account.name or "default" for account in config.accounts if not account.api_key]
+    unset = [account.name or "default" for account in config.accounts if not account.api_key and not account.key_file]
+    # A key file named but not there is no error here (the check needs no key), but a start would fail: say so.
+    absent = [f"{account.name or 'default'} ({account.key_file})" for account in config.accounts
+              if not account.api_key and account.key_file]
     if config.demo:
         keys = ""
-    elif missing:
-        keys = f"; API key not checked (none set) for: {', '.join(missing)}"
+    elif unset or absent:
+        keys = (f"; API key not checked (none set) for: {', '.join(unset)}" if unset else "") + (
+            f"; API key file missing (a start would fail) for: {', '.join(absent)}" if absent else "")
     else:
         keys = "; API keys found, not tried against the API"
     return f"skillable-exporter: {checked}{extra} is valid: {len(config.accounts)} account(s){keys}"

@@ -247,7 +247,8 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
-        profiles = [AccountProfiles(a, v.health.catalog, [key[0] for key in v.snapshot[PROFILE.name].keys])
+        profiles = [AccountProfiles(a, v.health.catalog, [key[0] for key in v.snapshot[PROFILE.name].keys],
+                                    v.health.catalog_skipped)
                     for a, v in views]
         yield from catalog_families(profiles, self._names, self._max_lab_profiles, self._account_label)
 

@@ -149,6 +149,9 @@ CATALOG_FAMILIES: tuple[Family, ...] = (
            "1 if the lab profile is enabled in /catalog, else 0."),
     Family("skillable_lab_profile_max_duration_seconds", "gauge", ("lab_profile_id",),
            "How long a lab of this profile may run before it expires (DurationMinutes in /catalog)."),
+    Family("skillable_catalog_entries_skipped_total", "counter", (),
+           "Lab profiles and lab series in /catalog answers skipped: not an object, or no usable Id (each "
+           "fetch counts its own, hourly)."),
 )
 
 # The app's runtime registry: its reload gauges (app.py), then prometheus_client's process and
