@@ -32,7 +32,7 @@ from .catalog import AccountProfiles, catalog_families
 from .config import Names
 from .poller import PollView, Poller
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
-from .state import PROFILE_ZERO_STATUSES, Histogram, Snapshot, Summary
+from .state import Histogram, Snapshot, Summary
 from .version import build_info
 
 PLACE = ["datacenter_id", "delivery_region_id", "lab_host_id"]
@@ -252,8 +252,7 @@ class SkillableCollector(Collector):
             LabFamily(
                 CounterMetricFamily, "skillable_lab_profile_instances_ended_total",
                 "Lab instances seen ending, by lab profile, counted once under the completion status they ended"
-                f" with. The statuses {', '.join(PROFILE_ZERO_STATUSES)} exist from the start, the others once"
-                " they occur.",
+                " with. Every status exists at 0 from the profile's first activity.",
                 PROFILE + ["completion_status"], _table("profile_ended"), _plain_sample,
             ),
             LabFamily(

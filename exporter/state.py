@@ -71,13 +71,13 @@ RUN_TIME_BUCKETS: tuple[float, ...] = (60, 300, 900, 1800, 3600, 7200, 14400, 28
 RATIO_BUCKETS: tuple[float, ...] = (0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1)
 GROUP_CACHE_SIZE = 65536  # raw id tuples remembered by FleetState._group_of; cleared when full
 
-# Per-profile ended series that exist at 0 from a profile's first activity, so failure and
-# completion rates work from the first scrape: 7 of the 11 statuses; the other four
-# (resume_failed, save_failed, grading_in_progress, unknown) appear when they first occur.
-# Series per profile: 7 + started + running + exams + passed + 3 summaries x 2 = 17 at zero, 21 at most.
+# Per-profile ended series that exist at 0 from a profile's first activity: every status, so
+# rate() and increase() count a profile's first end in any status (a counter that appears at 1
+# shows Prometheus no increase), through restarts and the backfill seam.
+# Series per profile: 11 + started + running + exams + passed + 3 summaries x 2 = 21.
 PROFILE_ZERO_STATUSES: tuple[str, ...] = (
     "complete", "incomplete", "cancelled", "no_show", "storage_provisioning_failed", "lab_creation_failed",
-    "submitted_for_grading",
+    "submitted_for_grading", "resume_failed", "save_failed", "grading_in_progress", "unknown",
 )
 UNKNOWN_PROFILE = "unknown"
 OVERFLOW_PROFILE = "other"

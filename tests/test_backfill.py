@@ -84,6 +84,13 @@ def ended_by_status(records: list[dict[str, Any]], start: float, end: float,
     return out
 
 
+def first_end_counted(prom: "Prometheus", profile: int, status: str, window: str, at: float) -> float:
+    """increase() over `window` of one profile's ended counter in `status`, at `at`; 0 if the series is absent."""
+    got = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable",'
+                     f'lab_profile_id="{profile}",completion_status="{status}"}}[{window}]))', at)
+    return float(got[0]["value"][1]) if got else 0.0
+
+
 @pytest.fixture
 def live_fake() -> Iterator[FakeSkillable]:
     server = FakeSkillable(live=True)  # the fake's clock is the wall clock, which Prometheus stamps by
@@ -309,10 +316,13 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
              f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         eventually(lambda: prom.query('skillable_up{job="skillable"} == 1', time.time()), 30, "the first live scrape")
-        # More labs while the exporter runs, on the places the history has.
+        # More labs while the exporter runs, on the places the history has; one is profile 7001's
+        # first save_failed end (the history has none: see traffic()).
         later = int(time.time())
         fresh = [lab(10**9 + i, later - 5 + i, later - 4 + i, status=4 if i % 2 else 20, host=h, datacenter=d,
                      region=g, LabProfileId=PROFILES[i % 3]) for i, (h, d, g) in enumerate(PLACES * 2)]
+        fresh.append(lab(10**9 + 99, later - 5, later - 3, status=40, host=PLACES[0][0], datacenter=PLACES[0][1],
+                         region=PLACES[0][2], LabProfileId=7001))
         fake.add(*fresh)
         records += fresh
         seam_start = to - 3600
@@ -339,6 +349,36 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
         ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
+        # The profile's first save_failed end counts (issue 18): its series existed at 0 in the history.
+        assert first_end_counted(prom, 7001, "save_failed", f"{int(round((at - to) * 1000))}ms", at) == 1
+
+        # A restart with the state file, then profile 7002's first resume_failed end: counted too.
+        exporter.terminate()
+        assert exporter.wait(15) == 0
+        restarted_at = time.time()
+        log = open(tmp_path / "exporter-restarted.log", "wb")
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{exporter_port}",
+             f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        eventually(lambda: prom.query(f'skillable_up{{job="skillable"}} == 1 and timestamp(skillable_up) > {restarted_at}',
+                                      time.time()), 30, "the first scrape after the restart")
+        resumed = int(time.time())
+        fake.add(lab(10**9 + 100, resumed - 2, resumed + 1, status=30, host=PLACES[1][0], datacenter=PLACES[1][1],
+                     region=PLACES[1][2], LabProfileId=7002))
+
+        def restart_counted() -> float | None:
+            newest = prom.query('max(timestamp(skillable_lab_instances_ended_total{job="skillable"}))', time.time())
+            at = float(newest[0]["value"][1])
+            if at < resumed + 2:
+                return None
+            return at if first_end_counted(prom, 7002, "resume_failed", f"{int(round((at - to) * 1000))}ms", at) == 1 \
+                else None
+
+        at = eventually(restart_counted, 30, "profile 7002's first resume_failed end after the restart")
+        window = f"{int(round((at - start) * 1000))}ms"
+        resets = prom.query(f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        assert float(resets[0]["value"][1]) == 0
     finally:
         if exporter is not None:
             exporter.terminate()
