@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Iterator
 
 import pytest
 import requests
@@ -47,13 +43,11 @@ from .dashboard_queries import (
     substitute,
     variable_query_text,
 )
-from . import harness
-from .harness import free_port, stop_process, tool
+from .harness import free_port
+from .monitoring_stack import STARTUP_DEADLINE, Stack, alertmanager_args, eventually, prometheus_args
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
-STARTUP_DEADLINE = 20.0  # Prometheus holds new targets ~5 s before the first scrape
 DATA_DEADLINE = 30.0
 DATACENTER_NAMES = {"1": "US West", "2": "US East", "3": "EU West", "4": "AP Southeast"}
 HOST_NAMES = {"117": "flaky-host-117"}
@@ -66,48 +60,6 @@ OVERRIDDEN_ALERTS = ("SkillableLabHostFailureRatioHigh", "SkillableLabProfileFai
 PROFILE_TEST_THRESHOLDS = {"skillable:lab_profile_min_ended_per_hour:threshold": "vector(1)"}
 OVERRIDE_LABEL = {"test_override": "for-0s"}
 METRIC_NAME = re.compile(r"\b(skillable_[a-z_]+?)(?:_bucket)?\b(?=[{\[(\s])")
-
-
-def eventually(check: Callable[[], T | None], deadline: float, what: str, interval: float = 0.2) -> T:
-    """harness.eventually, polling less often, with a server still starting (no answer, a body
-    that is not yet JSON or lacks a key) counted as not yet."""
-    return harness.eventually(check, deadline, what, interval,  # type: ignore[no-any-return]
-                              ignoring=(requests.RequestException, ValueError, KeyError))
-
-
-@dataclass
-class Stack:
-    workdir: Path
-    exporter_url: str
-    prometheus_url: str
-    alertmanager_url: str
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def log(self, name: str) -> str:
-        path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        r = requests.get(f"{self.prometheus_url}/api/v1/query", params={"query": expr}, timeout=5)
-        body = r.json()
-        assert body.get("status") == "success", f"{expr}: {body}"
-        return body["data"]["result"] if body["data"]["resultType"] == "vector" else [body["data"]]
-
-
-def _start(stack: Stack, name: str, args: list[str], cwd: Path | None = None) -> None:
-    log = open(stack.workdir / f"{name}.log", "wb")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    stack.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd or stack.workdir, env=env)
-    log.close()
-
-
-def _ready(stack: Stack, name: str, url: str) -> None:
-    def check() -> bool:
-        proc = stack.procs[name]
-        assert proc.poll() is None, f"{name} exited with {proc.returncode}:\n{stack.log(name)}"
-        return requests.get(url, timeout=1).status_code == 200
-
-    eventually(check, STARTUP_DEADLINE, f"{name} at {url}")
 
 
 def _test_thresholds() -> dict[str, Any]:
@@ -136,7 +88,6 @@ def _override_rules() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    prometheus, alertmanager = tool("prometheus"), tool("prometheus-alertmanager")
     work = tmp_path_factory.mktemp("monitoring")
     ports = {name: free_port() for name in ("exporter", "prometheus", "alertmanager")}
     s = Stack(work, f"http://127.0.0.1:{ports['exporter']}", f"http://127.0.0.1:{ports['prometheus']}",
@@ -157,25 +108,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (work / "exporter.yml").write_text(yaml.safe_dump({"names": {"datacenters": DATACENTER_NAMES,
                                                                   "lab_hosts": HOST_NAMES}}))
     try:
-        _start(s, "exporter", [sys.executable, "-m", "exporter", "--demo", f"--config.file={work / 'exporter.yml'}",
-                               f"--web.listen-address=127.0.0.1:{ports['exporter']}"], cwd=ROOT)
-        _start(s, "alertmanager", [alertmanager, f"--config.file={ROOT / 'alertmanager/alertmanager.yml'}",
-                                   f"--storage.path={work / 'am'}",
-                                   f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
-                                   "--cluster.listen-address="])
-        _start(s, "prometheus", [prometheus, f"--config.file={work / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={work / 'prom'}",
-                                 f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
-        _ready(s, "exporter", f"{s.exporter_url}/healthz")
-        _ready(s, "alertmanager", f"{s.alertmanager_url}/-/ready")
-        _ready(s, "prometheus", f"{s.prometheus_url}/-/ready")
+        s.start("exporter", [sys.executable, "-m", "exporter", "--demo", f"--config.file={work / 'exporter.yml'}",
+                             f"--web.listen-address=127.0.0.1:{ports['exporter']}"], cwd=ROOT)
+        s.start("alertmanager", alertmanager_args(s, ports["alertmanager"], ROOT / "alertmanager/alertmanager.yml"))
+        s.start("prometheus", prometheus_args(s, ports["prometheus"], work / "prometheus.yml"))
+        s.ready("exporter", f"{s.exporter_url}/healthz")
+        s.ready("alertmanager", f"{s.alertmanager_url}/-/ready")
+        s.ready("prometheus", f"{s.prometheus_url}/-/ready")
         yield s
     finally:
-        for proc in s.procs.values():
-            if proc.poll() is None:
-                proc.terminate()  # all at once; stop_process then waits for each
-        for proc in s.procs.values():
-            stop_process(proc)
+        s.stop()
 
 
 @pytest.fixture(scope="module")
