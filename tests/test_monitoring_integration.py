@@ -218,8 +218,10 @@ def test_failing_demo_host_fires_the_lab_creation_alert_into_alertmanager(scrape
 
     [alert] = eventually(fired, DATA_DEADLINE, f"{wanted} in Alertmanager")
     assert alert["status"]["state"] == "active"
-    assert alert["annotations"]["summary"].startswith("Lab host 117 (datacenter 3): ")
-    assert alert["annotations"]["dashboard"] == "/d/skillable-lab-hosts/skillable-lab-hosts?var-lab_host_id=117"
+    # Named from the info metrics (the config names host 117 and the datacenters), linked absolutely.
+    assert alert["annotations"]["summary"].startswith("Lab host flaky-host-117 (117) in datacenter EU West (3): ")
+    assert alert["annotations"]["dashboard"] == \
+        "http://localhost:3000/d/skillable-lab-hosts/skillable-lab-hosts?var-lab_host_id=117"
     # Healthy hosts do not fail lab creation.
     creation = [a["labels"]["lab_host_id"] for a in _alertmanager_alerts(scraped)
                 if a["labels"].get("alertname") == "SkillableLabHostFailureRatioHigh"
@@ -261,9 +263,9 @@ def test_failing_demo_profile_fires_the_lab_profile_alert_into_alertmanager(scra
 
     [alert] = eventually(fired, PROFILE_ALERT_DEADLINE, f"{wanted} in Alertmanager", interval=1)
     assert alert["status"]["state"] == "active"
-    assert alert["annotations"]["summary"].startswith("Lab profile 5009: ")
+    assert alert["annotations"]["summary"].startswith("Lab profile Deploy ARM templates (5009): ")
     assert alert["annotations"]["dashboard"] == \
-        "/d/skillable-lab-profiles/skillable-lab-profiles?var-lab_profile_id=5009"
+        "http://localhost:3000/d/skillable-lab-profiles/skillable-lab-profiles?var-lab_profile_id=5009"
     # The shipped rule (for: 15m) sees the same condition and is pending.
     body = requests.get(f"{scraped.prometheus_url}/api/v1/alerts", timeout=5).json()
     shipped = [a for a in body["data"]["alerts"] if a["labels"].get("alertname") == wanted["alertname"]
