@@ -41,6 +41,7 @@ from .dashboard_queries import (
     parse_variable_query,
     query_variables,
     substitute,
+    variable_options,
     variable_query_text,
 )
 from .harness import free_port
@@ -183,22 +184,40 @@ def _label_values(stack: Stack, selector: str, label: str) -> set[str]:
 
 def test_every_template_variable_query_resolves(scraped: Stack) -> None:
     single_account = not _label_values(scraped, "skillable_up", "account")
+    named = {"datacenter_id": DATACENTER_NAMES, "lab_host_id": HOST_NAMES,
+             "delivery_region_id": {"1": "North America", "2": "Europe", "3": "Asia Pacific"}}
     for path in dashboard_paths():
         board = load(path)
         for variable in query_variables(board):
             kind, selector, label = parse_variable_query(variable_query_text(variable))
-            assert kind == "label_values" and selector and label, variable["name"]
-            if label == "account" and single_account:
-                # One account: the exporter adds no account label, so the variable
-                # offers only "All" (.*), and account=~".*" matches label-less series.
-                assert not _label_values(scraped, substitute(selector), label)
-                assert scraped.query('skillable_up{account=~".*"}')
-                continue
-            values = eventually(lambda: _label_values(scraped, substitute(selector), label), 10,
-                                f"values of ${variable['name']} in {board['uid']}")
-            if label == "lab_host_id":
+            assert selector, variable["name"]
+            if kind == "query_result":
+                # Places and profiles: the id is the value, the name (where an info metric knows it) the text.
+                options = eventually(lambda: variable_options(variable, scraped.query(substitute(selector))), 10,
+                                     f"options of ${variable['name']} in {board['uid']}")
+                texts = dict((value, text) for text, value in options)
+                values = set(texts)
+                for ident, name in named.get(variable["name"], {}).items():
+                    assert texts.get(ident) == name, (variable["name"], ident, texts.get(ident))
+                if variable["name"] == "lab_host_id":  # hosts without a configured name show their id
+                    assert any(texts[v] == v for v in values)
+                if variable["name"] == "lab_profile_id":
+                    assert texts.get("5009") == "Deploy ARM templates"
+                if variable["name"] == "lab_series_id":
+                    assert "AZ-104 Microsoft Azure Administrator" in texts.values()
+            else:
+                assert kind == "label_values" and label, variable["name"]
+                if label == "account" and single_account:
+                    # One account: the exporter adds no account label, so the variable
+                    # offers only "All" (.*), and account=~".*" matches label-less series.
+                    assert not _label_values(scraped, substitute(selector), label)
+                    assert scraped.query('skillable_up{account=~".*"}')
+                    continue
+                values = eventually(lambda: _label_values(scraped, substitute(selector), label), 10,
+                                    f"values of ${variable['name']} in {board['uid']}")
+            if variable["name"] == "lab_host_id":
                 assert DEMO_FAILING_HOST["lab_host_id"] in values
-            if label == "datacenter_id":
+            if variable["name"] == "datacenter_id":
                 assert {"1", "2", "3", "4"} <= values
 
 
