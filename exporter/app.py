@@ -119,7 +119,8 @@ class ExporterApp:
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
         windows = {poller.window_minutes for _, poller in accounts}
         window = windows.pop() if len(windows) == 1 else None  # HELP names a window only if all share it
-        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles)
+        limits = {a.name: a.max_active_labs for a in self.config.accounts if a.max_active_labs is not None}
+        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles, limits)
 
     def scrape_wait(self, scrape_timeout_header: str | None) -> float:
         """How long this scrape waits for its polls: the configured timeout (and a margin), capped by

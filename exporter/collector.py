@@ -17,7 +17,7 @@ import platform
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -60,11 +60,13 @@ class _Rendered:
 class SkillableCollector(Collector):
     def __init__(
         self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int | None,
-        max_lab_profiles: int = 500,
+        max_lab_profiles: int = 500, max_active_labs: Mapping[str, int] | None = None,
     ) -> None:
         """`window_minutes`: the window every account in `accounts` has, named in the HELP texts;
-        None when they differ (each account's is in skillable_lookback_window_seconds)."""
+        None when they differ (each account's is in skillable_lookback_window_seconds).
+        `max_active_labs`: the active-lab limit of the accounts whose limit is configured."""
         self._accounts = list(accounts)
+        self._max_active_labs = dict(max_active_labs or {})
         self._max_lab_profiles = max_lab_profiles
         self._names = names
         self._window_minutes = window_minutes
@@ -379,6 +381,14 @@ class SkillableCollector(Collector):
         )
         for account, poller in self._accounts:  # each account may have its own window
             window.add_metric(self._values(account, []), poller.window_minutes * 60)
+        limit = GaugeMetricFamily(
+            "skillable_account_max_active_labs",
+            "The account's limit of active labs (Skillable's Max Active Lab Instances), from the exporter's "
+            "configuration (the API does not report it); absent when not configured.", labels=no_labels,
+        )
+        for account, _ in self._accounts:
+            if account in self._max_active_labs:
+                limit.add_metric(self._values(account, []), self._max_active_labs[account])
         build = GaugeMetricFamily(
             "skillable_exporter_build_info", "Version of skillable-exporter, always 1.",
             labels=["version", "revision", "python_version"],
@@ -387,7 +397,7 @@ class SkillableCollector(Collector):
         build.add_metric([info.version, info.revision, platform.python_version()], 1)
         yield from (up, last_success, duration, minutes, requests, failures, invalid, overflow, profile_overflow)
         yield from (expired, tracked)
-        yield from (active, saved, window, build)
+        yield from (active, saved, limit, window, build)
 
     # -- names for ids -----------------------------------------------------
 

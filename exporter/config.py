@@ -136,6 +136,13 @@ def _telemetry_path(name: str, value: Any) -> str:
     return text
 
 
+def _optional_count(name: str, value: Any) -> int | None:
+    """A whole number of at least 1, or None (unset) for an empty value."""
+    if value is None or value == "":
+        return None
+    return int(_number(1, 100_000_000, integer=True)(name, value))
+
+
 def _url(name: str, value: Any) -> str:
     text = _text(name, value).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", text):
@@ -202,6 +209,10 @@ SETTINGS: tuple[Setting, ...] = (
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS"),
     Setting("collector.catalog", True, _bool, "fetch lab profile and lab series names from /catalog (hourly)",
             "SKILLABLE_COLLECTOR_CATALOG"),
+    Setting("skillable.max-active-labs", None, _optional_count,
+            "the account's active-lab limit (Skillable's Max Active Lab Instances; the API does not report it), "
+            "exported as skillable_account_max_active_labs for the capacity panels and alert; unset: unknown",
+            "SKILLABLE_MAX_ACTIVE_LABS"),
     Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
             "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES"),
 )
@@ -233,6 +244,7 @@ class Account:
     api_url: str
     api_key: str = field(repr=False)  # never printed
     window_minutes: int
+    max_active_labs: int | None = None  # Skillable's limit of active labs for this API consumer, if known
 
 
 @dataclass(frozen=True)
@@ -413,7 +425,7 @@ class _KeySource:
 def _accounts(raw: Any, values: Mapping[str, Any], keys: _KeySource, demo: bool) -> tuple[Account, ...]:
     if demo:
         # Demo mode swaps in the loopback simulator; the CLI fills in its URL.
-        return (Account("", "", "demo", values["skillable_window_minutes"]),)
+        return (Account("", "", "demo", values["skillable_window_minutes"], values["skillable_max_active_labs"]),)
     if raw is None:
         return (_single_account(values, keys),)
     if not isinstance(raw, list) or not raw:
@@ -434,11 +446,12 @@ def _single_account(values: Mapping[str, Any], keys: _KeySource) -> Account:
     else:
         key = keys.from_env("skillable.api-key-file", "SKILLABLE_API_KEY",
                             "no API key: set SKILLABLE_API_KEY or skillable.api_key_file (or run with --demo)")
-    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"])
+    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"],
+                   values["skillable_max_active_labs"])
 
 
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes"}
+_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes", "max_active_labs"}
 
 
 def _listed_account(
@@ -460,4 +473,7 @@ def _listed_account(
     window = values["skillable_window_minutes"]
     if entry.get("window_minutes") is not None:
         window = _number(1, MAX_WINDOW_MINUTES, integer=True)(f"{where}.window_minutes", entry["window_minutes"])
-    return Account(name, url, key, int(window))
+    limit = values["skillable_max_active_labs"]
+    if entry.get("max_active_labs") is not None:
+        limit = _optional_count(f"{where}.max_active_labs", entry["max_active_labs"])
+    return Account(name, url, key, int(window), limit)
