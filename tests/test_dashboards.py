@@ -316,7 +316,13 @@ def test_lab_profiles_board_names_profiles_and_links_each_one() -> None:
     assert {"Lab profiles (selected range)", "Worst lab profiles by failure ratio (last hour)",
             "Exam pass rate per exam (1h)", "Mean exam score per exam (1h)",
             "Enabled lab profiles unused in the range"} <= titles
+    series_panels = {"Lab series (selected range)"}  # roll-ups per lab series: they name the series instead
+    assert series_panels <= titles
     for q in panel_queries(board):  # by name, falling back to the id where no info names the profile
+        if q.panel in series_panels:
+            assert "group_left (lab_series_name)" in q.expr, q
+            assert '"lab_series_name", "$1", "lab_series_id"' in q.expr, q
+            continue
         assert "group_left (lab_profile_name" in q.expr, q
         # Exam panels keep the profiles whose info says exam="true"; every other panel shows unnamed profiles too.
         assert ('exam="true"' in q.expr) != ('"lab_profile_name", "$1", "lab_profile_id"' in q.expr), q

@@ -240,6 +240,18 @@ class Truth:
         counts = self.count(labs, by)
         return {k: sums[k] / counts[k] for k in counts}
 
+    def peak(self, span: float) -> dict[Key, tuple[float, float]]:
+        """The bounds of max_over_time(sum(running)[span:1s]) at `at`: each second's point reads the
+        latest sample, taken (and polled) within a scrape interval before it, so it holds the running
+        count of some moment in [point - 1.5 s, point + 0.5 s]."""
+        def running(u: float) -> int:
+            return sum(1 for lb in self.labs if lb.running_at(u))
+
+        points = [float(t) for t in range(math.floor(self.at - span) + 1, math.floor(self.at) + 1)]
+        low = max(min(running(p + d / 10) for d in range(-15, 6)) for p in points)
+        high = max(running(self.at - span + d / 10) for d in range(-15, int(span * 10) + 6))
+        return {(): (float(low), float(high))}
+
     def running_integral(self, start: float) -> float:
         """Lab-seconds of running labs in (start, at]."""
         total = 0.0
@@ -285,10 +297,10 @@ class Check:
     labels: tuple[str, ...] = ()  # the result's labels that key the truth
     scale: Callable[[float], float] = lambda v: v  # turns the value into the truth's unit (a rate into a count)
     counts: bool = False  # a count: a series at 0 may stand for a key the truth has no lab for
+    offset: float = 0.0  # read at this many seconds after the checks' time (`offset 1w` lines: a week on)
 
 
-def compare(check: Check, result: list[dict[str, Any]], truth: Truth, tol: Tolerance,
-            truth_range: tuple[dict[Key, float], dict[Key, float]] | None = None) -> list[str]:
+def compare(check: Check, result: list[dict[str, Any]], truth: Truth, tol: Tolerance) -> list[str]:
     """The differences between a query's result and the truth, as messages (empty: equal)."""
     got: dict[Key, float] = {}
     for sample in result:
@@ -301,6 +313,12 @@ def compare(check: Check, result: list[dict[str, Any]], truth: Truth, tol: Toler
         expected, value = want.get(key), got.get(key)
         if (check.kind == COUNT or check.counts) and expected is None:
             expected = 0.0  # a series that exists at 0 (every status of every place seen) for a key without labs
+        if check.kind == PEAK:
+            assert isinstance(expected, tuple) and value is not None
+            low, high = expected
+            if not low <= value <= high:
+                problems.append(f"{key}: {value} outside the peak's bounds {expected}")
+            continue
         if expected is None or math.isnan(expected):
             if value is not None and not math.isnan(value):
                 problems.append(f"{key}: {value} where the truth has no value")
@@ -321,11 +339,6 @@ def compare(check: Check, result: list[dict[str, Any]], truth: Truth, tol: Toler
             running = max(truth.running(ALL).get((), 0), 1)
             slack = (tol.events + 2 * running) * tol.interval
             ok = abs(value - expected) <= slack
-        elif check.kind == PEAK:
-            assert truth_range is not None
-            low, high = truth_range[0].get(key, 0), truth_range[1].get(key, 0)
-            ok = low <= value <= high
-            expected = (low, high)  # type: ignore[assignment]
         else:
             raise AssertionError(check.kind)
         if not ok:
@@ -452,6 +465,34 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(prof, "Launches per minute per lab profile (top 10)", "A")] = Check(
         COUNT, lambda T: T.count(T.started(), BY_PROFILE), ("lab_profile_id",), per_minute(S))
 
+    # The lab programme row (issue 18, item 6).
+    run_seconds = lambda lb: float(lb.end - lb.start)  # noqa: E731
+    c[(ov, "Lab-hours consumed (range)", "A")] = Check(
+        COUNT, lambda T: {(): sum(run_seconds(lb) for lb in T.ended())}, (), lambda v: v * 3600)
+    c[(ov, "Lab-hours consumed (range)", "B")] = Check(
+        LAB_SECONDS, lambda T: {(): T.running_integral(T.at - S)}, (), lambda v: v * 3600)
+    c[(ov, "Peak concurrent labs (range)", "A")] = Check(PEAK, lambda T: T.peak(S))  # type: ignore[arg-type, return-value]
+    c[(ov, "Capacity headroom", "A")] = Check(EXACT, lambda T: {(): float(MAX_ACTIVE_LABS - ACTIVE_LABS)})
+    c[(ov, "Capacity used", "A")] = Check(EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS})
+    week = 7 * 86400.0
+    for ref, offset in (("A", 0.0), ("B", week)):  # B, a week earlier, read a week from now
+        c[(ov, "Launches per day, this week and the week before", ref)] = Check(
+            COUNT, lambda T: T.count(T.started(), ALL), offset=offset)
+        c[(ov, "Failure ratio per day, this week and the week before", ref)] = Check(
+            RATIO, lambda T: T.events_ratio(T.ended(), ALL, failed), offset=offset)
+    c[(ov, "Active labs against the account's limit", "A")] = Check(EXACT, lambda T: {(): float(ACTIVE_LABS)})
+    c[(ov, "Active labs against the account's limit", "B")] = Check(EXACT, lambda T: {(): float(MAX_ACTIVE_LABS)})
+    c[(ov, "Active labs against the account's limit", "C")] = Check(EXACT, lambda T: T.running(ALL))
+    for ref, status in (("J", "cancelled"), ("K", "no_show")):
+        c[(prof, tbl, ref)] = Check(RATIO, lambda T, s=status: T.events_ratio(
+            T.ended(), BY_PROFILE, lambda lb: lb.status_name == s), ("lab_profile_id",))
+    series = "Lab series (selected range)"
+    c[(prof, series, "A")] = Check(COUNT, lambda T: T.count(T.started(), BY_SERIES), ("lab_series_id",))
+    c[(prof, series, "B")] = Check(RATIO, lambda T: T.events_ratio(T.ended(), BY_SERIES, failed), ("lab_series_id",))
+    for ref, status in (("C", "complete"), ("D", "cancelled"), ("E", "no_show")):
+        c[(prof, series, ref)] = Check(RATIO, lambda T, s=status: T.events_ratio(
+            T.ended(), BY_SERIES, lambda lb: lb.status_name == s), ("lab_series_id",))
+
     # Exporter health: the one failure ratio (the fake failed two /stats requests).
     c[(exp, "API failure ratio by endpoint (10m)", "A")] = Check(
         RATIO, lambda T: {(e,): ratio(T.api_failures.get(e, 0), n) for e, n in T.api_requests.items()}, ("endpoint",))
@@ -530,6 +571,7 @@ def rule_checks() -> dict[str, Check]:
             RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_exam_score_ratio:mean_rate1h": Check(
             RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100), ("lab_profile_id",)),
+        "instance:skillable_account_active_labs:ratio_limit": Check(EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS}),
         "endpoint:skillable_api_request_failures:ratio_rate10m": Check(
             RATIO, lambda T: {(e,): ratio(T.api_failures.get(e, 0), n) for e, n in T.api_requests.items()}, ("endpoint",)),
     }
@@ -539,7 +581,7 @@ def rule_checks() -> dict[str, Check]:
     return c
 
 
-RULE_EXCLUDED = {"skillable-thresholds.yml": "constants"}
+RULE_EXCLUDED = {"skillable-thresholds.yml": "constants", "skillable-links.yml": "the links' base URLs (test_rules)"}
 
 
 def recorded_rules() -> dict[str, str]:
@@ -592,7 +634,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     try:
         stack.start("exporter", [sys.executable, "-m", "exporter", f"--config.file={work / 'exporter.yml'}",
                                  f"--web.listen-address=127.0.0.1:{ports['exporter']}",
-                                 "--skillable.min-poll-interval=0"], cwd=ROOT, env=env)
+                                 "--skillable.min-poll-interval=0", f"--skillable.max-active-labs={MAX_ACTIVE_LABS}"],
+                    cwd=ROOT, env=env)
         stack.start("prometheus", prometheus_args(stack, ports["prometheus"], work / "prometheus.yml"))
         stack.ready("exporter", f"{stack.exporter_url}/healthz")
         stack.ready("prometheus", f"{stack.prometheus_url}/-/ready")
@@ -652,12 +695,12 @@ def checked(run: Run) -> Run:
 
 def substituted(q: Query, span: int) -> str:
     return substitute(q.expr, {"__range": f"{span}s", "__rate_interval": f"{span}s", "__range_s": str(span),
-                               "__interval": "1s"})
+                               "__interval": "1s", "__interval_ms": "1000"})
 
 
 def check_target(run: Run, key: tuple[str, str, str], expr: str, check: Check) -> list[str]:
     assert run.truth is not None and run.tol is not None
-    return compare(check, run.stack.query(expr, run.at), run.truth, run.tol)
+    return compare(check, run.stack.query(expr, run.at + check.offset), run.truth, run.tol)
 
 
 # -- the tests ---------------------------------------------------------------------------------
