@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from .fakeapi import FakeSkillable, _Handler, lab
-from .harness import ROOT, eventually, free_port, stop_process, tool
+from .harness import ROOT, eventually, free_demo_port, free_port, stop_process, tool
 
 DAY = 86400
 # The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
@@ -220,6 +220,7 @@ def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
     end = int(time.time()) // 3600 * 3600 - 3600
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(end - 3600)}",
+                           f"--web.listen-address=127.0.0.1:{free_demo_port()}",  # its demo API: the port plus one
                            f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
                            "--label=instance=x:1", "--step=5m"],
                           cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
