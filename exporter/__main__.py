@@ -1,8 +1,9 @@
-"""Command line: flags, configuration, logging, then serve until SIGTERM; SIGHUP reloads."""
+"""The exporter's entry point: configuration, logging, then serve until SIGTERM; SIGHUP reloads.
+
+The command line itself (flags, environment, the backfill subcommand) is cli.py's."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -10,82 +11,23 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, MutableMapping, NoReturn, Sequence
+from typing import Callable, MutableMapping, Sequence
 
+from . import statefile
 from .app import ExporterApp, Reloader
-from .config import SETTINGS, Account, Config, ConfigError, load_config
+from .cli import BACKFILL, EXIT_CONFIG, build_parser, load, subcommand
+from .config import Account, Config, ConfigError
 from .logs import setup_logging
-from .persistence import StateStore, check_state_path
 from .server import Connections, ExporterServer
-from .version import build_info, version_text
-from .webconfig import WebConfig, load_web_config
+from .version import build_info
+from .webconfig import WebConfig
 
 log = logging.getLogger("exporter")
-EXIT_CONFIG = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other configuration error.
-        self.exit(EXIT_CONFIG, f"{self.prog}: invalid command line: {message}\n")
-
-
-class _VersionAction(argparse.Action):
-    """--version: the version block of Prometheus' Go exporters, then exit 0."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, *_args: Any) -> None:
-        sys.stdout.write(version_text())  # stdout, as Prometheus' binaries print it
-        parser.exit(0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="skillable-exporter",
-        allow_abbrev=False,
-        description="Prometheus exporter for Skillable (Lab on Demand) lab results. "
-        "The API key comes from SKILLABLE_API_KEY or --skillable.api-key-file, never from a flag. "
-        "SIGHUP or POST /-/reload reloads the config file and the web config.",
-        epilog="Subcommand: 'skillable-exporter backfill --from TIME --to TIME --output DIR' writes past weeks "
-        "as OpenMetrics files and TSDB blocks for Prometheus (see 'skillable-exporter backfill --help' "
-        "and docs/backfill.md).",
-    )
-    parser.add_argument("--config.file", dest="config_file", metavar="PATH", help="YAML config file")
-    parser.add_argument("--config.check", dest="config_check", action="store_true",
-                        help="validate the configuration (without reading API keys) and exit")
-    parser.add_argument("--demo", action="store_true",
-                        help="serve metrics from a built-in simulation of the Skillable API (no account needed)")
-    parser.add_argument("--version", action=_VersionAction, help="print the version and build details and exit")
-    for setting in SETTINGS:
-        env = f" (env {setting.env})" if setting.env else ""
-        default = f" [default: {setting.default}]" if setting.default not in (None, "") else ""
-        if setting.name == "web.listen-address":  # repeatable, as in exporter-toolkit
-            parser.add_argument(setting.flag, dest=setting.dest, metavar="VALUE", default=None, action="append",
-                                help=setting.help + env + default)
-        elif isinstance(setting.default, bool):
-            parser.add_argument(setting.flag, dest=setting.dest, action=argparse.BooleanOptionalAction,
-                                default=None, help=setting.help + env + default)
-        else:
-            parser.add_argument(setting.flag, dest=setting.dest, metavar="VALUE", default=None,
-                                help=setting.help + env + default)
-    # exporter-toolkit's spelling of the same flag, so operators can keep their unit files and manifests.
-    parser.add_argument("--web.config.file", dest="web_config_file", metavar="VALUE", default=None,
-                        help=argparse.SUPPRESS)
-    return parser
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def load(flags: dict[str, Any], demo: bool, read_keys: bool = True) -> tuple[Config, WebConfig | None]:
-    """Everything a start or a reload reads: flags, environment, config file, web config."""
-    config = load_config(flags, os.environ, demo=demo, read_keys=read_keys)
-    web = load_web_config(config.web_config_file) if config.web_config_file else None
-    return config, web
 
 
 SD_LISTEN_FDS_START = 3  # systemd passes its sockets from this file descriptor on (sd_listen_fds(3))
@@ -130,17 +72,17 @@ def listen(config: Config, app: ExporterApp, web: WebConfig | None) -> list[Expo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["backfill"]:  # the subcommand lives in backfill.py
+    command, argv = subcommand(sys.argv[1:] if argv is None else argv)
+    if command == BACKFILL:
         from .backfill import main as backfill_main
 
-        return backfill_main(argv[1:])
+        return backfill_main(argv)
     args = build_parser().parse_args(argv)
     flags = vars(args)
     try:
         config, web = load(flags, args.demo, read_keys=not args.config_check)
         if config.state_file:
-            check_state_path(config.state_file)
+            statefile.check_path(config.state_file)
         if config.systemd_socket and not args.config_check:
             systemd_listen_fds(os.environ)  # checked before anything starts; taken in serve()
     except ConfigError as exc:
@@ -185,7 +127,7 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     try:
-        store = StateStore(config.state_file) if config.state_file else None  # locks the file: first
+        store = statefile.open_store(config.state_file) if config.state_file else None  # locks the file: first
     except ConfigError as exc:
         print(f"skillable-exporter: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -206,7 +148,7 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
     config = with_demo(config, demo_url)
     app = ExporterApp(config)
     if store is not None:
-        store.attach(app.pollers)  # before the first scrape can poll
+        statefile.attach(store, app.pollers)  # before the first scrape can poll
     servers = listen(config, app, web)
     if servers is None:
         return 1
@@ -232,7 +174,7 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
         server.shutdown()
         server.server_close()
     if store is not None:
-        store.shutdown(app.pollers, app.config.timeout + 1)
+        statefile.shutdown(store, app.pollers, app.config.timeout + 1)
     app.close()
     if simulator is not None:
         simulator.shutdown()

@@ -18,8 +18,8 @@ from typing import Any, Callable
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Gauge
 
 from .client import SkillableClient
-from .collector import SkillableCollector, eof_of, gzip_head
-from .config import SETTINGS, Config, ConfigError
+from .collector import SkillableCollector, eof_of, gzip_head, shared_window
+from .config import Config, ConfigError, setting_name
 from .poller import Failure, Poller
 from .render import choose_encoding
 
@@ -34,7 +34,8 @@ POLL_MARGIN_SECONDS = 0.1
 DEFAULT_ACCOUNT_NAME = "default"  # what the landing page and /probe call the unnamed single account
 
 
-# Config fields a reload applies; a change of any other one waits for a restart (and says so).
+# Config fields a reload applies; a change of any other one waits for a restart (and says so, by the
+# setting's documented name: config.setting_name).
 RELOADABLE = frozenset({
     "accounts", "names", "min_poll_interval", "overlap_minutes", "timeout", "max_response_bytes",
     "log_level", "log_format", "web_config_file",
@@ -117,8 +118,7 @@ class ExporterApp:
         self.registry.register(collector)
 
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
-        windows = {poller.window_minutes for _, poller in accounts}
-        window = windows.pop() if len(windows) == 1 else None  # HELP names a window only if all share it
+        window = shared_window(poller for _, poller in accounts)
         limits = {a.name: a.max_active_labs for a in self.config.accounts if a.max_active_labs is not None}
         return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles, limits)
 
@@ -212,7 +212,7 @@ class ExporterApp:
         """
         old = self.config
         waiting = [
-            _setting_name(f.name) for f in dataclasses.fields(Config)
+            setting_name(f.name) for f in dataclasses.fields(Config)
             if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)
         ]
         by_name = {account.name: account for account in new.accounts}
@@ -237,14 +237,6 @@ class ExporterApp:
         for poller in self.pollers.values():
             poller.stop(0)  # its worker thread ends
             poller.client.close()
-
-
-def _setting_name(field_name: str) -> str:
-    """The documented name of a Config field's setting (listen_address -> web.listen-address)."""
-    for setting in SETTINGS:
-        if setting.dest.endswith(field_name):
-            return setting.name
-    return field_name
 
 
 class Reloader:

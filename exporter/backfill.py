@@ -9,10 +9,14 @@ The replay, and the rules it counts by (docs/backfill.md explains the procedure 
   and a window [a, b) contributes only the events whose time lies in [a, b), so an instance that
   started in one window and ended in another gives each event exactly once.
 - Time moves in steps of --step seconds on a grid aligned to the epoch. The sample at grid time t
-  shows the state after every event before t: the step applies the events of [t - step, t) with
-  horizon t - step, then evicts what is older than the window, exactly as a poll at time t would
-  (Poller._poll). So every event is counted once, and an instance forgotten earlier is never
-  counted as started again.
+  shows the state after every event before t: the step is the live exporter's poll step
+  (account.apply_poll) at time t, with the events of [t - step, t) and horizon t - step: apply,
+  count invalid records, evict what is older than the window, stamp t as the last success. So
+  every event is counted once, and an instance forgotten earlier is never counted as started again.
+- A record /Results gives that the decoder refuses (no LabInstanceId, a value out of range) has no
+  time of its own: it is counted invalid at the step that reads its window, as a poll counts the
+  invalid records of its answer. The state file carries the count on to the live exporter's
+  skillable_results_invalid_total.
 - A series that first appears at t also gets a 0 sample at t - step, so increase() over any range
   counts it from zero (a series born mid-range would otherwise lose its first count).
 - The file of day D holds the samples at times in [D, D + 1 day) and [--from, --to). The state
@@ -23,7 +27,12 @@ The replay, and the rules it counts by (docs/backfill.md explains the procedure 
 A day is complete when its file is renamed from `.tmp` and its blocks are made; only then is the
 checkpoint (the state as of the day's end, in the state-file format) written, so a failed run
 leaves no complete-looking file for an incomplete day, and a rerun resumes after the last
-complete day. Memory holds one day of /Results and the current state, never the whole range.
+complete day. A checkpoint or state file that cannot be written stops the run (exit 1, one line).
+Memory holds one day of /Results and the current state, never the whole range.
+
+The replay builds no ExporterApp and starts no poller or thread: each account is its memory
+(account.py) and a client, read by the same collector a scrape uses, and the lines are written
+by the server's own encoder (render.LineEncoder, with timestamps).
 """
 
 from __future__ import annotations
@@ -36,29 +45,25 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TextIO
 
 import msgspec
-from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
 
-from .app import ExporterApp
-from .client import TOO_LARGE, ApiError, SkillableClient
-from .collector import PLACE
+from . import statefile
+from .account import Health, PollView, apply_poll, empty_memory
+from .cli import build_backfill_parser
+from .client import TOO_LARGE, SkillableClient
+from .collector import PLACE, SkillableCollector, shared_window
 from .config import Account, Config, ConfigError, load_config
+from .failures import UNAUTHORIZED, backoff_seconds, failure_reason, retry_after
 from .model import LabResult, decode_latest_results
-from .persistence import (
-    StateFileError,
-    StateStore,
-    check_state_path,
-    read_state_file,
-    restore_account,
-)
-from .poller import UNAUTHORIZED, failure_reason
-from .render import Rows
+from .persistence import StateFileError, StatePathError, read_state_file, restore_account, write_state_file
+from .render import LineEncoder, Rows, choose_encoding
+from .state import FleetState
 
 DAY = 86400
 API_MAX_SECONDS = 7 * DAY  # /Results refuses a longer range ("Timeframe cannot exceed 7 days")
@@ -67,8 +72,9 @@ MIN_SPLIT_SECONDS = 60  # a window too large for --skillable.max-response-bytes 
 # Prometheus: "it is not safe to backfill data from the last 3 hours (the current head block)".
 SAFETY_MARGIN_SECONDS = 3 * 3600
 MAX_STEP_SECONDS = 300  # beyond Prometheus' 5-minute lookback, instant queries between samples find nothing
-DEFAULT_RETENTION = "15d"  # Prometheus' default --storage.tsdb.retention.time (Debian's too)
-DEFAULT_BLOCK_DURATION = "6h"  # 4 blocks a day: 4 passes of promtool over a file, none across midnight
+RETRY_MAX_SECONDS = 60.0  # the longest wait between retries of a /Results request
+RETRY_AFTER_MAX_SECONDS = 300.0  # the longest Retry-After honoured
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"  # what promtool reads (--max-block-duration, 2.42)
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 STATE_DIR = ".backfill"  # under --output: the run's settings and its checkpoint
@@ -144,45 +150,6 @@ class Options:
     retries: int
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .__main__ import build_parser as exporter_parser  # the exporter's settings, flags and env
-
-    parser = exporter_parser()
-    parser.prog = "skillable-exporter backfill"
-    parser.description = (
-        "Backfill Prometheus with the history of GET /Results: OpenMetrics files, one per UTC day, and TSDB "
-        "blocks made by promtool. Takes the exporter's settings (account, key, config file, --demo). "
-        "docs/backfill.md has the whole procedure."
-    )
-    group = parser.add_argument_group("backfill")
-    group.add_argument("--from", dest="bf_from", metavar="TIME", required=True,
-                       help="start of the history: RFC 3339 (2026-11-01T00:00:00Z) or a date (midnight UTC)")
-    group.add_argument("--to", dest="bf_to", metavar="TIME",
-                       help="end of the history (not included) [default: now minus 3 hours, the head block "
-                            "Prometheus may still be writing]")
-    group.add_argument("--output", dest="bf_output", metavar="DIR", required=True,
-                       help="folder for the OpenMetrics files and blocks (never a Prometheus data folder)")
-    group.add_argument("--label", dest="bf_labels", metavar="NAME=VALUE", action="append", default=[],
-                       help="label on every series, repeatable: the live target's job and instance, so "
-                            "history joins the live series")
-    group.add_argument("--step", dest="bf_step", metavar="DURATION", default="1m",
-                       help="time between samples, 1s..5m, dividing a day [default: 1m]")
-    group.add_argument("--promtool", dest="bf_promtool", metavar="PATH",
-                       help="promtool to make blocks with [default: promtool on the PATH; without one, "
-                            "only the files are written]")
-    group.add_argument("--max-block-duration", dest="bf_block", metavar="DURATION", default=DEFAULT_BLOCK_DURATION,
-                       help=f"promtool's --max-block-duration [default: {DEFAULT_BLOCK_DURATION}]")
-    group.add_argument("--prometheus.retention", dest="bf_retention", metavar="DURATION",
-                       default=DEFAULT_RETENTION,
-                       help="the target Prometheus' --storage.tsdb.retention.time: older history is warned "
-                            f"about, since Prometheus deletes it at once [default: {DEFAULT_RETENTION}]")
-    group.add_argument("--request-timeout", dest="bf_timeout", metavar="SECONDS", default="120",
-                       help="total seconds one /Results request may take [default: 120]")
-    group.add_argument("--retries", dest="bf_retries", metavar="N", default="3",
-                       help="retries of a failed /Results request, with backoff [default: 3]")
-    return parser
-
-
 def parse_options(args: argparse.Namespace, now: float) -> Options:
     step = parse_duration("step", args.bf_step)
     if not 1 <= step <= MAX_STEP_SECONDS or DAY % step:
@@ -222,17 +189,28 @@ def parse_options(args: argparse.Namespace, now: float) -> Options:
 # -- reading /Results ------------------------------------------------------------
 
 
+@dataclass
+class Read:
+    """What /Results gave for a range: the results, and how many records were invalid (skipped)."""
+
+    results: list[LabResult]
+    invalid: int = 0
+
+    def __add__(self, other: Read) -> Read:
+        return Read(self.results + other.results, self.invalid + other.invalid)
+
+
 def fetch_results(client: SkillableClient, start: int, end: int, opts: Options,
-                  sleep: Callable[[float], None] = time.sleep) -> list[LabResult]:
+                  sleep: Callable[[float], None] = time.sleep) -> Read:
     """Every result /Results gives for [start, end) (asked with a second to spare on each side, since the
-    API does not say whether its bounds are included), retried with backoff; a window too large for
-    --skillable.max-response-bytes is split in halves."""
+    API does not say whether its bounds are included), retried with the poller's backoff
+    (failures.py); a window too large for --skillable.max-response-bytes is split in halves."""
     attempt = 0
     while True:
         try:
             body = client.get("Results", {"start": start - 1, "end": end}, opts.request_timeout)
             batch = decode_latest_results(body)
-            return batch.results
+            return Read(batch.results, batch.invalid)
         except Exception as exc:  # noqa: BLE001 - every failure has a reason, as in polling
             reason = failure_reason(exc)
             if reason == TOO_LARGE and end - start > MIN_SPLIT_SECONDS:
@@ -243,10 +221,8 @@ def fetch_results(client: SkillableClient, start: int, end: int, opts: Options,
             if reason == UNAUTHORIZED or attempt > opts.retries:
                 raise BackfillError(f"/Results for {rfc3339(start)}..{rfc3339(end)} failed (reason={reason}"
                                     f", after {attempt} attempts): {message}") from None
-            delay = min(60.0, 2.0 ** attempt)
-            retry_after = getattr(exc, "retry_after", None)
-            if isinstance(exc, ApiError) and retry_after is not None:
-                delay = max(delay, min(retry_after, 300.0))
+            delay = backoff_seconds(attempt, retry_after(exc), most=RETRY_MAX_SECONDS,
+                                    most_asked=RETRY_AFTER_MAX_SECONDS)
             print(f"skillable-exporter backfill: /Results for {rfc3339(start)}: {reason}, retrying in "
                   f"{delay:.0f}s: {message}", file=sys.stderr)
             sleep(delay)
@@ -275,17 +251,20 @@ def events_in(results: Iterable[LabResult], start: int, end: int) -> list[tuple[
 class Feed:
     """One account's events in time order, read from /Results a day at a time as the replay needs them."""
 
-    def __init__(self, fetch: Callable[[int, int], list[LabResult]], start: int, end: int) -> None:
+    def __init__(self, fetch: Callable[[int, int], Read], start: int, end: int) -> None:
         self._fetch = fetch
         self._loaded_to = start  # every event before this is in _events (or was taken)
         self._end = end
         self._events: list[tuple[int, int, LabResult]] = []
         self._next = 0
+        self._invalid = 0  # invalid records read and not taken yet
         self.results = 0  # results read so far
+        self.invalid = 0  # invalid records read so far
 
-    def take(self, before: int) -> list[LabResult]:
+    def take(self, before: int) -> Read:
         """The events before `before` not taken yet, one result per instance (the later event wins: an
-        end carries the start too, so a lab that starts and ends in one step is applied once, whole)."""
+        end carries the start too, so a lab that starts and ends in one step is applied once, whole),
+        and the invalid records of the windows read to get them."""
         out: dict[int, LabResult] = {}
         while True:
             events = self._events
@@ -294,15 +273,18 @@ class Feed:
                 out[result.lab_instance_id] = result
                 self._next += 1
             if self._loaded_to >= min(before, self._end):
-                return list(out.values())
+                invalid, self._invalid = self._invalid, 0
+                return Read(list(out.values()), invalid)
             self._load()
 
     def _load(self) -> None:
         start = self._loaded_to
         end = min(start - start % FETCH_SECONDS + FETCH_SECONDS, self._end)
-        results = self._fetch(start, end)
-        self.results += len(results)
-        self._events = events_in(results, start, end)  # the previous window is used up: drop it
+        read = self._fetch(start, end)
+        self.results += len(read.results)
+        self.invalid += read.invalid
+        self._invalid += read.invalid
+        self._events = events_in(read.results, start, end)  # the previous window is used up: drop it
         self._next = 0
         self._loaded_to = end
 
@@ -310,78 +292,72 @@ class Feed:
 # -- OpenMetrics ------------------------------------------------------------------
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def family_header(family: Metric) -> str:
-    return f"# HELP {family.name} {_escape(family.documentation)}\n# TYPE {family.name} {family.type}\n"
-
-
 class SampleLines:
-    """The collector's lab families (Rows: keys, values, and how a key's sample is named) as OpenMetrics
-    line prefixes (name and labels, the --label labels first) with values. A prefix is made once per
-    series, so a step costs a dict lookup per sample."""
+    """The collector's lab families (Rows: keys, values, and how a key's sample is named), with the --label
+    labels on every series, as the server's own OpenMetrics encoder writes them with a timestamp
+    (render.LineEncoder). A series' line start is learnt once, so a step costs a lookup per sample."""
 
     def __init__(self, labels: Sequence[tuple[str, str]]) -> None:
-        self._extra = "".join(f'{name}="{_escape(value)}",' for name, value in labels)
-        self._prefixes: dict[str, dict[object, str]] = {}  # family name -> row key -> prefix
+        self._extra = dict(labels)
+        self._encoder = LineEncoder(choose_encoding(OPENMETRICS).encoder)
 
-    def samples(self, parts: Iterable[Rows]) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
+    def header(self, families: Iterable[Rows]) -> str:
+        """HELP and TYPE of every family, written once at the top of a file."""
+        return "".join(self._encoder.header(part.family) for part in families)
+
+    def starts(self, parts: Iterable[Rows], at: int) -> tuple[list[str], list[float]]:
+        """Every sample's line start (name and labels) and value, family after family."""
+        starts: list[str] = []
+        values: list[float] = []
         for part in parts:
-            prefixes = self._prefixes.setdefault(part.family.name, {})
-            for key, value in zip(part.keys, part.values):
-                prefix = prefixes.get(key)
-                if prefix is None:
-                    name, labels = part.sample(key)
-                    inner = self._extra + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                    prefix = prefixes[key] = f"{name}{{{inner.rstrip(',')}}} " if inner else f"{name} "
-                out.append((prefix, value))
-        return out
+            starts += self._encoder.timestamped_starts(self._labelled(part), at)
+            values += part.values
+        return starts, values
 
+    def lines(self, starts: Sequence[str], values: Sequence[float], at: int) -> str:
+        return self._encoder.timestamped_lines(starts, values, at)
 
-_TEXTS: dict[float, str] = {}  # float -> its text, as the exposition writes it; sums repeat step after step
-MAX_TEXTS = 10_000  # as render.py keeps
+    @property
+    def trailer(self) -> str:
+        """The end of a file: `# EOF`."""
+        return self._encoder.trailer
 
+    def _labelled(self, part: Rows) -> Rows:
+        if not self._extra:
+            return part
+        extra, sample = self._extra, part.sample
 
-def value_text(value: float) -> str:
-    if type(value) is int:  # counts (2 and 2.0 are one dict key, so ints stay out of the table)
-        return str(value)
-    text = _TEXTS.get(value)
-    if text is None or value == 0:  # 0.0 and -0.0 are one key too
-        text = floatToGoString(value)
-        if value == value and value != 0:  # NaN is never found again
-            if len(_TEXTS) >= MAX_TEXTS:
-                _TEXTS.clear()
-            _TEXTS[value] = text
-    return text
+        def labelled(key: object) -> tuple[str, dict[str, str]]:
+            name, labels = sample(key)
+            return name, {**extra, **labels}
+
+        return Rows(part.family, part.keys, part.values, labelled)
 
 
 class DayFile:
     """One day's OpenMetrics file, written under a .tmp name and renamed once complete."""
 
-    def __init__(self, folder: Path, start: int, families: Iterable[Rows]) -> None:
+    def __init__(self, folder: Path, start: int, header: str, trailer: str) -> None:
         self.start = start
         self.path = folder / f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%dT%H%M%SZ}.om"
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._handle: TextIO = open(self._tmp, "w", encoding="utf-8", buffering=1 << 20)
-        self._handle.write("".join(family_header(f.family) for f in families))
+        self._handle.write(header)
+        self._trailer = trailer
         self.samples = 0
         self.steps = 0
         self.series = 0  # the most series of a step
 
-    def write(self, lines: list[tuple[str, float]], at: int, values: bool = True) -> None:
-        stamp = f" {at}\n"
-        text = value_text
-        self._handle.write("".join([p + (text(v) if values else "0") + stamp for p, v in lines]))
-        self.samples += len(lines)
-        if values:
+    def write(self, text: str, samples: int, step: bool = True) -> None:
+        """`samples` lines of one time; `step`: a step's samples (not the zeros before new series)."""
+        self._handle.write(text)
+        self.samples += samples
+        if step:
             self.steps += 1
-            self.series = max(self.series, len(lines))
+            self.series = max(self.series, samples)
 
     def finish(self) -> Path:
-        self._handle.write("# EOF\n")
+        self._handle.write(self._trailer)
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
@@ -433,17 +409,48 @@ class RunSettings:
     max_lab_hosts: int
 
 
+@dataclass
+class Replayed:
+    """One account in the replay: its memory (account.py) and the client that reads its /Results. The
+    collector reads it as it reads a poller (view(), window_minutes)."""
+
+    client: SkillableClient
+    window_minutes: int
+    max_running_minutes: int
+    state: FleetState
+    health: Health = field(default_factory=Health)
+
+    def view(self) -> PollView:
+        return PollView(self.state.snapshot(), self.health)
+
+    def step(self, read: Read, t: int, step: int) -> None:
+        """The poll step at time t, with the events of [t - step, t) (the module docstring's rules)."""
+        apply_poll(self, read.results, read.invalid, now=t, horizon=t - step, window_minutes=self.window_minutes,
+                   max_running_minutes=self.max_running_minutes)
+
+
+def replayed(config: Config) -> dict[str, Replayed]:
+    """An empty memory and a client for every configured account, by name."""
+    accounts: dict[str, Replayed] = {}
+    for account in config.accounts:
+        memory = empty_memory(config.max_lab_hosts, config.max_lab_profiles, config.max_running_minutes)
+        client = SkillableClient(account.api_url, account.api_key, config.max_response_bytes)
+        accounts[account.name] = Replayed(client, account.window_minutes, config.max_running_minutes, memory.state,
+                                          memory.health)
+    return accounts
+
+
 class Run:
-    """The replay of one backfill: the live exporter's own wiring (ExporterApp: a Poller per account, holding
-    its FleetState and health, and the collector), driven by the replay instead of scrapes, and the files
-    and checkpoints in --output."""
+    """The replay of one backfill: each account's memory, driven step by step by its /Results instead of
+    by polls, read by the collector a scrape uses; and the files and checkpoints in --output."""
 
     def __init__(self, config: Config, opts: Options) -> None:
         self.config = config
         self.opts = opts
-        self.app = ExporterApp(config)
-        self.pollers = self.app.pollers
-        self.collector = self.app.collector
+        self.accounts = replayed(config)
+        accounts = list(self.accounts.items())
+        self.collector = SkillableCollector(accounts, config.names, shared_window(self.accounts.values()),
+                                            config.max_lab_profiles)
         self.lines = SampleLines(opts.labels)
         self.om_dir = opts.output / "openmetrics"
         self.blocks_dir = opts.output / "blocks"
@@ -452,6 +459,10 @@ class Run:
             opts.start, opts.step, [list(label) for label in opts.labels], [a.name for a in config.accounts],
             [a.window_minutes for a in config.accounts], config.max_lab_hosts,
         )
+
+    def close(self) -> None:
+        for account in self.accounts.values():
+            account.client.close()
 
     # checkpoints: the state file format, as of a day's end
 
@@ -484,71 +495,84 @@ class Run:
         try:
             saved = read_state_file(str(self.checkpoint))
             as_of = set()
-            for name, poller in self.pollers.items():
-                restore_account(poller, saved[name])
-                as_of.add(poller.health.last_success)
+            for name, account in self.accounts.items():
+                memory = restore_account(saved[name], account.state)
+                account.state, account.health = memory.state, memory.health
+                as_of.add(account.health.last_success)
         except (OSError, KeyError, StateFileError) as exc:
             raise BackfillError(f"checkpoint {self.checkpoint} cannot be read ({exc}); use an empty folder") from None
-        resume = int(as_of.pop()) if len(as_of) == 1 else None
+        resume = as_of.pop() if len(as_of) == 1 else None
         if resume is None or resume > self.opts.end:
             raise ConfigError("to", f"{self.opts.output} already holds history to "
-                                    f"{rfc3339(resume) if resume else '?'}, past --to; use an empty folder")
-        return resume
+                                    f"{rfc3339(int(resume)) if resume else '?'}, past --to; use an empty folder")
+        return int(resume)
 
-    def save_state(self, path: Path, as_of: int) -> None:
-        """Every account's state as of `as_of` (its last success: the live exporter asks from there)."""
-        for poller in self.pollers.values():
-            poller.health.last_success = float(as_of)
-        StateStore(str(path)).save(self.pollers)
+    def save_state(self, path: Path, what: str) -> None:
+        """Every account's memory, as of its last step (its last success: the live exporter asks from
+        there), in the state-file format. Raises BackfillError naming `what` when it cannot be written."""
+        try:
+            write_state_file(str(path), self.accounts, {name: a.client.base_url for name, a in self.accounts.items()})
+        except StatePathError as exc:
+            raise BackfillError(f"the {what} {path} could not be written ({exc})") from None
+        except OSError as exc:
+            raise BackfillError(f"the {what} {path} could not be written ({exc.strerror or exc})") from None
 
     # the replay
 
     def run(self, resume: int, out: TextIO) -> None:
         opts, step = self.opts, self.opts.step
         feeds = {
-            name: Feed(lambda a, b, c=poller.client: fetch_results(c, a, b, opts), resume, opts.end)
-            for name, poller in self.pollers.items()
+            name: Feed(partial(fetch_results, account.client, opts=opts), resume, opts.end)
+            for name, account in self.accounts.items()
         }
         files: dict[int, DayFile] = {}
         previous: list[str] | None = None  # series of the step before: None at the start (nothing to zero)
         began = time.monotonic()
         try:
             for t in range(resume, opts.end + 1, step):
-                for name, poller in self.pollers.items():
-                    state = poller.state  # as Poller._poll does at time t
-                    state.apply(feeds[name].take(t), t - step, seen_at=t)
-                    state.evict(t - poller.window_minutes * 60, t - poller.max_running_minutes * 60)
+                for name, account in self.accounts.items():
+                    account.step(feeds[name].take(t), t, step)
                 families = self.collector.lab_parts()
-                lines = self.lines.samples(families)
-                series = [prefix for prefix, _ in lines]
-                if previous is not None and series != previous:  # the same prefix objects: a fast compare
+                series, values = self.lines.starts(families, t)
+                if previous is not None and series != previous:  # the same interned strings: a fast compare
                     seen = set(previous)
-                    born = [line for line in lines if line[0] not in seen]
+                    born = [start for start in series if start not in seen]
                     if born:
-                        files[_day(t - step)].write(born, t - step, values=False)
+                        text = self.lines.lines(born, [0] * len(born), t - step)
+                        files[_day(t - step)].write(text, len(born), step=False)
                 previous = series
                 for day in [d for d in files if d != _day(t) or t == opts.end]:
-                    self._complete(files.pop(day), t, feeds, out, began)
+                    self._complete(files.pop(day), feeds, out, began)
                     began = time.monotonic()
                 if t < opts.end:
                     if _day(t) not in files:
-                        files[_day(t)] = DayFile(self.om_dir, t, families)
-                    files[_day(t)].write(lines, t)
+                        files[_day(t)] = DayFile(self.om_dir, t, self.lines.header(families), self.lines.trailer)
+                    files[_day(t)].write(self.lines.lines(series, values, t), len(series))
         except BaseException:
             for file in files.values():
                 file.discard()
             raise
 
-    def _complete(self, file: DayFile, as_of: int, feeds: dict[str, Feed], out: TextIO, began: float) -> None:
-        """A day is done: its file renamed into place, its blocks made, then the checkpoint as of its end."""
+    def _complete(self, file: DayFile, feeds: dict[str, Feed], out: TextIO, began: float) -> None:
+        """A day is done: its file renamed into place, its blocks made, then the checkpoint as of its end
+        (every account's last step). A checkpoint that cannot be written takes the day's file and blocks
+        away again, so the folder holds exactly the days a rerun will not write again."""
         path = file.finish()
         blocks = make_blocks(self.opts.promtool, path, self.blocks_dir, self.opts.block_duration) \
             if self.opts.promtool else None
-        self.save_state(self.checkpoint, as_of)
+        try:
+            self.save_state(self.checkpoint, f"checkpoint of {rfc3339(file.start)[:10]}")
+        except BackfillError:
+            path.unlink(missing_ok=True)
+            for block in blocks or []:
+                shutil.rmtree(self.blocks_dir / block, ignore_errors=True)
+            raise
         results = sum(f.results for f in feeds.values())
+        invalid = sum(f.invalid for f in feeds.values())
         made = f", {len(blocks)} blocks" if blocks is not None else ""
+        skipped = f", {invalid} invalid records skipped" if invalid else ""
         print(f"{rfc3339(file.start)[:10]}: {file.steps} steps, {file.series} series, {file.samples} samples"
-              f"{made}, {results} results read so far ({time.monotonic() - began:.1f}s) -> {path}",
+              f"{made}, {results} results read so far{skipped} ({time.monotonic() - began:.1f}s) -> {path}",
               file=out, flush=True)
 
 
@@ -581,8 +605,7 @@ def next_steps(opts: Options, state_file: str | None, made_blocks: bool) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
+    args = build_backfill_parser().parse_args(list(argv))
     now = time.time()
     try:
         config = load_config(vars(args), os.environ, demo=args.demo)
@@ -592,7 +615,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError("storage.state-file", f"{state_file} exists: it may be a live exporter's; "
                                                     "backfill writes a new one only")
         if state_file:
-            check_state_path(state_file)
+            statefile.check_path(state_file)
     except ConfigError as exc:
         print(f"skillable-exporter backfill: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -634,12 +657,12 @@ def main(argv: Sequence[str]) -> int:
               + ("" if opts.promtool else " (no promtool: files only)"), flush=True)
         run.run(resume, sys.stdout)
         if state_file:
-            run.save_state(Path(state_file), opts.end)
+            run.save_state(Path(state_file), "state file")
             print(f"state as of {rfc3339(opts.end)} written to {state_file}")
     except BackfillError as exc:
         return fail(f"stopped: {exc}. Complete days are in {opts.output}; run the same command again to resume.")
     finally:
-        run.app.close()
+        run.close()
         if simulator is not None:
             simulator.shutdown()
             simulator.server_close()

@@ -28,9 +28,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from .account import AccountView, PollView
 from .catalog import AccountProfiles, catalog_families
 from .config import Names
-from .poller import PollView, Poller
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
 from .state import Histogram, Snapshot, Summary
 from .version import build_info
@@ -59,7 +59,7 @@ class _Rendered:
 
 class SkillableCollector(Collector):
     def __init__(
-        self, accounts: Sequence[tuple[str, Poller]], names: Names, window_minutes: int | None,
+        self, accounts: Sequence[tuple[str, AccountView]], names: Names, window_minutes: int | None,
         max_lab_profiles: int = 500, max_active_labs: Mapping[str, int] | None = None,
     ) -> None:
         """`window_minutes`: the window every account in `accounts` has, named in the HELP texts;
@@ -505,6 +505,12 @@ def _histogram_sample(key: Any) -> tuple[str, tuple[str, ...]]:
     if le in ("_count", "_sum"):
         return le, region
     return "_bucket", (*region, le)
+
+
+def shared_window(accounts: Iterable[AccountView]) -> int | None:
+    """The lookback window every one of `accounts` has, which the HELP texts name; None if they differ."""
+    windows = {account.window_minutes for account in accounts}
+    return windows.pop() if len(windows) == 1 else None
 
 
 def without_eof(body: bytes) -> memoryview:

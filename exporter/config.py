@@ -35,13 +35,15 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its dotted name (the flag is --<name>, the YAML path is the same with '_')."""
+    """One setting: its dotted name (the flag is --<name>, the YAML path is the same with '_') and the
+    Config field it sets (`field`; None for the settings the accounts are made of)."""
 
     name: str
     default: Any
     parse: Callable[[str, Any], Any]
     help: str
     env: str | None = None
+    field: str | None = None
 
     @property
     def flag(self) -> str:
@@ -168,55 +170,71 @@ def _id_names(name: str, value: Any) -> dict[str, str]:
 SETTINGS: tuple[Setting, ...] = (
     Setting("web.listen-address", DEFAULT_LISTEN_ADDRESS, _listen_addresses,
             "host:port to serve /metrics on (':10180' for all interfaces); repeat the flag to listen on several",
-            "SKILLABLE_EXPORTER_LISTEN_ADDRESS"),
+            "SKILLABLE_EXPORTER_LISTEN_ADDRESS", field="listen_addresses"),
     Setting("web.systemd-socket", False, _bool,
-            "serve the sockets systemd passes (socket activation, LISTEN_FDS) instead of --web.listen-address"),
-    Setting("web.telemetry-path", "/metrics", _telemetry_path, "path under which to serve the metrics"),
+            "serve the sockets systemd passes (socket activation, LISTEN_FDS) instead of --web.listen-address",
+            field="systemd_socket"),
+    Setting("web.telemetry-path", "/metrics", _telemetry_path, "path under which to serve the metrics",
+            field="telemetry_path"),
     Setting("web.config-file", None, _optional_text,
-            "exporter-toolkit style web config file (TLS, basic auth)", "SKILLABLE_EXPORTER_WEB_CONFIG_FILE"),
+            "exporter-toolkit style web config file (TLS, basic auth)", "SKILLABLE_EXPORTER_WEB_CONFIG_FILE",
+            field="web_config_file"),
     Setting("log.level", "info", _choice("debug", "info", "warn", "warning", "error"),
-            "log level: debug, info, warn, error", "SKILLABLE_EXPORTER_LOG_LEVEL"),
+            "log level: debug, info, warn, error", "SKILLABLE_EXPORTER_LOG_LEVEL", field="log_level"),
     Setting("log.format", "logfmt", _choice("logfmt", "json"), "log format: logfmt or json",
-            "SKILLABLE_EXPORTER_LOG_FORMAT"),
+            "SKILLABLE_EXPORTER_LOG_FORMAT", field="log_format"),
     Setting("skillable.api-url", DEFAULT_API_URL, _url, "Skillable Lab API base URL", "SKILLABLE_API_URL"),
     Setting("skillable.api-key-file", None, _optional_text,
             "file holding the API key (else SKILLABLE_API_KEY)", "SKILLABLE_API_KEY_FILE"),
     Setting("skillable.window-minutes", 60, _number(1, MAX_WINDOW_MINUTES, integer=True),
             "lookback window in minutes (1..10080)", "SKILLABLE_WINDOW_MINUTES"),
-    Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400),
-            "seconds a poll is reused for; 0 polls on every scrape (a loop of scrapes then drives the API)",
-            "SKILLABLE_MIN_POLL_INTERVAL"),
-    Setting("skillable.overlap-minutes", 2, _number(0, 60, integer=True),
-            "extra minutes asked for on incremental polls, against clock skew", "SKILLABLE_OVERLAP_MINUTES"),
-    Setting("skillable.timeout", 9.0, _number(0.5, 600),
-            "total seconds one poll may take; capped by Prometheus' scrape timeout", "SKILLABLE_TIMEOUT"),
-    Setting("skillable.max-response-bytes", 256 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
-            "largest response body accepted", "SKILLABLE_MAX_RESPONSE_BYTES"),
-    Setting("skillable.max-lab-hosts", 2000, _number(1, 1_000_000, integer=True),
-            "lab hosts tracked as separate label values; more go to lab_host_id=\"other\"",
-            "SKILLABLE_MAX_LAB_HOSTS"),
-    Setting("skillable.max-running-minutes", 1440, _number(1, 1_000_000, integer=True),
-            "minutes a lab started and not ended counts as running before it is dropped as expired",
-            "SKILLABLE_MAX_RUNNING_MINUTES"),
-    Setting("skillable.max-lab-profiles", 500, _number(1, 1_000_000, integer=True),
-            "lab profiles tracked as separate label values; more go to lab_profile_id=\"other\"",
-            "SKILLABLE_MAX_LAB_PROFILES"),
-    Setting("storage.state-file", None, _optional_text,
-            "file keeping counters and per-instance memory across restarts", "SKILLABLE_STATE_FILE"),
-    Setting("collector.stats", True, _bool, "poll /stats for account-wide active and saved labs",
-            "SKILLABLE_COLLECTOR_STATS"),
-    Setting("collector.delivery-regions", True, _bool, "fetch delivery region names from /deliveryregions",
-            "SKILLABLE_COLLECTOR_DELIVERY_REGIONS"),
-    Setting("collector.catalog", True, _bool, "fetch lab profile and lab series names from /catalog (hourly)",
-            "SKILLABLE_COLLECTOR_CATALOG"),
     Setting("skillable.max-active-labs", None, _optional_count,
             "the account's active-lab limit (Skillable's Max Active Lab Instances; the API does not report it), "
             "exported as skillable_account_max_active_labs for the capacity panels and alert; unset: unknown",
             "SKILLABLE_MAX_ACTIVE_LABS"),
+    Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400),
+            "seconds a poll is reused for; 0 polls on every scrape (a loop of scrapes then drives the API)",
+            "SKILLABLE_MIN_POLL_INTERVAL", field="min_poll_interval"),
+    Setting("skillable.overlap-minutes", 2, _number(0, 60, integer=True),
+            "extra minutes asked for on incremental polls, against clock skew", "SKILLABLE_OVERLAP_MINUTES",
+            field="overlap_minutes"),
+    Setting("skillable.timeout", 9.0, _number(0.5, 600),
+            "total seconds one poll may take; capped by Prometheus' scrape timeout", "SKILLABLE_TIMEOUT",
+            field="timeout"),
+    Setting("skillable.max-response-bytes", 256 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
+            "largest response body accepted", "SKILLABLE_MAX_RESPONSE_BYTES", field="max_response_bytes"),
+    Setting("skillable.max-lab-hosts", 2000, _number(1, 1_000_000, integer=True),
+            "lab hosts tracked as separate label values; more go to lab_host_id=\"other\"",
+            "SKILLABLE_MAX_LAB_HOSTS", field="max_lab_hosts"),
+    Setting("skillable.max-running-minutes", 1440, _number(1, 1_000_000, integer=True),
+            "minutes a lab started and not ended counts as running before it is dropped as expired",
+            "SKILLABLE_MAX_RUNNING_MINUTES", field="max_running_minutes"),
+    Setting("skillable.max-lab-profiles", 500, _number(1, 1_000_000, integer=True),
+            "lab profiles tracked as separate label values; more go to lab_profile_id=\"other\"",
+            "SKILLABLE_MAX_LAB_PROFILES", field="max_lab_profiles"),
+    Setting("storage.state-file", None, _optional_text,
+            "file keeping counters and per-instance memory across restarts", "SKILLABLE_STATE_FILE",
+            field="state_file"),
+    Setting("collector.stats", True, _bool, "poll /stats for account-wide active and saved labs",
+            "SKILLABLE_COLLECTOR_STATS", field="collect_stats"),
+    Setting("collector.delivery-regions", True, _bool, "fetch delivery region names from /deliveryregions",
+            "SKILLABLE_COLLECTOR_DELIVERY_REGIONS", field="collect_delivery_regions"),
+    Setting("collector.catalog", True, _bool, "fetch lab profile and lab series names from /catalog (hourly)",
+            "SKILLABLE_COLLECTOR_CATALOG", field="collect_catalog"),
     Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
-            "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES"),
+            "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES",
+            field="max_catalog_bytes"),
 )
 _BY_DEST = {s.dest: s for s in SETTINGS}
+
+
+def setting_name(field_name: str) -> str:
+    """The documented name of the setting behind a Config field (listen_addresses -> web.listen-address);
+    a field no single setting sets keeps its own name."""
+    for setting in SETTINGS:
+        if setting.field == field_name:
+            return setting.name
+    return field_name
 
 # Settings that only the config file carries (structured values).
 _FILE_ONLY = {
@@ -249,6 +267,10 @@ class Account:
 
 @dataclass(frozen=True)
 class Config:
+    """The validated settings. Each field is set by the one setting whose `field` names it (SETTINGS),
+    but accounts (made of skillable.api-url, api-key-file, window-minutes, max-active-labs and the file's accounts:),
+    names (the file's names:) and demo (--demo)."""
+
     listen_addresses: tuple[str, ...]
     systemd_socket: bool
     telemetry_path: str
@@ -368,7 +390,7 @@ def load_config(
             raw = environ[setting.env]
         if raw is None:
             raw = _walk(tree, setting.yaml_path)
-        values[setting.dest] = setting.default if raw is None else setting.parse(setting.name, raw)
+        values[setting.dest] = setting.parse(setting.name, setting.default if raw is None else raw)
 
     names = Names(
         datacenters=_id_names("names.datacenters", _walk(tree, ("names", "datacenters"))),
@@ -378,29 +400,8 @@ def load_config(
         lab_series=_id_names("names.lab_series", _walk(tree, ("names", "lab_series"))),
     )
     accounts = _accounts(tree.get("accounts"), values, _KeySource(environ, read_keys), demo)
-    return Config(
-        listen_addresses=_listen_addresses("web.listen-address", values["web_listen_address"]),
-        systemd_socket=values["web_systemd_socket"],
-        telemetry_path=values["web_telemetry_path"],
-        web_config_file=values["web_config_file"],
-        log_level=values["log_level"],
-        log_format=values["log_format"],
-        accounts=accounts,
-        min_poll_interval=values["skillable_min_poll_interval"],
-        overlap_minutes=values["skillable_overlap_minutes"],
-        timeout=values["skillable_timeout"],
-        max_response_bytes=values["skillable_max_response_bytes"],
-        max_lab_hosts=values["skillable_max_lab_hosts"],
-        max_running_minutes=values["skillable_max_running_minutes"],
-        max_lab_profiles=values["skillable_max_lab_profiles"],
-        state_file=values["storage_state_file"],
-        collect_stats=values["collector_stats"],
-        collect_delivery_regions=values["collector_delivery_regions"],
-        collect_catalog=values["collector_catalog"],
-        max_catalog_bytes=values["skillable_max_catalog_bytes"],
-        names=names,
-        demo=demo,
-    )
+    fields = {s.field: values[s.dest] for s in SETTINGS if s.field is not None}
+    return Config(**fields, accounts=accounts, names=names, demo=demo)
 
 
 @dataclass(frozen=True)

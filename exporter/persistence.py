@@ -1,10 +1,11 @@
-"""The state file: counters, per-instance memory and the last success time, kept across restarts.
+"""The state file, as storage: each account's memory (counters, per-instance memory, the last
+success time) encoded, written atomically under a lock, and read back entry by entry.
 
-With `--storage.state-file`, every account's FleetState and poll health is
-saved after each poll and on shutdown, and restored on start, so counters
-continue instead of resetting, the first poll after a restart asks only for
-the minutes since the saved last success, and the restored per-instance memory
-keeps it from counting anything twice.
+An account's memory is its FleetState and the part of its poll health that outlives a restart
+(account.py): restored, its counters continue instead of resetting, its first poll asks only for
+the minutes since the saved last success, and its per-instance memory keeps it from counting
+anything twice. When the file is read and written, and into what it is restored, is the
+wiring's business (statefile.py); this module imports neither the poller nor the config.
 
 The file is JSON, keyed by account name:
 
@@ -17,11 +18,11 @@ running ones included, and the counters and histograms of each dimension.
 
 It holds ids, counts and times only: no API key and no personal data. Each write
 goes to a temporary file in the same folder, is fsynced, and renamed over the
-old one, so a crash leaves the old file or the new one, never half of one. The
-encoding happens in the polling thread while it still holds the poll (so no
-other poll changes the state meanwhile, and no lock is taken) but after the
-scrapes waiting for the poll were let go; the disk write happens in a writer
-thread of its own. No scrape waits for the encoding or for a disk.
+old one, so a crash leaves the old file or the new one, never half of one.
+StateStore.submit encodes in the caller's thread (the polling thread, while it
+still holds the poll, so no other poll changes the state meanwhile and no lock
+is taken); the disk write happens in a writer thread of its own. No scrape waits
+for the encoding or for a disk.
 A missing, unreadable, corrupt or foreign-version file gives one warning and a
 clean start.
 
@@ -40,7 +41,8 @@ Hostile files and hostile neighbours (docs/failure-modes.md, "Hostile input"):
   replaced by each write, so its inode cannot carry the lock). A second process
   exits 2 with one line naming --storage.state-file. The lock file holds the
   holder's pid and is never deleted (deleting a lock file races with the next
-  process taking it).
+  process taking it). (This module raises StatePathError; statefile.py names
+  the setting.)
 - **Whose accounts.** The file records, per account, the API URL it was saved for
   (scheme, host, port and path: no user, password or query, never the key). An
   account whose saved URL is not the one it polls now is not restored: one
@@ -71,23 +73,19 @@ import time
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Mapping
 from urllib.parse import urlsplit
 
 import msgspec
 
-from .config import ConfigError
+from .account import AccountMemory, Health, Memory
 from .model import Count, Finite
 from .state import FleetExport, FleetState, RestoreError
-
-if TYPE_CHECKING:
-    from .poller import Poller
 
 log = logging.getLogger(__name__)
 
 FORMAT = "skillable-exporter-state"
 VERSION = 2  # 2: the fleet is FleetState.export() (running instances, lab profiles)
-SETTING = "storage.state-file"
 LOCK_SUFFIX = ".lock"
 UNREADABLE_URL = "(unreadable)"
 
@@ -134,35 +132,43 @@ class StateFileError(Exception):
     """The state file cannot be used (corrupt, foreign, inconsistent)."""
 
 
+class StatePathError(Exception):
+    """The state file's path cannot be used at all: its folder is missing or not writable, it is
+    not a regular file, another process holds its lock. str() is one line; the wiring names the
+    setting (statefile.py)."""
+
+
 # -- one account: encode and restore -------------------------------------------
 
 
-def encode_account(poller: Poller) -> bytes:
-    """One account's state as JSON. Call only while no poll of this poller can run.
+def encode_account(memory: Memory) -> bytes:
+    """One account's memory as JSON. Call only while nothing changes it.
 
     That holds in Poller.on_poll (the polling thread still holds the single
     flight) and after Poller.stop(); FleetState and Health are then read
     without the lock, so scrapes are not held up.
     """
-    health = poller.health
+    health = memory.health
     doc = AccountState(
         last_success=health.last_success,
         requests=dict(health.requests),
         failures=[_Failure(e, r, n) for (e, r), n in sorted(health.failures.items())],
-        fleet=poller.state.export(),
+        fleet=memory.state.export(),
     )
     return _encoder.encode(doc)
 
 
-def restore_account(poller: Poller, saved: AccountState) -> None:
-    """Put a saved state into a poller that has not polled yet."""
-    old = poller.state
+def restore_account(saved: AccountState, empty: FleetState) -> AccountMemory:
+    """The memory a saved account holds, with the limits (hosts, profiles, running time) of `empty`,
+    the state of an account not polled yet. Raises StateFileError when the saved fleet is inconsistent."""
     try:
-        state = FleetState.restore(saved.fleet, old.max_lab_hosts, old.max_lab_profiles, old.max_running_seconds)
+        state = FleetState.restore(saved.fleet, empty.max_lab_hosts, empty.max_lab_profiles,
+                                   empty.max_running_seconds)
     except RestoreError as exc:
         raise StateFileError(str(exc)) from None
-    poller.restore(state, saved.last_success, Counter(saved.requests),
-                   Counter({(f.endpoint, f.reason): f.count for f in saved.failures}))
+    health = Health(last_success=saved.last_success, requests=Counter(saved.requests),
+                    failures=Counter({(f.endpoint, f.reason): f.count for f in saved.failures}))
+    return AccountMemory(state, health)
 
 
 # -- reading: every entry on its own ---------------------------------------------
@@ -327,9 +333,9 @@ def check_state_path(path: str) -> None:
     or that is something other than a regular file (a folder, a FIFO, a socket, a device)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ConfigError(SETTING, f"folder {folder} does not exist")
+        raise StatePathError(f"folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(SETTING, f"folder {folder} is not writable")
+        raise StatePathError(f"folder {folder} is not writable")
     for candidate in (path, path + LOCK_SUFFIX):
         _check_regular(candidate)
 
@@ -340,11 +346,11 @@ def _check_regular(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ConfigError(SETTING, f"{path}: {exc.strerror}") from None
+        raise StatePathError(f"{path}: {exc.strerror}") from None
     if stat.S_ISDIR(mode):
-        raise ConfigError(SETTING, f"{path} is a folder")
+        raise StatePathError(f"{path} is a folder")
     if not stat.S_ISREG(mode):
-        raise ConfigError(SETTING, f"{path} is {_file_kind(mode)}, not a regular file")
+        raise StatePathError(f"{path} is {_file_kind(mode)}, not a regular file")
 
 
 def _file_kind(mode: int) -> str:
@@ -356,25 +362,25 @@ def _file_kind(mode: int) -> str:
 def lock_state_file(path: str) -> int:
     """Take the exclusive lock of this state file for the life of the process; returns the fd.
 
-    Raises ConfigError when another process holds it (or it cannot be taken at all).
+    Raises StatePathError when another process holds it (or it cannot be taken at all).
     """
     lock_path = path + LOCK_SUFFIX
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ConfigError(SETTING, f"cannot open the lock file {lock_path}: {exc.strerror}") from None
+        raise StatePathError(f"cannot open the lock file {lock_path}: {exc.strerror}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(SETTING, f"{lock_path} is {_file_kind(os.fstat(fd).st_mode)}, not a regular file")
+            raise StatePathError(f"{lock_path} is {_file_kind(os.fstat(fd).st_mode)}, not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 20, 0).decode("ascii", "replace").strip()
             pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise ConfigError(SETTING, f"{path} is in use by another exporter{pid}: give each exporter a state "
-                                       "file of its own") from None
+            raise StatePathError(f"{path} is in use by another exporter{pid}: give each exporter a state "
+                                 "file of its own") from None
         except OSError as exc:
-            raise ConfigError(SETTING, f"cannot lock {lock_path}: {exc.strerror}") from None
+            raise StatePathError(f"cannot lock {lock_path}: {exc.strerror}") from None
         try:  # the pid is for the message of the next process only: a full disk must not stop the start
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -468,7 +474,7 @@ def api_identity(url: str) -> str:
 class StateStore:
     """The state file of one exporter: lock it and load it once at start, then save from a writer thread.
 
-    Raises ConfigError when another process holds the file's lock.
+    Raises StatePathError when another process holds the file's lock.
     """
 
     def __init__(self, path: str) -> None:
@@ -481,7 +487,7 @@ class StateStore:
         self._fragments: dict[str, bytes] = {}  # account name -> its latest encoded state
         self._urls: dict[str, str] = {}  # account name -> the API URL its fragment was saved for
         self._own_urls: dict[str, str] = {}  # account name -> the API URL it polls
-        self._foreign: dict[str, Poller] = {}  # accounts whose fragment is another URL's, kept until they succeed
+        self._foreign: set[str] = set()  # accounts whose fragment is another URL's, kept until they succeed
         self._cond = threading.Condition()
         self._dirty = False  # something submitted is not written yet
         self._writing = False
@@ -491,49 +497,17 @@ class StateStore:
         self._thread = threading.Thread(target=self._run, name="state-writer", daemon=True)
         self._thread.start()
 
-    def attach(self, pollers: Mapping[str, Poller]) -> None:
-        """Restore each poller's saved state, then save it after each of its polls. Call before serving."""
-        saved = self.load(pollers)
-        for name, poller in pollers.items():
-            if name in saved:
-                try:
-                    restore_account(poller, saved[name])
-                except StateFileError as exc:
-                    log.warning("state file %s: account %r not restored, starting it empty: %s", self.path, name, exc)
-                else:
-                    log.info("restored state", extra={"account": name, "instances": len(saved[name].fleet.instances),
-                                                      "last_success": saved[name].last_success})
-            # Encoded by the polling thread (which still holds the poll), written by the writer thread.
-            poller.on_poll = lambda p, name=name: self.submit(name, encode_account(p))
-
-    def shutdown(self, pollers: Mapping[str, Poller], timeout: float) -> None:
-        """Stop polling (a poll in flight may finish within `timeout`), write the file a last time."""
-        idle = {name: poller.stop(timeout) for name, poller in pollers.items()}
-        final = {name: encode_account(poller) for name, poller in pollers.items() if idle[name]}
-        self.close(final, timeout)
-        log.info("state file written", extra={"path": self.path, "accounts": len(final)})
-
-    def _own(self, pollers: Mapping[str, Poller]) -> dict[str, str]:
-        """The accounts this process holds, each with the API URL it polls (written in the file)."""
-        own_urls = {name: api_identity(poller.client.base_url) for name, poller in pollers.items()}
-        with self._cond:
-            self._own_urls = dict(own_urls)
-            self._urls = dict(own_urls)
-        return own_urls
-
-    def save(self, pollers: Mapping[str, Poller], timeout: float = 10.0) -> None:
-        """Write these pollers' state once, each account with its API URL, and close: for a process
-        that does not serve (backfill)."""
-        self._own(pollers)
-        self.close({name: encode_account(poller) for name, poller in pollers.items()}, timeout)
-
-    def load(self, pollers: Mapping[str, Poller]) -> dict[str, AccountState]:
-        """The saved state of each configured account that may be restored into it.
+    def load(self, urls: Mapping[str, str]) -> dict[str, AccountState]:
+        """The saved state of each account of this process (`urls`: account name -> the API URL it
+        polls) that may be restored into it.
 
         A file that cannot be used gives one warning and {}; an account that cannot be
         used, that lost entries or that was saved for another API URL, one warning each.
         """
-        own_urls = self._own(pollers)
+        own_urls = {name: api_identity(url) for name, url in urls.items()}
+        with self._cond:
+            self._own_urls = dict(own_urls)
+            self._urls = dict(own_urls)
         try:
             saved = load_state_file(self.path)
         except FileNotFoundError:
@@ -562,7 +536,7 @@ class StateStore:
                 with self._cond:
                     self._fragments[name] = _encoder.encode(saved.accounts[name])
                     self._urls[name] = saved_url
-                    self._foreign[name] = pollers[name]
+                    self._foreign.add(name)
                 continue
             if name in saved.left_out:
                 count, first = saved.left_out[name]
@@ -575,24 +549,28 @@ class StateStore:
                 self._fragments[name] = _encoder.encode(account)
         return restored
 
-    def _may_replace(self, name: str) -> bool:
-        """Whether this account's own state may replace its fragment now. Call holding the condition."""
-        poller = self._foreign.get(name)
-        if poller is not None:
-            if poller.health.last_success is None:
+    def _may_replace(self, name: str, memory: Memory) -> bool:
+        """Whether this account's memory may replace its fragment now. Call holding the condition."""
+        if name in self._foreign:
+            if memory.health.last_success is None:
                 return False  # keep the other URL's state: this account has nothing of its own yet
-            del self._foreign[name]
+            self._foreign.discard(name)
             log.info("state file %s: account %r polled %s successfully: its state replaces the one saved for %s",
                      self.path, name, self._own_urls.get(name), self._urls.get(name))
         if name in self._own_urls:
             self._urls[name] = self._own_urls[name]
         return True
 
-    def submit(self, name: str, fragment: bytes) -> None:
-        """Save this account's state soon; a newer submit before the write replaces it."""
+    def submit(self, name: str, memory: Memory) -> None:
+        """Save this account's memory soon; a newer submit before the write replaces it.
+
+        It is encoded here, in the caller's thread: call it only while nothing changes the memory
+        (encode_account)."""
         with self._cond:
-            if not self._may_replace(name):
+            if not self._may_replace(name, memory):
                 return
+        fragment = encode_account(memory)
+        with self._cond:
             self._fragments[name] = fragment
             self._dirty = True
             self._cond.notify()
@@ -602,10 +580,13 @@ class StateStore:
         with self._cond:
             return self._cond.wait_for(lambda: not self._dirty and not self._writing, timeout)
 
-    def close(self, final: dict[str, bytes], timeout: float = 10.0) -> None:
-        """Write `final` (each account's last state) synchronously, stop the writer, release the lock."""
+    def close(self, final: Mapping[str, Memory], timeout: float = 10.0) -> None:
+        """Write `final` (each account's last memory) synchronously, stop the writer, release the lock."""
         with self._cond:
-            self._fragments.update({name: body for name, body in final.items() if self._may_replace(name)})
+            kept = [name for name, memory in final.items() if self._may_replace(name, memory)]
+        fragments = {name: encode_account(final[name]) for name in kept}
+        with self._cond:
+            self._fragments.update(fragments)
             self._closed = True
             self._dirty = True
             self._cond.notify()
@@ -633,12 +614,8 @@ class StateStore:
                     return
 
     def _write(self, fragments: dict[str, bytes], urls: dict[str, str]) -> None:
-        data = _encoder.encode(
-            {"format": FORMAT, "version": VERSION, "saved_at": time.time(), "api_urls": dict(sorted(urls.items())),
-             "accounts": {name: msgspec.Raw(body) for name, body in sorted(fragments.items())}}
-        )
         try:
-            write_atomically(self.path, data)
+            write_atomically(self.path, _file_bytes(fragments, urls))
         except OSError as exc:
             if not self._failing:  # once per run of failures, not per poll
                 log.error("cannot write state file %s", self.path,
@@ -649,3 +626,26 @@ class StateStore:
             log.info("state file %s written again", self.path)
         self._failing = False
         self.writes += 1
+
+
+def _file_bytes(fragments: Mapping[str, bytes], urls: Mapping[str, str]) -> bytes:
+    """The whole file: each account's encoded memory, with the API URL it was saved for."""
+    return _encoder.encode(
+        {"format": FORMAT, "version": VERSION, "saved_at": time.time(), "api_urls": dict(sorted(urls.items())),
+         "accounts": {name: msgspec.Raw(body) for name, body in sorted(fragments.items())}}
+    )
+
+
+def write_state_file(path: str, memories: Mapping[str, Memory], urls: Mapping[str, str]) -> None:
+    """Write these accounts' memories once, each with the API URL it polls (`urls`), holding the
+    file's lock while writing: for a process that does not serve (backfill).
+
+    Raises StatePathError when the lock cannot be taken, OSError when the write fails (a full disk):
+    nothing is logged, the caller reports it.
+    """
+    fd = lock_state_file(path)
+    try:
+        fragments = {name: encode_account(memory) for name, memory in memories.items()}
+        write_atomically(path, _file_bytes(fragments, {name: api_identity(url) for name, url in urls.items()}))
+    finally:
+        os.close(fd)

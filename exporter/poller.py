@@ -11,66 +11,33 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from . import catalog, client
-from .client import ApiError, SkillableClient
+from . import catalog
+from .account import AccountMemory, Health, PollView, apply_poll, empty_memory
+from .client import SkillableClient
 from .config import MAX_WINDOW_MINUTES
-from .model import (
-    AccountStats,
-    DecodeError,
-    NotJsonError,
-    UpstreamError,
-    decode_delivery_regions,
-    decode_latest_results,
-    decode_stats,
+from .failures import (
+    FAILURE_REASONS,
+    INTERNAL_ERROR,
+    MAX_RETRY_AFTER_SECONDS,
+    UNAUTHORIZED,
+    backoff_seconds,
+    failure_reason,
+    retry_after,
 )
-from .state import FleetState, Snapshot
+from .model import decode_delivery_regions, decode_latest_results, decode_stats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BACKOFF_BASE_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 300.0
 OVERDUE_GRACE_SECONDS = 1.0  # a poll this long past its deadline is stuck (only a hung DNS lookup can be)
-MAX_RETRY_AFTER_SECONDS = 3600.0  # a longer Retry-After is cut to this, so one bad header never stops polling
 REGION_NAMES_REFRESH_SECONDS = 3600.0
 NAMES_RETRY_SECONDS = 300.0  # after a failed /deliveryregions or /catalog call, instead of the hour
-
-# Failure reasons the poller adds to the client's (client.py): see docs/failure-modes.md.
-NOT_JSON = "not_json"
-INVALID_RESPONSE = "invalid_response"
-API_ERROR = "api_error"
-UNAUTHORIZED = "unauthorized"
-INTERNAL_ERROR = "internal_error"
-# Every reason a failure can be counted under, so each series exists at 0 from the start.
-FAILURE_REASONS: tuple[str, ...] = (
-    client.CONNECT_TIMEOUT, client.CONNECT_ERROR, client.TIMEOUT, client.CONNECTION_RESET, UNAUTHORIZED,
-    client.RATE_LIMITED, client.HTTP_ERROR, client.TOO_LARGE, NOT_JSON, INVALID_RESPONSE, API_ERROR,
-    INTERNAL_ERROR,
-)
-# Skillable answers a bad key with HTTP 200, Status 0 and an Error about the key.
-_KEY_ERROR = re.compile(r"api[ _-]?key|unauthori[sz]ed|forbidden|not authenticated", re.IGNORECASE)
-
-
-@dataclass
-class Health:
-    """The exporter's own view of its polling, exported as skillable_* health metrics."""
-
-    up: bool = False
-    last_success: float | None = None  # wall-clock time the last good LatestResults poll was asked for
-    last_duration: float | None = None
-    last_minutes: int | None = None
-    requests: Counter[str] = field(default_factory=Counter)
-    failures: Counter[tuple[str, str]] = field(default_factory=Counter)
-    stats: AccountStats | None = None
-    region_names: dict[int, str] = field(default_factory=dict)
-    catalog: catalog.Catalog | None = None  # the last good /catalog
 
 
 @dataclass(frozen=True)
@@ -80,14 +47,6 @@ class Failure:
     since: float
     reason: str
     error: str
-
-
-@dataclass
-class PollView:
-    """What the collector reads: a snapshot of the state plus the health, copied under the lock."""
-
-    snapshot: Snapshot
-    health: Health
 
 
 class Poller:
@@ -121,8 +80,9 @@ class Poller:
         self.collect_catalog = collect_catalog
         self.max_catalog_bytes = max_catalog_bytes
         self.max_running_minutes = max_running_minutes
-        self.state = FleetState(max_lab_hosts, max_lab_profiles, max_running_minutes * 60)
-        self.health = Health()
+        memory = empty_memory(max_lab_hosts, max_lab_profiles, max_running_minutes)
+        self.state = memory.state
+        self.health = memory.health
         for endpoint in self.endpoints():
             self.health.requests[endpoint] = 0
             for reason in FAILURE_REASONS:
@@ -268,14 +228,14 @@ class Poller:
             return False
         return self._last_attempt is None or now - self._last_attempt >= self.min_interval
 
-    def restore(self, state: FleetState, last_success: float | None, requests: Counter[str],
-                failures: Counter[tuple[str, str]]) -> None:
-        """Take a restored state and poll health (persistence.py), before the first poll."""
+    def restore(self, saved: AccountMemory) -> None:
+        """Take a restored state and the poll health a state file keeps (its last success and
+        counters), before the first poll (statefile.py)."""
         with self._lock:
-            self.state = state
-            self.health.last_success = last_success
-            self.health.requests = requests
-            self.health.failures = failures
+            self.state = saved.state
+            self.health.last_success = saved.health.last_success
+            self.health.requests = saved.health.requests
+            self.health.failures = saved.health.failures
 
     def view(self) -> PollView:
         with self._lock:
@@ -351,17 +311,15 @@ class Poller:
             batch = decode_latest_results(body)
             del body  # the raw payload is not kept past decoding
             with self._lock:
-                refused = self.state.apply(batch.results, self._horizon(now), seen_at=now)
-                self.state.invalid_total += batch.invalid
-                self.state.evict(now - self.window_minutes * 60, now - self.max_running_minutes * 60)
-                self.health.up = True
-                self.health.last_success = now
+                invalid = apply_poll(self, batch.results, batch.invalid, now=now, horizon=self._horizon(now),
+                                     window_minutes=self.window_minutes,
+                                     max_running_minutes=self.max_running_minutes)
                 self._mono_at_success = self._time_at[1] if self._time_at else None
                 self.health.last_minutes = minutes
         except Exception as exc:  # noqa: BLE001 - no answer, however odd, may fail the scrape
             self._record_failure("LatestResults", exc)
         else:
-            self._record_success(minutes, len(batch.results), batch.invalid + refused)
+            self._record_success(minutes, len(batch.results), invalid)
         self._extras(deadline)
         with self._lock:
             self.health.last_duration = self._monotonic() - started
@@ -432,10 +390,10 @@ class Poller:
         one line, not one per scrape. The endpoint's next success logs the recovery.
         """
         reason = failure_reason(exc)
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
+        asked = retry_after(exc)
+        if asked is not None:
             # A Retry-After from any endpoint holds every poll of this account: the limit is the key's.
-            self._not_before = max(self._not_before, self._monotonic() + min(retry_after, MAX_RETRY_AFTER_SECONDS))
+            self._not_before = max(self._not_before, self._monotonic() + min(asked, MAX_RETRY_AFTER_SECONDS))
         with self._lock:
             self.health.failures[(endpoint, reason)] += 1
         if reason == INTERNAL_ERROR:
@@ -470,11 +428,7 @@ class Poller:
         with self._lock:
             self.health.up = False
         self._failures_in_row += 1
-        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (self._failures_in_row - 1))
-        delay *= random.uniform(0.5, 1.0)  # jitter, so HA pairs do not retry in step
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_SECONDS))
+        delay = backoff_seconds(self._failures_in_row, retry_after(exc), jitter=random.uniform(0.5, 1.0))
         self._not_before = self._monotonic() + delay
         self._count_failure(endpoint, exc, retry_in=delay)
 
@@ -487,15 +441,3 @@ class Poller:
             log.warning("skipped invalid results", extra=self._fields(count=invalid))
         log.debug("poll ok", extra=self._fields(minutes=minutes, results=results))
 
-
-def failure_reason(exc: Exception) -> str:
-    """The bounded `reason` label for a failed request."""
-    if isinstance(exc, ApiError):
-        return exc.reason
-    if isinstance(exc, UpstreamError):
-        return UNAUTHORIZED if _KEY_ERROR.search(str(exc)) else API_ERROR
-    if isinstance(exc, NotJsonError):
-        return NOT_JSON
-    if isinstance(exc, DecodeError):
-        return INVALID_RESPONSE
-    return INTERNAL_ERROR

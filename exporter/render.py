@@ -18,6 +18,12 @@ its own 26 series, not a second look at the other 52,000.
 It vouches only for what it checked: a family with anything else (timestamps,
 exemplars, _created samples, a sample whose line does not come out as prefix +
 value) goes through the real encoder as it is.
+
+Backfill writes its OpenMetrics files with the same LineEncoder, each line with a
+timestamp (`timestamped_starts`, `timestamped_lines`): the encoder is asked for
+each series' line once, with a timestamp, and the line is checked whole (prefix,
+value, timestamp) before its prefix is kept. So the server and backfill have one
+writer of metric text: prometheus_client's, with its escaping and its numbers.
 """
 
 from __future__ import annotations
@@ -112,13 +118,15 @@ class Rows:
     values: Sequence[float]
     sample: Callable[[Hashable], tuple[str, dict[str, str]]]
 
-    def metric(self, keys: Sequence[Hashable] | None = None, values: Sequence[float] | None = None) -> Metric:
-        """The family with its samples: every row, or only `keys` (with their `values`)."""
+    def metric(self, keys: Sequence[Hashable] | None = None, values: Sequence[float] | None = None,
+               timestamp: int | None = None) -> Metric:
+        """The family with its samples: every row, or only `keys` (with their `values`), each sample
+        with `timestamp` if given."""
         family = copy.copy(self.family)
         family.samples = []
         for key, value in zip(self.keys if keys is None else keys, self.values if values is None else values):
             name, labels = self.sample(key)
-            family.samples.append(Sample(name, labels, value))
+            family.samples.append(Sample(name, labels, value, timestamp))
         return family
 
 
@@ -180,6 +188,10 @@ class LineEncoder:
             line_starts = self._line_starts_of(self._prefixes, keys, lambda missing: self._learn_samples(part, missing))
             values = [s.value for s in part.samples]
         out.append(header)
+        self._lines(out, line_starts, values, "\n")
+
+    def _lines(self, out: list[str], line_starts: Sequence[str], values: Sequence[float], end: str) -> None:
+        """Appends each line: its start, its value as the encoder writes it, and `end`."""
         known = self._values.get
         text = self._text
         for start, value in zip(line_starts, values):
@@ -187,7 +199,36 @@ class LineEncoder:
             written = known(value)
             if written is None or (not value and type(value) is float):
                 written = text(value)
-            out += (start, written, "\n")
+            out += (start, written, end)
+
+    # -- lines with timestamps (backfill) ----------------------------------------
+
+    def header(self, family: Metric) -> str:
+        """The family's header (HELP, TYPE, maybe UNIT), as the encoder writes it."""
+        return self._header(family)
+
+    @property
+    def trailer(self) -> str:
+        """What the encoder ends a body with: `# EOF` in OpenMetrics, nothing in the text format."""
+        return self._trailer
+
+    def timestamped_starts(self, rows: Rows, timestamp: int) -> list[str]:
+        """Each row's line up to its value, for lines that end with a timestamp. The rows not seen
+        before are learnt from one run of the encoder over them, with `timestamp` on every sample,
+        and each line is checked whole; rows whose lines come out otherwise raise ValueError."""
+        prefixes = self._row_prefixes.setdefault(rows.family.name, {})
+        try:
+            return self._line_starts_of(prefixes, rows.keys,
+                                        lambda missing: self._learn_rows(rows, missing, timestamp))
+        except (_NotPlain, _NotConcatenable):
+            raise ValueError(f"{rows.family.name}: the encoder does not write its samples as plain lines") from None
+
+    def timestamped_lines(self, line_starts: Sequence[str], values: Sequence[float], timestamp: int) -> str:
+        """The lines of `line_starts` (from timestamped_starts) with `values`, each ending with
+        `timestamp`, as the encoder writes a sample that carries one."""
+        out: list[str] = []
+        self._lines(out, line_starts, values, f" {timestamp}\n")
+        return "".join(out)
 
     @staticmethod
     def _line_starts_of(prefixes: dict[Any, str], keys: Sequence[Hashable],
@@ -208,14 +249,15 @@ class LineEncoder:
                 starts[position] = learnt[keys[position]]
         return starts
 
-    def _learn_rows(self, rows: Rows, missing: list[int]) -> dict[Hashable, str]:
-        """Learn the prefixes of the rows at `missing`, from one run of the encoder over them alone."""
+    def _learn_rows(self, rows: Rows, missing: list[int], timestamp: int | None = None) -> dict[Hashable, str]:
+        """Learn the prefixes of the rows at `missing`, from one run of the encoder over them alone
+        (their samples carrying `timestamp`, if given)."""
         prefixes = self._row_prefixes[rows.family.name]
         if len(prefixes) + len(missing) > MAX_PREFIXES:
             prefixes.clear()
         keys = [rows.keys[i] for i in missing]
-        family = rows.metric(keys, [rows.values[i] for i in missing])
-        self._check_plain(family)
+        family = rows.metric(keys, [rows.values[i] for i in missing], timestamp)
+        self._check_plain(family, timestamp)
         learnt = dict(zip(keys, self._line_starts(family)))
         prefixes.update(learnt)
         return learnt
@@ -232,11 +274,15 @@ class LineEncoder:
         return learnt
 
     @staticmethod
-    def _check_plain(family: Metric) -> None:
+    def _check_plain(family: Metric, timestamp: int | None = None) -> None:
+        """Raises _NotPlain unless every sample is a plain one of the family, with no timestamp but
+        `timestamp` (an int: the encoder writes it as str() does)."""
         names = {family.name, family.name + "_total", family.name + "_bucket", family.name + "_count",
                  family.name + "_sum"}
+        if timestamp is not None and type(timestamp) is not int:
+            raise _NotPlain
         for s in family.samples:
-            if s.name not in names or s.timestamp is not None or s.exemplar is not None \
+            if s.name not in names or s.timestamp != timestamp or s.exemplar is not None \
                     or s.native_histogram is not None or s.value is None:
                 raise _NotPlain
 
@@ -248,7 +294,7 @@ class LineEncoder:
             raise _NotPlain
         starts = []
         for sample, line in zip(family.samples, lines):
-            value = " " + floatToGoString(sample.value)
+            value = " " + floatToGoString(sample.value) + ("" if sample.timestamp is None else f" {sample.timestamp}")
             if not line.endswith(value):
                 raise _NotPlain
             # Interned: the encodings that write the same line share the string.

@@ -20,12 +20,12 @@ import requests
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.__main__ import build_parser
+from exporter import statefile
 from exporter.app import ExporterApp
+from exporter.cli import build_parser
 from exporter.client import SkillableClient
 from exporter.config import load_config
 from exporter.model import LabResult
-from exporter.persistence import StateStore
 from exporter.poller import Poller
 from exporter.server import ExporterServer
 
@@ -230,9 +230,9 @@ class Harness:
         self.fake = fake
         self.mono = MonotonicStub()
         self.app = ExporterApp(load_config({}, environ), clock=fake.clock, monotonic=self.mono)
-        self.store = StateStore(state_file) if state_file else None
+        self.store = statefile.open_store(state_file) if state_file else None
         if self.store is not None:
-            self.store.attach(self.app.pollers)
+            statefile.attach(self.store, self.app.pollers)
         self.server = ExporterServer(("127.0.0.1", 0), self.app)
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
@@ -259,7 +259,7 @@ class Harness:
         self.server.shutdown()
         self.server.server_close()
         if self.store is not None:
-            self.store.shutdown(self.app.pollers, 5)
+            statefile.shutdown(self.store, self.app.pollers, 5)
         self.app.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ from typing import Any, Iterator
 import pytest
 import requests
 import yaml
+
+from exporter.cli import BACKFILL_SETTINGS, build_parser
+from exporter.persistence import read_state_file
 
 from .fakeapi import FakeSkillable, _Handler, lab
 from .harness import ROOT, eventually, free_demo_port, free_port, stop_process, tool
@@ -39,12 +43,32 @@ COUNTERS = ("skillable_lab_instances_started_total", "skillable_lab_instances_en
             "skillable_lab_profile_run_time_seconds_sum", "skillable_lab_profile_exam_score_ratio_count")
 
 
-def backfill(fake: FakeSkillable, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def backfill(fake: FakeSkillable, *args: str, env: dict[str, str] | None = None,
+             full_disk: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`skillable-exporter backfill ARGS` against the fake; with `full_disk`, every file written under
+    that folder fails as on a full disk (ENOSPC when it is synced to disk)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     environ.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
                     "SKILLABLE_MAX_RESPONSE_BYTES": str(64 * 1024 * 1024)}, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "exporter", "backfill", *args], cwd=ROOT, env=environ,
+    command = ["-m", "exporter"] if full_disk is None else ["-c", _FULL_DISK, str(full_disk)]
+    return subprocess.run([sys.executable, *command, "backfill", *args], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=300)
+
+
+# The exporter's own entry point, with the disk under one folder full: a file written there gets
+# ENOSPC when it is synced (as with delayed allocation, where a full disk shows first at fsync).
+_FULL_DISK = """
+import errno, os, sys
+full = os.path.realpath(sys.argv[1]) + os.sep
+synced = os.fsync
+def fsync(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").startswith(full):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return synced(fd)
+os.fsync = fsync
+from exporter.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def traffic(fake: FakeSkillable, start: int, end: int, seed: int = 13, per_hour: int = 6) -> list[dict[str, Any]]:
@@ -68,6 +92,18 @@ def traffic(fake: FakeSkillable, start: int, end: int, seed: int = 13, per_hour:
                                ExamPassed=(score >= 70) if exam else None))
     fake.add(*records)
     return records
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+) (\d+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(text: str, name: str) -> Iterator[tuple[dict[str, str], float, int]]:
+    """(labels, value, timestamp) of every sample of `name` in an OpenMetrics text, whatever the label order."""
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and match.group(1) == name:
+            yield dict(_LABEL.findall(match.group(2) or "")), float(match.group(3)), int(match.group(4))
 
 
 def iso(ts: float) -> str:
@@ -208,12 +244,94 @@ def test_several_accounts_are_backfilled_side_by_side_with_their_account_label(
     assert done.returncode == 0, done.stderr
     text = next((tmp_path / "out" / "openmetrics").glob("*.om")).read_text()
     for account in ("east", "west"):
-        last: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith(f'skillable_lab_instances_started_total{{job="skillable",account="{account}"'):
-                series, value, _ = line.rsplit(" ", 2)
-                last[series] = float(value)
+        last: dict[frozenset[tuple[str, str]], float] = {}
+        for labels, value, _ in samples(text, "skillable_lab_instances_started_total"):
+            if labels["job"] == "skillable" and labels["account"] == account:
+                last[frozenset(labels.items())] = value
         assert sum(last.values()) == sum(1 for r in records if end - 7200 <= r["Start"] < end - 300), account
+
+
+def test_backfill_help_lists_only_what_backfill_reads() -> None:
+    done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9.-]*)", done.stdout, flags=re.M))
+    settings = {f"--{name}" for name in BACKFILL_SETTINGS}
+    own = {"--from", "--to", "--output", "--label", "--step", "--promtool", "--max-block-duration",
+           "--prometheus.retention", "--request-timeout", "--retries"}
+    assert flags == {"--help", "--config.file", "--config.check", "--demo"} | settings | own
+    served = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9.-]*)", build_parser().format_help(), flags=re.M))
+    assert {"--web.listen-address", "--log.level", "--skillable.timeout", "--collector.stats"} <= served - flags
+
+
+def hours_ago(fake: FakeSkillable, hours: int) -> int:
+    """A whole hour at least `hours` before the fake's (wall) clock: past Prometheus' head block."""
+    return (int(fake.clock()) - hours * 3600) // 3600 * 3600
+
+
+def test_a_record_without_lab_instance_id_is_counted_invalid_as_the_live_exporter_counts_it(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = hours_ago(fake, 4)
+    broken = lab(2, end - 2500, end - 1500, status=4)
+    del broken["LabInstanceId"]  # the schema has no required fields: the exporter must skip and count it
+    fake.add(lab(1, end - 3000, end - 2000, status=4), broken)
+    state = tmp_path / "state.json"
+    done = backfill(fake, f"--from={iso(end - 3600)}", f"--to={iso(end)}", f"--output={tmp_path / 'out'}",
+                    "--step=5m", "--label=job=skillable", "--label=instance=x:1", f"--storage.state-file={state}")
+    assert done.returncode == 0, done.stderr
+    assert "1 invalid records skipped" in done.stdout
+    saved = read_state_file(str(state))[""]
+    assert saved.fleet.invalid_total == 1  # the live exporter continues skillable_results_invalid_total from it
+    text = next((tmp_path / "out" / "openmetrics").glob("*.om")).read_text()
+    assert max(v for _, v, _ in samples(text, "skillable_lab_instances_started_total")) == 1  # lab 1 counted
+
+
+def test_a_state_file_that_cannot_be_written_is_an_error_never_written_to(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = hours_ago(fake, 4)
+    traffic(fake, end - 7200, end)
+    full = tmp_path / "full"
+    full.mkdir()
+    state = full / "state.json"
+    done = backfill(fake, f"--from={iso(end - 7200)}", f"--to={iso(end)}", f"--output={tmp_path / 'out'}",
+                    "--step=5m", "--label=job=skillable", "--label=instance=x:1", f"--storage.state-file={state}",
+                    full_disk=full)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "written to" not in done.stdout and "Next steps" not in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"state file {state} could not be written (No space left on device)" in lines[0]
+    assert sorted(os.listdir(full)) == ["state.json.lock"]  # no state file, no temporary file
+    again = backfill(fake, f"--from={iso(end - 7200)}", f"--to={iso(end)}", f"--output={tmp_path / 'out'}",
+                     "--step=5m", "--label=job=skillable", "--label=instance=x:1", f"--storage.state-file={state}")
+    assert again.returncode == 0, again.stderr
+    assert f"written to {state}" in again.stdout and read_state_file(str(state))[""].last_success == end
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_writes_the_day(
+    live_fake: FakeSkillable, tmp_path: Path
+) -> None:
+    fake = live_fake
+    end = hours_ago(fake, 4)
+    traffic(fake, end - 7200, end)
+    out = tmp_path / "out"
+    args = (f"--from={iso(end - 7200)}", f"--to={iso(end)}", f"--output={out}", "--step=5m",
+            "--label=job=skillable", "--label=instance=x:1")
+    done = backfill(fake, *args, full_disk=out / ".backfill")
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "checkpoint" in lines[0] and "could not be written (No space left on device)" in lines[0]
+    # The day is not left looking complete: a rerun writes it (and its blocks) again.
+    assert not list((out / "openmetrics").iterdir()) and not list((out / "blocks").iterdir())
+    assert not (out / ".backfill" / "state.json").exists()
+    again = backfill(fake, *args)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" not in again.stdout and len(list((out / "openmetrics").glob("*.om"))) == 1
 
 
 def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
@@ -227,7 +345,9 @@ def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     [om] = (tmp_path / "openmetrics").glob("*.om")
     text = om.read_text()
-    assert text.endswith("# EOF\n") and 'skillable_lab_profile_instances_started_total{job="skillable"' in text
+    assert text.endswith("# EOF\n")
+    started = list(samples(text, "skillable_lab_profile_instances_started_total"))
+    assert started and all(labels["job"] == "skillable" and labels["instance"] == "x:1" for labels, _, _ in started)
 
 
 # -- the real thing: blocks in Prometheus 2.42, then the live exporter across the seam ------------

@@ -6,11 +6,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from .fakeapi import FakeSkillable, lab
+from .harness import parse, total
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_800_000_000
+UPSTREAM_SECONDS = 3.5  # a slow API answer: longer than a 2 s scrape timeout, shorter than --skillable.timeout
 
 
 def readme_metric_names() -> set[str]:
@@ -80,18 +83,39 @@ def test_healthz_and_landing_page_never_call_the_api(run_exporter, fake: FakeSki
     assert len(fake.latest_requests()) == 1
 
 
-def test_scrape_timeout_header_caps_the_poll(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
+def test_scrape_timeout_header_caps_the_scrapes_wait_and_the_poll_lands_later(  # type: ignore[no-untyped-def]
+    run_exporter, fake: FakeSkillable
+) -> None:
+    """Prometheus' header shortens how long a scrape waits for a slow poll (answering from memory in
+    time), never the poll itself, whose result reaches the next scrape."""
     import time
 
-    fake.fault(lambda h: time.sleep(6))  # the API hangs
-    exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    fake.state.live_offset = 0.0  # the exporter process runs on the real clock: so does the fake
+    fake.add(lab(1, int(fake.clock()) - 600, int(fake.clock()) - 60, status=4))
+
+    def slow(h: Any) -> None:
+        time.sleep(UPSTREAM_SECONDS)
+        h.answer()
+
+    fake.fault(slow, endpoint="LatestResults")
+    exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
+                                 "SKILLABLE_COLLECTOR_STATS": "false", "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false",
+                                 "SKILLABLE_COLLECTOR_CATALOG": "false"})
     started = time.monotonic()
     response = exporter.get("/metrics", headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"})
     elapsed = time.monotonic() - started
     assert response.status_code == 200
-    assert elapsed < 2.0
-    assert "skillable_up 0.0" in response.text
-    assert 'reason="timeout"' in response.text
+    assert 1.0 < elapsed < 2.0  # waited for the poll, up to the header's 2 s less the render margin
+    samples = parse(response.text)
+    assert total(samples, "skillable_up") == 0  # the poll had not answered yet
+    assert total(samples, "skillable_lab_instances_started_total") == 0
+    assert total(samples, "skillable_api_requests_total", endpoint="LatestResults") == 1  # but it was asked
+    time.sleep(UPSTREAM_SECONDS + 0.5 - elapsed)  # the slow answer arrives; no new poll is due yet
+    samples = parse(exporter.get("/metrics").text)
+    assert total(samples, "skillable_up") == 1  # the same poll, not cut at 2 s, landed
+    assert total(samples, "skillable_lab_instances_started_total") == 1
+    assert total(samples, "skillable_api_requests_total", endpoint="LatestResults") == 1
+    assert total(samples, "skillable_api_request_failures_total") == 0
 
 
 def test_demo_traffic_is_deterministic_and_bounded_in_memory() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.__main__ import build_parser
+from exporter.cli import build_parser
 from exporter.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
+from exporter import statefile
 from exporter.app import ExporterApp
 from exporter.client import SkillableClient
 from exporter.config import ConfigError, load_config
@@ -279,13 +280,13 @@ def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) ->
         state = str(tmp_path / "state.json")
         def run() -> tuple[ExporterApp, StateStore]:
             app = ExporterApp(load_config({"config_file": str(config)}, os.environ), clock=fake.clock)
-            store = StateStore(state)
-            store.attach(app.pollers)
+            store = statefile.open_store(state)
+            statefile.attach(store, app.pollers)
             return app, store
 
         app, store = run()
         app.metrics("", "5")
-        store.shutdown(app.pollers, 5)
+        statefile.shutdown(store, app.pollers, 5)
         app.close()
         saved = read_state_file(state)
         assert set(saved) == {"emea", "americas"}
@@ -300,7 +301,7 @@ def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) ->
         app, store = run()
         assert sum(app.pollers["americas"].view().snapshot.ended.values()) == 3
         assert sum(app.pollers["emea"].view().snapshot.ended.values()) == 1
-        store.shutdown(app.pollers, 5)
+        statefile.shutdown(store, app.pollers, 5)
         app.close()
     finally:
         os.environ.pop("KEY_A", None)
@@ -711,7 +712,7 @@ def test_one_process_cannot_open_a_state_file_twice(tmp_path: Path) -> None:
     first = StateStore(path)
     try:
         with pytest.raises(ConfigError, match="storage.state-file.*in use by another exporter"):
-            StateStore(path)
+            statefile.open_store(path)
     finally:
         first.close({})
     StateStore(path).close({})  # released on close
@@ -872,7 +873,7 @@ def test_whatever_the_api_sends_the_state_file_reads_back_with_nothing_left_out(
     account, left_out, problem = decode_account(fragment)
     assert left_out == 0, problem  # the strict reader takes every entry the writer wrote
     again = idle_poller()
-    restore_account(again, account)
+    again.restore(restore_account(account, again.state))
     assert encode_account(again) == fragment
     poller.client.close()
     again.client.close()

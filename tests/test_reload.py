@@ -3,6 +3,7 @@ and a reloaded web config's certificate served to new connections."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import signal
@@ -17,8 +18,9 @@ import pytest
 import requests
 
 from exporter.__main__ import make_reloader
-from exporter.app import ExporterApp
-from exporter.config import load_config
+from exporter.app import RELOADABLE, ExporterApp, Reloader
+from exporter.cli import build_parser
+from exporter.config import SETTINGS, Config, load_config, setting_name
 from exporter.server import ExporterServer
 from exporter.webconfig import load_web_config
 
@@ -108,6 +110,30 @@ def test_sighup_and_post_reload_a_changed_name_and_keep_the_counters(
     assert "config reloaded" in exporter.log()
     assert "rotated-key-9876" not in exporter.log() and "rotated-key-9876" not in text
     assert requests.get(exporter.url + "/-/reload", timeout=10).status_code == 405
+
+
+def test_a_reload_names_the_settings_that_wait_for_a_restart_by_their_documented_names(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    environ = {"SKILLABLE_API_KEY": "k", "SKILLABLE_API_URL": "http://127.0.0.1:9/api/v3"}
+    running = load_config({}, environ)
+    changed = load_config({"web_listen_address": ["127.0.0.1:19999"], "collector_stats": False,
+                           "skillable_max_lab_hosts": "10", "log_level": "debug"}, environ)
+    app = ExporterApp(running)
+    try:
+        caplog.set_level(logging.INFO, logger="exporter")
+        assert Reloader(app, lambda: (changed, None), lambda config, extra: None).reload() is None
+    finally:
+        app.close()
+    [reloaded] = [r for r in caplog.records if r.getMessage() == "config reloaded"]
+    # As --help, the README and the config file name them; log.level is applied, so not listed.
+    assert reloaded.needs_restart == "web.listen-address,skillable.max-lab-hosts,collector.stats"
+    # Every setting a reload does not apply has its documented name, from the one table.
+    flags = build_parser().format_help()
+    waiting = [f.name for f in dataclasses.fields(Config) if f.name not in RELOADABLE and f.name != "demo"]
+    assert waiting and all(f"--{setting_name(name)}" in flags for name in waiting), waiting
+    assert {s.field for s in SETTINGS if s.field} | {"accounts", "names", "demo"} == \
+        {f.name for f in dataclasses.fields(Config)}
 
 
 def test_a_broken_config_is_refused_and_the_old_one_keeps_serving(

@@ -193,6 +193,47 @@ def test_summaries_as_rows_equal_the_encoder_and_learn_only_new_rows(accept: str
         assert encoder.samples - before == {0: 6, 1: 0, 2: 2, 3: 0}[step]  # only the unseen rows are learnt
 
 
+TIMESTAMPED = ["application/openmetrics-text;version=1.0.0", OPENMETRICS, "application/openmetrics-text"]
+
+
+@pytest.mark.parametrize("accept", TIMESTAMPED)
+def test_timestamped_lines_are_the_encoders_lines_of_samples_with_timestamps(accept: str) -> None:
+    """Backfill's lines (render.LineEncoder with timestamps) against the encoder's own, for samples that
+    carry a timestamp: escaping, label order, -0.0, NaN, infinities, ints, rows that appear later."""
+    from prometheus_client.metrics_core import CounterMetricFamily
+
+    encoder = CountingEncoder(accept)
+    fast = LineEncoder(encoder)
+    keys = ['plain', 'x"y', "line\nbreak", "back\\slash", "é"]
+    for step, values in enumerate([[0, -0.0, 1.5, float("nan"), 7], [3, float("inf"), -0.0, 1e308, 2**53 + 1],
+                                   [0.0, float("-inf"), 10, 0.1, 12]]):
+        at = 1_800_000_000 + 60 * step
+        rows = summary_rows(["1", 'q"'], step)
+        counter = Rows(CounterMetricFamily("skillable_odd", 'Help "text" \\ é.', labels=["k", "a"]),
+                       keys[: 3 + step], values[: 3 + step],
+                       lambda key: ("skillable_odd_total", {"k": str(key), "a": "second"}))
+        for part in (rows, counter):
+            want = encoder.encoder(_Families([part.metric(timestamp=at)])).decode()
+            before = encoder.samples
+            got = fast.header(part.family) + fast.timestamped_lines(fast.timestamped_starts(part, at), part.values, at)
+            assert got + fast.trailer == want
+            if step == 2 and part is counter:
+                assert encoder.samples - before == 1  # only the row not seen before went to the encoder
+
+
+def test_timestamped_starts_refuse_rows_the_encoder_writes_otherwise() -> None:
+    """A sample named outside its family, or the text format (which writes timestamps in milliseconds):
+    the line is not start + value + timestamp, and nothing is kept."""
+    from prometheus_client.metrics_core import CounterMetricFamily
+
+    rows = Rows(CounterMetricFamily("skillable_odd", "Odd.", labels=["k"]), ["a"], [1],
+                lambda key: ("skillable_other_total", {"k": str(key)}))
+    with pytest.raises(ValueError, match="skillable_odd"):
+        LineEncoder(choose_encoding(OPENMETRICS).encoder).timestamped_starts(rows, 1_800_000_000)
+    with pytest.raises(ValueError, match="skillable_odd_seconds"):
+        LineEncoder(choose_encoding("").encoder).timestamped_starts(summary_rows(["1"], 0), 1_800_000_000)
+
+
 @pytest.mark.parametrize("accept", ["", OPENMETRICS, "text/plain;version=1.0.0;escaping=allow-utf-8"])
 def test_new_hosts_mid_stream_are_learnt_alone_and_render_exactly(fake: FakeSkillable, accept: str) -> None:
     """Every render equals prometheus_client's; a new lab host costs its own 26 series at the encoder
@@ -222,7 +263,7 @@ def test_new_hosts_mid_stream_are_learnt_alone_and_render_exactly(fake: FakeSkil
 @pytest.mark.parametrize("accept", ENCODINGS)
 def test_exposition_of_a_state_with_new_hosts_equals_the_encoder_at_scale(accept: str) -> None:
     """The same at 120 hosts over two datacenters, with the state driven directly."""
-    from exporter.poller import Health, PollView
+    from exporter.account import Health, PollView
 
     state = FleetState(10_000)
     state.apply([result(i, NOW - 100, NOW - 50, host=i, datacenter=i % 2) for i in range(120)], NOW - 3600)
