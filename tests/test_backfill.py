@@ -337,8 +337,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_writes_th
 def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
     end = int(time.time()) // 3600 * 3600 - 3600
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    # The demo API listens at the exporter's port plus one: a free pair, as the exporter's would be.
+    environ["SKILLABLE_EXPORTER_LISTEN_ADDRESS"] = f"127.0.0.1:{free_demo_port()}"
     done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(end - 3600)}",
-                           f"--web.listen-address=127.0.0.1:{free_demo_port()}",  # its demo API: the port plus one
                            f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
                            "--label=instance=x:1", "--step=5m"],
                           cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)

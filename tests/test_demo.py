@@ -257,11 +257,12 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     to = int(time.time()) // 60 * 60 - 60
     iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    # backfill takes the exporter's listen address (for the demo API's) from the environment or the file.
     done = subprocess.run(
-        [sys.executable, "-m", "exporter", "backfill", "--demo", f"--web.listen-address=127.0.0.1:{port}",
-         f"--from={iso(to - HISTORY_HOURS * 3600)}", f"--to={iso(to)}", f"--output={work / 'backfill'}",
+        [sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(to - HISTORY_HOURS * 3600)}", f"--to={iso(to)}", f"--output={work / 'backfill'}",
          "--label=job=skillable", f"--label=instance=127.0.0.1:{port}", f"--storage.state-file={work / 'state.json'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cwd=ROOT, env=dict(env, SKILLABLE_EXPORTER_LISTEN_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True,
+        timeout=240)
     assert done.returncode == 0, done.stderr
     data = work / "prom"
     data.mkdir()
