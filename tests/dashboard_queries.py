@@ -19,10 +19,10 @@ DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
 # Prometheus accept. User variables default to their All value (".*").
 BUILTIN_VARIABLES = {
     "__rate_interval": "5m",
-    "__interval": "1m",
+    "__interval": "10s",  # what Grafana gives a panel over a short range; subqueries step by it
     "__range": "1h",
     "__range_s": "3600",
-    "__interval_ms": "60000",
+    "__interval_ms": "10000",
 }
 # ${name}, ${name:format}, $name, [[name]]. A name starts with a letter or "_", so
 # label_replace's "$1" is left alone, as Grafana leaves it (no variable is named 1).
