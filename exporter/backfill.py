@@ -478,7 +478,9 @@ class DiskEstimate:
     bytes of a step (the series of the first day as the encoder writes them) times the steps of a
     day; kept for every day (--keep-openmetrics, or no promtool) or one day at a time (deleted once
     its blocks exist). Blocks: the measured bytes per series and sample above. The checkpoint: twice
-    the state (written to a temporary file, then renamed)."""
+    the state (written to a temporary file, then renamed), and the state is the first day's half
+    again: it holds a window of the fleet's traffic, which is larger on a busier day (a weekday after
+    a weekend's first day)."""
 
     series: int
     days: int
@@ -526,7 +528,7 @@ def estimate_disk(series: int, step_bytes: int, file_bytes: int, state_bytes: in
         count = -(-last // blocks) - first // blocks if blocks else 0  # the block windows the day touches
         block_bytes += series * (BLOCK_BYTES_PER_SERIES * count + BLOCK_BYTES_PER_SAMPLE * n)
     return DiskEstimate(series, len(steps), max(files, default=0), sum(files) if kept else max(files, default=0),
-                        int(block_bytes) if blocks else 0, 2 * state_bytes, kept,
+                        int(block_bytes) if blocks else 0, 3 * state_bytes, kept,
                         PROMTOOL_PREALLOCATED_BYTES if blocks else 0)
 
 
