@@ -52,7 +52,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiohttp import web as aioweb
 
-from .app import AccountStatus, ExporterApp
+from .app import DEFAULT_ACCOUNT_NAME, AccountStatus, ExporterApp
 from .collector import without_eof
 from .config import ConfigError
 from .listeners import bind
@@ -475,7 +475,7 @@ class ExporterServer:
     def _probe(self, account: str, accept: str, scrape_timeout: str | None, arrived: float, gzip: bool) -> Answer:
         answer = self.app.probe(account, accept, scrape_timeout, arrived)
         if answer is None:
-            return _text(HTTPStatus.BAD_REQUEST, b"unknown or missing ?account=\n")
+            return _text(HTTPStatus.BAD_REQUEST, unknown_account(account, list(self.app.pollers)).encode())
         body, content_type = answer
         return Answer(int(HTTPStatus.OK), self.gzipped(body) if gzip else (body,), content_type, gzip)
 
@@ -549,6 +549,24 @@ class ExporterServer:
         except ConnectionError:  # the client went away; aiohttp ends the connection
             pass
         return response
+
+
+MAX_NAMED_ACCOUNTS = 20  # a /probe refusal names this many accounts at most: a config may have hundreds
+MAX_ECHOED_CHARS = 64  # of the account asked for, in a /probe refusal
+
+
+def unknown_account(asked: str, names: list[str]) -> str:
+    """/probe's 400 body: the account asked for (cut short, one line) and the valid names, sorted and
+    bounded. Names only, and only to a client that passed basic auth, like the landing page's list."""
+    valid = sorted(name or DEFAULT_ACCOUNT_NAME for name in names)
+    listed = ", ".join(valid[:MAX_NAMED_ACCOUNTS])
+    if len(valid) > MAX_NAMED_ACCOUNTS:
+        listed += f" and {len(valid) - MAX_NAMED_ACCOUNTS} more (the landing page lists every account)"
+    if not asked:
+        return f"missing ?account=NAME; the accounts are: {listed}\n"
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in asked[:MAX_ECHOED_CHARS])
+    more = "..." if len(asked) > MAX_ECHOED_CHARS else ""
+    return f"unknown account \"{shown}{more}\"; the accounts are: {listed}\n"
 
 
 # In the manner of exporter-toolkit's landing page (web/landing_page.css).

@@ -61,9 +61,12 @@ def test_one_failing_account_never_hides_the_other(
     assert exporter.get("/probe?account=nope").status_code == 400
     assert "americas" in exporter.get("/").text
     # With several accounts, /probe must be told which one: neither no account nor "default" picks one.
-    for query in ("", "?account=", "?account=default"):
+    # The refusal names the valid accounts (tests/test_probe.py has the bounds).
+    for query, asked in (("", "missing ?account=NAME"), ("?account=", "missing ?account=NAME"),
+                         ("?account=default", 'unknown account "default"')):
         refused = exporter.get("/probe" + query)
-        assert refused.status_code == 400 and refused.text == "unknown or missing ?account=\n", query
+        assert refused.status_code == 400, query
+        assert refused.text == f"{asked}; the accounts are: americas, emea\n", query
 
 
 def test_probe_with_one_account_answers_for_it_by_no_name_and_by_default(
@@ -122,3 +125,24 @@ def test_window_help_text_names_each_accounts_own_window(
     assert b"minutes" not in mixed and b"skillable_lookback_window_seconds" in mixed
 
 
+
+
+def test_probe_refusal_names_at_most_twenty_accounts_and_echoes_the_name_asked_on_one_short_line(
+    run_exporter, fake: FakeSkillable, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """A config may hold hundreds of accounts: the refusal names the first 20 (sorted) and how many more."""
+    names = [f"team-{i:02d}" for i in range(25, 0, -1)]  # written in reverse: the list is sorted
+    path = tmp_path / "many.yaml"
+    path.write_text("accounts:\n" + "".join(f"  - name: {n}\n    api_key_env: KEY\n    api_url: {fake.url}\n"
+                                            for n in names))
+    exporter = run_exporter("--config.file", str(path), env={"KEY": fake.state.api_key})
+    listed = ", ".join(f"team-{i:02d}" for i in range(1, 21))
+    refused = exporter.get("/probe?account=team-26")
+    assert refused.status_code == 400
+    assert refused.text == (f'unknown account "team-26"; the accounts are: {listed} and 5 more '
+                            "(the landing page lists every account)\n")
+    hostile = exporter.get("/probe?account=" + "%0A%1B[31m" + "x" * 200)
+    assert hostile.status_code == 400
+    assert hostile.text.count("\n") == 1 and "\x1b" not in hostile.text
+    assert hostile.text.startswith('unknown account "\\n\\x1b[31m' + "x" * 58 + '..."; the accounts are: team-01, ')
+    assert fake.state.seen == []  # a refusal polls nothing
