@@ -52,7 +52,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiohttp import web as aioweb
 
-from .app import DEFAULT_ACCOUNT_NAME, AccountStatus, ExporterApp
+from .app import DEFAULT_ACCOUNT_NAME, AccountStatus, ExporterApp, ReloadStatus
 from .collector import without_eof
 from .config import ConfigError
 from .listeners import bind
@@ -576,6 +576,7 @@ header { background-color: #e6522c; color: #fff; font-size: 1rem; padding: 1rem;
 header h1 { margin: 0; font-size: 1.5rem; }
 main { padding: 1rem; }
 .banner { background: #fff3cd; border: 1px solid #e0b000; padding: .5rem 1rem; margin-bottom: 1rem; }
+.refused { background: #fdecea; border-color: #c62828; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; vertical-align: top; }
 .up { color: #1a7f37; font-weight: bold; }
@@ -605,6 +606,23 @@ def _account_row(status: AccountStatus) -> str:
     return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
 
+def _reload_banner(status: ReloadStatus) -> str:
+    """A refused reload, at the top of the page until a reload succeeds: when, why, and what still runs."""
+    if status.refused_at is None:
+        return ""
+    return ('<p class="banner refused" id="reload-refused"><strong>Configuration reload refused</strong> at '
+            f"{_when(status.refused_at)}: <code>{html.escape(status.refused_reason or '')}</code>. The exporter "
+            f"keeps running the configuration loaded at {_when(status.loaded_at)}; fix the file and reload again "
+            "(skillable_exporter_config_last_reload_successful is 0 until then).</p>")
+
+
+def _configuration(status: ReloadStatus) -> str:
+    how = "by a reload" if status.by_reload else "at start"
+    refused = f"; a reload was refused at {_when(status.refused_at)} (see above)" if status.refused_at else ""
+    return (f'<p id="configuration">Configuration loaded {how}, {_when(status.loaded_at)}{refused}. '
+            "SIGHUP or POST /-/reload reloads it.</p>")
+
+
 def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
     """The page at /: name, version, links, and each account's polling as last seen. Read from
     memory only: it never calls the API (and never shows a key: errors are redacted at the source)."""
@@ -628,7 +646,7 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 <body>
 <header><h1>Skillable Exporter</h1></header>
 <main>
-{banner}<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
+{banner}{_reload_banner(app.reload_status)}<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
 <p id="version">Version: ({version})</p>
 <ul>
 <li><a href="{html.escape(telemetry_path.lstrip("/"))}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
@@ -641,6 +659,7 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 {"".join(_account_row(s) for s in statuses)}
 </table>
 <p>Polls happen when Prometheus scrapes /metrics; this page does not poll.</p>
+{_configuration(app.reload_status)}
 </main>
 <footer>skillable-exporter {html.escape(info.version)}</footer>
 </body></html>
