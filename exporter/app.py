@@ -131,7 +131,8 @@ class ExporterApp:
 
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
         window = shared_window(poller for _, poller in accounts)
-        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles)
+        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles,
+                                  max_active_labs=self.config.max_active_labs)
 
     def scrape_wait(self, scrape_timeout_header: str | None) -> float:
         """How long this scrape waits for its polls: the configured timeout (and a margin), capped by

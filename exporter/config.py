@@ -210,6 +210,13 @@ def _telemetry_path(name: str, value: Any) -> str:
     return text
 
 
+def _optional_count(name: str, value: Any) -> int | None:
+    """A whole number of at least 1, or None (unset) for an empty value."""
+    if value is None or value == "":
+        return None
+    return int(_number(1, 100_000_000, integer=True)(name, value))
+
+
 def _url(name: str, value: Any) -> str:
     text = _text(name, value).rstrip("/")
     problem = f"{value!r} is not an http(s) URL"
@@ -269,6 +276,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("skillable.window-minutes", 60, _number(1, MAX_WINDOW_MINUTES, integer=True),
             "lookback window, 1..10080 (7 days): the gauges of ended labs cover it", "SKILLABLE_WINDOW_MINUTES",
             metavar="MINUTES"),
+    Setting("skillable.max-active-labs", None, _optional_count,
+            "the account's active-lab limit (Skillable's Max Active Lab Instances; the API does not report it), "
+            "exported as skillable_account_max_active_labs for the capacity panels and alert; unset: unknown",
+            "SKILLABLE_MAX_ACTIVE_LABS", metavar="N"),
     Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400, units=SECONDS),
             "how long a poll is reused: at most one poll per account in that time, whoever scrapes; 0 polls on "
             "every scrape (a loop of scrapes then drives the API)",
@@ -341,13 +352,14 @@ class Account:
     api_url: str
     api_key: str = field(repr=False)  # never printed
     window_minutes: int
+    max_active_labs: int | None = None  # Skillable's limit of active labs for this API consumer, if known
     key_file: str | None = field(default=None, compare=False)  # where the key was read from, if a file
 
 
 @dataclass(frozen=True)
 class Config:
     """The validated settings. Each field is set by the one setting whose `field` names it (SETTINGS),
-    but accounts (made of skillable.api-url, api-key-file, window-minutes and the file's accounts:),
+    but accounts (made of skillable.api-url, api-key-file, window-minutes, max-active-labs and the file's accounts:),
     names (the file's names:) and demo (--demo)."""
 
     listen_addresses: tuple[str, ...]
@@ -380,6 +392,11 @@ class Config:
     def listen_address(self) -> str:
         """The first listen address."""
         return self.listen_addresses[0]
+
+    @property
+    def max_active_labs(self) -> dict[str, int]:
+        """The active-lab limit of each account whose limit is configured, by account name."""
+        return {a.name: a.max_active_labs for a in self.accounts if a.max_active_labs is not None}
 
 
 def closest(name: str, known: Collection[str]) -> str | None:
@@ -666,7 +683,7 @@ class _KeySource:
 def _accounts(raw: Any, values: Mapping[str, Any], keys: _KeySource, demo: bool) -> tuple[Account, ...]:
     if demo:
         # Demo mode swaps in the loopback simulator; the CLI fills in its URL.
-        return (Account("", "", "demo", values["skillable_window_minutes"]),)
+        return (Account("", "", "demo", values["skillable_window_minutes"], values["skillable_max_active_labs"]),)
     if raw is None:
         return (_single_account(values, keys),)
     if not isinstance(raw, list) or not raw:
@@ -688,11 +705,12 @@ def _single_account(values: Mapping[str, Any], keys: _KeySource) -> Account:
         key = keys.from_env("skillable.api-key-file", "SKILLABLE_API_KEY",
                             "no API key: set SKILLABLE_API_KEY or skillable.api-key-file (or run with --demo)",
                             named_as="SKILLABLE_API_KEY")
-    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"], key_file or None)
+    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"],
+                   values["skillable_max_active_labs"], key_file or None)
 
 
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes"}
+_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes", "max_active_labs"}
 
 
 def _listed_account(
@@ -716,4 +734,7 @@ def _listed_account(
     window = values["skillable_window_minutes"]
     if entry.get("window_minutes") is not None:
         window = _number(1, MAX_WINDOW_MINUTES, integer=True)(f"{where}.window_minutes", entry["window_minutes"])
-    return Account(name, url, key, int(window), key_file)
+    limit = values["skillable_max_active_labs"]
+    if entry.get("max_active_labs") is not None:
+        limit = _optional_count(f"{where}.max_active_labs", entry["max_active_labs"])
+    return Account(name, url, key, int(window), limit, key_file)

@@ -125,6 +125,9 @@ def health_families(dimensions: Sequence[Dimension] = DIMENSIONS) -> list[Family
                + SHARED_POLL_NOTE),
         Family("skillable_account_saved_labs", "gauge", (),
                "Labs saved right now account-wide, from /stats." + SHARED_POLL_NOTE),
+        Family("skillable_account_max_active_labs", "gauge", (),
+               "The account's limit of active labs (Skillable's Max Active Lab Instances), from the exporter's "
+               "configuration (the API does not report it); absent when not configured."),
         Family("skillable_lookback_window_seconds", "gauge", (), "The lookback window the lab gauges cover."),
         Family("skillable_exporter_build_info", "gauge", ("version", "revision", "python_version"),
                "Version of skillable-exporter, always 1.", accounts=False),
