@@ -72,7 +72,7 @@ def test_one_failing_account_never_hides_the_other(
 def test_probe_with_one_account_answers_for_it_by_no_name_and_by_default(
     run_exporter, fake: FakeSkillable  # type: ignore[no-untyped-def]
 ) -> None:
-    """The landing page calls the unnamed single account "default"; /probe agrees (issue 10 item 13)."""
+    """The landing page calls the unnamed single account "default"; /probe agrees (hostile input 13)."""
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
     assert "default" in exporter.get("/").text
@@ -131,7 +131,7 @@ def test_window_help_text_names_each_accounts_own_window(
 def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
     fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
 ) -> None:
-    """Issue 18: Skillable's Max Active Lab Instances, which the API does not report, from the
+    """Skillable's Max Active Lab Instances, which the API does not report, from the
     config: the global setting for every account, an account's own value over it."""
     from exporter.app import ExporterApp
     from exporter.render import choose_encoding
