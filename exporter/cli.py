@@ -56,7 +56,10 @@ class Flag:
     def markdown_row(self) -> str:
         """A row of the Flags table: flag, environment, default, meaning."""
         name = self.options[0]
-        shown = f"`--[no-]{name[2:]}`" if self.negatable else f"`{name} {self.metavar}`" if self.metavar else f"`{name}`"
+        if self.negatable:
+            shown = f"`--[no-]{name[2:]}`"
+        else:
+            shown = f"`{name} {self.metavar}`" if self.metavar else f"`{name}`"
         if len(self.options) > 1:
             shown += " (also " + ", ".join(f"`{alias}`" for alias in self.options[1:]) + ")"
         cells = (shown, f"`{self.env}`" if self.env else "", f"`{self.default}`" if self.default else "", self.help)

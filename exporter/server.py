@@ -646,7 +646,8 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 <body>
 <header><h1>Skillable Exporter</h1></header>
 <main>
-{banner}{_reload_banner(app.reload_status)}<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
+{banner}{_reload_banner(app.reload_status)}
+<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
 <p id="version">Version: ({version})</p>
 <ul>
 <li><a href="{html.escape(telemetry_path.lstrip("/"))}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>

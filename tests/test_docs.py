@@ -27,7 +27,8 @@ def section(text: str, heading: str) -> str:
 
 
 def readme_scrape_configs() -> list[dict[str, Any]]:
-    blocks = re.findall(r"```yaml\n(.*?)```", section((ROOT / "README.md").read_text(), "Prometheus configuration"), re.S)
+    text = section((ROOT / "README.md").read_text(), "Prometheus configuration")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
     return [yaml.safe_load(block) for block in blocks]
 
 

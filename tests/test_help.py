@@ -142,7 +142,9 @@ def test_a_value_with_a_wrong_unit_is_one_line_naming_the_setting(flag: str, val
 
 
 @pytest.mark.integration
-def test_help_names_every_http_endpoint_and_a_running_exporter_answers_each(run_exporter) -> None:  # type: ignore[no-untyped-def]
+def test_help_names_every_http_endpoint_and_a_running_exporter_answers_each(
+    run_exporter,  # type: ignore[no-untyped-def]
+) -> None:
     text = run_help()
     section = text[text.index("HTTP endpoints:"):].split("\n\n")[0]
     endpoints = re.findall(r"^  ((?:POST )?/\S*)", section, re.M)
