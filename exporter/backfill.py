@@ -183,7 +183,8 @@ def parse_options(args: argparse.Namespace, now: float) -> Options:
     if block < 7200:
         raise ConfigError("max-block-duration", f"{args.bf_block!r} is below promtool's smallest block, 2h")
     try:
-        timeout, retries = float(args.bf_timeout), int(args.bf_retries)
+        timeout = parse_duration("request-timeout", args.bf_timeout)  # 120 or 120s, as --help shows it
+        retries = int(args.bf_retries)
     except ValueError:
         raise ConfigError("request-timeout", "expected seconds and a whole number of retries") from None
     if not 1 <= timeout <= 3600 or not 0 <= retries <= 20:
