@@ -630,7 +630,7 @@ def exposition_series(results: list[Any], catalog: Any = None) -> int:
     state = FleetState(10_000, 10_000)
     state.apply(results, 0)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SkillableCollector([("", Stub(state))], Names(), 60, 10_000))  # type: ignore[list-item]
+    registry.register(SkillableCollector([("", Stub(state))], Names(), 60, 10_000))
     return sum(1 for line in generate_latest(registry).splitlines() if not line.startswith(b"#"))
 
 
@@ -679,7 +679,7 @@ def render_after_new_series(samples: int = RENDER_SAMPLES) -> dict[str, float]:
         def view(self) -> PollView:
             return PollView(state.snapshot(), Health(up=True))
 
-    collector = SkillableCollector([("", Stub())], Names(), 60)  # type: ignore[list-item]
+    collector = SkillableCollector([("", Stub())], Names(), 60)
     encoding = choose_encoding(PROMETHEUS_HEADERS["Accept"])
     state.apply([lab(i, i, i % RENDER_PROFILES) for i in range(RENDER_HOSTS)], 0)
     body = collector.exposition(encoding)

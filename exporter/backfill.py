@@ -53,10 +53,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TextIO
+from typing import TextIO
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -108,7 +109,7 @@ def parse_time(setting: str, text: str) -> int:
     value = text.strip()
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            when = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+            when = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
         else:
             when = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
             if when.tzinfo is None:
@@ -141,7 +142,7 @@ def parse_label(text: str) -> tuple[str, str]:
 
 
 def rfc3339(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ class DayFile:
 
     def __init__(self, folder: Path, start: int, header: str, trailer: str) -> None:
         self.start = start
-        self.path = folder / f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%dT%H%M%SZ}.om"
+        self.path = folder / f"{datetime.fromtimestamp(start, UTC):%Y-%m-%dT%H%M%SZ}.om"
         self.temporary = self.path.with_name(self.path.name + ".tmp")
         self._handle: TextIO = open(self.temporary, "w", encoding="utf-8", buffering=1 << 20)
         self._handle.write(header)
@@ -825,7 +826,7 @@ class Run:
 def _file_start(path: Path) -> int:
     """The first step of a day's file, from its name (DayFile.path)."""
     try:
-        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=timezone.utc).timestamp())
+        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=UTC).timestamp())
     except ValueError:
         return 0
 

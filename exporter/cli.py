@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Collection, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
+from collections.abc import Collection, Mapping, Sequence
 
 from .config import SETTINGS, Config, closest, load_config
 from .version import version_text

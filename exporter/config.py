@@ -14,7 +14,8 @@ import re
 import stat
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
+from collections.abc import Callable, Collection, Mapping
 from urllib.parse import urlsplit
 
 import yaml

@@ -44,7 +44,8 @@ from bisect import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -325,8 +326,7 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
         "TotalRunTimeSeconds": (lab.end if ended else int(now)) - lab.start,
         "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
         "IsExam": lab.exam,
-        "ExamPassed": (lab.exam_score >= _PASS_MARKS[lab.profile_id]) if scored and lab.exam_score is not None
-        else None,
+        "ExamPassed": _passed(lab) if scored else None,
         "ExamScore": lab.exam_score if scored else None,
         "ExamMaxPossibleScore": 100 if scored else None,
         "ExamPassingScore": _PASS_MARKS[lab.profile_id] if scored else None,
@@ -343,6 +343,12 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
 
 
 _PASS_MARKS = {p.id: p.pass_mark for p in CATALOG_PROFILES}
+
+
+def _passed(lab: Lab) -> bool | None:
+    """Whether a scored lab passed, by its profile's pass mark; None if it has no score or no mark."""
+    mark = _PASS_MARKS.get(lab.profile_id)
+    return None if lab.exam_score is None or mark is None else lab.exam_score >= mark
 _PLATFORM_CLOUD = {10: 10, 11: 11}  # CloudPlatformId for cloud-slice labs
 
 
@@ -396,7 +402,7 @@ class SimulatorServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
 
 class SimulatorHandler(BaseHTTPRequestHandler):
@@ -404,7 +410,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # no delayed-ACK stall between headers and body (see server.py)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         endpoint = url.path.rstrip("/").rsplit("/", 1)[-1].lower()
         key = self.headers.get("api_key")

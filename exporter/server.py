@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiohttp import web as aioweb
@@ -218,7 +219,7 @@ class Connections:
         return len(self._open)
 
 
-class _ClientErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _ClientErrorLog(logging.LoggerAdapter):
     """aiohttp's server log. What it logs as an exception is a request its parser refused or a
     connection that failed: the client's problem, one debug line with the error, no traceback."""
 
@@ -346,7 +347,7 @@ class ExporterServer:
         """`work()` in a worker thread (a reload on SIGHUP)."""
         return await self.workers.run(work)
 
-    def serve_forever(self, poll_interval: float | None = None) -> None:  # noqa: ARG002 - socketserver's signature
+    def serve_forever(self, poll_interval: float | None = None) -> None:
         """Serve in this thread until shutdown() is called from another."""
         self._serving_forever = True
         try:
@@ -425,7 +426,7 @@ class ExporterServer:
                 answer = await self._answer(request, arrived)
             except NoWorker:  # only at a task limit that left no thread at all
                 answer = _text(HTTPStatus.SERVICE_UNAVAILABLE, b"no worker thread could be started\n")
-            except Exception:  # noqa: BLE001 - a bug answers 500; serving goes on
+            except Exception:
                 log.error("bug: answering a request failed", exc_info=True)
                 answer = _text(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 internal server error\n")
             return await self._send(request, answer)
@@ -519,7 +520,7 @@ class ExporterServer:
         copies what the socket does not take at once, so a client that does not read holds one piece,
         never a copy of a whole exposition (the pieces are views of the cached one)."""
         if sum(len(part) for part in parts) <= CHUNK_BYTES:
-            await response.write_eof(parts[0] if len(parts) == 1 else b"".join(parts))
+            await response.write_eof(b"".join(parts))  # a copy of at most CHUNK_BYTES
             return
         for part in parts:
             view = memoryview(part)

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -120,7 +121,7 @@ def ended_by_status(records: list[dict[str, Any]], start: float, end: float,
     return out
 
 
-def first_end_counted(prom: "Prometheus", profile: int, status: str, window: str, at: float) -> float:
+def first_end_counted(prom: Prometheus, profile: int, status: str, window: str, at: float) -> float:
     """increase() over `window` of one profile's ended counter in `status`, at `at`; 0 if the series is absent."""
     got = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable",'
                      f'lab_profile_id="{profile}",completion_status="{status}"}}[{window}]))', at)

@@ -19,7 +19,8 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -162,7 +163,7 @@ def test_every_selector_honours_the_job_instance_and_account_variables(dashboard
                     "skillable_lab_instances_started_total", "skillable_lab_instances_ended_total"):
                 for place in PLACE_VARIABLES:
                     assert f'{place}=~"${place}"' in matchers, (q.panel, metric, place)
-            if metric.startswith("skillable_lab_profile_") and not metric.endswith("_info") or ":skillable_lab_profile" in metric:
+            if (metric.startswith("skillable_lab_profile_") and not metric.endswith("_info")) or ":skillable_lab_profile" in metric:
                 assert 'lab_profile_id=~"$lab_profile_id"' in matchers, (q.panel, metric)
         if dashboard["uid"] == PROFILE_DASHBOARD:
             assert 'lab_series_id=~"$lab_series_id"' in q.expr, f"{q.panel}: the series variable does not filter it"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gzip
 import re
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import prometheus_client.exposition
 import prometheus_client.openmetrics.exposition

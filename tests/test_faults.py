@@ -19,7 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, ContextManager
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -238,7 +239,7 @@ def test_records_with_wrong_types_are_skipped_and_counted_not_a_failure(
 def test_record_with_every_nullable_field_null_is_counted_once(
     fake: FakeSkillable, harness: Callable[..., Harness]
 ) -> None:
-    nulls = {key: None for key in lab(0, 0)}
+    nulls = dict.fromkeys(lab(0, 0))
     fake.add({**nulls, "LabInstanceId": 77}, lab(1, NOW - 600, NOW - 60, status=4))
     h = harness()
     for _ in range(4):  # the fake returns the timestamp-less record to every poll

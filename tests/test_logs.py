@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 

@@ -25,7 +25,8 @@ import json
 import math
 import re
 import sys
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests

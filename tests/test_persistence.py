@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -575,7 +576,7 @@ def test_negative_counters_in_a_state_file_are_left_out_not_served(
         place["observers"][observer_at(place, "run_time")][2][0] = -3
     elif where == "ended":
         tally = account["fleet"]["dimensions"]["place"]["tallies"][0]
-        tally[2] = {status: -7 for status in tally[2]}
+        tally[2] = dict.fromkeys(tally[2], -7)
     else:  # a count of a saved tally: [key, started, ended, exams, exams_passed]
         account["fleet"]["dimensions"]["place"]["tallies"][0][{"started": 1, "exams": 3}[where]] = -7
     path.write_text(json.dumps(doc))

@@ -13,7 +13,8 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -196,7 +197,7 @@ def root_logging() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("root_logging")
-def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:  # noqa: F811
+def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:
     for name in ("ca.crt", "ca.key"):
         shutil.copy(certs / name, tmp_path / name)
     issue(tmp_path, "one", "subjectAltName=IP:127.0.0.1\n")
@@ -265,7 +266,7 @@ def reload_over_tls(exporter: Any, ca: Path, cert: tuple[str, str] | None = None
 
 @pytest.mark.integration
 def test_turning_client_certificates_on_is_refused_not_half_applied(
-    certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
+    certs: Path, tmp_path: Path, fake: FakeSkillable
 ) -> None:
     """On main the reload said 'config reloaded' and clients without a certificate were still served."""
     from .test_web import Exporter
@@ -288,7 +289,7 @@ def test_turning_client_certificates_on_is_refused_not_half_applied(
 
 @pytest.mark.integration
 def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_served(
-    certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
+    certs: Path, tmp_path: Path, fake: FakeSkillable
 ) -> None:
     """On main, after this reload every new connection failed."""
     from .test_web import Exporter
@@ -310,7 +311,7 @@ def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_se
 
 
 @pytest.mark.integration
-def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:  # noqa: F811
+def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:
     """What a running listener can change, it does: a new client CA trusts its own clients only."""
     from .test_web import Exporter
     from .tlsutil import make_certs

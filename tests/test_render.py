@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import Metric, SummaryMetricFamily
+from prometheus_client.metrics_core import SummaryMetricFamily
 
 from exporter.collector import SkillableCollector
 from exporter.config import Names

@@ -10,7 +10,8 @@ wall-clock steps (issue 10 item 4).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from exporter.poller import Poller
 
