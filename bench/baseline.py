@@ -43,7 +43,7 @@ def update(url: str, key: str, minutes: int) -> None:
         response = requests.get(f"{url}/LatestResults", params={"minutes": minutes},
                                 headers={"api_key": key}, timeout=60)
         data = response.json()
-    except Exception:
+    except (requests.RequestException, ValueError):  # no answer, or an answer that is not JSON
         UP.set(0)
         return
     INSTANCES.clear()

@@ -549,7 +549,7 @@ def size_text(size: float) -> str:
 
 
 def duration_text(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
@@ -166,7 +167,7 @@ def test_a_long_range_is_read_in_windows_the_api_allows_and_old_history_is_warne
     spans = [(int(q["start"]), int(q["end"])) for q in asked]
     assert all(0 < e - s <= 7 * DAY for s, e in spans)
     assert spans[0][0] <= start and spans[-1][1] >= end
-    assert all(later[0] <= earlier[1] for earlier, later in zip(spans, spans[1:]))  # no gap between windows
+    assert all(later[0] <= earlier[1] for earlier, later in pairwise(spans))  # no gap between windows
     files = sorted(p.name for p in (tmp_path / "openmetrics").iterdir())
     assert len(files) == 9 and all(f.endswith(".om") for f in files)
 
@@ -459,12 +460,12 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
             # At the newest live sample's own time, so increase() extrapolates nothing.
             newest = prom.query('max(timestamp(skillable_lab_instances_ended_total{job="skillable"}))', time.time())
             at = float(newest[0]["value"][1])
-            window = f"{int(round((at - seam_start) * 1000))}ms"
+            window = f"{round((at - seam_start) * 1000)}ms"
             value = prom.query(f'sum(increase(skillable_lab_instances_ended_total{{job="skillable"}}[{window}]))', at)
             return at if value and float(value[0]["value"][1]) == want else None
 
         at = eventually(seam_total, 30, f"the increase across the seam to reach the truth ({want})")
-        window = f"{int(round((at - start) * 1000))}ms"
+        window = f"{round((at - start) * 1000)}ms"
         for name in COUNTERS:
             resets = prom.query(f'max(resets({name}{{job="skillable"}}[{window}]))', at)
             assert resets and float(resets[0]["value"][1]) == 0, name
@@ -477,7 +478,7 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
         # The profile's first save_failed end counts (issue 18): its series existed at 0 in the history.
-        assert first_end_counted(prom, 7001, "save_failed", f"{int(round((at - to) * 1000))}ms", at) == 1
+        assert first_end_counted(prom, 7001, "save_failed", f"{round((at - to) * 1000)}ms", at) == 1
 
         # A restart with the state file, then profile 7002's first resume_failed end: counted too.
         exporter.terminate()
@@ -499,11 +500,11 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
             at = float(newest[0]["value"][1])
             if at < resumed + 2:
                 return None
-            return at if first_end_counted(prom, 7002, "resume_failed", f"{int(round((at - to) * 1000))}ms", at) == 1 \
+            return at if first_end_counted(prom, 7002, "resume_failed", f"{round((at - to) * 1000)}ms", at) == 1 \
                 else None
 
         at = eventually(restart_counted, 30, "profile 7002's first resume_failed end after the restart")
-        window = f"{int(round((at - start) * 1000))}ms"
+        window = f"{round((at - start) * 1000)}ms"
         resets = prom.query(f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(resets[0]["value"][1]) == 0
     finally:

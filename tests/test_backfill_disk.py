@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -160,7 +161,7 @@ def samples_by_day(found: list[Block]) -> dict[int, int]:
 
 
 def assert_no_overlap(found: list[Block]) -> None:
-    for earlier, later in zip(found, found[1:]):
+    for earlier, later in pairwise(found):
         assert earlier.max_time <= later.min_time, f"blocks {earlier} and {later} overlap: a day written twice"
 
 

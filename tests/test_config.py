@@ -340,7 +340,7 @@ def test_an_unknown_flag_is_answered_with_the_closest_known_one() -> None:
         "did you mean --skillable.window-minutes?"]
 
 
-@pytest.mark.parametrize("setting", [s for s in SETTINGS], ids=[s.name for s in SETTINGS])
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=[s.name for s in SETTINGS])
 @pytest.mark.usefixtures("key_in_env")
 def test_every_error_names_the_setting_as_documented(
     tmp_path: Path, setting: Setting, monkeypatch: pytest.MonkeyPatch

@@ -276,7 +276,7 @@ def test_every_panel_and_variable_query_is_valid_promql(tmp_path: Path) -> None:
         for i, q in enumerate(panel_queries(board)):
             rules.append({"record": f"dashboard:{board['uid'].replace('-', '_')}:q{i}", "expr": substitute(q.expr)})
         for v in query_variables(board):
-            kind, selector, _ = parse_variable_query(variable_query_text(v))
+            _, selector, _ = parse_variable_query(variable_query_text(v))
             if selector:
                 rules.append({"record": f"dashboard:variable:{v['name']}", "expr": substitute(selector)})
     assert len(rules) > 40

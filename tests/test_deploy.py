@@ -97,8 +97,8 @@ def test_dockerfile_contract():
 
 
 def test_dockerignore_lets_the_build_inputs_through():
-    lines = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()]
-    rules = [l for l in lines if l and not l.startswith("#")]
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
     assert rules[0] == "*", "allow-list style: exclude everything, then re-include"
     for needed in ("pyproject.toml", "README.md", "exporter/", "wheels/"):
         assert f"!{needed}" in rules, f".dockerignore drops {needed}"

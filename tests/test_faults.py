@@ -18,8 +18,9 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -62,12 +63,12 @@ def assert_counts_match_truth(fake: FakeSkillable, samples: Samples) -> None:
 @dataclass(frozen=True)
 class Case:
     reason: str
-    arm: Callable[[FakeSkillable], ContextManager[Any]]  # makes the next LatestResults request fail
+    arm: Callable[[FakeSkillable], contextlib.AbstractContextManager[Any]]  # makes the next LatestResults request fail
     slow: bool = False  # the fault lasts until the deadline
 
 
-def queued(fault: f.Fault) -> Callable[[FakeSkillable], ContextManager[Any]]:
-    def arm(fake: FakeSkillable) -> ContextManager[Any]:
+def queued(fault: f.Fault) -> Callable[[FakeSkillable], contextlib.AbstractContextManager[Any]]:
+    def arm(fake: FakeSkillable) -> contextlib.AbstractContextManager[Any]:
         fake.fault(fault, endpoint="LatestResults")
         return contextlib.nullcontext()
 
@@ -369,7 +370,7 @@ def test_backoff_grows_exponentially_with_jitter_and_never_storms(
     for _ in range(300):  # a scrape every second for 5 minutes, all during the outage
         assert h.scrape().up == 0
         h.mono.advance(step)
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in pairwise(calls)]
     # The i-th wait is 2**i s times a jitter in [0.5, 1], seen through 1 s scrape steps.
     for i, gap in enumerate(gaps):
         assert 0.5 * 2**i - step <= gap <= 2**i + step, (i, gaps)

@@ -488,7 +488,7 @@ def test_sidecar_label_is_configurable():
     rendered = render({"dashboards": {"enabled": True, "label": "grafana_dashboard_skillable", "labelValue": "yes"}})
     labels = [o["metadata"]["labels"] for o in rendered.of("ConfigMap") if "dashboard" in o["metadata"]["name"]]
     assert len(labels) == len(DASHBOARDS)
-    assert all(l["grafana_dashboard_skillable"] == "yes" and "grafana_dashboard" not in l for l in labels)
+    assert all(ls["grafana_dashboard_skillable"] == "yes" and "grafana_dashboard" not in ls for ls in labels)
 
 
 def test_the_packaged_chart_carries_the_shipped_files(tmp_path, every_toggle):

@@ -199,7 +199,7 @@ def test_a_non_finite_number_makes_its_record_invalid(
     for record, poisoned in mix:
         text = json.dumps({k: v for k, v in record.items() if k != field})
         parts.append(text[:-1] + f', "{field}": {spelling}}}' if poisoned else text)
-    body = ('{"Status": 1, "Results": [%s]}' % ", ".join(parts)).encode()
+    body = ('{"Status": 1, "Results": [' + ", ".join(parts) + "]}").encode()
     batch = decode_latest_results(body)
     kept = [record["LabInstanceId"] for record, poisoned in mix if not poisoned]
     assert [r.lab_instance_id for r in batch.results] == kept
@@ -252,8 +252,8 @@ def test_invalid_records_are_counted_in_the_exposition(mix: list[tuple[bool, dic
 
 @pytest.mark.parametrize("value", ["1e999", "-1e999"])
 def test_infinite_numbers_are_an_invalid_record(value: str) -> None:
-    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"ExamScore":%s,"ExamMaxPossibleScore":1},'
-            '{"LabInstanceId":2}]}' % value).encode()
+    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"ExamScore":' + value + ',"ExamMaxPossibleScore":1},'
+            + '{"LabInstanceId":2}]}').encode()
     batch = decode_latest_results(body)
     assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
 

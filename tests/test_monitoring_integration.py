@@ -177,9 +177,10 @@ def test_every_template_variable_query_resolves(scraped: Stack) -> None:
             assert selector, variable["name"]
             if kind == "query_result":
                 # Places and profiles: the id is the value, the name (where an info metric knows it) the text.
-                options = eventually(lambda: variable_options(variable, scraped.query(substitute(selector))), 10,
-                                     f"options of ${variable['name']} in {board['uid']}")
-                texts = dict((value, text) for text, value in options)
+                # (The loop's variables are bound as defaults, so each check reads this iteration's.)
+                options = eventually(lambda v=variable, s=selector: variable_options(v, scraped.query(substitute(s))),
+                                     10, f"options of ${variable['name']} in {board['uid']}")
+                texts = {value: text for text, value in options}
                 values = set(texts)
                 for ident, name in named.get(variable["name"], {}).items():
                     assert texts.get(ident) == name, (variable["name"], ident, texts.get(ident))
@@ -197,7 +198,7 @@ def test_every_template_variable_query_resolves(scraped: Stack) -> None:
                     assert not _label_values(scraped, substitute(selector), label)
                     assert scraped.query('skillable_up{account=~".*"}')
                     continue
-                values = eventually(lambda: _label_values(scraped, substitute(selector), label), 10,
+                values = eventually(lambda s=selector, lb=label: _label_values(scraped, substitute(s), lb), 10,
                                     f"values of ${variable['name']} in {board['uid']}")
             if variable["name"] == "lab_host_id":
                 assert DEMO_FAILING_HOST["lab_host_id"] in values

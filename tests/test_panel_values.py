@@ -109,11 +109,11 @@ class Lab:
 
 def add_to_fake(fake: FakeSkillable, labs: list[Lab], now: float) -> None:
     for lb in labs:
-        extra: dict[str, Any] = dict(host=lb.host, datacenter=int(lb.datacenter), region=int(lb.region),
-                                     LabProfileId=lb.profile, IsExam=lb.score is not None, TaskCompletePercent=50)
+        extra: dict[str, Any] = {"host": lb.host, "datacenter": int(lb.datacenter), "region": int(lb.region),
+                                 "LabProfileId": lb.profile, "IsExam": lb.score is not None, "TaskCompletePercent": 50}
         at_end = {}
         if lb.score is not None:
-            at_end = dict(IsExam=True, ExamScore=lb.score, ExamMaxPossibleScore=100, ExamPassed=lb.score >= 70)
+            at_end = {"IsExam": True, "ExamScore": lb.score, "ExamMaxPossibleScore": 100, "ExamPassed": lb.score >= 70}
         if lb.end is not None and lb.end <= now:
             fake.add(lab(lb.id, lb.start, lb.end, status=lb.status, **(extra | at_end)))
         else:
@@ -265,6 +265,7 @@ ALL: Callable[[Lab], Key] = lambda lb: ()  # noqa: E731
 BY_DC: Callable[[Lab], Key] = lambda lb: (lb.datacenter,)  # noqa: E731
 BY_REGION: Callable[[Lab], Key] = lambda lb: (lb.region,)  # noqa: E731
 BY_HOST: Callable[[Lab], Key] = lambda lb: (str(lb.host),)  # noqa: E731
+BY_PLACE: Callable[[Lab], Key] = lambda lb: (lb.datacenter, lb.region, str(lb.host))  # noqa: E731
 BY_STATUS: Callable[[Lab], Key] = lambda lb: (lb.status_name,)  # noqa: E731
 BY_PROFILE: Callable[[Lab], Key] = lambda lb: (str(lb.profile),)  # noqa: E731
 BY_SERIES: Callable[[Lab], Key] = lambda lb: (PROFILES[lb.profile][0],)  # noqa: E731
@@ -370,25 +371,24 @@ class Run:
     fake: FakeSkillable | None = None
 
 
-# The checks of each dashboard target, by (dashboard uid, panel title, refId). `S` stands for the
-# span substituted for $__range and $__rate_interval; rules over a fixed range (1h, 1d, ...) are
+# The checks of each dashboard target, by (dashboard uid, panel title, refId). `span` is what
+# is substituted for $__range and $__rate_interval; rules over a fixed range (1h, 1d, ...) are
 # longer than what Prometheus has seen, so their truth is also every event since its first sample.
 def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
-    S = span
     c: dict[tuple[str, str, str], Check] = {}
     ov, hosts, prof, exp = "skillable-overview", "skillable-lab-hosts", "skillable-lab-profiles", "skillable-exporter"
     failed = IS_FAILED
-    c[(ov, "Labs started / min", "A")] = Check(COUNT, lambda T: T.count(T.started(), ALL), (), per_minute(S))
-    c[(ov, "Labs ended / min", "A")] = Check(COUNT, lambda T: T.count(T.ended(), ALL), (), per_minute(S))
+    c[(ov, "Labs started / min", "A")] = Check(COUNT, lambda T: T.count(T.started(), ALL), (), per_minute(span))
+    c[(ov, "Labs ended / min", "A")] = Check(COUNT, lambda T: T.count(T.ended(), ALL), (), per_minute(span))
     c[(ov, "Running labs", "A")] = Check(EXACT, lambda T: T.running(ALL))
     c[(ov, "Active labs (account)", "A")] = Check(EXACT, lambda T: {(): ACTIVE_LABS})
     c[(ov, "Failure ratio (window)", "A")] = Check(EXACT, lambda T: T.window_ratio(ALL))
     c[(ov, "Error budget left", "A")] = Check(RATIO, lambda T: {
         k: max(0.0, 1 - v / (1 - OBJECTIVE)) for k, v in T.events_ratio(T.ended(), ALL, failed).items()})
     c[(ov, "Labs started per minute by datacenter", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_DC), ("datacenter_id",), per_minute(S))
+        COUNT, lambda T: T.count(T.started(), BY_DC), ("datacenter_id",), per_minute(span))
     c[(ov, "Labs ended per minute by completion status", "A")] = Check(
-        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(S))
+        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(span))
     c[(ov, "Running labs by datacenter", "A")] = Check(EXACT, lambda T: T.running(BY_DC), ("datacenter_id",))
     c[(ov, "Running labs by datacenter", "B")] = Check(EXACT, lambda T: {(): ACTIVE_LABS})
     c[(ov, "Running labs by datacenter", "C")] = Check(EXACT, lambda T: T.running(ALL))
@@ -402,9 +402,9 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(ov, "Failure ratio per status and datacenter (alert input)", "A")] = Check(
         EXACT, lambda T: {k: v for k, v in T.window_ratio(BY_DC, per_status=True).items() if v > 0},
         ("datacenter_id", "completion_status"))
-    c[(ov, "Exams scored per hour", "A")] = Check(COUNT, lambda T: T.count(T.exams(), ALL), (), lambda v: v * S / 3600)
+    c[(ov, "Exams scored per hour", "A")] = Check(COUNT, lambda T: T.count(T.exams(), ALL), (), lambda v: v * span / 3600)
     c[(ov, "Exams scored per hour", "B")] = Check(
-        COUNT, lambda T: T.count([lb for lb in T.exams() if (lb.score or 0) >= 70], ALL), (), lambda v: v * S / 3600)
+        COUNT, lambda T: T.count([lb for lb in T.exams() if (lb.score or 0) >= 70], ALL), (), lambda v: v * span / 3600)
     pass_ratio = Check(RATIO, lambda T: T.events_ratio(T.exams(), ALL, lambda lb: (lb.score or 0) >= 70))
     c[(ov, "Exam pass ratio (1h)", "A")] = pass_ratio
     c[(ov, "Exam pass ratio (1h)", "B")] = pass_ratio
@@ -429,10 +429,10 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(hosts, "Failure ratio per lab host (window, top 10)", "A")] = Check(
         EXACT, lambda T: T.window_ratio(BY_HOST), ("lab_host_id",))
     c[(hosts, "Ended labs per minute by status (selected hosts)", "A")] = Check(
-        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(S))
+        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(span))
     c[(hosts, "Running labs per lab host (top 10)", "A")] = Check(EXACT, lambda T: T.running(BY_HOST), ("lab_host_id",))
     c[(hosts, "Lab starts per minute per lab host (top 10)", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_HOST), ("lab_host_id",), per_minute(S))
+        COUNT, lambda T: T.count(T.started(), BY_HOST), ("lab_host_id",), per_minute(span))
 
     # Lab profiles.
     tbl = "Lab profiles (selected range)"
@@ -463,15 +463,15 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(prof, "Failure ratio per lab profile (1h, top 10)", "A")] = Check(
         RATIO, lambda T: T.events_ratio(T.ended(), BY_PROFILE, failed), ("lab_profile_id",))
     c[(prof, "Launches per minute per lab profile (top 10)", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_PROFILE), ("lab_profile_id",), per_minute(S))
+        COUNT, lambda T: T.count(T.started(), BY_PROFILE), ("lab_profile_id",), per_minute(span))
 
     # The lab programme row (issue 18, item 6).
     run_seconds = lambda lb: float(lb.end - lb.start)  # noqa: E731
     c[(ov, "Lab-hours consumed (range)", "A")] = Check(
         COUNT, lambda T: {(): sum(run_seconds(lb) for lb in T.ended())}, (), lambda v: v * 3600)
     c[(ov, "Lab-hours consumed (range)", "B")] = Check(
-        LAB_SECONDS, lambda T: {(): T.running_integral(T.at - S)}, (), lambda v: v * 3600)
-    c[(ov, "Peak concurrent labs (range)", "A")] = Check(PEAK, lambda T: T.peak(S))  # type: ignore[arg-type, return-value]
+        LAB_SECONDS, lambda T: {(): T.running_integral(T.at - span)}, (), lambda v: v * 3600)
+    c[(ov, "Peak concurrent labs (range)", "A")] = Check(PEAK, lambda T: T.peak(span))  # type: ignore[arg-type, return-value]
     c[(ov, "Capacity headroom", "A")] = Check(EXACT, lambda T: {(): float(MAX_ACTIVE_LABS - ACTIVE_LABS)})
     c[(ov, "Capacity used", "A")] = Check(EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS})
     week = 7 * 86400.0
@@ -535,7 +535,6 @@ PANEL_EXCLUDED: dict[tuple[str, str, str], str] = {
 def rule_checks() -> dict[str, Check]:
     per_status = ("datacenter_id", "delivery_region_id", "lab_host_id", "completion_status")
     host = ("datacenter_id", "delivery_region_id", "lab_host_id")
-    BY_PLACE: Callable[[Lab], Key] = lambda lb: (lb.datacenter, lb.region, str(lb.host))  # noqa: E731
     c: dict[str, Check] = {
         "lab_host:skillable_lab_instances_ended:window": Check(
             EXACT, lambda T: T.window_count(BY_PLACE), host, counts=True),

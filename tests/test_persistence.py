@@ -715,7 +715,7 @@ def test_one_process_cannot_open_a_state_file_twice(tmp_path: Path) -> None:
     path = str(tmp_path / "state.json")
     first = StateStore(path)
     try:
-        with pytest.raises(ConfigError, match="storage.state-file.*in use by another exporter"):
+        with pytest.raises(ConfigError, match=r"storage\.state-file.*in use by another exporter"):
             statefile.open_store(path)
     finally:
         first.close({})
@@ -737,7 +737,7 @@ def test_a_second_exporter_on_the_same_state_file_exits_2_with_one_line(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            out, err = second.communicate(timeout=30)
+            _, err = second.communicate(timeout=30)
         finally:
             if second.poll() is None:
                 second.kill()

@@ -504,7 +504,8 @@ def test_a_poll_still_running_with_the_old_key_sets_no_hold_after_the_reload(fak
         assert poller.wait(old_poll, 10)
         asked = old_poll
         for _ in range(2):  # the poll the reload asked for, then the next: neither held back (None: held)
-            asked = eventually(lambda: (n := poller.request()) is not None and n > asked and n, 5, "a new poll")
+            asked = eventually(lambda after=asked: (n := poller.request()) is not None and n > after and n, 5,
+                               "a new poll")
             assert poller.wait(asked, 10) and poller.health.up
         assert poller.health.failures[("LatestResults", "rate_limited")] == 1  # counted, all the same
         assert len(fake.latest_requests()) == 3

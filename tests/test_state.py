@@ -117,7 +117,7 @@ def test_eviction_agrees_with_a_full_scan_on_simulated_traffic() -> None:
     now = float(NOW)
     window, max_running = 60 * 60, 45 * 60
     last = None
-    for step in range(40):
+    for _ in range(40):
         minutes = 60 if last is None else 3
         batch = decode_latest_results(latest_results_body(traffic, now, minutes))
         horizon = now - window if last is None else min(now - window, last - 120)
