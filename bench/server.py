@@ -396,7 +396,8 @@ async def run(before_dir: Path, quick: bool, log: Any) -> tuple[dict[str, Any], 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, type=Path, help="the checkout to compare with (e.g. a worktree of main)")
+    parser.add_argument("--before", required=True, type=Path,
+                        help="the checkout to compare with (e.g. a worktree of main)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_LOAD_SECONDS:g} s loads, fewer steady scrapes")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)

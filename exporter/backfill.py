@@ -247,7 +247,8 @@ def fetch_results(client: SkillableClient, start: int, end: int, opts: Options,
             reason = failure_reason(exc)
             if reason == TOO_LARGE and end - start > MIN_SPLIT_SECONDS:
                 middle = start + (end - start) // 2
-                return fetch_results(client, start, middle, opts, sleep) + fetch_results(client, middle, end, opts, sleep)
+                return (fetch_results(client, start, middle, opts, sleep)
+                        + fetch_results(client, middle, end, opts, sleep))
             attempt += 1
             message = client.redact(str(exc))
             if reason == UNAUTHORIZED or attempt > opts.retries:
@@ -907,7 +908,8 @@ def main(argv: Sequence[str]) -> int:
         except OSError as exc:
             print(f"skillable-exporter backfill: {exc.strerror} (stop the demo exporter first)", file=sys.stderr)
             return EXIT_CONFIG
-        config = dataclasses.replace(config, accounts=(Account("", simulator.url, DEMO_API_KEY, config.window_minutes),))
+        demo_account = Account("", simulator.url, DEMO_API_KEY, config.window_minutes)
+        config = dataclasses.replace(config, accounts=(demo_account,))
     if opts.start < now - opts.retention:
         print(f"skillable-exporter backfill: warning: history before {rfc3339(int(now - opts.retention))} is older "
               f"than the retention ({args.bf_retention}): Prometheus deletes it as soon as it loads it, unless its "

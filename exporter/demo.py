@@ -360,12 +360,14 @@ def catalog_body() -> bytes:
                "Created": 1689505754000, "CreatedBy": "demo", "Price": 0.0} for sid, name in CATALOG_SERIES.items()]
     profiles = [{
         "Id": p.id, "Name": p.name, "Number": p.number, "Description": f"{p.name}.", "SeriesId": p.series,
-        "OrganizationId": 11, "OrganizationName": "Demo Learning", "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
+        "OrganizationId": 11, "OrganizationName": "Demo Learning",
+        "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
         "Scenario": "<div>You are the new administrator at Contoso.</div>", "DurationMinutes": p.minutes,
         "ExpectedDurationMinutes": p.minutes // 2, "PlatformId": p.platform,
         "CloudPlatformId": _PLATFORM_CLOUD.get(p.platform), "Enabled": p.enabled,
-        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10, "IsExam": p.pass_mark is not None,
-        "Tags": ["demo"], "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
+        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10,
+        "IsExam": p.pass_mark is not None, "Tags": ["demo"],
+        "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
         "Ram": 4096, "UsesRdp": p.platform in (2, 3), "InstructionSets": [], "Skills": [],
     } for p in CATALOG_PROFILES]
     regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]

@@ -403,8 +403,8 @@ class ExporterServer:
         changed = handshake_changes(self.web, web)
         if changed:
             names = ", ".join(f"tls_server_config.{name}" for name in changed)
-            raise ConfigError(f"{WEB_SETTING}: {names}",
-                              "changing it needs a restart (needs_restart): a running listener keeps its handshake settings")
+            raise ConfigError(f"{WEB_SETTING}: {names}", "changing it needs a restart (needs_restart): "
+                              "a running listener keeps its handshake settings")
 
     def set_web(self, web: WebConfig | None) -> None:
         self.web = web
@@ -606,6 +606,9 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
     )
     version = (f"version={html.escape(info.version)}, branch={html.escape(info.branch)}, "
                f"revision={html.escape(info.revision)}")
+    metrics_link = html.escape(telemetry_path.lstrip("/"))
+    headings = ("account", "status", "last success", "window", "min poll interval")
+    columns = "".join(f"<th>{name}</th>" for name in headings)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Skillable Exporter</title><style>{_CSS}</style></head>
 <body>
@@ -614,13 +617,13 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 {banner}<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
 <p id="version">Version: ({version})</p>
 <ul>
-<li><a href="{html.escape(telemetry_path.lstrip("/"))}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
+<li><a href="{metrics_link}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
 {probe_links}<li><a href="healthz">healthz</a>: liveness, never calls the API</li>
 <li><a href="{DOCS_URL}">Skillable LatestResults API</a>: the data behind the metrics</li>
 <li>Documentation: README.md and docs/ of the exporter's source (configuration, metrics, failure modes)</li>
 </ul>
 <h2>Accounts</h2>
-<table id="accounts"><tr><th>account</th><th>status</th><th>last success</th><th>window</th><th>min poll interval</th></tr>
+<table id="accounts"><tr>{columns}</tr>
 {"".join(_account_row(s) for s in statuses)}
 </table>
 <p>Polls happen when Prometheus scrapes /metrics; this page does not poll.</p>

@@ -73,7 +73,9 @@ def free_demo_port() -> int:
     raise RuntimeError("no two free ports in a row")
 
 
-def tool(name: str, install_hint: str = "Debian's prometheus / prometheus-alertmanager packages; .ci/run installs them") -> str:
+def tool(
+    name: str, install_hint: str = "Debian's prometheus / prometheus-alertmanager packages; .ci/run installs them"
+) -> str:
     """Path of a required command-line tool: next to this Python first (a venv), then PATH. A missing
     tool fails the test (never skips it)."""
     beside = Path(sys.executable).parent / name

@@ -424,8 +424,9 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         # Each backfilled day, as a dashboard would ask for it.
         for day in range(start, start + 3 * DAY, DAY):
             when = time.strftime("%F", time.gmtime(day))
-            got = prom.by('sum by (completion_status) (increase(skillable_lab_instances_ended_total{job="skillable"}[1d]))',
-                          day + DAY, "completion_status")
+            got = prom.by(
+                'sum by (completion_status) (increase(skillable_lab_instances_ended_total{job="skillable"}[1d]))',
+                day + DAY, "completion_status")
             assert got == ended_by_status(records, day, day + DAY), when
             got = prom.by('sum by (lab_profile_id, completion_status) '
                           '(increase(skillable_lab_profile_instances_ended_total{job="skillable"}[1d]))',
@@ -475,7 +476,8 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         assert before and before == after
         starts = prom.query(f'sum(increase(skillable_lab_instances_started_total{{job="skillable"}}[{window}]))', at)
         assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
-        ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        ends = prom.query(
+            f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
         # The profile's first save_failed end counts (issue 18): its series existed at 0 in the history.
         assert first_end_counted(prom, 7001, "save_failed", f"{round((at - to) * 1000)}ms", at) == 1
@@ -489,8 +491,8 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
             [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{exporter_port}",
              f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        eventually(lambda: prom.query(f'skillable_up{{job="skillable"}} == 1 and timestamp(skillable_up) > {restarted_at}',
-                                      time.time()), 30, "the first scrape after the restart")
+        first_scrape = f'skillable_up{{job="skillable"}} == 1 and timestamp(skillable_up) > {restarted_at}'
+        eventually(lambda: prom.query(first_scrape, time.time()), 30, "the first scrape after the restart")
         resumed = int(time.time())
         fake.add(lab(10**9 + 100, resumed - 2, resumed + 1, status=30, host=PLACES[1][0], datacenter=PLACES[1][1],
                      region=PLACES[1][2], LabProfileId=7002))
@@ -505,7 +507,8 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
 
         at = eventually(restart_counted, 30, "profile 7002's first resume_failed end after the restart")
         window = f"{round((at - start) * 1000)}ms"
-        resets = prom.query(f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        resets = prom.query(
+            f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(resets[0]["value"][1]) == 0
     finally:
         if exporter is not None:

@@ -285,7 +285,8 @@ def test_with_several_accounts_only_the_gauges_carry_the_account() -> None:
         Names(), budget=1, account_label=True)}
     [info] = families["skillable_lab_profile_info"].samples  # one per id: the first account that knows it names it
     assert "account" not in info.labels and info.labels["lab_profile_name"] == "p2"
-    enabled = {(s.labels["account"], s.labels["lab_profile_id"]) for s in families["skillable_lab_profile_enabled"].samples}
+    enabled = {(s.labels["account"], s.labels["lab_profile_id"])
+               for s in families["skillable_lab_profile_enabled"].samples}
     assert enabled == {("emea", "2"), ("apac", "2")}
     assert [s.labels["account"] for s in families["skillable_lab_profile_max_duration_seconds"].samples] == ["emea"]
 

@@ -151,7 +151,8 @@ def test_every_selector_honours_the_job_instance_and_account_variables(dashboard
     """account=~"$account" works whether the label exists (several accounts) or not."""
     for q in panel_queries(dashboard):
         selectors = _SELECTOR.findall(q.expr)
-        assert selectors or "skillable:" in q.expr or "{__name__" in q.expr, f"{q.panel}/{q.ref}: no selector in {q.expr!r}"
+        assert selectors or "skillable:" in q.expr or "{__name__" in q.expr, \
+            f"{q.panel}/{q.ref}: no selector in {q.expr!r}"
         for metric, matchers in selectors:
             assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, (q.panel, metric)
             # Info metrics, exporter-wide gauges and Prometheus's own series carry
@@ -163,7 +164,8 @@ def test_every_selector_honours_the_job_instance_and_account_variables(dashboard
                     "skillable_lab_instances_started_total", "skillable_lab_instances_ended_total"):
                 for place in PLACE_VARIABLES:
                     assert f'{place}=~"${place}"' in matchers, (q.panel, metric, place)
-            if (metric.startswith("skillable_lab_profile_") and not metric.endswith("_info")) or ":skillable_lab_profile" in metric:
+            per_profile = metric.startswith("skillable_lab_profile_") and not metric.endswith("_info")
+            if per_profile or ":skillable_lab_profile" in metric:
                 assert 'lab_profile_id=~"$lab_profile_id"' in matchers, (q.panel, metric)
         if dashboard["uid"] == PROFILE_DASHBOARD:
             assert 'lab_series_id=~"$lab_series_id"' in q.expr, f"{q.panel}: the series variable does not filter it"

@@ -257,7 +257,8 @@ def test_state_is_on_a_claim_and_one_pod_at_a_time_uses_it(defaults):
     claim = defaults.one("PersistentVolumeClaim")
     assert defaults.deployment["spec"]["replicas"] == 1
     assert defaults.deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert defaults.volume("state") == {"name": "state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert defaults.volume("state") == {"name": "state",
+                                        "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert defaults.env["SKILLABLE_STATE_FILE"] == "/var/lib/skillable-exporter/state.json"
     assert "storageClassName" not in claim["spec"], "empty storageClass: the cluster's default"
@@ -502,7 +503,8 @@ def test_the_packaged_chart_carries_the_shipped_files(tmp_path, every_toggle):
         assert not any("/ci/" in name for name in members), ".helmignore keeps the CI values out"
     with helm.Chart.load(archive) as chart:
         manifests = chart.render(values_file("all-toggles-values.yaml"), name=RELEASE, namespace=NAMESPACE)
-    objects = [d for p, t in sorted(manifests.items()) if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    objects = [d for p, t in sorted(manifests.items()) if not p.endswith("NOTES.txt")
+               for d in yaml.safe_load_all(t) if d]
     assert objects == every_toggle.objects
 
 

@@ -151,7 +151,8 @@ def test_a_real_process_logs_json_with_its_fields(run_exporter: Any) -> None:
     entries = [json.loads(line) for line in exporter.log().splitlines()]
     assert entries[0]["msg"] == "listening" and entries[0]["address"].startswith("http://127.0.0.1:")
     failed = [e for e in entries if e.get("reason") == "connect_error"]
-    assert sorted(e["endpoint"] for e in failed) == ["LatestResults", "catalog", "deliveryregions", "stats"]  # once each
+    # Once each.
+    assert sorted(e["endpoint"] for e in failed) == ["LatestResults", "catalog", "deliveryregions", "stats"]
     assert all(e["level"] == "warn" and "cannot connect to 127.0.0.1:9: " in e["error"] for e in failed)
     assert "never-logged-key-77" not in exporter.log()
     assert entries[-1]["msg"] == "stopped"

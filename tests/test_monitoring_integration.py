@@ -81,7 +81,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (work / "override.yml").write_text(yaml.safe_dump(_override_rules(), sort_keys=False))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))] + [str(work / "override.yml")],
+        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))]
+        + [str(work / "override.yml")],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports['alertmanager']}"]}]}]},
         # Same job name and scrape settings shape as the shipped prometheus.yml.
         "scrape_configs": [{"job_name": "skillable", "scrape_timeout": "1s",

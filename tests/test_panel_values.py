@@ -142,8 +142,9 @@ def history(now: int, rng: random.Random) -> list[Lab]:
 
 def live(first_sample: float, old: list[Lab], rng: random.Random) -> tuple[list[Lab], int]:
     """Events at whole seconds from LIVE_DELAY after Prometheus' first sample: 12 running labs of
-    the history end, 33 labs start (18 of them end too, four of them scored exams). Profile 8001's first save_failed is among
-    the ends. Returns the new labs (and sets the ends of the old ones) and the last event's time."""
+    the history end, 33 labs start (18 of them end too, four of them scored exams). Profile 8001's first
+    save_failed is among the ends. Returns the new labs (and sets the ends of the old ones) and the last
+    event's time."""
     t0 = math.ceil(first_sample) + LIVE_DELAY
     statuses = (4, 4, 4, 3, 1, 2, 10, 20, 30, 50, 60, 99)
     running = [lb for lb in old if lb.end is None]
@@ -394,7 +395,8 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(ov, "Running labs by datacenter", "C")] = Check(EXACT, lambda T: T.running(ALL))
     c[(ov, "Outcomes of labs ended in the window", "A")] = Check(
         EXACT, lambda T: T.window_count(BY_STATUS), ("completion_status",), counts=True)
-    c[(ov, "Failure ratio by datacenter (window)", "A")] = Check(EXACT, lambda T: T.window_ratio(BY_DC), ("datacenter_id",))
+    c[(ov, "Failure ratio by datacenter (window)", "A")] = Check(
+        EXACT, lambda T: T.window_ratio(BY_DC), ("datacenter_id",))
     c[(ov, "Failure ratio by delivery region (window)", "A")] = Check(
         EXACT, lambda T: T.window_ratio(BY_REGION), ("delivery_region_id",))
     c[(ov, "Worst lab hosts (failure ratio, window)", "A")] = Check(
@@ -402,7 +404,8 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(ov, "Failure ratio per status and datacenter (alert input)", "A")] = Check(
         EXACT, lambda T: {k: v for k, v in T.window_ratio(BY_DC, per_status=True).items() if v > 0},
         ("datacenter_id", "completion_status"))
-    c[(ov, "Exams scored per hour", "A")] = Check(COUNT, lambda T: T.count(T.exams(), ALL), (), lambda v: v * span / 3600)
+    c[(ov, "Exams scored per hour", "A")] = Check(
+        COUNT, lambda T: T.count(T.exams(), ALL), (), lambda v: v * span / 3600)
     c[(ov, "Exams scored per hour", "B")] = Check(
         COUNT, lambda T: T.count([lb for lb in T.exams() if (lb.score or 0) >= 70], ALL), (), lambda v: v * span / 3600)
     pass_ratio = Check(RATIO, lambda T: T.events_ratio(T.exams(), ALL, lambda lb: (lb.score or 0) >= 70))
@@ -415,7 +418,8 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
         c[(ov, "Error ratio by window", ref)] = Check(RATIO, lambda T: T.events_ratio(T.ended(), ALL, failed))
 
     # Lab hosts: the table's columns, and the graphs.
-    for ref, status in zip("BCDE", ("lab_creation_failed", "storage_provisioning_failed", "resume_failed", "save_failed")):
+    host_failures = ("lab_creation_failed", "storage_provisioning_failed", "resume_failed", "save_failed")
+    for ref, status in zip("BCDE", host_failures):
         c[(hosts, "Lab hosts by failure ratio (lookback window)", ref)] = Check(
             EXACT, lambda T, s=status: T.window_ratio(BY_HOST, only=lambda lb: lb.status_name == s), ("lab_host_id",))
     c[(hosts, "Lab hosts by failure ratio (lookback window)", "A")] = Check(
@@ -447,8 +451,8 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(prof, tbl, "F")] = Check(RATIO, lambda T: {
         k: v / (PROFILES[int(k[0])][2] * 60) for k, v in
         T.events_mean(T.ended(), BY_PROFILE, lambda lb: lb.end - lb.start).items()}, ("lab_profile_id",))
-    c[(prof, tbl, "G")] = Check(RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70),
-                                ("lab_profile_id",))
+    c[(prof, tbl, "G")] = Check(
+        RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",))
     c[(prof, tbl, "H")] = Check(RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100),
                                 ("lab_profile_id",))
     c[(prof, tbl, "I")] = Check(COUNT, lambda T: T.count(T.ended(), BY_PROFILE), ("lab_profile_id",))
@@ -516,7 +520,8 @@ PANEL_EXCLUDED: dict[tuple[str, str, str], str] = {
     ("skillable-exporter", "Version", "A"): "build information",
     ("skillable-exporter", "Poll and scrape duration", "A"): "durations of this run",
     ("skillable-exporter", "Poll and scrape duration", "B"): "durations of this run",
-    ("skillable-exporter", "API requests per minute by endpoint", "A"): "exporter health (request counts: test_polling)",
+    ("skillable-exporter", "API requests per minute by endpoint", "A"):
+        "exporter health (request counts: test_polling)",
     ("skillable-exporter", "API failures per minute by reason", "A"): "exporter health (reasons: test_faults)",
     ("skillable-exporter", "API failure ratio by endpoint (10m)", "B"): "the threshold, a constant",
     ("skillable-exporter", "Tracked lab instances", "A"): "the exporter's memory, not a lab quantity",
@@ -565,14 +570,19 @@ def rule_checks() -> dict[str, Check]:
         "lab_profile:skillable_lab_profile_exams:rate1h": Check(
             COUNT, lambda T: T.count(T.exams(), BY_PROFILE), ("lab_profile_id",), per_second(3600)),
         "lab_profile:skillable_lab_profile_exams_passed:ratio_rate1h": Check(
-            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",)),
+            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70),
+            ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_exams_passed:ratio_rate1d": Check(
-            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",)),
+            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70),
+            ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_exam_score_ratio:mean_rate1h": Check(
-            RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100), ("lab_profile_id",)),
-        "instance:skillable_account_active_labs:ratio_limit": Check(EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS}),
+            RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100),
+            ("lab_profile_id",)),
+        "instance:skillable_account_active_labs:ratio_limit": Check(
+            EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS}),
         "endpoint:skillable_api_request_failures:ratio_rate10m": Check(
-            RATIO, lambda T: {(e,): ratio(T.api_failures.get(e, 0), n) for e, n in T.api_requests.items()}, ("endpoint",)),
+            RATIO, lambda T: {(e,): ratio(T.api_failures.get(e, 0), n) for e, n in T.api_requests.items()},
+            ("endpoint",)),
     }
     for window in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"):
         c[f"instance:skillable_lab_delivery_errors:ratio_rate{window}"] = Check(
@@ -800,7 +810,8 @@ def test_every_percentunit_panel_stays_within_0_and_1(checked: Run) -> None:
 def test_legends_name_places_and_profiles_where_their_info_metrics_do(checked: Run) -> None:
     """A *_name label beside an id is the configured or fetched name, else the id."""
     names = {"datacenter": NAMES["datacenter"], "lab_host": NAMES["lab_host"], "delivery_region": REGION_NAMES,
-             "lab_profile": {str(p): n for p, (_, n, _) in PROFILES.items()} | {str(UNUSED_PROFILE): "Nobody launches this"},
+             "lab_profile": {str(p): n for p, (_, n, _) in PROFILES.items()}
+             | {str(UNUSED_PROFILE): "Nobody launches this"},
              "lab_series": SERIES}
     seen = set()
     for q in every_target():

@@ -324,12 +324,13 @@ def test_choose_encoding_answers_every_accept_header_from_a_closed_set(accept: s
         assert encoding.content_type == content_type
 
 
+ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
 KNOWN_ENCODINGS = {
     "text/plain; version=0.0.4; charset=utf-8",
     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-    *(f"text/plain; version=1.0.0; charset=utf-8; escaping={e}" for e in ("allow-utf-8", "underscores", "dots", "values")),
+    *(f"text/plain; version=1.0.0; charset=utf-8; escaping={e}" for e in ESCAPINGS),
     *(f"application/openmetrics-text; version={v}; charset=utf-8; escaping={e}"
-      for v in ("1.0.0", "2.0.0") for e in ("allow-utf-8", "underscores", "dots", "values")),
+      for v in ("1.0.0", "2.0.0") for e in ESCAPINGS),
 }
 
 

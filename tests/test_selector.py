@@ -41,7 +41,8 @@ def test_a_stray_job_matcher_is_found(tmp_path: Path) -> None:
     selector = load_selector()
     rules = tmp_path / "prometheus" / "rules"
     rules.mkdir(parents=True)
-    (rules / "x.yml").write_text('groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: up{job="other"} == 0\n')
+    (rules / "x.yml").write_text(
+        'groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: up{job="other"} == 0\n')
     assert selector.stray_job_selectors(tmp_path) == ['prometheus/rules/x.yml:5: job="other"']
 
 

@@ -244,8 +244,9 @@ class ReferenceState:
             status = STATUS_NAMES.get(r.completion_status, "unknown")  # type: ignore[arg-type]
             inst = self.instances.get(r.lab_instance_id)
             if inst is None:
+                opened = now if r.start is None else r.start if seen_at is None else min(r.start, now)
                 inst = {"place": self._place(r), "profile": self._profile(r), "end": r.end, "last": last,
-                        "opened": now if r.start is None else r.start if seen_at is None else min(r.start, now), "ended": False, "exam": False}
+                        "opened": opened, "ended": False, "exam": False}
                 self.instances[r.lab_instance_id] = inst
                 if r.start is None or r.start >= horizon:
                     self.started[inst["place"]] += 1

@@ -95,7 +95,8 @@ class Flood:
             return None
 
     def _run(self) -> None:
-        socks: list[tuple[socket.socket | None, bool]] = [(self._open(i % 2 == 1), i % 2 == 1) for i in range(self.size)]
+        socks: list[tuple[socket.socket | None, bool]] = [
+            (self._open(i % 2 == 1), i % 2 == 1) for i in range(self.size)]
         while not self.stop.wait(0.2):
             for i, (sock, slow) in enumerate(socks):
                 alive = sock is not None

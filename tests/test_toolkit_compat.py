@@ -246,7 +246,9 @@ os.execv(sys.executable, [sys.executable, "-m", "exporter", "--web.systemd-socke
     ("regular-file", "is not a socket"), ("closed-fd", "is not open"), ("udp", "is not a stream"),
     ("not-listening", "is not listening"), ("absurd-count", "LISTEN_FDS=1000000000"),
 ])
-def test_socket_activation_refuses_anything_but_listening_stream_sockets(kind: str, problem: str, tmp_path: Path) -> None:
+def test_socket_activation_refuses_anything_but_listening_stream_sockets(
+    kind: str, problem: str, tmp_path: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKILLABLE_", "LISTEN_"))}
     regular = tmp_path / "regular-file"
     regular.write_text("not a socket\n")

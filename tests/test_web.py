@@ -63,7 +63,9 @@ def Exporter(fake: FakeSkillable, log_path: Path, *args: str, https: bool, ca: P
 def start(fake: FakeSkillable, tmp_path: Path) -> Iterator[Any]:
     started: list[ExporterProcess] = []
 
-    def run(*args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None) -> ExporterProcess:
+    def run(
+        *args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None
+    ) -> ExporterProcess:
         started.append(Exporter(fake, tmp_path / f"exporter-{len(started)}.log", *args, https=https, ca=ca,
                                 cert=cert))
         return started[-1]
