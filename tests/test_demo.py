@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -41,6 +42,7 @@ from .monitoring_stack import STARTUP_DEADLINE, Stack, alertmanager_args, eventu
 
 FAILED = {10, 20, 30, 40}  # the vendor's failure codes (skillable-api.md)
 
+@functools.cache  # the four-day test asks thousands of times: the file is read once
 def threshold(name: str, status: str | None = None) -> float:
     for rule in [r for g in yaml.safe_load((ROOT / "prometheus/rules/skillable-thresholds.yml").read_text())["groups"]
                  for r in g["rules"] if r["record"] == name]:
