@@ -9,10 +9,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from . import integration_guard
 from .fakeapi import FakeSkillable
 from .harness import NOW, ExporterProcess
 # Helpers tests once imported from here: harness.py is their one home, these names only point there.
 from .harness import ROOT, MonotonicStub, free_port, make_poller  # noqa: F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test that starts a process or binds a socket without the integration marker fails (integration_guard.py).
+    config.pluginmanager.register(integration_guard, "integration_guard")
 
 
 @pytest.fixture

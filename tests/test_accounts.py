@@ -32,6 +32,7 @@ def write_config(tmp_path: Path, healthy: FakeSkillable, broken: FakeSkillable) 
     return path
 
 
+@pytest.mark.integration
 def test_one_failing_account_never_hides_the_other(
     run_exporter, fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
@@ -66,6 +67,7 @@ def test_one_failing_account_never_hides_the_other(
         assert refused.status_code == 400 and refused.text == "unknown or missing ?account=\n", query
 
 
+@pytest.mark.integration
 def test_probe_with_one_account_answers_for_it_by_no_name_and_by_default(
     run_exporter, fake: FakeSkillable  # type: ignore[no-untyped-def]
 ) -> None:
@@ -104,6 +106,7 @@ def test_bad_account_lists_name_the_setting(tmp_path: Path, text: str, setting: 
     assert info.value.setting == setting
 
 
+@pytest.mark.integration
 def test_window_help_text_names_each_accounts_own_window(
     fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -125,6 +128,7 @@ def test_window_help_text_names_each_accounts_own_window(
     assert b"minutes" not in mixed and b"skillable_lookback_window_seconds" in mixed
 
 
+@pytest.mark.integration
 def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
     fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
 ) -> None:

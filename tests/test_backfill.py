@@ -29,6 +29,8 @@ from exporter.persistence import read_state_file
 from .fakeapi import FakeSkillable, _Handler, lab
 from .harness import ROOT, eventually, free_demo_port, free_port, stop_process, tool
 
+pytestmark = pytest.mark.integration  # every test here runs the fake API on loopback, most the backfill command too
+
 DAY = 86400
 # The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
 STATUS = {1: "cancelled", 2: "no_show", 3: "incomplete", 4: "complete", 10: "storage_provisioning_failed",
@@ -398,7 +400,6 @@ class Prometheus:
         self.log.close()
 
 
-@pytest.mark.integration
 def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_continues_without_a_seam(
     live_fake: FakeSkillable, tmp_path: Path
 ) -> None:

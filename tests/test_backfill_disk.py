@@ -184,6 +184,7 @@ def disk_usage(path: Path) -> int:
 # -- an --output that cannot be used ---------------------------------------------------
 
 
+@pytest.mark.integration
 def test_an_output_under_a_regular_file_or_a_regular_file_exits_2_with_one_line_before_any_work(
     fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -199,6 +200,7 @@ def test_an_output_under_a_regular_file_or_a_regular_file_exits_2_with_one_line_
     assert plain.read_text() == "not a folder\n"
 
 
+@pytest.mark.integration
 def test_an_output_on_a_read_only_mount_exits_2_with_one_line_before_any_work(
     fake: FakeSkillable, tmp_path: Path, tmpfs: MountTmpfs
 ) -> None:
@@ -212,6 +214,7 @@ def test_an_output_on_a_read_only_mount_exits_2_with_one_line_before_any_work(
     assert os.listdir(read_only) == []
 
 
+@pytest.mark.integration
 def test_an_output_on_a_full_disk_exits_2_with_one_line_before_any_work(
     fake: FakeSkillable, tmp_path: Path, tmpfs: MountTmpfs
 ) -> None:

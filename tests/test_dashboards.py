@@ -271,6 +271,7 @@ def test_foundation_sdk_round_trip_loses_no_key(dashboard: dict[str, Any]) -> No
 
 # -- PromQL syntax ---------------------------------------------------------------
 
+@pytest.mark.integration
 def test_every_panel_and_variable_query_is_valid_promql(tmp_path: Path) -> None:
     rules = []
     for path in PATHS:

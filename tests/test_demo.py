@@ -139,6 +139,7 @@ def test_four_days_of_demo_traffic_meet_only_the_two_faults_alert_conditions() -
 # -- the demo API's key ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_demo_api_answers_its_own_key_only() -> None:
     server = start_simulator(port=free_port())
     try:

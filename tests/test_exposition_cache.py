@@ -19,6 +19,8 @@ from exporter.server import ExporterServer
 from .fakeapi import FakeSkillable, lab
 from .harness import NOW, OPENMETRICS, Harness, MonotonicStub, harness, make_app, registry_text  # noqa: F401
 
+pytestmark = pytest.mark.integration  # every test here scrapes an exporter's HTTP server over loopback
+
 # -- the exposition cache ------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ from .harness import MAX_BODY, POLL_TIMEOUT, SCRAPE_TIMEOUT, Harness, Samples, S
 from .harness import harness  # noqa: F401 (the fixture)
 from .tlsutil import certs, server_context  # noqa: F401 (certs: the fixture)
 
+pytestmark = pytest.mark.integration  # every test here polls the fake API over loopback (TLS ones run openssl)
+
 NOW = 1_800_000_000
 
 

@@ -32,6 +32,10 @@ from cloudcoil.models.prometheus_operator import v1 as operator
 from .harness import ROOT
 from .test_deploy import kustomize
 
+# Helm's engine (a Go library the SDK loads into this process) renders the chart in every test;
+# some start kubectl or the exporter too.
+pytestmark = pytest.mark.integration
+
 CHART = ROOT / "deploy" / "helm" / "skillable-exporter"
 RULES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -584,7 +588,6 @@ def test_hook_can_be_turned_off():
     assert not render({"testFramework": {"enabled": False}}).of("Pod")
 
 
-@pytest.mark.integration
 def test_hook_passes_against_a_running_exporter_and_fails_on_a_bad_key(defaults, run_exporter, fake):
     command, env = hook_script(defaults)
     assert command[:2] == ["python3", "-c"]

@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from . import fakeapi as f
 from .fakeapi import FakeSkillable
+
+pytestmark = pytest.mark.integration  # a real exporter server and Chromium
 
 
 def chromium(*args: str, cwd: Path) -> str:

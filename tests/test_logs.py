@@ -94,6 +94,7 @@ def both_formats(record: logging.LogRecord) -> tuple[dict[str, str], dict[str, A
     return logfmt, as_json
 
 
+@pytest.mark.integration
 def test_every_failure_line_has_reason_and_endpoint_as_keys_and_each_run_is_logged_once(
     fake: FakeSkillable, harness: Callable[..., Harness], records: Records
 ) -> None:
@@ -130,6 +131,7 @@ def test_every_failure_line_has_reason_and_endpoint_as_keys_and_each_run_is_logg
     assert any(lf["msg"] == "poll recovered" and lf["failed_polls"] == "8" for lf, _ in lines)
 
 
+@pytest.mark.integration
 def test_a_refused_connection_names_host_and_cause_in_both_formats(
     fake: FakeSkillable, harness: Callable[..., Harness], records: Records
 ) -> None:
@@ -143,6 +145,7 @@ def test_a_refused_connection_names_host_and_cause_in_both_formats(
     assert js["error"] == logfmt["error"]
 
 
+@pytest.mark.integration
 def test_a_real_process_logs_json_with_its_fields(run_exporter: Any) -> None:
     exporter = run_exporter("--log.format=json", env={"SKILLABLE_API_URL": "http://127.0.0.1:9/api/v3",
                                                       "SKILLABLE_API_KEY": "never-logged-key-77"})
@@ -158,6 +161,7 @@ def test_a_real_process_logs_json_with_its_fields(run_exporter: Any) -> None:
     assert entries[-1]["msg"] == "stopped"
 
 
+@pytest.mark.integration
 def test_a_real_process_logs_logfmt_every_line_parsed(run_exporter: Any) -> None:
     exporter = run_exporter(env={"SKILLABLE_API_URL": "http://127.0.0.1:9/api/v3", "SKILLABLE_API_KEY": "k"})
     exporter.get("/metrics")

@@ -223,6 +223,7 @@ def dated_after_tomorrow(record: dict[str, Any], now: int = 1_800_000_000) -> bo
     return bool(stamps) and max(stamps) > now + MAX_FUTURE_SECONDS
 
 
+@pytest.mark.integration
 @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.booleans(), valid_record, invalid_record), min_size=1, max_size=10))
 def test_invalid_records_are_counted_in_the_exposition(mix: list[tuple[bool, dict[str, Any], Any]]) -> None:

@@ -79,6 +79,7 @@ def wait_for(exporter: Any, check: Any, timeout: float = 10) -> str:
         time.sleep(0.1)
 
 
+@pytest.mark.integration
 def test_sighup_and_post_reload_a_changed_name_and_keep_the_counters(
     run_exporter: Any, fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -140,6 +141,7 @@ def test_a_reload_names_the_settings_that_wait_for_a_restart_by_their_documented
         {f.name for f in dataclasses.fields(Config)}
 
 
+@pytest.mark.integration
 def test_a_broken_config_is_refused_and_the_old_one_keeps_serving(
     run_exporter: Any, fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -196,6 +198,7 @@ def root_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("root_logging")
 def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:
     for name in ("ca.crt", "ca.key"):
@@ -225,6 +228,7 @@ def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path:
         app.close()
 
 
+@pytest.mark.integration
 def test_what_a_reload_applies_and_what_waits_for_a_restart(fake: FakeSkillable) -> None:
     env = {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key}
     app = ExporterApp(load_config({}, env))
@@ -482,6 +486,7 @@ def test_a_reload_with_a_new_key_or_url_lifts_the_retry_after_hold(
     assert served.latest_requests()[-1].api_key == served.state.api_key
 
 
+@pytest.mark.integration
 def test_a_poll_still_running_with_the_old_key_sets_no_hold_after_the_reload(fake: FakeSkillable) -> None:
     """The reload lifts the hold; the old key's poll, answered 429 Retry-After 3600 only after the reload,
     must not set it again (a generation count: a poll's failures hold only the client it began with)."""

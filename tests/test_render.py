@@ -40,6 +40,7 @@ class CountingEncoder:
 
 # -- series counts ---------------------------------------------------------------
 
+@pytest.mark.integration
 def test_exposition_series_grow_by_26_per_lab_host(fake: FakeSkillable) -> None:
     """What BENCHMARKS.md states per 100 lab hosts, counted in the exposition itself."""
     series = {}
@@ -119,6 +120,7 @@ def test_line_encoder_writes_exactly_what_the_encoder_writes(accept: str) -> Non
     assert asked_again < first_time
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accept", ENCODINGS)
 def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkillable, accept: str,
                                                                 tmp_path: Path) -> None:
@@ -140,6 +142,7 @@ def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkill
     app.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accept", ["", OPENMETRICS])
 def test_exposition_of_several_accounts_equals_the_encoder(fake: FakeSkillable, accept: str) -> None:
     fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, None, host=50))
@@ -234,6 +237,7 @@ def test_timestamped_starts_refuse_rows_the_encoder_writes_otherwise() -> None:
         LineEncoder(choose_encoding("").encoder).timestamped_starts(summary_rows(["1"], 0), 1_800_000_000)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accept", ["", OPENMETRICS, "text/plain;version=1.0.0;escaping=allow-utf-8"])
 def test_new_hosts_mid_stream_are_learnt_alone_and_render_exactly(fake: FakeSkillable, accept: str) -> None:
     """Every render equals prometheus_client's; a new lab host costs its own 26 series at the encoder

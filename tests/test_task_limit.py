@@ -26,6 +26,8 @@ from .conftest import ExporterProcess
 from .fakeapi import FakeSkillable, lab
 from .harness import parse, total
 
+pytestmark = pytest.mark.integration  # the fake API and the exporter's server over loopback
+
 # Threads the exporter process may have in all: main (the event loop), the poll worker, the client's
 # deadline watchdog, one HTTP worker, and two more: the HTTP workers cannot grow to what a burst asks.
 TASKS = 6
