@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import json
 import os
 import re
@@ -27,7 +28,6 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from cloudcoil.models.prometheus_operator import v1 as operator
 
 from .harness import ROOT
 from .test_deploy import kustomize
@@ -42,7 +42,15 @@ DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RELEASE, NAMESPACE = "skillable", "monitoring"
 FULLNAME = "skillable-skillable-exporter"  # release name + chart name
 SECRET_DIR = "/etc/skillable-exporter/secret"
-OPERATOR_KINDS = {"ServiceMonitor": operator.ServiceMonitor, "PrometheusRule": operator.PrometheusRule}
+
+
+@functools.cache
+def operator_kinds() -> dict[str, Any]:
+    """The Prometheus Operator's kinds, as the pydantic models of its CRDs. Imported when first asked:
+    building the models takes seconds, which collection would cost every run, the fast lane's too."""
+    from cloudcoil.models.prometheus_operator import v1 as operator
+
+    return {"ServiceMonitor": operator.ServiceMonitor, "PrometheusRule": operator.PrometheusRule}
 
 
 def values_file(name: str) -> dict[str, Any]:
@@ -156,7 +164,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(values, version):
     rendered = render(values_file(values))
     checked = 0
     for obj in rendered.objects:
-        if obj["kind"] in OPERATOR_KINDS:
+        if obj["kind"] in operator_kinds():
             continue
         where = f"{obj['kind']} {obj['metadata']['name']}"
         try:
@@ -164,14 +172,14 @@ def test_every_object_validates_against_the_kubernetes_schemas(values, version):
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{where} (Kubernetes {version}): {exc.message} at {list(exc.path)}")
         checked += 1
-    assert checked == len([o for o in rendered.objects if o["kind"] not in OPERATOR_KINDS])
+    assert checked == len([o for o in rendered.objects if o["kind"] not in operator_kinds()])
 
 
 def operator_problems(obj: dict[str, Any]) -> list[str]:
     """What the operator's CRD schema says of `obj`: type, enum and pattern errors from the
     models, and fields they do not know (pydantic ignores those, so they vanish in a round trip)."""
     try:
-        model = OPERATOR_KINDS[obj["kind"]].model_validate(obj)
+        model = operator_kinds()[obj["kind"]].model_validate(obj)
     except ValueError as exc:
         return [str(exc)]
     back = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
@@ -188,8 +196,8 @@ def unknown_paths(given: Any, kept: Any, where: str = "") -> list[str]:
 
 
 def test_operator_objects_validate_against_the_crd_schemas(every_toggle):
-    objects = [o for o in every_toggle.objects if o["kind"] in OPERATOR_KINDS]
-    assert {o["kind"] for o in objects} == set(OPERATOR_KINDS)
+    objects = [o for o in every_toggle.objects if o["kind"] in operator_kinds()]
+    assert {o["kind"] for o in objects} == set(operator_kinds())
     for obj in objects:
         assert operator_problems(obj) == [], f"{obj['kind']} {obj['metadata']['name']}"
 
