@@ -119,6 +119,17 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
     return int(proc.returncode)
 
 
+# Set by conftest.py before any test module is imported: True when the run deselects the integration
+# tests (`pytest -m "not integration"`, the fast lane for day-to-day work).
+FAST_LANE = False
+
+
+def examples(n: int) -> int:
+    """A property test's number of examples: `n` in the whole suite (CI runs that), a tenth of it (at
+    least 10) in the fast lane, which must stay under 30 s."""
+    return max(10, n // 10) if FAST_LANE else n
+
+
 def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,
            datacenter: int | None = 1, region: int | None = 1, **extra: Any) -> LabResult:
     """A decoded LatestResults record, for driving FleetState directly."""

@@ -21,6 +21,8 @@ from exporter.cli import build_parser, load
 from exporter.config import SETTINGS, ConfigError, Setting, load_config, read_key_file
 from exporter.webconfig import load_web_config
 
+from .harness import examples
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -422,7 +424,7 @@ def assert_loads_or_one_line(load_it: Callable[[], object]) -> None:
         assert str(exc).startswith("invalid setting ") and "\n" not in str(exc) and "\r" not in str(exc), str(exc)
 
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None)
+PROPERTY = settings(max_examples=examples(300), deadline=None, database=None)
 
 
 @PROPERTY

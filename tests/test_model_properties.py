@@ -28,9 +28,9 @@ from exporter.state import MAX_FUTURE_SECONDS, FleetState
 
 from .harness import make_poller
 from .fakeapi import FakeSkillable, lab, with_records
-from .harness import parse, total
+from .harness import examples, parse, total
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None,
+PROPERTY = settings(max_examples=examples(300), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 INT64 = 2**63 - 1

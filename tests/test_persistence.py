@@ -48,7 +48,7 @@ from exporter.poller import Poller
 from . import fakeapi as f
 from .harness import ROOT
 from .fakeapi import FakeSkillable, lab
-from .harness import Harness, Samples, eventually, lab_counters, parse, total
+from .harness import Harness, Samples, eventually, examples, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
 from .test_model_properties import chaos_record, valid_record
 
@@ -886,7 +886,7 @@ ended_lab = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(60), deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(ended_lab | valid_record | chaos_record, max_size=12),
        st.lists(ended_lab | valid_record | chaos_record, max_size=12))
 def test_whatever_the_api_sends_the_state_file_reads_back_with_nothing_left_out(

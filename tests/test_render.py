@@ -19,7 +19,7 @@ from exporter.render import Encoding, LineEncoder, Rows, _Families, choose_encod
 from exporter.state import FleetState
 
 from .fakeapi import FakeSkillable, lab
-from .harness import NOW, OPENMETRICS, MonotonicStub, make_app, make_poller, result
+from .harness import NOW, OPENMETRICS, MonotonicStub, examples, make_app, make_poller, result
 
 
 class CountingEncoder:
@@ -310,7 +310,7 @@ ACCEPT = st.lists(st.builds(lambda m, ps: ";".join([m, *ps]), ACCEPT_PART, st.li
                   max_size=4).map(",".join)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(ACCEPT)
 def test_choose_encoding_answers_every_accept_header_from_a_closed_set(accept: str) -> None:
     """Never raises; one of at most 14 encodings, whatever the header; and where prometheus_client's

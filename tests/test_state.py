@@ -31,7 +31,7 @@ from exporter.state import (
 )
 
 from . import state_v2
-from .harness import NOW, result
+from .harness import NOW, examples, result
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -140,7 +140,7 @@ def test_histogram_buckets_are_upper_inclusive(value: float, bucket: int) -> Non
     assert hist.counts.index(1) == bucket
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                           st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0, -0.0, 1.0000001, -1e-9]),
                           st.integers(-5, 90_000).map(float)), max_size=60),
