@@ -53,10 +53,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TextIO
+from typing import TextIO
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -108,7 +109,7 @@ def parse_time(setting: str, text: str) -> int:
     value = text.strip()
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            when = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+            when = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
         else:
             when = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
             if when.tzinfo is None:
@@ -141,7 +142,7 @@ def parse_label(text: str) -> tuple[str, str]:
 
 
 def rfc3339(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,8 @@ def fetch_results(client: SkillableClient, start: int, end: int, opts: Options,
             reason = failure_reason(exc)
             if reason == TOO_LARGE and end - start > MIN_SPLIT_SECONDS:
                 middle = start + (end - start) // 2
-                return fetch_results(client, start, middle, opts, sleep) + fetch_results(client, middle, end, opts, sleep)
+                return (fetch_results(client, start, middle, opts, sleep)
+                        + fetch_results(client, middle, end, opts, sleep))
             attempt += 1
             message = client.redact(str(exc))
             if reason == UNAUTHORIZED or attempt > opts.retries:
@@ -380,7 +382,7 @@ class DayFile:
 
     def __init__(self, folder: Path, start: int, header: str, trailer: str) -> None:
         self.start = start
-        self.path = folder / f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%dT%H%M%SZ}.om"
+        self.path = folder / f"{datetime.fromtimestamp(start, UTC):%Y-%m-%dT%H%M%SZ}.om"
         self.temporary = self.path.with_name(self.path.name + ".tmp")
         self._handle: TextIO = open(self.temporary, "w", encoding="utf-8", buffering=1 << 20)
         self._handle.write(header)
@@ -551,7 +553,7 @@ def size_text(size: float) -> str:
 
 
 def duration_text(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -828,7 +830,7 @@ class Run:
 def _file_start(path: Path) -> int:
     """The first step of a day's file, from its name (DayFile.path)."""
     try:
-        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=timezone.utc).timestamp())
+        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=UTC).timestamp())
     except ValueError:
         return 0
 
@@ -909,7 +911,8 @@ def main(argv: Sequence[str]) -> int:
         except OSError as exc:
             print(f"skillable-exporter backfill: {exc.strerror} (stop the demo exporter first)", file=sys.stderr)
             return EXIT_CONFIG
-        config = dataclasses.replace(config, accounts=(Account("", simulator.url, DEMO_API_KEY, config.window_minutes),))
+        demo_account = Account("", simulator.url, DEMO_API_KEY, config.window_minutes)
+        config = dataclasses.replace(config, accounts=(demo_account,))
     if opts.start < now - opts.retention:
         print(f"skillable-exporter backfill: warning: history before {rfc3339(int(now - opts.retention))} is older "
               f"than the retention ({args.bf_retention}): Prometheus deletes it as soon as it loads it, unless its "

@@ -17,7 +17,8 @@ import platform
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -170,7 +171,7 @@ class SkillableCollector(Collector):
                 values += some_values
 
             def sample(key: Hashable) -> tuple[str, dict[str, str]]:
-                account, inner = key  # type: ignore[misc]
+                account, inner = cast(tuple[str, Hashable], key)
                 suffix, label_values = name(inner)
                 return base + suffix if suffix else own_name, dict(zip(label_names, (account, *label_values)))
         else:
@@ -265,6 +266,9 @@ class SkillableCollector(Collector):
 KeysValues = tuple[list[Any], list[Any]]
 
 
+FamilyKind = type[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily | SummaryMetricFamily]
+
+
 @dataclass(frozen=True, slots=True)
 class LabFamily:
     """One lab family and where its rows come from.
@@ -274,7 +278,7 @@ class LabFamily:
     `le` last).
     """
 
-    kind: type[Metric]
+    kind: FamilyKind
     name: str
     help: str
     labels: list[str]
@@ -282,8 +286,8 @@ class LabFamily:
     sample: Callable[[Any], tuple[str, tuple[str, ...]]]
 
 
-KINDS: dict[str, type[Metric]] = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
-                                  "histogram": HistogramMetricFamily, "summary": SummaryMetricFamily}
+KINDS: dict[str, FamilyKind] = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
+                                "histogram": HistogramMetricFamily, "summary": SummaryMetricFamily}
 
 
 def _table_rows(f: Family) -> tuple[Callable[[Snapshot], KeysValues], Callable[[Any], tuple[str, tuple[str, ...]]]]:

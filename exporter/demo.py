@@ -44,7 +44,8 @@ from bisect import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -325,8 +326,7 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
         "TotalRunTimeSeconds": (lab.end if ended else int(now)) - lab.start,
         "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
         "IsExam": lab.exam,
-        "ExamPassed": (lab.exam_score >= _PASS_MARKS[lab.profile_id]) if scored and lab.exam_score is not None
-        else None,
+        "ExamPassed": _passed(lab) if scored else None,
         "ExamScore": lab.exam_score if scored else None,
         "ExamMaxPossibleScore": 100 if scored else None,
         "ExamPassingScore": _PASS_MARKS[lab.profile_id] if scored else None,
@@ -343,6 +343,12 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
 
 
 _PASS_MARKS = {p.id: p.pass_mark for p in CATALOG_PROFILES}
+
+
+def _passed(lab: Lab) -> bool | None:
+    """Whether a scored lab passed, by its profile's pass mark; None if it has no score or no mark."""
+    mark = _PASS_MARKS.get(lab.profile_id)
+    return None if lab.exam_score is None or mark is None else lab.exam_score >= mark
 _PLATFORM_CLOUD = {10: 10, 11: 11}  # CloudPlatformId for cloud-slice labs
 
 
@@ -354,12 +360,14 @@ def catalog_body() -> bytes:
                "Created": 1689505754000, "CreatedBy": "demo", "Price": 0.0} for sid, name in CATALOG_SERIES.items()]
     profiles = [{
         "Id": p.id, "Name": p.name, "Number": p.number, "Description": f"{p.name}.", "SeriesId": p.series,
-        "OrganizationId": 11, "OrganizationName": "Demo Learning", "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
+        "OrganizationId": 11, "OrganizationName": "Demo Learning",
+        "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
         "Scenario": "<div>You are the new administrator at Contoso.</div>", "DurationMinutes": p.minutes,
         "ExpectedDurationMinutes": p.minutes // 2, "PlatformId": p.platform,
         "CloudPlatformId": _PLATFORM_CLOUD.get(p.platform), "Enabled": p.enabled,
-        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10, "IsExam": p.pass_mark is not None,
-        "Tags": ["demo"], "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
+        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10,
+        "IsExam": p.pass_mark is not None, "Tags": ["demo"],
+        "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
         "Ram": 4096, "UsesRdp": p.platform in (2, 3), "InstructionSets": [], "Skills": [],
     } for p in CATALOG_PROFILES]
     regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
@@ -396,7 +404,7 @@ class SimulatorServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
 
 class SimulatorHandler(BaseHTTPRequestHandler):
@@ -404,7 +412,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # no delayed-ACK stall between headers and body (see server.py)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         endpoint = url.path.rstrip("/").rsplit("/", 1)[-1].lower()
         key = self.headers.get("api_key")

@@ -14,7 +14,7 @@ accounts are configured, and without the `le` and `quantile` of histogram and su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from .model import ALL_STATUSES
 from .state import DIMENSIONS, Dimension

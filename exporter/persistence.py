@@ -70,10 +70,12 @@ import stat
 import sys
 import threading
 import time
+import types
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 import msgspec
@@ -240,10 +242,10 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "acco
                 items = enumerate(_decoder(list[msgspec.Raw]).decode(fields[name]))
                 values[f.name] = [value for _, value in _good_entries(items, args[0], path, problems)]
             elif origin is dict and _is_object_struct(args[1]):  # one level down, per value
-                mapping = _decoder(dict[args[0], msgspec.Raw]).decode(fields[name])
+                mapping = _decoder(types.GenericAlias(dict, (args[0], msgspec.Raw))).decode(fields[name])
                 values[f.name] = dict(_salvaged_values(mapping.items(), args[1], path, problems))
             elif origin is dict:
-                mapping = _decoder(dict[args[0], msgspec.Raw]).decode(fields[name])
+                mapping = _decoder(types.GenericAlias(dict, (args[0], msgspec.Raw))).decode(fields[name])
                 values[f.name] = dict(_good_entries(mapping.items(), args[1], path, problems))
             elif _is_object_struct(f.type):
                 values[f.name] = salvage(fields[name], f.type, problems, path)

@@ -59,7 +59,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, attrgetter, sub
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -748,7 +749,7 @@ class FleetState:
                 if stamp > latest:  # rule 9
                     refused += 1
                     continue
-                status = code_index(r.completion_status, UNKNOWN_INDEX)  # type: ignore[arg-type]
+                status = code_index(r.completion_status, UNKNOWN_INDEX)
                 # First what the rules count for this sighting, decided once ...
                 if inst is None:
                     leave = -1  # in no gauge yet

@@ -16,6 +16,8 @@ from exporter.demo import start_simulator
 
 from .harness import ROOT
 
+pytestmark = pytest.mark.integration  # the benchmark's simulator serves on loopback; the smoke run starts bench/run.py
+
 
 def test_simulator_bench_hooks_freeze_move_and_count() -> None:
     sim = start_bench_simulator(labs_per_minute=5, clock=BenchClock(frozen=True))
