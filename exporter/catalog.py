@@ -41,10 +41,8 @@ Export rules (catalog_families):
 
 from __future__ import annotations
 
-import html
 import itertools
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -52,12 +50,11 @@ import msgspec
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from .config import Names
-from .model import DecodeError, _check_json, _check_status
+from .model import MAX_LABEL_CHARS, DecodeError, _check_json, _check_status, clean_text  # noqa: F401
 
 ENDPOINT = "catalog"
 PARAMS = {"includeAll": 1}
 REFRESH_SECONDS = 3600.0
-MAX_LABEL_CHARS = 120
 MAX_PROFILES = 100_000  # kept from one catalog; beyond this they are counted as skipped
 MAX_DURATION_MINUTES = 10 * 365 * 24 * 60
 NOT_PROFILES = ("other", "unknown")  # lab_profile_id values of the state that are no profile
@@ -107,20 +104,7 @@ class _Envelope(msgspec.Struct):
 
 _decoder = msgspec.json.Decoder(_Envelope, strict=False)
 
-# An HTML tag, a comment, a doctype: "<" then a letter, "/", "!" or "?" (so "a < b" stays).
-# An unclosed tag at the end counts too.
-_TAG = re.compile(r"<[A-Za-z/!?][^<>]*(?:>|$)")
 _DIGITS = re.compile(r"\s*\d{1,19}\s*")
-
-
-def clean_text(value: Any, limit: int = MAX_LABEL_CHARS) -> str:
-    """Free text as a safe label value: no tags, no control characters, collapsed whitespace, bounded."""
-    if not isinstance(value, str):
-        return ""
-    text = html.unescape(value[: limit * 8])  # bounded work; entities may spell tags, so unescape first
-    text = _TAG.sub(" ", text)  # a space, so the pieces around a tag never join into a new one
-    text = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
-    return " ".join(text.split())[:limit].rstrip()
 
 
 def _id(value: Any) -> str | None:
