@@ -17,7 +17,8 @@ B. Endings: `start` = the Start of the oldest watched lab minus the overlap, `so
    failed on scoring) and labs that ended without getting ready are counted however long they ran.
 
 Each of the four bounds (the launches' start, the cutoff, the endings' start, the expiry floor) never
-moves back. The expiry floor is now minus --skillable.max-running-minutes and the grace: no lab started
+moves back, and the endings' start moves on only after a question B answered in full (labs it has not
+read yet stay asked for). The expiry floor is now minus --skillable.max-running-minutes and the grace: no lab started
 before it is asked about or counted (LatestResults' state drops running labs at that age too).
 
 Why no `end`: the spec calls `start` "the earliest start time of lab instances to return" and `end`
@@ -58,11 +59,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgspec
 
-from .model import ERROR_KINDS, Count, Finite, Int64, LaunchRecord
+from .model import ERROR_KINDS, Count, Finite, Int64, LaunchRecord, SearchPage
 from .state import (
     OVERFLOW,
     PLACE,
@@ -130,6 +131,62 @@ class Plan:
     def takes_new(self, r: LaunchRecord) -> bool:
         """Rule 7: a record of an instance not remembered is taken only if it cannot have been forgotten."""
         return r.start >= self.expiry and (r.start >= self.launches_from or r.end is None or r.end >= self.ended_after)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One of a launch poll's two questions: its `start` and `sort`, and for question B the End below
+    which the reading stops."""
+
+    start: int
+    sort: str
+    stop_before: int | None = None
+
+
+def questions(plan: Plan) -> tuple[Question, Question]:
+    """Question A (launches), then question B (endings): the module docstring."""
+    return (Question(plan.launches_from, LAUNCHES_SORT),
+            Question(plan.watched_from, ENDINGS_SORT, plan.ended_after))
+
+
+def search_params(question: Question, page_size: int, page_index: int) -> dict[str, int | str]:
+    """The query of one page of a question. No `end`: see the module docstring."""
+    return {"mode": MODE, "start": question.start, "sort": question.sort, "pageSize": page_size,
+            "pageIndex": page_index}
+
+
+def ask(launch: LaunchState, plan: Plan, question: Question, fetch: Callable[[dict[str, int | str]], SearchPage],
+        page_size: int, more: Callable[[int], bool]) -> tuple[int, bool]:
+    """Ask one question page by page, each page applied as it comes (fetch: the page a query gives;
+    more(pages asked): False when there is no time left). Returns (pages asked, answered in full).
+
+    The reading ends after the last page (TotalPages; without it, a page shorter than asked), after an
+    empty page, or, for question B, after a page that reaches an End before `stop_before`, as long as
+    every End read so far came in descending order (else the API did not sort as asked, and every page
+    is read). Raises what fetch raises.
+    """
+    previous_end: int | None = None
+    ordered = True
+    index = 0
+    while True:
+        if not more(index):
+            return index, False
+        page = fetch(search_params(question, page_size, index))
+        launch.apply(page.records, plan, page.invalid)
+        index += 1
+        ends = [r.end for r in page.records if r.end is not None]
+        for end in ends:
+            ordered = ordered and (previous_end is None or end <= previous_end)
+            previous_end = end
+        if question.stop_before is not None and ordered and ends and ends[-1] < question.stop_before:
+            return index, True
+        if not (page.records or page.invalid):
+            return index, True
+        if page.total_pages is not None:
+            if index >= page.total_pages:
+                return index, True
+        elif len(page.records) + page.invalid < page_size:
+            return index, True
 
 
 @dataclass(slots=True)
@@ -281,6 +338,7 @@ class LaunchState:
         self.launches_until: int | None = None  # when the last complete question A began
         self.ended_until: int | None = None  # when the last complete question B began
         self.bounds: tuple[int, int, int, int] | None = None  # the last plan's, never moved back
+        self._endings_read = False  # the last plan's question B was answered in full: its start may move on
         self.last_success: float | None = None
         self.invalid_total = 0
         self.names: dict[str, dict[str, str]] = {"datacenter": {}, "delivery_region": {}, "lab_host": {}}
@@ -306,7 +364,8 @@ class LaunchState:
                 if w.end is None and not w.done and w.start >= t - STARTING_WATCH_SECONDS and w.start < frontier:
                     frontier = w.start
             launches_from = frontier - overlap_seconds
-            ended_after = min(t, self.ended_until if self.ended_until is not None else t) \
+            # Ends are read since the horizon on the first poll (rule 8), then since the last complete question B.
+            ended_after = min(t, self.ended_until if self.ended_until is not None else horizon) \
                 - self.grace_seconds - overlap_seconds
             previous = self.bounds or (launches_from, ended_after, expiry, expiry)
             launches_from, ended_after = max(launches_from, previous[0], expiry), max(ended_after, previous[1], expiry)
@@ -322,6 +381,9 @@ class LaunchState:
                 oldest = tracked
         watched_from = (oldest if oldest is not None else min(t, launches_from + overlap_seconds)) - overlap_seconds
         with self._lock:
+            if self.bounds is not None and not self._endings_read:
+                watched_from = previous[2]  # no question B answered in full since: labs it has not read stay asked for
+            self._endings_read = False
             watched_from = max(watched_from, previous[2], expiry)
             expiry = max(expiry, previous[3])
             self.bounds = (launches_from, ended_after, watched_from, expiry)
@@ -344,6 +406,7 @@ class LaunchState:
                 self.launches_until = max(plan.now, self.launches_until or plan.now)
             if endings_done:
                 self.ended_until = max(plan.now, self.ended_until or plan.now)
+                self._endings_read = True
             if launches_done and endings_done:
                 self.last_success = float(plan.now)
             self._version += 1

@@ -37,8 +37,8 @@ from .failures import (
     failure_reason,
     retry_after,
 )
-from .launches import LaunchSettings, LaunchState, Plan
-from .model import decode_delivery_regions, decode_latest_results, decode_search_page, decode_stats
+from .launches import LaunchSettings, LaunchState
+from .model import SearchPage, decode_delivery_regions, decode_latest_results, decode_search_page, decode_stats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -527,57 +527,39 @@ class Poller:
         deadline = started + settings.timeout
         plan = launch.plan(self._launch_now(), self.window_minutes * 60, self.overlap_minutes * 60, self.state,
                            self._lock)
+
+        def fetch(params: dict[str, int | str]) -> SearchPage:
+            body = self._call(launches.ENDPOINT, params, self._left(deadline), path=launches.PATH)
+            page = decode_search_page(body)  # the raw page (credentials, e-mails) is not kept past this
+            if page.invalid:
+                log.warning("skipped invalid lab instance search records", extra=self._fields(count=page.invalid))
+            return page
+
+        def more(pages: int) -> bool:
+            return not self._closed and self._left(deadline) > 0.2 and pages < MAX_LAUNCH_PAGES
+
+        pages, done = 0, []
         try:
-            asked_a, done_a = self._launch_pages(launch, plan, plan.launches_from, launches.LAUNCHES_SORT, None,
-                                                 deadline)
-            asked_b, done_b = (0, False) if not done_a else self._launch_pages(
-                launch, plan, plan.watched_from, launches.ENDINGS_SORT, plan.ended_after, deadline)
+            for question in launches.questions(plan):
+                asked, complete = launches.ask(launch, plan, question, fetch, settings.page_size, more)
+                pages += asked
+                done.append(complete)
+                if not complete:
+                    break
         except Exception as exc:  # noqa: BLE001 - no answer, however odd, may stop the worker
             self._launch_failures_in_row += 1
-            delay = backoff_seconds(self._launch_failures_in_row, retry_after(exc), jitter=random.uniform(0.5, 1.0))
+            delay = max(settings.interval, backoff_seconds(self._launch_failures_in_row, retry_after(exc),
+                                                           jitter=random.uniform(0.5, 1.0)))
             with self._lock:
-                self._launch_due = started + max(settings.interval, delay)
-            self._count_failure(launches.ENDPOINT, exc, retry_in=max(settings.interval, delay))
+                self._launch_due = started + delay
+            self._count_failure(launches.ENDPOINT, exc, retry_in=delay)
             return
-        launch.finish(plan, done_a, done_b)
+        done += [False] * (2 - len(done))
+        launch.finish(plan, done[0], done[1])
         self._endpoint_recovered(launches.ENDPOINT)
         self._launch_failures_in_row = 0
         with self._lock:
             self._launch_due = started + settings.interval
         log.debug("launch poll ok", extra=self._fields(
-            pages=asked_a + asked_b, launches_from=plan.launches_from, watched_from=plan.watched_from,
-            ended_after=plan.ended_after, complete=done_a and done_b, watched=launch.watched))
-
-    def _launch_pages(self, launch: LaunchState, plan: Plan, start: int, sort: str, stop_before: int | None,
-                      deadline: float) -> tuple[int, bool]:
-        """Ask one question page by page; each page is applied as it comes. Returns (pages asked, whether
-        the question was answered in full). With `stop_before` (question B, sorted by End descending),
-        the reading stops after a page that reaches an End before it, as long as the Ends came in that
-        order; else every page is read. Raises what a failed request raises."""
-        settings = self.launch_settings
-        assert settings is not None
-        previous_end: int | None = None
-        ordered = True
-        page_index = 0
-        while True:
-            if self._closed or self._left(deadline) <= 0.2 or page_index >= MAX_LAUNCH_PAGES:
-                return page_index, False
-            params: dict[str, int | str] = {"mode": launches.MODE, "start": start, "sort": sort,
-                                            "pageSize": settings.page_size, "pageIndex": page_index}
-            body = self._call(launches.ENDPOINT, params, self._left(deadline), path=launches.PATH)
-            page = decode_search_page(body)
-            del body  # the raw page (credentials, e-mails) is never kept past decoding
-            launch.apply(page.records, plan, page.invalid)
-            page_index += 1
-            if page.invalid:
-                log.warning("skipped invalid lab instance search records", extra=self._fields(count=page.invalid))
-            ends = [r.end for r in page.records if r.end is not None]
-            for end in ends:
-                ordered = ordered and (previous_end is None or end <= previous_end)
-                previous_end = end
-            if stop_before is not None and ordered and ends and ends[-1] < stop_before:
-                return page_index, True
-            last = (page.total_pages is not None and page_index >= page.total_pages) or (
-                page.total_pages is None and len(page.records) + page.invalid < settings.page_size)
-            if last or not (page.records or page.invalid):
-                return page_index, True
+            pages=pages, launches_from=plan.launches_from, watched_from=plan.watched_from,
+            ended_after=plan.ended_after, complete=all(done), watched=launch.watched))
