@@ -251,6 +251,8 @@ ERROR_KINDS: tuple[str, ...] = (LIFECYCLE_ACTION, WEBHOOK, OTHER_ERROR)
 _LIFECYCLE = re.compile(r"life[\s_-]*cycle[\s_-]*action", re.IGNORECASE)
 _WEBHOOK = re.compile(r"web[\s_-]*hook", re.IGNORECASE)
 MAX_ERROR_MESSAGE_CHARS = 4096  # of a message, what is looked at to classify it
+# An Error about the API key (Skillable answers a bad key with HTTP 200, Status 0 and such an Error).
+KEY_ERROR = re.compile(r"api[ _-]?key|unauthori[sz]ed|forbidden|not authenticated", re.IGNORECASE)
 MAX_STARTUP_SECONDS = 7 * 86400  # a StartupDuration beyond a week (or below 0) is a bad value
 
 
@@ -366,7 +368,11 @@ def decode_search_page(body: bytes) -> SearchPage:
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a lab instance search answer: {_first_line(exc)}") from None
-    _check_status(env.Status, env.Error)
+    if env.Status != 1:
+        # The Error text is not kept: this endpoint's answers carry personal data. Whether it is about the
+        # API key is (failures.py reads that from the message).
+        about_key = "; it is about the API key" if env.Error and KEY_ERROR.search(env.Error) else ""
+        raise UpstreamError(f"Status {env.Status!r} (the Error text of a search answer is not shown){about_key}")
     raws: list[msgspec.Raw]
     first = bytes(env.Results).lstrip()[:1]
     if first in (b"", b"n"):  # absent, or null

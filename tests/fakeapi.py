@@ -149,6 +149,7 @@ class FakeState:
     # running or ended at or after start), and how many records of the next page each page repeats.
     search_reading: str = "start"
     search_overlap: int = 0
+    search_fault: Fault | None = None  # played by every /labinstance/search request while set
 
 
 class FakeSkillable(ThreadingHTTPServer):
@@ -463,6 +464,8 @@ class _Handler(BaseHTTPRequestHandler):
             state = self.server.state
             state.seen.append(Seen(url.path, self.minutes, self.headers.get("api_key"), self.server.clock(), url.query))
             fault = state.sticky_fault
+            if fault is None and endpoint == "search":
+                fault = state.search_fault
             if fault is None:
                 for i, (target, queued) in enumerate(state.faults):
                     if target is None or target == endpoint:
