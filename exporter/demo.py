@@ -16,11 +16,21 @@ tail), exams with their own pass marks, some profiles disabled and some never la
 Profile FAILING_PROFILE (an Azure lab with a broken template) mostly fails to create, on
 every host; it takes a small share of launches, so the hosts and datacenters it runs on
 stay below their alert thresholds while the profile itself is plainly broken.
+
+/labinstance/search (mode 5) shows the same labs with what launches add (launch_facts, a pure
+function of the seed and the lab): how long each took to become ready (datacenter
+SLOW_DATACENTER takes minutes where the others take about one), the API consumer that launched
+it, and errors: profile LIFECYCLE_FAILING_PROFILE's life-cycle script fails in most of its labs,
+and the webhook receiver of integration WEBHOOK_CONSUMER answers 404 on scoring (one error just
+before the End, one just after). Labs that fail to create never become ready. The records carry
+made-up credentials, names and e-mails (DEMO_SECRET_MARKERS), as real ones do, so tests can
+prove none of it leaves the exporter.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
@@ -30,7 +40,7 @@ from bisect import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -327,6 +337,133 @@ def catalog_body() -> bytes:
                             "Status": 1, "Error": None})
 
 
+# -- /labinstance/search, mode 5: how labs start, and what breaks while they run ----------------
+
+SLOW_DATACENTER = 2  # its labs take minutes to become ready
+LIFECYCLE_FAILING_PROFILE = 5004  # "Monitor with Azure Monitor": its life-cycle script fails in most labs
+LIFECYCLE_FAILURE_SHARE = 0.7
+WEBHOOK_CONSUMER = "Fabrikam Academy"  # its webhook receiver answers 404 on scoring
+CONSUMERS: tuple[tuple[str, float], ...] = (("Contoso LMS", 60.0), ("Partner Portal", 30.0), (WEBHOOK_CONSUMER, 10.0))
+NEVER_READY = (10, 20)  # storage provisioning and lab creation failures never become ready
+# Parts of the made-up personal data and credentials in every mode-5 record (concise_record).
+DEMO_SECRET_MARKERS = ("Demo-Pa55w0rd-", "demo-cloud-secret-", "learner.", "@demo-mail.invalid", "Learnerson",
+                       "demo-hook-token-")
+_LIFECYCLE_MESSAGE = ("Configuration error encountered when executing life cycle action {action} script. Error: "
+                      "unable to find machine to score against.")
+_WEBHOOK_MESSAGE = ('Error calling API Consumer webhook {event} "{event}" at URL https://hooks.fabrikam.invalid/'
+                    'skillable?token=demo-hook-token-{user}. Response status code: NotFound.')
+_COMPLETION_NAMES = {1: "Cancelled", 2: "No Show", 3: "Incomplete", 4: "Complete", 10: "Storage Provisioning Failed",
+                     20: "Lab Creation Failed", 30: "Resume Failed", 40: "Save Failed", 50: "Submitted For Grading",
+                     60: "Grading In Progress"}
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchFacts:
+    """What /labinstance/search adds to a lab: seconds from its Start until it was ready (None: never; a lab
+    that ends first was never ready), who launched it, and its errors (seconds after its Start, message)."""
+
+    startup: int | None
+    consumer: str
+    errors: tuple[tuple[int, str], ...]
+
+
+@functools.lru_cache(maxsize=65536)
+def launch_facts(lab: Lab, seed: int = 7) -> LaunchFacts:
+    """The launch facts of a lab: a pure function of the seed and the lab (its own random stream, so the
+    LatestResults traffic is the same with or without them)."""
+    rng = random.Random(f"{seed}:launch:{lab.instance_id}")
+    if lab.status in NEVER_READY:
+        startup = None
+    elif lab.datacenter == SLOW_DATACENTER:
+        startup = int(rng.uniform(240, 900))
+    else:
+        startup = int(min(600, rng.lognormvariate(math.log(55), 0.45)))
+    if startup is not None and lab.start + startup > lab.end:
+        startup = None  # ended (cancelled, say) before it was ready
+    consumer = CONSUMERS[_pick(rng, [w for _, w in CONSUMERS])][0]
+    errors: list[tuple[int, str]] = []
+    if lab.profile_id == LIFECYCLE_FAILING_PROFILE and rng.random() < LIFECYCLE_FAILURE_SHARE:
+        errors.append((min(lab.end - lab.start, (startup or 30) + rng.randrange(5, 60)),
+                       _LIFECYCLE_MESSAGE.format(action=3466)))
+    if consumer == WEBHOOK_CONSUMER and startup is not None:
+        duration = lab.end - lab.start
+        errors.append((max(0, duration - rng.randrange(5, 30)), _WEBHOOK_MESSAGE.format(event="Scoring", user=lab.user)))
+        errors.append((duration + rng.randrange(1, 30), _WEBHOOK_MESSAGE.format(event="Scored", user=lab.user)))
+    return LaunchFacts(startup, consumer, tuple(errors))
+
+
+def _pick(rng: random.Random, weights: Sequence[float]) -> int:
+    pick = rng.random() * sum(weights)
+    for i, weight in enumerate(weights):
+        pick -= weight
+        if pick < 0:
+            return i
+    return len(weights) - 1
+
+
+def concise_record(lab: Lab, now: float, seed: int = 7) -> dict[str, Any]:
+    """A lab as mode 5 shows it at `now`: the LabResult's facts, its launch facts as far as they have
+    happened, names, and the personal data and credentials real records carry (made up)."""
+    facts = launch_facts(lab, seed)
+    ended = lab.end <= now
+    ready = facts.startup is not None and lab.start + facts.startup <= now
+    dc_name = DATACENTER_NAMES[str(lab.datacenter)]
+    return {
+        "Id": lab.instance_id, "LabProfileId": lab.profile_id, "LabProfileName": _PROFILE_NAMES[lab.profile_id],
+        "UserId": f"user-{lab.user}", "UserFirstName": "Demo", "UserLastName": f"Learnerson{lab.user}",
+        "UserEmail": f"learner.{lab.user}@demo-mail.invalid", "ClassId": None, "ClassName": None,
+        "Start": lab.start, "StartTime": f"/Date({lab.start * 1000})/",
+        "End": lab.end if ended else None, "EndTime": f"/Date({lab.end * 1000})/" if ended else None,
+        "State": "Off" if ended else ("Running" if ready else "Starting"),
+        "CompletionStatus": _COMPLETION_NAMES.get(lab.status, "Unknown") if ended else "Incomplete",
+        "LabHostId": lab.host, "LabHostName": LAB_HOST_NAMES[str(lab.host)], "DatacenterId": lab.datacenter,
+        "DatacenterName": dc_name, "DeliveryRegionId": lab.region, "DeliveryRegionName": DELIVERY_REGIONS[lab.region],
+        "StartupDuration": facts.startup if ready else None,
+        "Errors": [{"Message": message, "Time": lab.start + after, "TimeValue": f"/Date({(lab.start + after) * 1000})/"}
+                   for after, message in facts.errors if lab.start + after <= now],
+        "ErrorCount": str(sum(1 for after, _ in facts.errors if lab.start + after <= now)),
+        "ApiConsumerName": facts.consumer,
+        "VirtualMachineCredentials": [{"Id": 907, "Name": "Windows Server", "Username": "Administrator",
+                                       "Password": f"Demo-Pa55w0rd-{lab.user}"}],
+        "CloudCredentials": [{"Name": "Azure subscription", "UserName": f"learner.{lab.user}@demo-mail.invalid",
+                              "Password": f"demo-cloud-secret-{lab.user}"}],
+        "Notes": [], "Sessions": [{"Start": lab.start, "End": lab.end if ended else None}],
+        "DetailsUrl": f"https://labs.demo.invalid/LabInstance/{lab.instance_id}", "InstructorName": "",
+        "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
+    }
+
+
+def search_body(traffic: Traffic, query: dict[str, list[str]], now: float, seed: int = 7) -> bytes:
+    """/labinstance/search?mode=5: the labs started at or after `start` (by now; at most 7 days and the longest
+    lab back), sorted (start, start desc, end, end desc: running labs, with no End, sort lowest) and paged."""
+    def one(name: str, default: str) -> str:
+        return query.get(name, [default])[0]
+
+    try:
+        mode, start = int(one("mode", "10")), int(one("start", "0"))
+        size, index = int(one("pageSize", "100")), int(one("pageIndex", "0"))
+    except ValueError:
+        return _encoder.encode({"Status": 0, "Error": "invalid parameter"})
+    if mode != 5 or not 1 <= size <= 1000 or index < 0:
+        return _encoder.encode({"Status": 0, "Error": "the demo serves mode 5, pages of 1 to 1000"})
+    start = max(start, int(now) - 10080 * 60 - MAX_LAB_SECONDS)
+    labs = [lab for minute in range(math.floor(start / 60), math.floor(now / 60) + 1)
+            for lab in traffic.labs_starting_in(minute) if start <= lab.start <= now]
+    sort = one("sort", "start desc").strip().lower()
+    if sort.startswith("end"):
+        def end_key(lab: Lab) -> tuple[int, int]:
+            return (lab.end if lab.end <= now else -1, lab.instance_id)
+        labs.sort(key=end_key, reverse=sort.endswith("desc"))
+    else:
+        labs.sort(key=lambda lab: (lab.start, lab.instance_id), reverse=sort.endswith("desc"))
+    page = [concise_record(lab, now, seed) for lab in labs[index * size:(index + 1) * size]]
+    return _encoder.encode({"TotalResults": len(labs), "TotalPages": -(-len(labs) // size), "Results": page,
+                            "Status": 1, "Error": None})
+
+
+_PROFILE_NAMES = {p.id: p.name for p in CATALOG_PROFILES}
+
+
 def latest_results_body(traffic: Traffic, now: float, minutes: int) -> bytes:
     parts = [result_json(lab, ended, now) for lab, ended in traffic.changed_within(now, minutes)]
     return b'{"Results":[' + b",".join(parts) + b'],"Status":1,"Error":null}'
@@ -384,6 +521,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
         elif endpoint == "catalog":
             self._send(catalog_body(), endpoint)
+        elif endpoint == "search" and url.path.rstrip("/").lower().endswith("labinstance/search"):
+            self._send(search_body(self.server.traffic, parse_qs(url.query), now, self.server.traffic.seed), endpoint)
         elif endpoint == "stats":
             # Every lab started and not ended (the longest runs MAX_LAB_SECONDS), as the exporter's
             # sum(skillable_lab_instances_running) counts them from its first poll.
@@ -456,7 +595,8 @@ def serve(server: SimulatorServer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions, catalog)").parse_args(argv)
+    args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions, catalog, "
+                           "labinstance/search)").parse_args(argv)
     return serve(SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed)))
 
 
