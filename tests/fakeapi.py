@@ -284,10 +284,8 @@ class FakeSkillable(ThreadingHTTPServer):
         shows of it (records_now), the start-up duration once it is ready, the errors reported so far, and
         the credentials, names and e-mails real records carry (SECRETS)."""
         now = self.clock()
-        shown = {r["LabInstanceId"]: r for r in self.records_now()}
         out = []
-        for raw in self.state.records:
-            r = shown[raw["LabInstanceId"]]
+        for raw, r in zip(self.state.records, self.records_now()):  # the same records, in the same order
             start = r.get("Start")
             if not isinstance(start, (int, float)) or start > now:
                 continue
@@ -315,12 +313,12 @@ class FakeSkillable(ThreadingHTTPServer):
         if sort.startswith("end"):
             # SQL Server's order: nulls (running labs) sort lowest, so last in a descending order.
             descending = sort.endswith("desc")
-            ended = sorted((r for r in records if r["End"] is not None), key=lambda r: (r["End"], r["Id"]),
+            ended = sorted((r for r in records if r["End"] is not None), key=lambda r: (r["End"], r["Id"] or 0),
                            reverse=descending)
             running = [r for r in records if r["End"] is None]
             records = ended + running if descending else running + ended
         else:
-            records.sort(key=lambda r: (r["Start"], r["Id"]), reverse=sort.endswith("desc"))
+            records.sort(key=lambda r: (r["Start"], r["Id"] or 0), reverse=sort.endswith("desc"))
         pages = -(-len(records) // size) if size > 0 else 0
         page = records[index * size:(index + 1) * size + self.state.search_overlap] if size > 0 else []
         return {"TotalResults": len(records), "TotalPages": pages, "Results": page, "Status": 1, "Error": None}
@@ -569,7 +567,7 @@ def concise(r: dict[str, Any], raw: dict[str, Any], now: float) -> dict[str, Any
               for after, message in raw.get("_errors", ()) if start + after <= now]
     host, dc, region = r.get("LabHostId"), r.get("DatacenterId"), r.get("DeliveryRegionId")
     return {
-        "Id": r["LabInstanceId"], "LabProfileId": r.get("LabProfileId"), "LabProfileName": "Fake lab",
+        "Id": r.get("LabInstanceId"), "LabProfileId": r.get("LabProfileId"), "LabProfileName": "Fake lab",
         "Products": [{"Id": 39, "Name": "Azure"}], "SeriesId": 226, "SeriesName": "Fake series",
         "UserId": "user-secret-555", "UserFirstName": "Grace-Fakename", "UserLastName": "Hopper-Fakeson",
         "UserEmail": "grace.fakename@example.invalid", "ClassId": None, "ClassName": None,
@@ -587,7 +585,7 @@ def concise(r: dict[str, Any], raw: dict[str, Any], now: float) -> dict[str, Any
         "ApiConsumerName": raw.get("_consumer"),
         "Notes": [{"Time": start, "Title": "Note", "Text": "student-note-fake-text"}],
         "Sessions": [{"Start": start, "End": end}],
-        "DetailsUrl": f"https://uat.example.invalid/LabInstance/{r['LabInstanceId']}",
+        "DetailsUrl": f"https://uat.example.invalid/LabInstance/{r.get('LabInstanceId')}",
         "VirtualMachineCredentials": [{"Id": 907, "Name": "VM 907", "Username": "Grace-Fakename",
                                        "Password": "Fake-Pa55w0rd-7731"}],
         "CloudCredentials": [{"Name": "AWS", "Key": "AKIAFAKEACCESSKEY0001", "Secret": "fake-cloud-secret-9f8e7d"}],
