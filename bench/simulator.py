@@ -80,7 +80,14 @@ class FleetTraffic(Traffic):
         first = (j // len(self.hosts_of) * HOSTS_PER_PROFILE) % len(hosts)
         return (hosts + hosts)[first:first + HOSTS_PER_PROFILE]
 
-    def _lab(self, rng: random.Random, minute: int, index: int) -> Lab:
+    def _generate(self, minute: int) -> tuple[Lab, ...]:
+        """A flat rate of launches (no daily rhythm, no demo fault streams), each placed by _fleet_lab."""
+        rng = random.Random(f"{self.seed}:{minute}")
+        whole = int(self.labs_per_minute)
+        count = whole + (1 if rng.random() < self.labs_per_minute - whole else 0)
+        return tuple(self._fleet_lab(rng, minute, i) for i in range(count))
+
+    def _fleet_lab(self, rng: random.Random, minute: int, index: int) -> Lab:
         j = rng.randrange(len(self.profile_ids))
         dc = j % len(self.hosts_of)
         hosts = self.hosts_for(j)

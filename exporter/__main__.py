@@ -76,11 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def config_check_summary(path: str | None, config: Config) -> str:
     checked = f"configuration file {path}" if path else "configuration (flags and environment)"
     extra = f", web config {config.web_config_file}" if config.web_config_file else ""
-    missing = [account.name or "default" for account in config.accounts if not account.api_key]
+    unset = [account.name or "default" for account in config.accounts if not account.api_key and not account.key_file]
+    # A key file named but not there is no error here (the check needs no key), but a start would fail: say so.
+    absent = [f"{account.name or 'default'} ({account.key_file})" for account in config.accounts
+              if not account.api_key and account.key_file]
     if config.demo:
         keys = ""
-    elif missing:
-        keys = f"; API key not checked (none set) for: {', '.join(missing)}"
+    elif unset or absent:
+        keys = (f"; API key not checked (none set) for: {', '.join(unset)}" if unset else "") + (
+            f"; API key file missing (a start would fail) for: {', '.join(absent)}" if absent else "")
     else:
         keys = "; API keys found, not tried against the API"
     return f"skillable-exporter: {checked}{extra} is valid: {len(config.accounts)} account(s){keys}"
@@ -96,10 +100,17 @@ def serve(config: Config, web: WebConfig | None, reload_config: Callable[[], tup
         return EXIT_CONFIG
     simulator = None
     if config.demo:
-        from .demo import start_simulator
+        from .demo import DEMO_API_KEY, DEMO_HISTORY_MINUTES, start_demo_api
 
-        simulator = start_simulator()
-        log.info("demo mode: simulated Skillable API", extra={"address": simulator.url})
+        # With a state file to restore, the simulated account has a past (as backfill saw it).
+        restoring = config.state_file is not None and os.path.exists(config.state_file)
+        try:
+            simulator = start_demo_api(config.listen_addresses, None if restoring else DEMO_HISTORY_MINUTES)
+        except OSError as exc:
+            print(f"skillable-exporter: invalid setting web.listen-address: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
+        log.info("demo mode: simulated Skillable API; it answers this key only",
+                 extra={"address": simulator.url, "api_key": DEMO_API_KEY})
     demo_url = simulator.url if simulator is not None else None
     config = with_demo(config, demo_url)
     app = ExporterApp(config)
@@ -201,9 +212,10 @@ def with_demo(config: Config, demo_url: str | None) -> Config:
     the user's (unless the user has some)."""
     if demo_url is None:
         return config
-    from .demo import DATACENTER_NAMES, LAB_HOST_NAMES
+    from .demo import DATACENTER_NAMES, DEMO_API_KEY, DEMO_MAX_ACTIVE_LABS, LAB_HOST_NAMES
 
-    account = Account("", demo_url, "demo", config.window_minutes)
+    account = Account("", demo_url, DEMO_API_KEY, config.window_minutes,
+                      config.accounts[0].max_active_labs or DEMO_MAX_ACTIVE_LABS)
     names = config.names
     if not names.datacenters and not names.lab_hosts:  # show off the name joins, unless the user has names
         names = dataclasses.replace(names, datacenters=DATACENTER_NAMES, lab_hosts=LAB_HOST_NAMES)

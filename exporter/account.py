@@ -36,6 +36,7 @@ class Health:
     stats: AccountStats | None = None
     region_names: dict[int, str] = field(default_factory=dict)
     catalog: catalog.Catalog | None = None  # the last good /catalog
+    catalog_skipped: int = 0  # catalog entries skipped, over every /catalog fetched
 
 
 @dataclass

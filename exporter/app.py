@@ -129,7 +129,8 @@ class ExporterApp:
 
     def _collector(self, accounts: list[tuple[str, Poller]]) -> SkillableCollector:
         window = shared_window(poller for _, poller in accounts)
-        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles)
+        return SkillableCollector(accounts, self.config.names, window, self.config.max_lab_profiles,
+                                  max_active_labs=self.config.max_active_labs)
 
     def scrape_wait(self, scrape_timeout_header: str | None) -> float:
         """How long this scrape waits for its polls: the configured timeout (and a margin), capped by
@@ -233,11 +234,11 @@ class ExporterApp:
         self.config = dataclasses.replace(new, **kept, accounts=accounts)
         limit_changed = new.max_response_bytes != old.max_response_bytes
         for before, after in zip(old.accounts, accounts):
-            changed = limit_changed or (before.api_url, before.api_key) != (after.api_url, after.api_key)
+            new_key_or_url = (before.api_url, before.api_key) != (after.api_url, after.api_key)
             self.pollers[after.name].reconfigure(
-                self._make_client(after.api_url, after.api_key) if changed else None,
+                self._make_client(after.api_url, after.api_key) if new_key_or_url or limit_changed else None,
                 after.window_minutes, self.config.overlap_minutes, self.config.min_poll_interval,
-                self.config.timeout,
+                self.config.timeout, new_key_or_url=new_key_or_url,
             )
         self._build_collectors()
         return waiting
@@ -272,9 +273,10 @@ class Reloader:
             try:
                 config, extra = self._load()
             except ConfigError as exc:
-                self._app.reload_successful.set(0)
-                log.error("config reload refused, keeping the running config", extra={"reason": str(exc)})
-                return str(exc)
+                return self._refuse(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a reload never ends the process, whatever it read
+                log.exception("bug: loading the configuration failed outside its own checks")
+                return self._refuse(f"cannot load the configuration: {type(exc).__name__}: {exc}")
             waiting = self._app.reconfigure(config)
             self._apply(self._app.config, extra)
             self._app.reload_successful.set(1)
@@ -284,3 +286,8 @@ class Reloader:
                 fields["needs_restart"] = ",".join(waiting)
             log.info("config reloaded", extra=fields)
             return None
+
+    def _refuse(self, reason: str) -> str:
+        self._app.reload_successful.set(0)
+        log.error("config reload refused, keeping the running config", extra={"reason": reason})
+        return reason

@@ -771,7 +771,7 @@ class Run:
 
     def _collector(self, accounts: dict[str, Replayed]) -> SkillableCollector:
         return SkillableCollector(list(accounts.items()), self.config.names, shared_window(accounts.values()),
-                                  self.config.max_lab_profiles)
+                                  self.config.max_lab_profiles, max_active_labs=self.config.max_active_labs)
 
     def close(self) -> None:
         for account in self.accounts.values():
@@ -1062,10 +1062,14 @@ def main(argv: Sequence[str]) -> int:
     if config.demo:
         import dataclasses
 
-        from .demo import start_simulator
+        from .demo import DEMO_API_KEY, start_demo_api
 
-        simulator = start_simulator(history_minutes=None)  # backfill is about the past: the demo account has one
-        config = dataclasses.replace(config, accounts=(Account("", simulator.url, "demo", config.window_minutes),))
+        try:  # at the live demo's address, so the state file it writes restores there
+            simulator = start_demo_api(config.listen_addresses, None)  # backfill is about the past: the account has one
+        except OSError as exc:
+            print(f"skillable-exporter backfill: {exc.strerror} (stop the demo exporter first)", file=sys.stderr)
+            return EXIT_CONFIG
+        config = dataclasses.replace(config, accounts=(Account("", simulator.url, DEMO_API_KEY, config.window_minutes),))
     if opts.start < now - opts.retention:
         print(f"skillable-exporter backfill: warning: history before {rfc3339(int(now - opts.retention))} is older "
               f"than the retention ({args.bf_retention}): Prometheus deletes it as soon as it loads it, unless its "

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import msgspec
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .config import Names
-from .model import MAX_LABEL_CHARS, DecodeError, _check_json, _check_status, clean_text  # noqa: F401
+# Names are cleaned and bounded as every text from the API that becomes a label value (model.py).
+from .model import MAX_LABEL_CHARS, DecodeError, _check_json, _check_status, clean_text, decode_repairing  # noqa: F401
 
 ENDPOINT = "catalog"
 PARAMS = {"includeAll": 1}
@@ -86,6 +87,7 @@ class Catalog:
     profiles: dict[str, LabProfile] = field(default_factory=dict)
     series: dict[str, str] = field(default_factory=dict)  # id -> name
     skipped: int = 0  # records that were not objects or had no usable Id
+    first_skipped: str = ""  # the first of them, for the log line: "LabProfiles[3]: Id 'x' is no id"
     generation: int = field(default_factory=lambda: next(_generation))
 
     def __repr__(self) -> str:
@@ -154,27 +156,36 @@ def _profile(raw: Any) -> LabProfile | None:
 def decode_catalog(body: bytes) -> Catalog:
     """Decode a /catalog body (see the module docstring for the rules)."""
     try:
-        env = _decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        env = decode_repairing(_decoder, body)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a Catalog object: {exc}") from None
     _check_status(env.Status, env.Error)
-    skipped = 0
+    skipped: list[str] = []
     profiles: dict[str, LabProfile] = {}
-    for raw in env.LabProfiles or []:
+    for index, raw in enumerate(env.LabProfiles or []):
         profile = _profile(raw)
         if profile is None or len(profiles) >= MAX_PROFILES:
-            skipped += 1
+            skipped.append(_why_skipped("LabProfiles", index, raw, profile is not None))
         elif profile.id not in profiles:
             profiles[profile.id] = profile
     series: dict[str, str] = {}
-    for raw in env.LabSeries or []:
+    for index, raw in enumerate(env.LabSeries or []):
         sid = _id(raw.get("Id")) if isinstance(raw, dict) else None
         if sid is None or len(series) >= MAX_PROFILES:
-            skipped += 1
+            skipped.append(_why_skipped("LabSeries", index, raw, sid is not None))
         elif sid not in series:
             series[sid] = clean_text(raw.get("Name")) or sid
-    return Catalog(profiles, series, skipped)
+    return Catalog(profiles, series, len(skipped), skipped[0] if skipped else "")
+
+
+def _why_skipped(where: str, index: int, raw: Any, over_the_cap: bool) -> str:
+    """Why one catalog entry was skipped, in a few words for the log (never more than an id's repr)."""
+    if over_the_cap:
+        return f"{where}[{index}]: more than {MAX_PROFILES} entries"
+    if not isinstance(raw, dict):
+        return f"{where}[{index}]: not an object"
+    return f"{where}[{index}]: Id {clean_text(repr(raw.get('Id')), 40)} is not a whole number below 2^63"
 
 
 # -- metric families -------------------------------------------------------------
@@ -182,11 +193,13 @@ def decode_catalog(body: bytes) -> Catalog:
 
 @dataclass(frozen=True)
 class AccountProfiles:
-    """What catalog_families needs from one account: its catalog and its profiles with series."""
+    """What catalog_families needs from one account: its catalog, its profiles with series, and how
+    many catalog entries it skipped over every catalog fetched (Health.catalog_skipped)."""
 
     account: str
     catalog: Catalog | None
     active: Sequence[str]  # Snapshot.profiles
+    skipped_total: int = 0
 
 
 def exported_profiles(active: Sequence[str], catalog: Catalog | None, names: Names, budget: int) -> list[str]:
@@ -203,7 +216,8 @@ def exported_profiles(active: Sequence[str], catalog: Catalog | None, names: Nam
 
 def catalog_families(accounts: Sequence[AccountProfiles], names: Names, budget: int,
                      account_label: bool) -> Iterator[Metric]:
-    """skillable_lab_profile_info, skillable_lab_series_info, _enabled and _max_duration_seconds."""
+    """skillable_lab_profile_info, skillable_lab_series_info, _enabled and _max_duration_seconds, and
+    skillable_catalog_entries_skipped_total once an account has a catalog."""
     per_account = ["account", "lab_profile_id"] if account_label else ["lab_profile_id"]
     info = GaugeMetricFamily(
         "skillable_lab_profile_info",
@@ -222,12 +236,19 @@ def catalog_families(accounts: Sequence[AccountProfiles], names: Names, budget: 
         "How long a lab of this profile may run before it expires (DurationMinutes in /catalog).",
         labels=per_account,
     )
+    skipped = CounterMetricFamily(
+        "skillable_catalog_entries_skipped_total",
+        "Lab profiles and lab series in /catalog answers skipped: not an object, or no usable Id (each "
+        "fetch counts its own, hourly).", labels=per_account[:-1],
+    )
     infos: dict[str, tuple[str, ...]] = {}
     series_names: dict[str, str] = {}
     for entry in accounts:
         known = entry.catalog.profiles if entry.catalog is not None else {}
         known_series = entry.catalog.series if entry.catalog is not None else {}
         values = [entry.account] if account_label else []
+        if entry.catalog is not None:
+            skipped.add_metric(values, entry.skipped_total)
         for pid in sorted(exported_profiles(entry.active, entry.catalog, names, budget), key=int):
             profile = known.get(pid)
             name = names.lab_profiles.get(pid) or (profile.name if profile else pid)
@@ -249,4 +270,4 @@ def catalog_families(accounts: Sequence[AccountProfiles], names: Names, budget: 
         info.add_metric(list(infos[pid]), 1)
     for sid in sorted(series_names, key=int):
         series_info.add_metric([sid, series_names[sid]], 1)
-    yield from (info, series_info, enabled, duration)
+    yield from (info, series_info, enabled, duration, skipped)

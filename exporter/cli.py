@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Collection, Mapping, NoReturn, Sequence
 
-from .config import SETTINGS, Config, load_config
+from .config import SETTINGS, Config, closest, load_config
 from .version import version_text
 from .webconfig import WebConfig, load_web_config
 
@@ -34,8 +34,16 @@ DEFAULT_BLOCK_DURATION = "6h"  # 4 blocks a day: 4 passes of promtool over a fil
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # One line, like every other configuration error.
-        self.exit(EXIT_CONFIG, f"{self.prog}: invalid command line: {message}\n")
+        # One line, like every other configuration error; an unknown flag with the closest known one.
+        self.exit(EXIT_CONFIG, f"{self.prog}: invalid command line: {message}{self._suggestion(message)}\n")
+
+    def _suggestion(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        unknown = [arg.split("=", 1)[0] for arg in message.split(": ", 1)[1].split() if arg.startswith("--")]
+        near = [found for found in (closest(arg, flags) for arg in unknown) if found]
+        return f"; did you mean {', '.join(near)}?" if near else ""
 
 
 class _VersionAction(argparse.Action):

@@ -18,7 +18,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -66,12 +66,15 @@ class SkillableCollector(Collector):
     def __init__(
         self, accounts: Sequence[tuple[str, AccountView]], names: Names, window_minutes: int | None,
         max_lab_profiles: int = 500, dimensions: Sequence[Dimension] = DIMENSIONS,
+        max_active_labs: Mapping[str, int] | None = None,
     ) -> None:
         """`window_minutes`: the window every account in `accounts` has, named in the HELP texts;
         None when they differ (each account's is in skillable_lookback_window_seconds). `dimensions`:
-        those of the accounts' states (state.DIMENSIONS unless a test declares others)."""
+        those of the accounts' states (state.DIMENSIONS unless a test declares others).
+        `max_active_labs`: the active-lab limit of the accounts whose limit is configured."""
         self._accounts = list(accounts)
         self._dimensions = tuple(dimensions)
+        self._max_active_labs = dict(max_active_labs or {})
         self._max_lab_profiles = max_lab_profiles
         self._names = names
         self._window_minutes = window_minutes
@@ -238,6 +241,10 @@ class SkillableCollector(Collector):
                 saved.add_metric(labels, h.stats.saved)
         for account, poller in self._accounts:  # each account may have its own window
             window.add_metric(self._values(account, []), poller.window_minutes * 60)
+        limit = made["skillable_account_max_active_labs"]
+        for account, _ in self._accounts:
+            if account in self._max_active_labs:
+                limit.add_metric(self._values(account, []), self._max_active_labs[account])
         info = build_info()
         made["skillable_exporter_build_info"].add_metric([info.version, info.revision, platform.python_version()], 1)
         yield from made.values()
@@ -287,7 +294,8 @@ class SkillableCollector(Collector):
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
             yield family
-        profiles = [AccountProfiles(a, v.health.catalog, [key[0] for key in v.snapshot[PROFILE.name].keys])
+        profiles = [AccountProfiles(a, v.health.catalog, [key[0] for key in v.snapshot[PROFILE.name].keys],
+                                    v.health.catalog_skipped)
                     for a, v in views]
         yield from catalog_families(profiles, self._names, self._max_lab_profiles, self._account_label)
 

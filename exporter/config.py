@@ -7,11 +7,15 @@ naming the setting, and the CLI turns that into exit status 2.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import re
 import stat
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -25,11 +29,16 @@ MAX_WINDOW_MINUTES = 10080  # LatestResults refuses more than 7 days
 DEFAULT_MIN_POLL_INTERVAL = 10.0
 
 
+CONFIG_FILE = "config.file"  # the setting --config.file names
+
+
 class ConfigError(Exception):
     """A setting is wrong. str() is one line that names the setting."""
 
     def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"invalid setting {setting}: {problem}")
+        text = f"invalid setting {setting}: {problem}"
+        # One line whatever a file or a name holds: a newline or control character is shown escaped.
+        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
         self.setting = setting
 
 
@@ -61,6 +70,8 @@ class Setting:
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(name, f"expected a string, got {value!r}")
+    if "\0" in value:  # no setting holds one, and a path with one fails every system call
+        raise ConfigError(name, "holds a NUL character")
     return value
 
 
@@ -86,8 +97,10 @@ def _number(low: float, high: float, integer: bool = False) -> Callable[[str, An
             raise ConfigError(name, f"expected a number, got {value!r}")
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(name, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # YAML's .nan and .inf, "nan" in the environment
+            raise ConfigError(name, f"expected a finite number, got {value!r}")
         if integer and number != int(number):
             raise ConfigError(name, f"expected a whole number, got {value!r}")
         if not low <= number <= high:
@@ -146,10 +159,25 @@ def _telemetry_path(name: str, value: Any) -> str:
     return text
 
 
+def _optional_count(name: str, value: Any) -> int | None:
+    """A whole number of at least 1, or None (unset) for an empty value."""
+    if value is None or value == "":
+        return None
+    return int(_number(1, 100_000_000, integer=True)(name, value))
+
+
 def _url(name: str, value: Any) -> str:
     text = _text(name, value).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", text):
-        raise ConfigError(name, f"{value!r} is not an http(s) URL")
+    problem = f"{value!r} is not an http(s) URL"
+    if not re.match(r"^https?://[^/\s]+", text) or any(ch.isspace() or ord(ch) < 32 or ch == "\x7f" for ch in text):
+        raise ConfigError(name, problem)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one (http://host:99999)
+    except ValueError:
+        raise ConfigError(name, problem) from None
+    if not parts.hostname:
+        raise ConfigError(name, problem)
     return text
 
 
@@ -160,10 +188,12 @@ def _id_names(name: str, value: Any) -> dict[str, str]:
         raise ConfigError(name, "expected a mapping of id to name")
     names: dict[str, str] = {}
     for key, label in value.items():
-        if isinstance(key, bool) or not isinstance(key, (int, str)) or not str(key).isdigit():
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or not re.fullmatch(r"[0-9]+", str(key)):
             raise ConfigError(name, f"id {key!r} is not a whole number")
         if not isinstance(label, str) or not label:
             raise ConfigError(name, f"name for id {key} must be a non-empty string")
+        if str(int(key)) in names:  # 3 and "03" are one id
+            raise ConfigError(name, f"id {int(key)} is named twice")
         names[str(int(key))] = label
     return names
 
@@ -189,6 +219,10 @@ SETTINGS: tuple[Setting, ...] = (
             "file holding the API key (else SKILLABLE_API_KEY)", "SKILLABLE_API_KEY_FILE"),
     Setting("skillable.window-minutes", 60, _number(1, MAX_WINDOW_MINUTES, integer=True),
             "lookback window in minutes (1..10080)", "SKILLABLE_WINDOW_MINUTES"),
+    Setting("skillable.max-active-labs", None, _optional_count,
+            "the account's active-lab limit (Skillable's Max Active Lab Instances; the API does not report it), "
+            "exported as skillable_account_max_active_labs for the capacity panels and alert; unset: unknown",
+            "SKILLABLE_MAX_ACTIVE_LABS"),
     Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400),
             "seconds a poll is reused for; 0 polls on every scrape (a loop of scrapes then drives the API)",
             "SKILLABLE_MIN_POLL_INTERVAL", field="min_poll_interval"),
@@ -277,12 +311,14 @@ class Account:
     api_url: str
     api_key: str = field(repr=False)  # never printed
     window_minutes: int
+    max_active_labs: int | None = None  # Skillable's limit of active labs for this API consumer, if known
+    key_file: str | None = field(default=None, compare=False)  # where the key was read from, if a file
 
 
 @dataclass(frozen=True)
 class Config:
     """The validated settings. Each field is set by the one setting whose `field` names it (SETTINGS),
-    but accounts (made of skillable.api-url, api-key-file, window-minutes and the file's accounts:),
+    but accounts (made of skillable.api-url, api-key-file, window-minutes, max-active-labs and the file's accounts:),
     names (the file's names:) and demo (--demo)."""
 
     listen_addresses: tuple[str, ...]
@@ -322,14 +358,27 @@ class Config:
         """The first listen address."""
         return self.listen_addresses[0]
 
+    @property
+    def max_active_labs(self) -> dict[str, int]:
+        """The active-lab limit of each account whose limit is configured, by account name."""
+        return {a.name: a.max_active_labs for a in self.accounts if a.max_active_labs is not None}
+
+
+def closest(name: str, known: Collection[str]) -> str | None:
+    """The known name closest to a misspelt one (`windw_minutes`, `window-minutes`), if one is close."""
+    found = difflib.get_close_matches(name.replace("-", "_"), [str(k) for k in known], n=1, cutoff=0.75)
+    return found[0] if found else None
+
 
 def check_mapping(where: str, value: Any, allowed: Collection[str], expected: str) -> dict[str, Any]:
-    """`value` as a mapping whose keys are all in `allowed`, else a ConfigError naming the setting."""
+    """`value` as a mapping whose keys are all in `allowed`, else a ConfigError naming the setting
+    (and, for an unknown key, the closest allowed one)."""
     if not isinstance(value, dict):
         raise ConfigError(where, f"expected {expected}")
     for key in value:
         if key not in allowed:
-            raise ConfigError(f"{where}.{key}", "unknown setting")
+            near = closest(str(key), allowed)
+            raise ConfigError(f"{where}.{key}", "unknown setting" + (f"; did you mean {where}.{near}?" if near else ""))
     return value
 
 
@@ -342,54 +391,206 @@ def _walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _check_unknown_keys(tree: Mapping[str, Any]) -> None:
-    known = {s.yaml_path for s in SETTINGS} | _FILE_ONLY
+# -- reading the files an operator names: the config file, the web config, key files --------------
 
-    def visit(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+MAX_CONFIG_FILE_BYTES = 16 * 1024 * 1024  # a config naming every id of a large account is well under 1 MiB
+MAX_KEY_FILE_BYTES = 64 * 1024
+LIST_ITEM = "[]"  # the path part of any item of a list (of accounts:, say) in a key's path
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def read_small_file(setting: str, path: str, limit: int) -> tuple[bytes, int]:
+    """The bytes of a regular file of at most `limit` bytes, and its mode. Anything else (a FIFO, which
+    would block a reload for ever; /dev/zero; a directory; a path with a NUL) is a ConfigError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: a FIFO cannot hang us
+    except ValueError:
+        raise ConfigError(setting, "the path holds a NUL character") from None
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        for is_type, kind in _FILE_TYPES:
+            if is_type(mode):
+                raise ConfigError(setting, f"{path} is {kind}, not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(setting, f"{path} is larger than {limit} bytes")
+    return data, mode
+
+
+def decode_utf8(setting: str, path: str, data: bytes) -> str:
+    """A file's bytes as text: UTF-8, with or without a byte order mark; anything else is named."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(setting, f"{path} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(setting, f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as the config needs it: dates stay text (no setting is a date, and `2026-02-30` must
+    be a wrong value, not a crash)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def load_yaml(setting: str, path: str, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """Parse YAML text; returns the document and the line of each key by its path (list items as
+    LIST_ITEM). A key given twice in one mapping is refused, naming it and both its lines (YAML
+    says keys are unique; PyYAML would keep the last one silently). Merge keys (`<<`) may be overridden."""
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)  # its reader already refuses characters YAML does not allow
+        node = loader.get_single_node()
+        lines = _key_lines(setting, path, node) if node is not None else {}
+        return (loader.construct_document(node) if node is not None else None), lines
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None)
+        raise ConfigError(setting, f"{path} is not valid YAML{where}" + (f": {problem}" if problem else "")) from None
+    except RecursionError:
+        raise ConfigError(setting, f"{path} is nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # an explicit tag PyYAML cannot build (!!timestamp)
+        raise ConfigError(setting, f"{path} holds a value that cannot be read: {exc}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _key_lines(setting: str, path: str, root: yaml.Node) -> dict[tuple[str, ...], int]:
+    """Each key's line by its path (the first such key in the file); a key twice in one mapping is a
+    ConfigError. Iterative and in the file's order, each node visited once, so neither deep nesting
+    nor an alias to itself can loop or overflow."""
+    lines: dict[tuple[str, ...], int] = {}
+    todo: deque[tuple[yaml.Node, tuple[str, ...], str]] = deque([(root, (), "")])  # node, path, its name
+    visited: set[int] = set()
+    while todo:
+        node, at, shown = todo.popleft()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend((item, (*at, LIST_ITEM), f"{shown}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if key.tag == _MERGE or not isinstance(key, yaml.ScalarNode):
+                    continue
+                line, name = key.start_mark.line + 1, f"{shown}.{key.value}" if shown else key.value
+                if (key.tag, key.value) in first:
+                    named = name if LIST_ITEM in at else documented_name((*at, key.value))
+                    raise ConfigError(setting, f"{path}: {named} is set twice, "
+                                               f"on line {first[(key.tag, key.value)]} and line {line}")
+                first[(key.tag, key.value)] = line
+                lines.setdefault((*at, key.value), line)
+                todo.append((value, (*at, key.value), name))
+    return lines
+
+
+def documented_name(path: tuple[str, ...]) -> str:
+    """A config file path as the README and --help name it: a setting that has a flag by its flag's
+    name (skillable.window-minutes), anything else by its path in the file (accounts[].api_key_file,
+    names.datacenters)."""
+    for setting in SETTINGS:
+        if setting.yaml_path == path:
+            return setting.name
+    return ".".join(path).replace("." + LIST_ITEM, LIST_ITEM)
+
+
+def _known_paths() -> set[tuple[str, ...]]:
+    return ({s.yaml_path for s in SETTINGS} | _FILE_ONLY
+            | {("accounts", LIST_ITEM, key) for key in _ACCOUNT_KEYS})
+
+
+def _suggestion(path: tuple[str, ...], known: set[tuple[str, ...]], shown: str) -> str:
+    """"; did you mean X?" for an unknown key (`shown`: how its section is named, accounts[2].): the
+    closest key beside it, else the same key in another section (a setting under the wrong heading)."""
+    prefix, leaf = path[:-1], path[-1]
+    siblings = {k[len(prefix)] for k in known if len(k) > len(prefix) and k[: len(prefix)] == prefix}
+    near = closest(leaf, siblings)
+    if near is not None:
+        match, in_file = (*prefix, near), shown + near
+    else:
+        elsewhere = [k for k in known if k[-1] == leaf.replace("-", "_") and LIST_ITEM not in k]
+        if not elsewhere:
+            return ""
+        match = min(elsewhere)
+        in_file = ".".join(match)
+    name = in_file if LIST_ITEM in match else documented_name(match)
+    return f"; did you mean {name}" + (f" ({in_file} in the file)" if name != in_file else "") + "?"
+
+
+def _check_unknown_keys(tree: Mapping[str, Any], where: str, lines: Mapping[tuple[str, ...], int]) -> None:
+    """Every key of the file is a setting or a section of them (the entries of accounts: included);
+    an unknown one is named as the file has it, with its line and the closest known setting."""
+    known = _known_paths()
+
+    def visit(node: Mapping[Any, Any], prefix: tuple[str, ...], shown: str) -> None:
         for key, value in node.items():
             path = (*prefix, str(key))
+            if path == ("accounts",):
+                for index, entry in enumerate(value if isinstance(value, list) else []):
+                    if isinstance(entry, Mapping):
+                        visit(entry, ("accounts", LIST_ITEM), f"accounts[{index}].")
+                continue
             if path in known:
                 continue
             is_section = any(k[: len(path)] == path for k in known)
             if is_section and isinstance(value, Mapping):
-                visit(value, path)
+                visit(value, path, f"{shown}{key}.")
             elif not (is_section and value is None):  # an empty section is fine
-                raise ConfigError(".".join(path), "unknown setting")
+                line = lines.get(path)
+                at = f" on line {line} of {where}" if line else ""
+                raise ConfigError(f"{shown}{key}", f"unknown setting{at}{_suggestion(path, known, shown)}")
 
-    visit(tree, ())
+    visit(tree, (), "")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigError("config.file", f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError("config.file", f"{path} is not valid YAML{where}") from None
+    data, _ = read_small_file(CONFIG_FILE, path, MAX_CONFIG_FILE_BYTES)
+    tree, lines = load_yaml(CONFIG_FILE, path, decode_utf8(CONFIG_FILE, path, data))
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError("config.file", f"{path} must hold a mapping of settings")
-    _check_unknown_keys(tree)
+        raise ConfigError(CONFIG_FILE, f"{path} must hold a mapping of settings")
+    _check_unknown_keys(tree, path, lines)
     return tree
 
 
+def check_api_key(setting: str, key: str, where: str) -> str:
+    """An API key goes into an HTTP header: visible ASCII only. Anything else (a UTF-8 BOM left in a
+    file, a non-ASCII letter, a control character) would fail every request, so it is refused here,
+    without ever printing the key."""
+    if not all("!" <= ch <= "~" for ch in key):
+        raise ConfigError(setting, f"{where} holds a character an API key cannot have "
+                                   "(only visible ASCII, no spaces or control characters)")
+    return key
+
+
 def read_key_file(setting: str, path: str) -> str:
-    """Read an API key from a file, refusing files that others can read."""
-    try:
-        mode = os.stat(path).st_mode
-        with open(path, encoding="utf-8") as handle:
-            key = handle.read().strip()
-    except OSError as exc:
-        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+    """Read an API key from a file (UTF-8, a BOM allowed), refusing files that others can read."""
+    data, mode = read_small_file(setting, path, MAX_KEY_FILE_BYTES)
     if mode & (stat.S_IRWXO):
         raise ConfigError(setting, f"{path} is readable by other users; chmod o-rwx it")
+    key = decode_utf8(setting, path, data).strip()
     if not key:
         raise ConfigError(setting, f"{path} is empty")
-    return key
+    return check_api_key(setting, key, path)
 
 
 def load_config(
@@ -436,17 +637,18 @@ class _KeySource:
             return ""
         return read_key_file(setting, path)
 
-    def from_env(self, setting: str, name: str, problem: str) -> str:
+    def from_env(self, setting: str, name: str, problem: str, named_as: str | None = None) -> str:
+        """The key in variable `name`; `setting` names a missing one, `named_as` (else `setting`) a bad one."""
         key = self.environ.get(name, "").strip()
         if not key and self.required:
             raise ConfigError(setting, problem)
-        return key
+        return check_api_key(named_as or setting, key, f"environment variable {name}") if key else key
 
 
 def _accounts(raw: Any, values: Mapping[str, Any], keys: _KeySource, demo: bool) -> tuple[Account, ...]:
     if demo:
         # Demo mode swaps in the loopback simulator; the CLI fills in its URL.
-        return (Account("", "", "demo", values["skillable_window_minutes"]),)
+        return (Account("", "", "demo", values["skillable_window_minutes"], values["skillable_max_active_labs"]),)
     if raw is None:
         return (_single_account(values, keys),)
     if not isinstance(raw, list) or not raw:
@@ -466,12 +668,14 @@ def _single_account(values: Mapping[str, Any], keys: _KeySource) -> Account:
         key = keys.from_file("skillable.api-key-file", key_file)
     else:
         key = keys.from_env("skillable.api-key-file", "SKILLABLE_API_KEY",
-                            "no API key: set SKILLABLE_API_KEY or skillable.api_key_file (or run with --demo)")
-    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"])
+                            "no API key: set SKILLABLE_API_KEY or skillable.api-key-file (or run with --demo)",
+                            named_as="SKILLABLE_API_KEY")
+    return Account("", values["skillable_api_url"], key, values["skillable_window_minutes"],
+                   values["skillable_max_active_labs"], key_file or None)
 
 
 _ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes"}
+_ACCOUNT_KEYS = {"name", "api_key_env", "api_key_file", "api_url", "window_minutes", "max_active_labs"}
 
 
 def _listed_account(
@@ -484,8 +688,10 @@ def _listed_account(
         raise ConfigError(f"{where}.name", "expected 1-64 letters, digits, '_', '.' or '-'")
     if not entry.get("api_key_file") and not entry.get("api_key_env"):
         raise ConfigError(where, "needs api_key_env or api_key_file")
+    key_file = None
     if entry.get("api_key_file"):
-        key = keys.from_file(f"{where}.api_key_file", _text(f"{where}.api_key_file", entry["api_key_file"]))
+        key_file = _text(f"{where}.api_key_file", entry["api_key_file"])
+        key = keys.from_file(f"{where}.api_key_file", key_file)
     else:
         env_name = _text(f"{where}.api_key_env", entry["api_key_env"])
         key = keys.from_env(f"{where}.api_key_env", env_name, f"environment variable {env_name} is empty or unset")
@@ -493,4 +699,7 @@ def _listed_account(
     window = values["skillable_window_minutes"]
     if entry.get("window_minutes") is not None:
         window = _number(1, MAX_WINDOW_MINUTES, integer=True)(f"{where}.window_minutes", entry["window_minutes"])
-    return Account(name, url, key, int(window))
+    limit = values["skillable_max_active_labs"]
+    if entry.get("max_active_labs") is not None:
+        limit = _optional_count(f"{where}.max_active_labs", entry["max_active_labs"])
+    return Account(name, url, key, int(window), limit, key_file)

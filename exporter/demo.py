@@ -5,17 +5,31 @@ account; `python -m exporter.demo` serves it alone. The benchmark's simulator
 (bench/simulator.py) is this one with a movable clock and hooks of its own.
 It speaks real HTTP, so the exporter's whole client path runs against it.
 
-The traffic is a pure function of (seed, minute): every minute some labs start
-on hosts in four datacenters and three delivery regions; each lab runs for a
-while and ends with a completion status drawn from a realistic mix. Lab host 117
-(datacenter 3) is unhealthy: most of its labs end with Lab Creation Failed.
+The traffic is a pure function of (seed, minute): a healthy fleet with two faults.
+
+- The healthy fleet: every minute some labs start on 35 hosts in four datacenters and three
+  delivery regions, each runs for a while and ends with a completion status from a realistic mix
+  in which about 0.1% fail. With `rhythm` (the demo's), launches follow the working day and week:
+  DEMO_LABS_PER_MINUTE at 14:00 UTC on weekdays, 55% of it at 02:00, 80% of that at weekends,
+  so history (backfilled, or after a day of running) has shape.
+- Lab host 117 (datacenter 3) is unhealthy: a steady UNHEALTHY_LABS_PER_HOUR land on it, day
+  and night, and most end with Lab Creation Failed.
+- Lab profile 5009 (FAILING_PROFILE, an Azure lab with a broken template) is launched
+  FAILING_PROFILE_LABS_PER_HOUR, on healthy hosts, and mostly fails to create.
+
+The faults are sized to fire exactly their own alerts with the shipped rules, at any hour: enough
+labs for the host and profile alerts' minimum volumes with a wide margin, and few enough that the
+fleet's error ratio stays within the lab-delivery SLO (below 1%, so no burn-rate alert) and no
+datacenter's share reaches its threshold (tests/test_demo.py checks a week of traffic).
 
 Every lab belongs to a lab profile of the demo's catalog (CATALOG_PROFILES, served at
 /catalog): four series, 40 profiles, launches spread unevenly (a few popular labs, a long
 tail), exams with their own pass marks, some profiles disabled and some never launched.
-Profile FAILING_PROFILE (an Azure lab with a broken template) mostly fails to create, on
-every host; it takes a small share of launches, so the hosts and datacenters it runs on
-stay below their alert thresholds while the profile itself is plainly broken.
+
+The demo API answers only its own key, DEMO_API_KEY (the exporter in --demo mode sends it; a
+wrong one gets the answer Skillable gives, HTTP 200 with Status 0 and "Invalid API key"). It
+listens on 127.0.0.1 at the exporter's port plus one (demo_api_address), so its URL, which the
+state file records, is the same at every start: a state file, and backfill's, restore.
 
 /labinstance/search (mode 5) shows the same labs with what launches add (launch_facts, a pure
 function of the seed and the lab): how long each took to become ready (datacenter
@@ -60,23 +74,40 @@ LAB_HOST_NAMES = {
     for dc, (_, hosts) in DATACENTERS.items() for host in hosts
 }
 UNHEALTHY_HOST = 117
+UNHEALTHY_LABS_PER_HOUR = 25.0  # a steady stream on host 117, day and night
 UNHEALTHY_FAILURE_SHARE = 0.6
-DEMO_LABS_PER_MINUTE = 40.0  # enough for per-profile failure rates to show within a minute of starting
+DEMO_LABS_PER_MINUTE = 120.0  # the healthy fleet's peak launch rate (weekdays, 14:00 UTC)
 # `--demo`'s account came into use this long before the demo started: the exporter's first poll
 # (which asks for up to a day, for labs still running) then gets a window's worth, not a day's.
+# With a state file to restore, the account has always existed (start_simulator(history_minutes=None)).
 DEMO_HISTORY_MINUTES = 90
 MAX_LAB_SECONDS = 8 * 3600
 RUNNING_STATUS = 3  # a lab in progress reports Incomplete until it ends
+DEMO_API_KEY = "demo-key-for-the-simulated-api"  # not a secret: printed at start, in the README
+DEMO_API_PORT_OFFSET = 1  # the demo API listens on the exporter's port plus this
+DEMO_MAX_ACTIVE_LABS = 9000  # the demo account's active-lab limit, unless the config sets one
 
-# (CompletionStatus, weight) for labs on healthy hosts. 70 is not a documented
-# code: real APIs grow new codes, and the exporter must keep them as "unknown".
+# (CompletionStatus, weight) for labs on healthy hosts: about 0.1% end in a failure status
+# (10, 20, 30, 40). 70 is not a documented code: real APIs grow new codes, and the exporter
+# must keep them as "unknown".
 STATUS_MIX: tuple[tuple[int, float], ...] = (
-    (4, 52.0), (3, 16.0), (1, 8.0), (2, 5.0), (10, 1.5), (20, 1.5), (30, 1.0), (40, 1.0),
-    (50, 2.0), (60, 1.5), (70, 0.5),
+    (4, 60.0), (3, 18.0), (1, 9.0), (2, 6.0), (10, 0.03), (20, 0.03), (30, 0.02), (40, 0.02),
+    (50, 2.5), (60, 1.5), (70, 0.5),
 )
 HOSTS: tuple[tuple[int, int, int], ...] = tuple(
     (host, dc, region) for dc, (region, hosts) in DATACENTERS.items() for host in hosts
 )
+HEALTHY_HOSTS = tuple(h for h in HOSTS if h[0] != UNHEALTHY_HOST)
+_UNHEALTHY_PLACE = next(h for h in HOSTS if h[0] == UNHEALTHY_HOST)
+
+
+def rhythm(minute: int) -> float:
+    """The share of the peak launch rate in this minute (UTC): over the day between 0.55 (02:00)
+    and 1.0 (14:00), times 0.8 on Saturdays and Sundays."""
+    seconds = minute * 60
+    hour = seconds % 86400 / 3600
+    day = 0.775 + 0.225 * math.cos(2 * math.pi * (hour - 14) / 24)
+    return day * (0.8 if time.gmtime(seconds).tm_wday >= 5 else 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +142,7 @@ _EXAM_NAMES = (("AZ-104 practice exam", 70), ("AZ-104 performance exam", 75), ("
                ("Kubernetes administrator exam", 66), ("Cloud fundamentals exam", 60), ("Incident response exam", 80),
                ("Container developer exam", 70))
 FAILING_PROFILE = 5009  # "Deploy ARM templates": a broken template, most labs fail to create
-FAILING_PROFILE_SHARE = 0.07
+FAILING_PROFILE_LABS_PER_HOUR = 25.0  # launched steadily (a course that runs around the clock)
 FAILING_PROFILE_FAILURE_SHARE = 0.85
 
 
@@ -127,15 +158,12 @@ def _demo_catalog() -> tuple[DemoProfile, ...]:
     for j, (name, mark) in enumerate(_EXAM_NAMES):
         profiles.append(DemoProfile(5000 + len(_LAB_NAMES) + j, name, f"EX-{j + 1:02d}", 4, (10, 2, 20)[j % 3],
                                     120, 0.6 / (1 + j), pass_mark=mark))
-    # The failing profile takes a fixed share of all launches.
-    rest = sum(p.weight for p in profiles if p.id != FAILING_PROFILE)
-    share = FAILING_PROFILE_SHARE / (1 - FAILING_PROFILE_SHARE) * rest
-    return tuple(DemoProfile(p.id, p.name, p.number, p.series, p.platform, p.minutes, share, p.pass_mark, p.enabled)
-                 if p.id == FAILING_PROFILE else p for p in profiles)
+    return tuple(profiles)
 
 
 CATALOG_PROFILES = _demo_catalog()
-_LAUNCHED = tuple(p for p in CATALOG_PROFILES if p.weight > 0)
+_PROFILES = {p.id: p for p in CATALOG_PROFILES}
+_LAUNCHED = tuple(p for p in CATALOG_PROFILES if p.weight > 0 and p.id != FAILING_PROFILE)  # 5009: its own stream
 _CUMULATIVE = tuple(accumulate(p.weight for p in _LAUNCHED))
 
 
@@ -164,11 +192,15 @@ class Lab:
 
 
 class Traffic:
-    """Deterministic lab traffic: the labs that start in minute m depend only on (seed, m)."""
+    """Deterministic lab traffic: the labs that start in minute m depend only on (seed, m).
 
-    def __init__(self, labs_per_minute: float = 12.0, seed: int = 7) -> None:
+    `labs_per_minute`: the healthy fleet's launches per minute, at its peak with `rhythm` (the
+    demo's), else all the time (the benchmark's, whose timings must not depend on the hour)."""
+
+    def __init__(self, labs_per_minute: float = 12.0, seed: int = 7, rhythm: bool = False) -> None:
         self.labs_per_minute = labs_per_minute
         self.seed = seed
+        self.rhythm = rhythm
         self._cache: dict[int, tuple[Lab, ...]] = {}
         self._lock = threading.Lock()
         self.first_minute: int | None = None  # set: no lab starts before this minute (the account's history)
@@ -199,16 +231,23 @@ class Traffic:
                     del self._cache[old]
 
     def _generate(self, minute: int) -> tuple[Lab, ...]:
+        """The healthy fleet's launches of the minute, then host 117's and profile 5009's."""
         rng = random.Random(f"{self.seed}:{minute}")
-        whole = int(self.labs_per_minute)
-        count = whole + (1 if rng.random() < self.labs_per_minute - whole else 0)
-        return tuple(self._lab(rng, minute, i) for i in range(count))
+        rate = self.labs_per_minute * (rhythm(minute) if self.rhythm else 1.0)
+        count = int(rate) + (1 if rng.random() < rate - int(rate) else 0)
+        labs = [self._lab(rng, minute, i, HEALTHY_HOSTS[rng.randrange(len(HEALTHY_HOSTS))], _pick_profile(rng))
+                for i in range(count)]
+        if rng.random() < UNHEALTHY_LABS_PER_HOUR / 60:
+            labs.append(self._lab(rng, minute, len(labs), _UNHEALTHY_PLACE, _pick_profile(rng)))
+        if rng.random() < FAILING_PROFILE_LABS_PER_HOUR / 60:
+            place = HEALTHY_HOSTS[rng.randrange(len(HEALTHY_HOSTS))]
+            labs.append(self._lab(rng, minute, len(labs), place, _PROFILES[FAILING_PROFILE]))
+        return tuple(labs)
 
-    def _lab(self, rng: random.Random, minute: int, index: int) -> Lab:
-        # The unhealthy host takes a larger share so its failures show up quickly.
-        host, dc, region = HOSTS[rng.randrange(len(HOSTS))] if rng.random() > 0.06 else (UNHEALTHY_HOST, 3, 2)
+    def _lab(self, rng: random.Random, minute: int, index: int, place: tuple[int, int, int],
+             profile: DemoProfile) -> Lab:
+        host, dc, region = place
         start = minute * 60 + rng.randrange(60)
-        profile = _pick_profile(rng)
         exam = profile.pass_mark is not None
         if host == UNHEALTHY_HOST and rng.random() < UNHEALTHY_FAILURE_SHARE:
             status, duration = 20, rng.randrange(20, 120)
@@ -218,8 +257,9 @@ class Traffic:
             status = _weighted(rng, STATUS_MIX)
             duration = min(_duration(rng, status), profile.minutes * 60)  # a lab expires at its time limit
         score = None
-        if exam and status == 4:
-            score = min(100, max(0, int(rng.gauss(76, 14))))
+        if exam and status == 4 and profile.pass_mark is not None:
+            # Centred above the pass mark: about four in five pass, steadily, so no exam alert fires.
+            score = min(100, max(0, int(rng.gauss(profile.pass_mark + 9, 10))))
         return Lab(
             instance_id=minute * 1000 + index,
             profile_id=profile.id,
@@ -477,9 +517,12 @@ class SimulatorServer(ThreadingHTTPServer):
     def __init__(
         self, address: tuple[str, int], traffic: Traffic, clock: Callable[[], float] = time.time,
         handler: type[BaseHTTPRequestHandler] | None = None, history_minutes: int | None = None,
+        api_key: str | None = None,
     ) -> None:
+        """`api_key`: the only key answered (None: any non-empty key, as the benchmark needs)."""
         self.traffic = traffic
         self.clock = clock
+        self.api_key = api_key
         if history_minutes is not None:  # no lab started longer ago than that before the start
             traffic.first_minute = math.floor(clock() / 60) - history_minutes
         super().__init__(address, handler or SimulatorHandler)
@@ -501,8 +544,12 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         endpoint = url.path.rstrip("/").rsplit("/", 1)[-1].lower()
-        if not self.headers.get("api_key"):
+        key = self.headers.get("api_key")
+        if not key:
             self._json({"Status": 0, "Error": "Missing api_key header"})
+            return
+        if self.server.api_key is not None and key != self.server.api_key:
+            self._json({"Status": 0, "Error": "Invalid API key"})  # as Skillable answers: HTTP 200, Status 0
             return
         now = self.server.clock()
         if endpoint == "latestresults":
@@ -562,12 +609,36 @@ class SimulatorHandler(BaseHTTPRequestHandler):
 def start_simulator(
     host: str = "127.0.0.1", port: int = 0, labs_per_minute: float = DEMO_LABS_PER_MINUTE, seed: int = 7,
     clock: Callable[[], float] = time.time, history_minutes: int | None = DEMO_HISTORY_MINUTES,
+    api_key: str | None = DEMO_API_KEY, rhythm: bool = True,
 ) -> SimulatorServer:
     """Start the simulator in a background thread; stop it with .shutdown() and .server_close().
-    `history_minutes`: how long before now the simulated account came into use (None: always)."""
-    server = SimulatorServer((host, port), Traffic(labs_per_minute, seed), clock, history_minutes=history_minutes)
+    `history_minutes`: how long before now the simulated account came into use (None: always).
+    Raises OSError when the address is taken."""
+    traffic = Traffic(labs_per_minute, seed, rhythm=rhythm)
+    server = SimulatorServer((host, port), traffic, clock, history_minutes=history_minutes, api_key=api_key)
     threading.Thread(target=server.serve_forever, name="skillable-simulator", daemon=True).start()
     return server
+
+
+def demo_api_address(listen_addresses: Sequence[str]) -> tuple[str, int]:
+    """Where the demo API listens: 127.0.0.1 at the exporter's (first) port plus one, 10181 by
+    default, so its URL, which the state file records, is the same at every start."""
+    port = 10180
+    if listen_addresses:
+        port = int(listen_addresses[0].rpartition(":")[2]) or port
+    return "127.0.0.1", port + DEMO_API_PORT_OFFSET
+
+
+def start_demo_api(listen_addresses: Sequence[str], history_minutes: int | None = DEMO_HISTORY_MINUTES
+                   ) -> SimulatorServer:
+    """The demo's simulated API at demo_api_address(), answering DEMO_API_KEY only. Raises
+    OSError (with the address in its message) when the address is taken."""
+    host, port = demo_api_address(listen_addresses)
+    try:
+        return start_simulator(host, port, history_minutes=history_minutes)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the demo API's address {host}:{port} (the exporter's port plus one) "
+                                 f"cannot be used: {exc.strerror}") from exc
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
@@ -596,8 +667,11 @@ def serve(server: SimulatorServer) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions, catalog, "
-                           "labinstance/search)").parse_args(argv)
-    return serve(SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed)))
+                           f"labinstance/search) answering the key {DEMO_API_KEY} only").parse_args(argv)
+    server = SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed, rhythm=True),
+                             api_key=DEMO_API_KEY)
+    print(f"api_key: {DEMO_API_KEY}", file=sys.stderr, flush=True)
+    return serve(server)
 
 
 if __name__ == "__main__":

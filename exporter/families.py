@@ -177,6 +177,9 @@ def health_families(dimensions: Sequence[Dimension] = DIMENSIONS) -> list[Family
                + SHARED_POLL_NOTE),
         Family("skillable_account_saved_labs", "gauge", (),
                "Labs saved right now account-wide, from /stats." + SHARED_POLL_NOTE),
+        Family("skillable_account_max_active_labs", "gauge", (),
+               "The account's limit of active labs (Skillable's Max Active Lab Instances), from the exporter's "
+               "configuration (the API does not report it); absent when not configured."),
         Family("skillable_lookback_window_seconds", "gauge", (), "The lookback window the lab gauges cover."),
         Family("skillable_exporter_build_info", "gauge", ("version", "revision", "python_version"),
                "Version of skillable-exporter, always 1.", accounts=False),
@@ -201,6 +204,9 @@ CATALOG_FAMILIES: tuple[Family, ...] = (
            "1 if the lab profile is enabled in /catalog, else 0."),
     Family("skillable_lab_profile_max_duration_seconds", "gauge", ("lab_profile_id",),
            "How long a lab of this profile may run before it expires (DurationMinutes in /catalog)."),
+    Family("skillable_catalog_entries_skipped_total", "counter", (),
+           "Lab profiles and lab series in /catalog answers skipped: not an object, or no usable Id (each "
+           "fetch counts its own, hourly)."),
 )
 
 # The app's runtime registry: its reload gauges (app.py), then prometheus_client's process and

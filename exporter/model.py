@@ -7,12 +7,14 @@ in memory, which is both cheaper and keeps personal data out of the process.
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import html
 import re
 import sys
 import unicodedata
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -103,6 +105,7 @@ class UpstreamError(Exception):
 class Batch:
     results: list[LabResult]
     invalid: int  # results that failed validation and were skipped
+    salvaged: bool = False  # the body was not valid JSON: text repaired or records cut (decode_latest_results)
 
 
 # -- text from the API -------------------------------------------------------------------------
@@ -114,15 +117,32 @@ _TAG = re.compile(r"<[A-Za-z/!?][^<>]*(?:>|$)")
 
 
 def clean_text(value: Any, limit: int = MAX_LABEL_CHARS) -> str:
-    """Free text from the API as a safe label value (catalog names, names in /labinstance/search): no
-    tags, no control characters, collapsed whitespace, at most `limit` characters. Anything that is
-    not a string is ""."""
+    """Free text from the API as a safe label value (catalog names, delivery region names): no tags,
+    no control or format characters (CR, NUL, RTL overrides, lone surrogates), collapsed whitespace,
+    at most `limit` characters. Anything that is not a string is ""."""
     if not isinstance(value, str):
         return ""
     text = html.unescape(value[: limit * 8])  # bounded work; entities may spell tags, so unescape first
     text = _TAG.sub(" ", text)  # a space, so the pieces around a tag never join into a new one
     text = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
     return " ".join(text.split())[:limit].rstrip()
+
+
+T = TypeVar("T")
+
+
+def decode_repairing(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """decoder.decode(body); a body that is not valid JSON text only inside its strings (repair_text)
+    is decoded repaired. Raises what the decoder raises."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError:
+        repaired = repair_text(body)
+        if repaired is None:
+            raise
+    return decoder.decode(repaired)
 
 
 _fast = msgspec.json.Decoder(_Envelope, strict=False)
@@ -133,24 +153,47 @@ _one = msgspec.json.Decoder(LabResult, strict=False)
 def decode_latest_results(body: bytes) -> Batch:
     """Decode a LatestResults body into typed records.
 
-    The fast path decodes the whole payload at once. If a single result is
-    malformed, the payload is decoded again keeping each result raw, so one
-    bad record is counted and skipped instead of sinking the batch. JSON
-    nested deeper than the decoder goes (RecursionError) is bad input like any
-    other: the record holding it is skipped, or the answer is invalid_response.
+    The rules, in the order they are tried (each only when the one before failed):
+    1. The whole payload at once (the fast path).
+    2. A record that does not validate (a wrong type, a value out of range, JSON nested deeper
+       than the decoder goes): the payload again, each record alone; a bad one is counted
+       invalid and skipped, never sinking the batch.
+    3. A body that is not valid JSON text only inside its strings (bytes that are not UTF-8, a
+       lone UTF-16 surrogate such as "\\ud800", a raw control character, an unknown escape):
+       those are replaced (repair_text) and 1-2 run again. No field the exporter reads is text,
+       so this changes nothing it counts: the record stays valid.
+    4. A body still not valid JSON (a stray byte between two values of a record): the record
+       the decoder stopped in is cut out, counted invalid, and 1-3 run again, for up to
+       MAX_RECORDS_CUT records. Only a body whole from its first to its last byte is salvaged:
+       one cut short (truncated, or whose brackets do not close) is invalid_response, so a poll
+       never stamps a success over records it did not read.
     """
+    try:
+        return _decode_valid_json(body)
+    except msgspec.DecodeError as exc:
+        _check_json(body)
+        error = exc
+    repaired = repair_text(body)
+    if repaired is not None:
+        body = repaired
+        try:
+            return dataclasses.replace(_decode_valid_json(body), salvaged=True)
+        except msgspec.DecodeError as exc:
+            error = exc
+    return dataclasses.replace(_decode_cutting_records(body, error), salvaged=True)
+
+
+def _decode_valid_json(body: bytes) -> Batch:
+    """Rules 1 and 2. Raises msgspec.DecodeError (never ValidationError) when the body is not valid JSON."""
     try:
         env = _fast.decode(body)
         _check_status(env.Status, env.Error)
         return Batch(env.Results or [], 0)
     except (msgspec.ValidationError, RecursionError):
         pass
-    except msgspec.DecodeError as exc:
-        _check_json(body)
-        raise DecodeError(f"response is not valid JSON: {exc}") from None
     try:
         lenient = _lenient.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+    except (msgspec.ValidationError, RecursionError) as exc:
         raise DecodeError(f"response is not a LatestResults object: {exc}") from None
     _check_status(lenient.Status, lenient.Error)
     results: list[LabResult] = []
@@ -161,6 +204,135 @@ def decode_latest_results(body: bytes) -> Batch:
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             invalid += 1
     return Batch(results, invalid)
+
+
+MAX_RECORDS_CUT = 100  # records cut out of one body (rule 4); more, and the body is invalid_response
+_ERROR_AT = re.compile(r"\(byte (\d+)\)$")
+
+
+def _decode_cutting_records(body: bytes, error: msgspec.DecodeError) -> Batch:
+    """Rule 4: cut out the record each decoding error lies in, while the body's structure holds."""
+    spans = results_spans(body) or []
+    cut, done = bytearray(body), set()
+    while spans and len(done) < MAX_RECORDS_CUT:
+        at = _ERROR_AT.search(str(error))
+        if at is None or "truncated" in str(error):
+            break
+        where = int(at.group(1))
+        span = next((s for s in spans if s[0] <= where < s[1]), None)
+        if span is None or span in done:  # in the envelope, or in a record cut already
+            break
+        done.add(span)
+        cut[span[0]:span[1]] = b"0".ljust(span[1] - span[0])  # a record that is no object: counted invalid
+        try:
+            batch = _decode_valid_json(bytes(cut))
+        except msgspec.DecodeError as exc:
+            error = exc
+            continue
+        if len(batch.results) + batch.invalid != len(spans):
+            break  # the decoder saw other records than the scan did: not a body to salvage
+        return batch
+    raise DecodeError(f"response is not valid JSON: {error}") from None
+
+
+# A JSON string (any bytes but an unescaped quote; a backslash escapes the next byte); an object with
+# no object or array inside, whole (a record, mostly: one token instead of one per string); or a byte
+# that opens, closes or separates.
+# Possessive quantifiers: a run is never split again on a failed match (a string or object that does
+# not end), so a hostile body cannot make the scan backtrack exponentially.
+_STRING = rb'"(?:[^"\\]++|\\.)*+"'
+_TOKEN = re.compile(_STRING + rb'|\{(?:[^{}\[\]"]++|' + _STRING + rb')*+\}|[\[\]{},]', re.S)
+_RESULTS_KEY = b'"Results"'
+
+
+def results_spans(body: bytes) -> list[tuple[int, int]] | None:
+    """Where each record of the top-level Results array lies: (start, end) byte offsets, each from
+    just after the `[` or `,` before it to the `,` or `]` after it. None unless the body is one
+    object whose brackets all close, with nothing but whitespace after it, holding one Results
+    array: a body cut short is never salvaged."""
+    first = _WHITESPACE.match(body)
+    if first is None or body[first.end():first.end() + 1] != b"{":
+        return None
+    spans: list[tuple[int, int]] = []
+    depth, key, in_results, start, arrays = 0, b"", False, 0, 0
+    for match in _TOKEN.finditer(body, first.end()):
+        at = match.start()
+        char = body[at]
+        if char == 0x22:  # a string; at depth 1, the key of the value that follows
+            if depth == 1:
+                key = match.group()
+        elif char == 0x7B and match.end() - at > 1:  # a whole object: depth stays
+            if depth == 0:  # the body itself: it holds no Results array
+                return None
+        elif char == 0x5B or char == 0x7B:  # [ or {
+            if depth == 1 and char == 0x5B and key == _RESULTS_KEY:
+                in_results, start, arrays = True, at + 1, arrays + 1
+            depth += 1
+        elif char == 0x5D or char == 0x7D:  # ] or }
+            depth -= 1
+            if depth == 1 and in_results:
+                if body[start:at].strip(b" \t\r\n"):
+                    spans.append((start, at))
+                in_results = False
+            elif depth == 0:
+                rest = _WHITESPACE.match(body, at + 1)
+                return spans if arrays == 1 and rest is not None and rest.end() == len(body) else None
+        elif depth == 2 and in_results:  # a comma between two records
+            spans.append((start, at))
+            start = at + 1
+    return None
+
+
+_WHITESPACE = re.compile(rb"[ \t\r\n]*")
+
+
+# Escapes inside JSON strings, valid or not: a surrogate pair, any \uXXXX, a one-byte escape, or a
+# backslash before anything else (or nothing).
+_ESCAPE = re.compile(rb"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[0-9a-fA-F]{4}"
+                     rb'|["\\/bfnrt]|.|$)', re.S)
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+_REPLACEMENT_ESCAPE = b"\\ufffd"
+
+
+def _escape(match: re.Match[bytes]) -> bytes:
+    text = match.group()
+    if len(text) == 6 and text[2:3] in b"dD" and text[3:4] in b"89abcdefABCDEF":
+        return _REPLACEMENT_ESCAPE  # a lone surrogate: no character, so the replacement character
+    if len(text) in (2, 6, 12) and (len(text) != 2 or text[1:2] in b'"\\/bfnrt'):
+        return text
+    return b"\\\\" + text[1:]  # an unknown escape (\q, \u12g4): the backslash as a character
+
+
+def repair_text(body: bytes) -> bytes | None:
+    """A body whose strings hold what JSON text may not, made valid; None if there was nothing to repair.
+
+    Bytes that are not UTF-8 become U+FFFD; a raw control character becomes a space (inside a
+    string it is not allowed; outside one, a tab or newline is whitespace like a space, any
+    other an error); a lone surrogate escape becomes \\ufffd; an unknown escape keeps its
+    backslash as a character. Valid JSON text keeps its meaning: only whitespace between values
+    may change."""
+    repaired = _valid_utf8(body)
+    repaired = _CONTROL.sub(b" ", repaired)
+    repaired = _ESCAPE.sub(_escape, repaired)
+    return repaired if repaired != body else None
+
+
+def _valid_utf8(body: bytes, chunk: int = 1 << 20) -> bytes:
+    """`body` with every byte that is not UTF-8 replaced by U+FFFD, read a chunk at a time so that a large
+    body never becomes one large str."""
+    view = memoryview(body)
+    strict = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for i in range(0, len(body), chunk):
+            strict.decode(view[i:i + chunk])
+        strict.decode(b"", final=True)
+        return body
+    except UnicodeDecodeError:
+        pass
+    lenient = codecs.getincrementaldecoder("utf-8")("replace")
+    parts = [lenient.decode(view[i:i + chunk]).encode() for i in range(0, len(body), chunk)]
+    parts.append(lenient.decode(b"", final=True).encode())
+    return b"".join(parts)
 
 
 def _check_json(body: bytes) -> None:
@@ -205,9 +377,11 @@ _region = msgspec.json.Decoder(_DeliveryRegion, strict=False)
 
 
 def decode_delivery_regions(body: bytes) -> dict[int, str]:
-    """Decode /deliveryregions into {id: name}; a region that fails validation is left out."""
+    """Decode /deliveryregions into {id: name}; a region that fails validation is left out. A name
+    is a label value (delivery_region_name): cleaned and bounded as catalog names are (clean_text);
+    a region whose name is nothing once cleaned has no name."""
     try:
-        env = msgspec.json.decode(body, type=_DeliveryRegions, strict=False)
+        env = decode_repairing(_regions, body)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a DeliveryRegions object: {exc}") from None
@@ -215,18 +389,23 @@ def decode_delivery_regions(body: bytes) -> dict[int, str]:
     names: dict[int, str] = {}
     for raw in env.DeliveryRegions or []:
         try:
-            region = _region.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+            region = decode_repairing(_region, bytes(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             continue
-        if region.name:
-            names[region.id] = region.name
+        name = clean_text(region.name)
+        if name:
+            names[region.id] = name
     return names
+
+
+_regions = msgspec.json.Decoder(_DeliveryRegions, strict=False)
+_stats = msgspec.json.Decoder(_Stats, strict=False)
 
 
 def decode_stats(body: bytes) -> AccountStats:
     """Decode /stats into the account-wide active and saved lab counts."""
     try:
-        env = msgspec.json.decode(body, type=_Stats, strict=False)
+        env = decode_repairing(_stats, body)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         _check_json(body)
         raise DecodeError(f"response is not a Stats object: {exc}") from None

@@ -592,12 +592,20 @@ class StateStore:
             self._urls[name] = self._own_urls[name]
         return True
 
-    def submit(self, name: str, memory: Memory) -> None:
-        """Save this account's memory soon; a newer submit before the write replaces it.
+    def _now_polls(self, name: str, url: str | None) -> None:
+        """The account polls `url` now (a reload may have changed it): the file records that URL with
+        its memory from here on, so the next start restores it. Call holding the condition."""
+        if url is not None and name in self._own_urls:
+            self._own_urls[name] = api_identity(url)
+
+    def submit(self, name: str, memory: Memory, url: str | None = None) -> None:
+        """Save this account's memory soon, as polled from `url` (None: the URL it had at load); a newer
+        submit before the write replaces it.
 
         It is encoded here, in the caller's thread: call it only while nothing changes the memory
         (encode_account)."""
         with self._cond:
+            self._now_polls(name, url)
             if not self._may_replace(name, memory):
                 return
         fragment = encode_account(memory)
@@ -611,9 +619,13 @@ class StateStore:
         with self._cond:
             return self._cond.wait_for(lambda: not self._dirty and not self._writing, timeout)
 
-    def close(self, final: Mapping[str, Memory], timeout: float = 10.0) -> None:
-        """Write `final` (each account's last memory) synchronously, stop the writer, release the lock."""
+    def close(self, final: Mapping[str, Memory], timeout: float = 10.0,
+              urls: Mapping[str, str] | None = None) -> None:
+        """Write `final` (each account's last memory, polled from its URL in `urls`) synchronously, stop the
+        writer, release the lock."""
         with self._cond:
+            for name, url in (urls or {}).items():
+                self._now_polls(name, url)
             kept = [name for name, memory in final.items() if self._may_replace(name, memory)]
         fragments = {name: encode_account(final[name]) for name in kept}
         with self._cond:

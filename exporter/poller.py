@@ -113,6 +113,9 @@ class Poller:
         self._last_attempt: float | None = None
         self._not_before = 0.0  # monotonic time before which no poll is made (backoff, Retry-After)
         self._failures_in_row = 0
+        self._poll_now = False  # a reload brought a new key or URL: the next scrape polls
+        self._generation = 0  # counts those reloads: a poll's failures hold only the client it was made with
+        self._poll_generation = 0  # the generation the running poll began in
         # Per endpoint, the failure run it is in (the first failure's time and reason), until
         # that endpoint answers again: logged once per run, shown on the landing page.
         self.failing: dict[str, Failure] = {}
@@ -140,12 +143,21 @@ class Poller:
             threading.Thread(target=self._launch_worker, name="launch-poll", daemon=True).start()
 
     def reconfigure(self, client: SkillableClient | None, window_minutes: int, overlap_minutes: int,
-                    min_interval: float, timeout: float) -> None:
-        """A config reload: a new client (new key or URL) if given, a new window, intervals and poll deadline.
-        The state, the counters and the health stay; a poll in flight ends with the old client."""
+                    min_interval: float, timeout: float, new_key_or_url: bool = False) -> None:
+        """A config reload: a new client if given, a new window, intervals and poll deadline. The state,
+        the counters and the health stay; a poll in flight ends with the old client.
+
+        With `new_key_or_url`, what the API told the old key or URL no longer holds this account: its
+        Retry-After hold and its backoff are lifted, and the next scrape polls (with the new client),
+        whatever the minimum interval; a poll still in flight with the old client sets no new hold."""
         with self._lock:
             if client is not None:
                 self.client = client
+            if new_key_or_url:
+                self._not_before = 0.0
+                self._failures_in_row = 0
+                self._poll_now = True
+                self._generation += 1
             self.window_minutes = window_minutes
             self.overlap_minutes = overlap_minutes
             self.min_interval = min_interval
@@ -183,6 +195,8 @@ class Poller:
                 return None
             self._in_flight = True
             self._result_in = False
+            self._poll_now = False
+            self._poll_generation = self._generation
             self._last_attempt = self._monotonic()
             self._polls_asked += 1
             self._wake.notify()
@@ -250,6 +264,8 @@ class Poller:
             self._monotonic() - started > self.timeout + OVERDUE_GRACE_SECONDS)
 
     def _due(self) -> bool:
+        if self._poll_now:
+            return True
         now = self._monotonic()
         if now < self._not_before:
             return False
@@ -274,6 +290,7 @@ class Poller:
             health = Health(
                 h.up and not self._overdue(), h.last_success, h.last_duration, h.last_minutes,
                 Counter(h.requests), Counter(h.failures), h.stats, dict(h.region_names), h.catalog,
+                h.catalog_skipped,
             )
             return PollView(self.state.snapshot(), health, self.launch.snapshot() if self.launch is not None else None)
 
@@ -348,6 +365,10 @@ class Poller:
         except Exception as exc:  # noqa: BLE001 - no answer, however odd, may fail the scrape
             self._record_failure("LatestResults", exc)
         else:
+            if batch.salvaged:
+                log.warning("the answer was not valid JSON: text that JSON does not allow was replaced, records "
+                            "that could not be read were skipped (and counted invalid)", extra=self._fields(
+                                endpoint="LatestResults", count=batch.invalid))
             self._record_success(minutes, len(batch.results), invalid)
         self._extras(deadline)
         with self._lock:
@@ -374,8 +395,19 @@ class Poller:
             found = self._fetch_names(catalog.ENDPOINT, catalog.PARAMS, catalog.decode_catalog, deadline,
                                       self.max_catalog_bytes)
             if found is not None:
+                self._catalog_skipped(found)
                 with self._lock:
                     self.health.catalog = found
+                    self.health.catalog_skipped += found.skipped
+
+    def _catalog_skipped(self, found: catalog.Catalog) -> None:
+        """Log the catalog's skipped entries once: again only when a new catalog skips another number."""
+        before = self.health.catalog.skipped if self.health.catalog is not None else 0
+        if found.skipped and found.skipped != before:
+            log.warning("catalog entries skipped: not an object or no usable Id; counted in "
+                        "skillable_catalog_entries_skipped_total, logged again when their number changes",
+                        extra=self._fields(endpoint=catalog.ENDPOINT, count=found.skipped,
+                                           first=found.first_skipped))
 
     def _names_due(self, endpoint: str, deadline: float) -> bool:
         return self._monotonic() >= self._names_due_at.get(endpoint, 0.0) and self._left(deadline) > 0.2
@@ -421,7 +453,7 @@ class Poller:
         """
         reason = failure_reason(exc)
         asked = retry_after(exc)
-        if asked is not None:
+        if asked is not None and self._current():
             # A Retry-After from any endpoint holds every poll of this account: the limit is the key's.
             self._not_before = max(self._not_before, self._monotonic() + min(asked, MAX_RETRY_AFTER_SECONDS))
         with self._lock:
@@ -459,12 +491,19 @@ class Poller:
             log.info("request recovered", extra=self._fields(
                 endpoint=endpoint, reason=failure.reason, failing_for=f"{self._clock() - failure.since:.0f}s"))
 
+    def _current(self) -> bool:
+        """The running poll uses the key and URL of the config now loaded (no reload changed them since)."""
+        with self._lock:
+            return self._poll_generation == self._generation
+
     def _record_failure(self, endpoint: str, exc: Exception) -> None:
         with self._lock:
             self.health.up = False
-        self._failures_in_row += 1
-        delay = backoff_seconds(self._failures_in_row, retry_after(exc), jitter=random.uniform(0.5, 1.0))
-        self._not_before = self._monotonic() + delay
+        delay = None
+        if self._current():  # an old key's failure does not hold back the new one
+            self._failures_in_row += 1
+            delay = backoff_seconds(self._failures_in_row, retry_after(exc), jitter=random.uniform(0.5, 1.0))
+            self._not_before = self._monotonic() + delay
         self._count_failure(endpoint, exc, retry_in=delay)
 
     def _record_success(self, minutes: int, results: int, invalid: int) -> None:

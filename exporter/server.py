@@ -426,7 +426,7 @@ class ExporterServer:
             except NoWorker:  # only at a task limit that left no thread at all
                 answer = _text(HTTPStatus.SERVICE_UNAVAILABLE, b"no worker thread could be started\n")
             except Exception:  # noqa: BLE001 - a bug answers 500; serving goes on
-                log.debug("request failed", exc_info=True)
+                log.error("bug: answering a request failed", exc_info=True)
                 answer = _text(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 internal server error\n")
             return await self._send(request, answer)
         finally:

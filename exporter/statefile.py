@@ -50,12 +50,14 @@ def attach(store: StateStore, pollers: Mapping[str, Poller]) -> None:
             else:
                 log.info("restored state", extra={"account": name, "instances": len(saved[name].fleet.instances),
                                                   "last_success": saved[name].last_success})
-        # Encoded by the polling thread (which still holds the poll), written by the writer thread.
-        poller.on_poll = lambda p, name=name: store.submit(name, p)
+        # Encoded by the polling thread (which still holds the poll), written by the writer thread, with
+        # the URL the account polls now (a reload may change it).
+        poller.on_poll = lambda p, name=name: store.submit(name, p, p.client.base_url)
 
 
 def shutdown(store: StateStore, pollers: Mapping[str, Poller], timeout: float) -> None:
     """Stop polling (a poll in flight may finish within `timeout`), write the file a last time."""
     idle = {name: poller.stop(timeout) for name, poller in pollers.items()}
-    store.close({name: poller for name, poller in pollers.items() if idle[name]}, timeout)
+    store.close({name: poller for name, poller in pollers.items() if idle[name]}, timeout,
+                {name: poller.client.base_url for name, poller in pollers.items()})
     log.info("state file written", extra={"path": store.path, "accounts": sum(idle.values())})

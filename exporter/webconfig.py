@@ -29,9 +29,8 @@ import threading
 from dataclasses import dataclass, field
 
 import bcrypt
-import yaml
 
-from .config import ConfigError, check_mapping
+from .config import MAX_CONFIG_FILE_BYTES, ConfigError, check_mapping, decode_utf8, load_yaml, read_small_file
 
 SETTING = "web.config-file"
 _TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
@@ -205,13 +204,9 @@ _HASH = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
 
 
 def load_web_config(path: str) -> WebConfig:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            tree = yaml.safe_load(handle) or {}
-    except OSError as exc:
-        raise ConfigError(SETTING, f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError:
-        raise ConfigError(SETTING, f"{path} is not valid YAML") from None
+    # Read and parsed as the config file is: a regular file, UTF-8, no key twice (config.py).
+    data, _ = read_small_file(SETTING, path, MAX_CONFIG_FILE_BYTES)
+    tree = load_yaml(SETTING, path, decode_utf8(SETTING, path, data))[0] or {}
     tree = check_mapping(SETTING, tree, _TOP_KEYS, f"{path} to hold a mapping")
     base = os.path.dirname(os.path.abspath(path))
     tls = tree.get("tls_server_config")

@@ -19,10 +19,10 @@ DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
 # Prometheus accept. User variables default to their All value (".*").
 BUILTIN_VARIABLES = {
     "__rate_interval": "5m",
-    "__interval": "1m",
+    "__interval": "10s",  # what Grafana gives a panel over a short range; subqueries step by it
     "__range": "1h",
     "__range_s": "3600",
-    "__interval_ms": "60000",
+    "__interval_ms": "10000",
 }
 # ${name}, ${name:format}, $name, [[name]]. A name starts with a letter or "_", so
 # label_replace's "$1" is left alone, as Grafana leaves it (no variable is named 1).
@@ -102,3 +102,30 @@ def parse_variable_query(text: str) -> tuple[str, str | None, str | None]:
     if m:
         return "query_result", m.group("expr"), None
     raise ValueError(f"unsupported variable query: {text!r}")
+
+
+def variable_options(variable: dict[str, Any], result: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(text, value) of each option a query_result variable offers for `result` (an instant query's
+    samples), as Grafana makes them: each sample as the line `name{label="value", ...} value time`,
+    then the variable's regex, whose named groups `text` and `value` pick what is shown and what is
+    put in the queries (without a regex, the whole line is both)."""
+    lines = []
+    for sample in result:
+        metric = dict(sample["metric"])
+        name = metric.pop("__name__", "")
+        labels = ", ".join(f'{k}="{v}"' for k, v in metric.items())
+        lines.append(f"{name}{{{labels}}} {sample['value'][1]} {int(float(sample['value'][0]) * 1000)}")
+    regex = variable.get("regex") or ""
+    if not regex:
+        return [(line, line) for line in lines]
+    body = regex[1:regex.rindex("/")] if regex.startswith("/") else regex
+    pattern = re.compile(body.replace("(?<", "(?P<"))  # JavaScript's named groups in Python's spelling
+    options = []
+    for line in lines:
+        match = pattern.search(line)
+        if match:
+            groups = match.groupdict()
+            value = groups.get("value") or groups.get("text") or match.group(0)
+            options.append((groups.get("text") or value, value))
+    return options
+

@@ -220,11 +220,13 @@ class FakeSkillable(ThreadingHTTPServer):
             self.state.sticky_fault = None
             self.state.faults.clear()
 
-    def run(self, instance_id: int, start: int, seconds: int, status: int = 4, **extra: Any) -> None:
+    def run(self, instance_id: int, start: int, seconds: int, status: int = 4,
+            at_end: dict[str, Any] | None = None, **extra: Any) -> None:
         """A lab that starts at `start` and ends `seconds` later, as the real API shows it: with no
-        End (and CompletionStatus 3, Incomplete) until the fake's clock reaches its end."""
+        End (and CompletionStatus 3, Incomplete) until the fake's clock reaches its end. `at_end`:
+        fields that appear only once it has ended (an exam's score)."""
         record = lab(instance_id, start, None, status=3, **extra)
-        record["_ends"] = (start + seconds, status)
+        record["_ends"] = (start + seconds, status, dict(at_end or {}))
         self.add(record)
 
     def launch(self, instance_id: int, start: int, seconds: int, status: int = 4, startup: int | None = 60,
@@ -244,7 +246,7 @@ class FakeSkillable(ThreadingHTTPServer):
             record = {k: v for k, v in record.items() if not k.startswith("_")}
             if ends is not None and ends[0] <= now:
                 record.update(End=ends[0], LastActivity=ends[0], CompletionStatus=ends[1],
-                              TotalRunTimeSeconds=ends[0] - record["Start"])
+                              TotalRunTimeSeconds=ends[0] - record["Start"], **ends[2])
             out.append(record)
         return out
 

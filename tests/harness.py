@@ -56,6 +56,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_demo_port() -> int:
+    """A free port whose next one is free too: `--demo` serves its simulated API at the
+    exporter's port plus one (exporter.demo.demo_api_address)."""
+    for _ in range(100):
+        port = free_port()
+        if port >= 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free ports in a row")
+
+
 def tool(name: str, install_hint: str = "Debian's prometheus / prometheus-alertmanager packages; .ci/run installs them") -> str:
     """Path of a required command-line tool: next to this Python first (a venv), then PATH. A missing
     tool fails the test (never skips it)."""
@@ -275,7 +291,7 @@ class ExporterProcess:
         verify: str | bool = True, cert: tuple[str, str] | None = None, prefix: list[str] | None = None,
     ) -> None:
         """`prefix`: a command the exporter runs under (e.g. prlimit), exec-ing it in the same process."""
-        self.port = free_port()
+        self.port = free_demo_port() if "--demo" in args else free_port()
         self.log_path = log_path
         self.verify = verify
         self.cert = cert

@@ -92,6 +92,9 @@ def flags(*argv: str) -> dict[str, object]:
     ("accounts:\n  - name: a\n    api_key_env: MISSING\n", "accounts[0].api_key_env"),
     ("accounts:\n  - name: a\n    api_key_env: K\n    colour: red\n", "accounts[0].colour"),
     ("accounts:\n  - name: a\n    api_key_env: K\n    window_minutes: 99999\n", "accounts[0].window_minutes"),
+    ("accounts:\n  - name: a\n    api_key_env: K\n    max_active_labs: 0\n", "accounts[0].max_active_labs"),
+    ("accounts:\n  - name: a\n    api_key_env: K\n    max_active_labs: many\n", "accounts[0].max_active_labs"),
+    ("skillable:\n  max_active_labs: 2.5\n", "skillable.max-active-labs"),
 ])
 def test_bad_account_lists_name_the_setting(tmp_path: Path, text: str, setting: str) -> None:
     path = tmp_path / "c.yaml"
@@ -121,4 +124,29 @@ def test_window_help_text_names_each_accounts_own_window(
     mixed = help_line.search(both).group(0)  # type: ignore[union-attr]
     assert b"minutes" not in mixed and b"skillable_lookback_window_seconds" in mixed
 
+
+def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
+    fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
+) -> None:
+    """Issue 18: Skillable's Max Active Lab Instances, which the API does not report, from the
+    config: the global setting for every account, an account's own value over it."""
+    from exporter.app import ExporterApp
+    from exporter.render import choose_encoding
+
+    path = tmp_path / "c.yaml"
+    path.write_text("skillable:\n  max_active_labs: 250\naccounts:\n"
+                    f"  - name: emea\n    api_key_env: K\n    api_url: {fake.url}\n    max_active_labs: 400\n"
+                    f"  - name: americas\n    api_key_env: K\n    api_url: {broken.url}\n")
+    config = load_config(flags("--config.file", str(path)), {"K": "key"})
+    assert [a.max_active_labs for a in config.accounts] == [400, 250]
+    app = ExporterApp(config)
+    try:
+        text = app.collector.exposition(choose_encoding(""))
+    finally:
+        app.close()
+    assert b'skillable_account_max_active_labs{account="emea"} 400.0' in text
+    assert b'skillable_account_max_active_labs{account="americas"} 250.0' in text
+    single = load_config(flags("--skillable.max-active-labs=30"), {"SKILLABLE_API_KEY": "k"})
+    assert single.accounts[0].max_active_labs == 30
+    assert load_config(flags(), {"SKILLABLE_API_KEY": "k"}).accounts[0].max_active_labs is None
 

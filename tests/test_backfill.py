@@ -25,7 +25,7 @@ from exporter.cli import BACKFILL_SETTINGS, build_parser
 from exporter.persistence import read_state_file
 
 from .fakeapi import FakeSkillable, _Handler, lab
-from .harness import ROOT, eventually, free_port, stop_process, tool
+from .harness import ROOT, eventually, free_demo_port, free_port, stop_process, tool
 
 DAY = 86400
 # The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
@@ -118,6 +118,13 @@ def ended_by_status(records: list[dict[str, Any]], start: float, end: float,
             key = (str(r["LabProfileId"]),) * by_profile + (STATUS[r["CompletionStatus"]],)
             out[key] = out.get(key, 0) + 1
     return out
+
+
+def first_end_counted(prom: "Prometheus", profile: int, status: str, window: str, at: float) -> float:
+    """increase() over `window` of one profile's ended counter in `status`, at `at`; 0 if the series is absent."""
+    got = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable",'
+                     f'lab_profile_id="{profile}",completion_status="{status}"}}[{window}]))', at)
+    return float(got[0]["value"][1]) if got else 0.0
 
 
 @pytest.fixture
@@ -334,6 +341,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_a_rerun_writes_th
 def test_the_demo_backfills_without_an_account(tmp_path: Path) -> None:
     end = int(time.time()) // 3600 * 3600 - 3600
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
+    # The demo API listens at the exporter's port plus one: a free pair, as the exporter's would be.
+    environ["SKILLABLE_EXPORTER_LISTEN_ADDRESS"] = f"127.0.0.1:{free_demo_port()}"
     done = subprocess.run([sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(end - 3600)}",
                            f"--to={iso(end)}", f"--output={tmp_path}", "--label=job=skillable",
                            "--label=instance=x:1", "--step=5m", "--keep-openmetrics"],
@@ -433,10 +442,13 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
              f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         eventually(lambda: prom.query('skillable_up{job="skillable"} == 1', time.time()), 30, "the first live scrape")
-        # More labs while the exporter runs, on the places the history has.
+        # More labs while the exporter runs, on the places the history has; one is profile 7001's
+        # first save_failed end (the history has none: see traffic()).
         later = int(time.time())
         fresh = [lab(10**9 + i, later - 5 + i, later - 4 + i, status=4 if i % 2 else 20, host=h, datacenter=d,
                      region=g, LabProfileId=PROFILES[i % 3]) for i, (h, d, g) in enumerate(PLACES * 2)]
+        fresh.append(lab(10**9 + 99, later - 5, later - 3, status=40, host=PLACES[0][0], datacenter=PLACES[0][1],
+                         region=PLACES[0][2], LabProfileId=7001))
         fake.add(*fresh)
         records += fresh
         seam_start = to - 3600
@@ -463,6 +475,36 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
         ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
+        # The profile's first save_failed end counts (issue 18): its series existed at 0 in the history.
+        assert first_end_counted(prom, 7001, "save_failed", f"{int(round((at - to) * 1000))}ms", at) == 1
+
+        # A restart with the state file, then profile 7002's first resume_failed end: counted too.
+        exporter.terminate()
+        assert exporter.wait(15) == 0
+        restarted_at = time.time()
+        log = open(tmp_path / "exporter-restarted.log", "wb")
+        exporter = subprocess.Popen(
+            [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{exporter_port}",
+             f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        eventually(lambda: prom.query(f'skillable_up{{job="skillable"}} == 1 and timestamp(skillable_up) > {restarted_at}',
+                                      time.time()), 30, "the first scrape after the restart")
+        resumed = int(time.time())
+        fake.add(lab(10**9 + 100, resumed - 2, resumed + 1, status=30, host=PLACES[1][0], datacenter=PLACES[1][1],
+                     region=PLACES[1][2], LabProfileId=7002))
+
+        def restart_counted() -> float | None:
+            newest = prom.query('max(timestamp(skillable_lab_instances_ended_total{job="skillable"}))', time.time())
+            at = float(newest[0]["value"][1])
+            if at < resumed + 2:
+                return None
+            return at if first_end_counted(prom, 7002, "resume_failed", f"{int(round((at - to) * 1000))}ms", at) == 1 \
+                else None
+
+        at = eventually(restart_counted, 30, "profile 7002's first resume_failed end after the restart")
+        window = f"{int(round((at - start) * 1000))}ms"
+        resets = prom.query(f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        assert float(resets[0]["value"][1]) == 0
     finally:
         if exporter is not None:
             exporter.terminate()

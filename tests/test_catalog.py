@@ -4,6 +4,7 @@ against the independent fake API (names in skillable_lab_profile_info, failures,
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -287,3 +288,39 @@ def test_with_several_accounts_only_the_gauges_carry_the_account() -> None:
     enabled = {(s.labels["account"], s.labels["lab_profile_id"]) for s in families["skillable_lab_profile_enabled"].samples}
     assert enabled == {("emea", "2"), ("apac", "2")}
     assert [s.labels["account"] for s in families["skillable_lab_profile_max_duration_seconds"].samples] == ["emea"]
+
+
+def test_entries_skipped_for_a_bad_id_are_counted_and_logged_once(  # type: ignore[no-untyped-def]
+    fake: FakeSkillable, harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19 item 15: profiles skipped for a bad id were neither logged nor counted. Each fetch counts
+    what it skipped (as each poll counts its invalid results); the log says so once, and again only when
+    the number changes."""
+    _fake_catalog(fake)
+    fake.state.catalog_profiles += [catalog_profile(1, "x", Id="not-an-id"), catalog_profile(1, "y", Id=None), "junk"]
+    fake.state.catalog_series += [{"Id": -3, "Name": "negative"}]
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    caplog.set_level(logging.DEBUG, logger="exporter")
+    h: Harness = harness(SKILLABLE_COLLECTOR_CATALOG="true")
+    samples = h.scrape().samples
+    assert total(samples, "skillable_catalog_entries_skipped_total") == 4
+    assert "5522" in _info(samples)  # the good entries are used
+    h.mono.advance(3601)
+    fake.advance(3601)
+    assert total(h.scrape().samples, "skillable_catalog_entries_skipped_total") == 8  # the next hour's fetch
+    logged = [r for r in caplog.records if r.getMessage().startswith("catalog entries skipped")]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
+    assert logged[0].levelname == "WARNING" and logged[0].count == 4  # type: ignore[attr-defined]
+    first = "LabProfiles[4]: Id 'not-an-id' is not a whole number below 2^63"
+    assert logged[0].first == first  # type: ignore[attr-defined]
+    fake.state.catalog_profiles.pop()  # one fewer: said again
+    h.mono.advance(3601)
+    fake.advance(3601)
+    assert total(h.scrape().samples, "skillable_catalog_entries_skipped_total") == 11
+    assert len([r for r in caplog.records if r.getMessage().startswith("catalog entries skipped")]) == 2
+
+
+def test_no_catalog_yet_means_no_skipped_count(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
+    _fake_catalog(fake)
+    samples = harness(SKILLABLE_COLLECTOR_CATALOG="false").scrape().samples
+    assert not [k for k in samples if k[0] == "skillable_catalog_entries_skipped_total"]

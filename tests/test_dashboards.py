@@ -316,7 +316,45 @@ def test_lab_profiles_board_names_profiles_and_links_each_one() -> None:
     assert {"Lab profiles (selected range)", "Worst lab profiles by failure ratio (last hour)",
             "Exam pass rate per exam (1h)", "Mean exam score per exam (1h)",
             "Enabled lab profiles unused in the range"} <= titles
+    series_panels = {"Lab series (selected range)"}  # roll-ups per lab series: they name the series instead
+    assert series_panels <= titles
     for q in panel_queries(board):  # by name, falling back to the id where no info names the profile
+        if q.panel in series_panels:
+            assert "group_left (lab_series_name)" in q.expr, q
+            assert '"lab_series_name", "$1", "lab_series_id"' in q.expr, q
+            continue
         assert "group_left (lab_profile_name" in q.expr, q
         # Exam panels keep the profiles whose info says exam="true"; every other panel shows unnamed profiles too.
         assert ('exam="true"' in q.expr) != ('"lab_profile_name", "$1", "lab_profile_id"' in q.expr), q
+
+
+# -- one definition per quantity, and the docs ---------------------------------------------------
+
+def _rules() -> list[dict[str, Any]]:
+    return [r for path in sorted((ROOT / "prometheus/rules").glob("*.yml"))
+            for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+
+
+def test_the_failure_statuses_are_written_one_way_everywhere() -> None:
+    """The four failure statuses are one matcher, the window rule's, in every rule and panel; a
+    window failure ratio on a panel reads the :window rules, never skillable_lab_instances (issue
+    18: the headline divided by it minus the running labs, which it never held)."""
+    [window_rule] = [r for r in _rules() if r.get("record") == "lab_host:skillable_lab_instances_failed:window"]
+    canonical = re.search(r'completion_status=~"([^"]+)"', window_rule["expr"]).group(1)  # type: ignore[union-attr]
+    failure = set(canonical.split("|"))
+    assert failure == {"storage_provisioning_failed", "lab_creation_failed", "resume_failed", "save_failed"}
+    texts = [r["expr"] for r in _rules()] + [q.expr for path in PATHS for q in panel_queries(load(path))]
+    matchers = [m for text in texts for m in re.findall(r'completion_status=~"([^"]+)"', text)]
+    assert matchers and all(m == canonical for m in matchers if set(m.split("|")) & failure), set(matchers)
+    for path in PATHS:
+        for q in panel_queries(load(path)):
+            assert not ("skillable_lab_instances{" in q.expr and "/" in q.expr), \
+                f"{q.panel}: a ratio over the window reads lab_host:skillable_lab_instances_*:window"
+
+
+def test_docs_say_what_every_panel_shows() -> None:
+    text = (ROOT / "docs/monitoring.md").read_text()
+    section = text.split("## What each panel shows", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| ([^|`]+?) \|", section, re.M)) - {"Panel"}
+    titles = {p["title"] for path in PATHS for p in all_panels(load(path)) if p["type"] != "row"}
+    assert titles == documented, (sorted(titles - documented), sorted(documented - titles))

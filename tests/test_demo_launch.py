@@ -16,6 +16,7 @@ import requests
 from exporter.app import ExporterApp
 from exporter.config import load_config
 from exporter.demo import (
+    DEMO_API_KEY,
     DEMO_SECRET_MARKERS,
     LIFECYCLE_FAILING_PROFILE,
     SLOW_DATACENTER,
@@ -41,7 +42,7 @@ def demo() -> Iterator[SimulatorServer]:
 
 
 def get(server: SimulatorServer, path: str, **params: Any) -> Any:
-    response = requests.get(server.url + path, params=params, headers={"api_key": "demo"}, timeout=30)
+    response = requests.get(server.url + path, params=params, headers={"api_key": DEMO_API_KEY}, timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -107,7 +108,7 @@ def test_an_exporter_on_the_demo_shows_the_faults_and_leaks_no_secret(demo: Simu
     handler, logger = Capture(logging.DEBUG), logging.getLogger("exporter")
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.DEBUG
-    app = ExporterApp(load_config({}, {"SKILLABLE_API_URL": demo.url, "SKILLABLE_API_KEY": "demo"}),
+    app = ExporterApp(load_config({}, {"SKILLABLE_API_URL": demo.url, "SKILLABLE_API_KEY": DEMO_API_KEY}),
                       clock=lambda: NOW)
     try:
         poller = app.pollers[""]

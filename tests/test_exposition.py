@@ -28,9 +28,10 @@ GOLDEN = Path(__file__).parent / "golden"
 NOW = 1_800_000_000
 
 
-def render(accounts: list[tuple[str, Poller]], names: Names | None = None) -> str:
+def render(accounts: list[tuple[str, Poller]], names: Names | None = None,
+           max_active_labs: dict[str, int] | None = None) -> str:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SkillableCollector(accounts, names or Names(), 60))
+    registry.register(SkillableCollector(accounts, names or Names(), 60, max_active_labs=max_active_labs))
     text = generate_latest(registry).decode()
     # The two values that differ from run to run.
     text = re.sub(r"^(skillable_poll_duration_seconds(\{[^}]*\})?) .*$", r"\1 0.0", text, flags=re.M)
@@ -207,7 +208,7 @@ def test_every_family_served_is_the_family_table(fake: FakeSkillable) -> None:
                          launch=LaunchSettings())
     poller.refresh(5)
     assert poller.wait_launch(1, 10)
-    text = render([("", poller)], Names(datacenters={"3": "x"}, lab_hosts={"49": "y"}))
+    text = render([("", poller)], Names(datacenters={"3": "x"}, lab_hosts={"49": "y"}), {"": 100})
     # The exporter's own metrics (process_*, python_*, reload) come from the app's runtime registry.
     runtime = generate_latest(ExporterApp(load_config({}, {"SKILLABLE_API_KEY": "k"})).runtime).decode()
     table = {f.name: f for f in all_families()}

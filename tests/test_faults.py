@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import json
 import logging
 import math
 import threading
@@ -251,6 +252,73 @@ def test_record_with_every_nullable_field_null_is_counted_once(
     assert total(scrape.samples, "skillable_lab_instances", completion_status="unknown", **unknown) == 0
     assert total(scrape.samples, "skillable_lab_instances_running", **unknown) == 1
     assert total(scrape.samples, "skillable_results_invalid_total") == 0
+
+
+def raw_body(body: bytes) -> f.Fault:
+    """A 200 answer with exactly these bytes: what no JSON library would write."""
+    return lambda h: h.send_raw(200, body, "application/json")
+
+
+def test_a_lone_surrogate_in_a_field_never_read_is_read_past_not_a_failed_poll(
+    fake: FakeSkillable, harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19 item 12: one "\\ud800" in a user's name failed the whole poll as invalid_response, and as a
+    failed poll asks again for everything since the last success, polling stayed down for up to 7 days."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4, UserId="Jos\ud800"), lab(2, NOW - 300, NOW - 30, status=20),
+             lab(3, NOW - 200, City="\udc00\x01 Zu\u0308rich"))
+    h = harness()
+    caplog.set_level(logging.WARNING, logger="exporter")
+    scrape = h.scrape()
+    assert (scrape.up, scrape.failures()) == (1, 0)
+    assert total(scrape.samples, "skillable_lab_instances_started_total") == 3
+    assert total(scrape.samples, "skillable_results_invalid_total") == 0  # nothing it reads was touched
+    assert any("was not valid JSON" in r.getMessage() for r in caplog.records)
+
+
+def test_bytes_no_json_library_writes_spoil_only_their_own_record(
+    fake: FakeSkillable, harness: Callable[..., Harness]
+) -> None:
+    """Bytes that are not UTF-8, a raw NUL, an unknown escape in strings never read; a stray byte between two
+    values of one record: that record is skipped and counted invalid, the others counted; up stays 1."""
+    good = [lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, NOW - 30, status=20), lab(3, NOW - 200)]
+    records = [json.dumps(r).encode() for r in good]
+    records[0] = records[0].replace(b'"user-secret-555"', b'"us\xe9r \x00 \\q"')  # repaired: still valid
+    records[1] = records[1].replace(b'"Country": "US"', b'"Country": "US" \xff')  # between values: cut out
+    body = b'{"Results": [' + b", ".join(records) + b'], "Status": 1, "Error": null}'
+    fake.fault(raw_body(body), endpoint="LatestResults")
+    scrape = harness().scrape()
+    assert (scrape.up, scrape.failures()) == (1, 0)
+    assert total(scrape.samples, "skillable_results_invalid_total") == 1
+    assert total(scrape.samples, "skillable_lab_instances_started_total") == 2
+    assert total(scrape.samples, "skillable_lab_instances_ended_total", completion_status="lab_creation_failed") == 0
+
+
+def test_a_body_cut_short_is_still_a_failed_poll_never_salvaged(
+    fake: FakeSkillable, harness: Callable[..., Harness]
+) -> None:
+    """Salvage reads a whole body past bad bytes; a body that ends too soon lost records, so it stays
+    invalid_response and the next poll asks again from the last success."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4, UserId="\ud800"), lab(2, NOW - 300, NOW - 30, status=20))
+    body = json.dumps({"Status": 1, "Results": fake.records_now()}).encode()
+    fake.fault(raw_body(body[: body.index(b'"LabInstanceId": 2') + 30]), endpoint="LatestResults")
+    scrape = harness().scrape()
+    assert (scrape.up, scrape.failures("invalid_response")) == (0, 1)
+    assert total(scrape.samples, "skillable_lab_instances_started_total") == 0
+
+
+def test_a_hostile_delivery_region_name_becomes_a_short_clean_label(
+    fake: FakeSkillable, harness: Callable[..., Harness]
+) -> None:
+    """A 1 MiB region name with HTML, CR, NUL and an RTL override made every scrape 1 MiB and put them in a
+    label; it is cleaned and cut as catalog names are."""
+    fake.add(lab(1, NOW - 600, NOW - 60, status=4))
+    fake.state.regions = [{"Id": 2, "Name": "<img src=x onerror=alert(1)>West\r\n\u0000\u202e" + "x" * (1 << 20)}]
+    scrape = harness(SKILLABLE_COLLECTOR_DELIVERY_REGIONS="true", SKILLABLE_MAX_RESPONSE_BYTES=str(4 << 20)
+                     ).scrape()
+    assert scrape.up == 1 and len(scrape.text) < 64 * 1024
+    [name] = [dict(labels)["delivery_region_name"] for (metric, labels) in scrape.samples
+              if metric == "skillable_delivery_region_info"]
+    assert name == "West " + "x" * 115 and len(name) == 120
 
 
 # -- Retry-After and backoff ----------------------------------------------------------

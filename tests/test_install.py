@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from .conftest import free_port
+from .harness import free_demo_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_quick_start_runs_verbatim_in_a_fresh_clone(tmp_path: Path) -> None:
         result = subprocess.run(["bash", "-ec", command], cwd=clone, env=env, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    port = free_port()  # the only change: a free port, set the way a user would (not in the command)
+    port = free_demo_port()  # the only change: a free port (and the next, the demo API's), set as a user would
     env["SKILLABLE_EXPORTER_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
     log = open(tmp_path / "exporter.log", "wb")
     proc = subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)

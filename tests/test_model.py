@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.catalog import MAX_LABEL_CHARS, clean_text
 from exporter.model import (
     ALL_STATUSES,
     DecodeError,
@@ -176,3 +177,28 @@ def test_a_bad_delivery_region_is_left_out_not_the_answer() -> None:
         b',"Name":"c"},{"Id":[1],"Name":"d"},7,{"Id":"4","Name":"Europe"},{"Id":5,"Name":"Asia"}],"Status":1}'
     )
     assert regions == {4: "Europe", 5: "Asia"}
+
+
+def test_delivery_region_names_are_cleaned_and_bounded_as_catalog_names() -> None:
+    """Issue 19 item 14: region names reached labels raw (1 MiB, HTML, CR, NUL, RTL overrides) while catalog
+    names were cleaned; one function (clean_text) now serves both."""
+    hostile = {
+        1: "A" * (1 << 20),
+        2: "<script>alert(1)</script>Europe <b>West</b>",
+        3: "East\r\nUS\u0000 2",
+        4: "\u202eevil\u202c Asia",
+        5: "   ",
+        6: "Caf\u00e9 &amp; Bar",
+    }
+    body = json.dumps({"DeliveryRegions": [{"Id": k, "Name": v} for k, v in hostile.items()], "Status": 1}).encode()
+    regions = decode_delivery_regions(body)
+    assert regions == {1: "A" * MAX_LABEL_CHARS, 2: "alert(1) Europe West", 3: "East US 2", 4: "evil Asia",
+                       6: "Caf\u00e9 & Bar"}
+    assert all(name == clean_text(hostile[key]) for key, name in regions.items())
+
+
+def test_a_region_name_that_is_not_json_text_is_repaired_not_the_answer_lost() -> None:
+    """A lone surrogate or a byte that is not UTF-8 in one region's name cost every region's name."""
+    body = (b'{"DeliveryRegions":[{"Id":1,"Name":"Europe \\ud800"},{"Id":2,"Name":"Caf\xe9"},'
+            b'{"Id":3,"Name":"Asia"}],"Status":1}')
+    assert decode_delivery_regions(body) == {1: "Europe \ufffd", 2: "Caf\ufffd", 3: "Asia"}

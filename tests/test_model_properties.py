@@ -256,3 +256,88 @@ def test_infinite_numbers_are_an_invalid_record(value: str) -> None:
             '{"LabInstanceId":2}]}' % value).encode()
     batch = decode_latest_results(body)
     assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
+
+
+# -- salvage: bad bytes spoil only their own record; a body cut short is never salvaged (issue 19 item 12) ----
+
+# What no JSON library writes inside a string: bytes that are not UTF-8, raw control characters, lone
+# surrogates, unknown escapes. Never a quote or a backslash that would end the string.
+string_garbage = st.lists(
+    st.sampled_from([b"\xff", b"\xc3", b"\xe9t\xe9", b"\xed\xa0\x80", b"\x00", b"\x01", b"\t", b"\n", b"\x1f",
+                     b"\\ud800", b"\\udfff", b"\\udc00\\ud800", b"\\q", b"\\u12G4", b"\\x41", b"\\U0001F600",
+                     b"\\\\ud800", "\u202e".encode(), b"<b>", b"a"]),
+    min_size=1, max_size=6,
+).map(b"".join)
+# A stray byte between two values of a record (after a space, so it never joins a number). Not a control
+# character: outside a string, repair_text reads those as the whitespace they stand beside.
+record_junk = st.sampled_from([b" x", b" \xff", b" #", b" 1", b" @", b" tru", b" 'a'", b" }{"])
+
+
+def body_of(records: list[dict[str, Any]], status_first: bool) -> bytes:
+    envelope = {"Status": 1, "Results": records} if status_first else {"Results": records, "Status": 1}
+    return json.dumps(envelope).encode()
+
+
+@PROPERTY
+@given(records=st.lists(st.tuples(valid_record, st.none() | string_garbage), min_size=1, max_size=8),
+       status_first=st.booleans())
+def test_text_json_does_not_allow_in_fields_never_read_changes_no_record(
+    records: list[tuple[dict[str, Any], bytes | None]], status_first: bool
+) -> None:
+    """Whatever a string the exporter never reads holds, every record decodes as it would without it."""
+    clean = [{**r, "UserId": f"@@{i}@@"} for i, (r, _) in enumerate(records)]
+    body = body_of(clean, status_first)
+    expected = decode_latest_results(body)
+    for i, (_, garbage) in enumerate(records):
+        if garbage is not None:
+            body = body.replace(f'"@@{i}@@"'.encode(), b'"' + garbage + b'"')
+    got = decode_latest_results(body)
+    assert (got.results, got.invalid) == (expected.results, 0)
+
+
+@PROPERTY
+@given(records=st.lists(st.tuples(valid_record, st.none() | record_junk), min_size=1, max_size=12),
+       status_first=st.booleans(), garbage=st.none() | string_garbage)
+def test_a_record_broken_between_its_values_is_skipped_and_counted_the_others_kept(
+    records: list[tuple[dict[str, Any], bytes | None]], status_first: bool, garbage: bytes | None
+) -> None:
+    """A stray byte inside a record costs that record alone (counted invalid), wherever it is, with
+    or without bad text elsewhere in the body."""
+    marked = [{**r, "UserId": "@@text@@", "Zz": f"@@{i}@@"} for i, (r, _) in enumerate(records)]
+    body = body_of(marked, status_first)
+    if garbage is not None:
+        body = body.replace(b'"@@text@@"', b'"' + garbage + b'"')
+    for i, (_, junk) in enumerate(records):
+        if junk is not None:
+            body = body.replace(f'"@@{i}@@"'.encode(), f'"@@{i}@@"'.encode() + junk)
+    kept = [r for r, junk in records if junk is None]
+    got = decode_latest_results(body)
+    assert got.invalid == len(records) - len(kept)
+    assert got.results == decode_latest_results(body_of(kept, status_first)).results
+
+
+@PROPERTY
+@given(records=st.lists(st.tuples(valid_record, st.none() | record_junk, st.none() | string_garbage), max_size=6),
+       status_first=st.booleans(), cut=st.floats(min_value=0, max_value=1, exclude_max=True))
+def test_a_body_cut_short_is_never_salvaged(
+    records: list[tuple[dict[str, Any], bytes | None, bytes | None]], status_first: bool, cut: float
+) -> None:
+    """However bad the bytes before the cut, a body that ends too soon is an error, never records."""
+    body = body_of([{**r, "UserId": f"@@t{i}@@", "Zz": f"@@{i}@@"} for i, (r, _, _) in enumerate(records)],
+                   status_first)
+    for i, (_, junk, garbage) in enumerate(records):
+        body = body.replace(f'"@@{i}@@"'.encode(), f'"@@{i}@@"'.encode() + (junk or b""))
+        body = body.replace(f'"@@t{i}@@"'.encode(), b'"' + (garbage or b"") + b'"')
+    with pytest.raises(DecodeError):
+        decode_latest_results(body[: int(len(body) * cut)])
+
+
+@PROPERTY
+@given(body=st.binary(max_size=400), junk=st.binary(min_size=1, max_size=4), at=st.integers(min_value=0))
+def test_any_bytes_anywhere_give_records_or_a_typed_error(body: bytes, junk: bytes, at: int) -> None:
+    """Arbitrary bytes dropped into a real answer: records or DecodeError/UpstreamError, never a crash."""
+    real = body_of([{"LabInstanceId": 1, "UserId": body.decode("latin-1")}, {"LabInstanceId": 2}], False)
+    at %= len(real) + 1
+    batch = decode(real[:at] + junk + real[at:])
+    if batch is not None:
+        check_state_and_exposition(batch.results)

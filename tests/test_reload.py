@@ -4,6 +4,7 @@ and a reloaded web config's certificate served to new connections."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import signal
@@ -20,12 +21,14 @@ import requests
 from exporter.__main__ import make_reloader
 from exporter.app import RELOADABLE, ExporterApp, Reloader
 from exporter.cli import build_parser
+from exporter.client import SkillableClient
 from exporter.config import SETTINGS, Config, load_config, setting_name
 from exporter.server import ExporterServer
 from exporter.webconfig import load_web_config
 
+from . import fakeapi as f
 from .fakeapi import FakeSkillable, lab
-from .harness import lab_counters, parse, total
+from .harness import MonotonicStub, eventually, lab_counters, make_poller, parse, total
 from .tlsutil import certs, issue  # noqa: F401 (certs is a fixture)
 
 
@@ -328,3 +331,182 @@ def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSki
             exporter.get("/metrics", cert=first_client)
     finally:
         assert exporter.stop() == 0
+
+
+# -- a load failure is a refused reload, never a death (issue 19 items 7-9) -----------------------------------
+
+
+def reload_both_ways(exporter: Any, refused_before: int) -> tuple[requests.Response, list[str]]:
+    """POST /-/reload, then SIGHUP: the POST's answer and the log's refusal lines after both."""
+    answer = requests.post(exporter.url + "/-/reload", timeout=10)
+    exporter.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while exporter.log().count("config reload refused") < refused_before + 2 and time.monotonic() < deadline:
+        if exporter.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    return answer, [line for line in exporter.log().splitlines() if "config reload refused" in line]
+
+
+@pytest.mark.integration
+def test_a_file_that_cannot_be_read_is_a_refused_reload_and_the_process_keeps_serving(
+    run_exporter: Any, fake: FakeSkillable, tmp_path: Path
+) -> None:
+    """Not UTF-8, NaN, UTF-16 or non-ASCII keys, a web config that is not text: each used to kill the
+    process on SIGHUP (exit 1, no state written) and close POST /-/reload's connection unanswered."""
+    now = fake.clock()
+    fake.add(lab(1, now - 600, now - 60, status=4))
+    exporter, config, key_file = start(run_exporter, fake, tmp_path)
+    counters = lab_counters(parse(exporter.get("/metrics").text))
+    good_config, good_key = config.read_bytes(), key_file.read_bytes()
+    web = tmp_path / "web.yml"
+    web.write_bytes(b"basic_auth_users:\n  \xff\xfe: x\n")
+    cases = [
+        (config, b"names:\n  datacenters:\n    3: caf\xe9\n", "invalid setting config.file: ", "is not UTF-8 text"),
+        (config, good_config.replace(b"skillable:\n", b"skillable:\n  window_minutes: .nan\n"),
+         "invalid setting skillable.window-minutes: ", "expected a finite number"),
+        (config, good_config + b"web:\n  config_file: " + str(web).encode() + b"\n",
+         "invalid setting web.config-file: ", "is not UTF-8 text"),
+        (key_file, fake.state.api_key.encode("utf-16"), "invalid setting skillable.api-key-file: ", "is UTF-16 text"),
+        (key_file, "cl\u00e9-\u00e9trange".encode(), "invalid setting skillable.api-key-file: ",
+         "holds a character an API key cannot have"),
+    ]
+    refused = 0
+    for path, content, reason_starts, reason_has in cases:
+        path.write_bytes(content)
+        answer, lines = reload_both_ways(exporter, refused)
+        assert exporter.proc.poll() is None, exporter.log()  # alive
+        assert answer.status_code == 500, answer.text
+        assert answer.text.startswith("failed to reload config: " + reason_starts) and reason_has in answer.text
+        assert len(answer.text.strip().splitlines()) == 1
+        assert len(lines) == refused + 2, exporter.log()  # POST and SIGHUP: one line each
+        assert f'reason="{reason_starts}' in lines[-1] and "Traceback" not in exporter.log()
+        refused = len(lines)
+        text = exporter.get("/metrics").text
+        assert total(parse(text), RELOAD_OK) == 0
+        assert total(parse(text), "skillable_up") == 1 and lab_counters(parse(text)) == counters
+        assert datacenter_names(text) == {"Before"}
+        config.write_bytes(good_config)
+        key_file.write_bytes(good_key)
+    assert "cl\u00e9" not in exporter.log()  # the refused key is never shown
+    assert requests.post(exporter.url + "/-/reload", timeout=10).status_code == 200
+    assert total(parse(exporter.get("/metrics").text), RELOAD_OK) == 1
+    assert exporter.stop() == 0
+    assert (tmp_path / "state.json").stat().st_size > 0
+
+
+def url_config(path: Path, url: str, key_file: Path) -> None:
+    path.write_text(f"skillable:\n  api_url: {url}\n  api_key_file: {key_file}\n"
+                    "collector:\n  stats: false\n  delivery_regions: false\n  catalog: false\n")
+
+
+def config_with_url(tmp_path: Path, fake: FakeSkillable) -> tuple[Path, Path]:
+    """A config file naming the fake's URL and a key file with its key: (config, key file)."""
+    key_file = tmp_path / "key"
+    key_file.write_text(fake.state.api_key)
+    key_file.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    url_config(config, fake.url, key_file)
+    return config, key_file
+
+
+@pytest.fixture
+def other(fake: FakeSkillable) -> Iterator[FakeSkillable]:
+    """The same account behind a second URL (a proxy, another host): the fake's records, its key."""
+    server = FakeSkillable()
+    server.state.records = fake.state.records
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+def test_after_a_reload_to_another_url_the_state_file_records_that_url_and_a_restart_restores_it(
+    run_exporter: Any, fake: FakeSkillable, other: FakeSkillable, tmp_path: Path
+) -> None:
+    """The state file recorded the URL of the start, so after a reload to a new URL the next start found
+    the account 'saved for another API URL' and started it cold, its counters lost."""
+    now = fake.clock()
+    fake.add(lab(1, now - 600, now - 60, status=4), lab(2, now - 300))
+    config, key_file = config_with_url(tmp_path, fake)
+    state = tmp_path / "state.json"
+    args = (f"--config.file={config}", f"--storage.state-file={state}", "--skillable.min-poll-interval=0")
+    exporter = run_exporter(*args)
+    assert total(parse(exporter.get("/metrics").text), "skillable_lab_instances_started_total") == 2
+
+    url_config(config, other.url, key_file)
+    assert requests.post(exporter.url + "/-/reload", timeout=10).status_code == 200
+    other.add(lab(3, now - 30))  # seen through the new URL only
+    text = exporter.get("/metrics").text
+    assert other.latest_requests(), "the reload did not switch the URL"
+    counters = lab_counters(parse(text))
+    assert total(parse(text), "skillable_lab_instances_started_total") == 3
+    assert exporter.stop() == 0
+    assert json.loads(state.read_text())["api_urls"] == {"": other.url}
+
+    again = run_exporter(*args)  # the config names the new URL: its counters come back
+    assert "was saved for API URL" not in again.log()
+    assert lab_counters(parse(again.get("/metrics").text)) == counters
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("change", ["key", "url"])
+def test_a_reload_with_a_new_key_or_url_lifts_the_retry_after_hold(
+    run_exporter: Any, fake: FakeSkillable, other: FakeSkillable, tmp_path: Path, change: str
+) -> None:
+    """After a 429 with Retry-After: 3600, a reload that brought a new key (or URL) did not poll for up
+    to an hour: skillable_up stayed 0. What the API told the old key does not hold the new one."""
+    now = fake.clock()
+    fake.add(lab(1, now - 600, now - 60, status=4))
+    config, key_file = config_with_url(tmp_path, fake)
+    exporter = run_exporter(f"--config.file={config}", "--skillable.min-poll-interval=0")
+    assert total(parse(exporter.get("/metrics").text), "skillable_up") == 1
+
+    fake.fault_always(f.retry_after(429, "3600"))
+    text = exporter.get("/metrics").text  # the 429: held for an hour
+    assert total(parse(text), "skillable_up") == 0
+    asked = len(fake.state.seen)
+    assert total(parse(exporter.get("/metrics").text), "skillable_up") == 0
+    assert len(fake.state.seen) == asked  # held: no request
+
+    if change == "key":  # the operator rotates to a key of its own (the old one was shared and throttled)
+        fake.heal()
+        fake.state.api_key = "a-key-of-its-own-42"
+        key_file.write_text("a-key-of-its-own-42")
+    else:  # or points the account at a URL that is not throttled
+        url_config(config, other.url, key_file)
+    assert requests.post(exporter.url + "/-/reload", timeout=10).status_code == 200
+    text = exporter.get("/metrics").text  # the next scrape polls, with the new key or URL
+    assert total(parse(text), "skillable_up") == 1, exporter.log()
+    served = fake if change == "key" else other
+    assert served.latest_requests()[-1].api_key == served.state.api_key
+
+
+def test_a_poll_still_running_with_the_old_key_sets_no_hold_after_the_reload(fake: FakeSkillable) -> None:
+    """The reload lifts the hold; the old key's poll, answered 429 Retry-After 3600 only after the reload,
+    must not set it again (a generation count: a poll's failures hold only the client it began with)."""
+    now = fake.clock()
+    fake.add(lab(1, now - 600, now - 60, status=4))
+    answer = threading.Event()
+
+    def late_429(handler: Any) -> None:
+        answer.wait(10)
+        f.retry_after(429, "3600")(handler)
+
+    fake.fault(late_429, endpoint="LatestResults")
+    poller = make_poller(fake, monotonic=MonotonicStub())
+    try:
+        old_poll = poller.request()
+        assert old_poll is not None
+        poller.reconfigure(SkillableClient(fake.url, fake.state.api_key, 1 << 20), 60, 2, 0.0, 9.0,
+                           new_key_or_url=True)
+        answer.set()
+        assert poller.wait(old_poll, 10)
+        asked = old_poll
+        for _ in range(2):  # the poll the reload asked for, then the next: neither held back (None: held)
+            asked = eventually(lambda: (n := poller.request()) is not None and n > asked and n, 5, "a new poll")
+            assert poller.wait(asked, 10) and poller.health.up
+        assert poller.health.failures[("LatestResults", "rate_limited")] == 1  # counted, all the same
+        assert len(fake.latest_requests()) == 3
+    finally:
+        poller.stop(5)
+        poller.client.close()

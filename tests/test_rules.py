@@ -129,11 +129,55 @@ def test_alerts_are_camel_case_with_severity_summary_description_and_dashboard()
         assert alert["labels"]["severity"] in ("page", "ticket"), name
         annotations = alert["annotations"]
         assert annotations.get("summary") and annotations.get("description"), name
-        dashboard = re.match(r"^/d/([\w-]+)/", annotations.get("dashboard", ""))
-        assert dashboard, f"{name}: no dashboard link"
+        # Absolute links, from the one setting in skillable-links.yml (GRAFANA_URL, DOCS_URL).
+        dashboard = re.match(r"^" + re.escape(GRAFANA_URL) + r"/d/([\w-]+)/", annotations.get("dashboard", ""))
+        assert dashboard, f"{name}: no dashboard link built from skillable:pack_links:info"
         assert dashboard.group(1) in uids, f"{name}: links to unknown dashboard {dashboard.group(1)}"
-        assert annotations["runbook"] == f"docs/monitoring.md#{name.lower()}", name
+        assert annotations["runbook"] == f"{DOCS_URL}/monitoring.md#{name.lower()}", name
         assert "for" in alert, f"{name}: alerts need a `for:` so one bad evaluation does not page"
+
+
+GRAFANA_URL = '{{ with query "skillable:pack_links:info" }}{{ . | first | label "grafana_url" }}{{ end }}'
+DOCS_URL = '{{ with query "skillable:pack_links:info" }}{{ . | first | label "docs_url" }}{{ else }}docs{{ end }}'
+ID_LABELS = ("datacenter_id", "delivery_region_id", "lab_host_id", "lab_profile_id")
+INFO = {"datacenter_id": ("skillable_datacenter_info", "datacenter_name"),
+        "delivery_region_id": ("skillable_delivery_region_info", "delivery_region_name"),
+        "lab_host_id": ("skillable_lab_host_info", "lab_host_name"),
+        "lab_profile_id": ("skillable_lab_profile_info", "lab_profile_name")}
+
+
+def name_template(ident: str) -> str:
+    """The name an info metric of the same exporter knows for an id, and the id; the id alone otherwise."""
+    info, label = INFO[ident]
+    return (f'{{{{ with printf "{info}{{job=%q,instance=%q,{ident}=%q}}" $labels.job $labels.instance $labels.{ident}'
+            f' | query }}}}{{{{ . | first | label "{label}" }}}} ({{{{ $labels.{ident} }}}}){{{{ else }}}}'
+            f'{{{{ $labels.{ident} }}}}{{{{ end }}}}')
+
+
+def test_the_links_setting_is_one_series_of_absolute_urls() -> None:
+    [links] = [r for r in records() if r["record"] == "skillable:pack_links:info"]
+    assert links["_file"] == "skillable-links.yml" and links["expr"] == "vector(1)"
+    for label in ("grafana_url", "docs_url"):
+        assert re.fullmatch(r"https?://[^\s/]+(/\S*)?(?<!/)", links["labels"][label]), label
+    text = DOCS.read_text()
+    for alert in alerts():  # the runbook anchors exist
+        assert f"### {alert['alert']}\n" in text
+
+
+def test_alert_texts_name_places_and_profiles_where_info_metrics_know_them() -> None:
+    """Summaries and descriptions show a datacenter, region, host or profile by the name its info
+    metric carries, the id beside it, and the id alone where no name is known: never a bare id."""
+    named = set()
+    for alert in alerts():
+        for key in ("summary", "description"):
+            text = alert["annotations"][key]
+            for ident in ID_LABELS:
+                if name_template(ident) in text:
+                    named.add(ident)
+                text = text.replace(name_template(ident), "")
+            bare = [i for i in ID_LABELS if f"$labels.{i}" in text]
+            assert not bare, f"{alert['alert']} {key}: {bare} shown as bare ids"
+    assert named == set(ID_LABELS)
 
 
 def test_thresholds_live_in_one_file_and_every_reference_resolves() -> None:
