@@ -347,6 +347,7 @@ class LaunchFeed:
 
     def __init__(self, fetch: Callable[[int, int], list[LaunchRecord]], start: int, end: int, lookback: int) -> None:
         self._fetch = fetch
+        self._start = start
         self._loaded_to = start - lookback  # every lab started before this is read (or was taken)
         self._end = end
         self._events: list[tuple[int, int]] = []  # heap of (time, id)
@@ -379,11 +380,11 @@ class LaunchFeed:
         start = self._loaded_to
         end = min(start - start % FETCH_SECONDS + FETCH_SECONDS, self._end)
         for r in self._fetch(start, end):
-            if r.id in self._records:
+            times = fact_times(r)
+            if r.id in self._records or max(times) < self._start:  # all of it before the replay: nothing to count
                 continue
             self.records += 1
             self._records[r.id] = r
-            times = fact_times(r)
             self._left[r.id] = len(times)
             for t in times:
                 heapq.heappush(self._events, (t, r.id))

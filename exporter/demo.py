@@ -475,7 +475,9 @@ def concise_record(lab: Lab, now: float, seed: int = 7) -> dict[str, Any]:
 
 def search_body(traffic: Traffic, query: dict[str, list[str]], now: float, seed: int = 7) -> bytes:
     """/labinstance/search?mode=5: the labs started at or after `start` (by now; at most 7 days and the longest
-    lab back), sorted (start, start desc, end, end desc: running labs, with no End, sort lowest) and paged."""
+    lab back), sorted (start, start desc, end, end desc: running labs, with no End, sort lowest) and paged.
+    Sorted by start, a page is found minute by minute (the labs of a minute are generated, and kept, at
+    once), so paging through days of labs costs no sort of them all."""
     def one(name: str, default: str) -> str:
         return query.get(name, [default])[0]
 
@@ -487,18 +489,32 @@ def search_body(traffic: Traffic, query: dict[str, list[str]], now: float, seed:
     if mode != 5 or not 1 <= size <= 1000 or index < 0:
         return _encoder.encode({"Status": 0, "Error": "the demo serves mode 5, pages of 1 to 1000"})
     start = max(start, int(now) - 10080 * 60 - MAX_LAB_SECONDS)
-    labs = [lab for minute in range(math.floor(start / 60), math.floor(now / 60) + 1)
-            for lab in traffic.labs_starting_in(minute) if start <= lab.start <= now]
     sort = one("sort", "start desc").strip().lower()
-    if sort.startswith("end"):
-        def end_key(lab: Lab) -> tuple[int, int]:
-            return (lab.end if lab.end <= now else -1, lab.instance_id)
-        labs.sort(key=end_key, reverse=sort.endswith("desc"))
+    minutes = range(math.floor(start / 60), math.floor(now / 60) + 1)
+
+    def started(minute: int) -> list[Lab]:
+        return sorted((lab for lab in traffic.labs_starting_in(minute) if start <= lab.start <= now),
+                      key=lambda lab: (lab.start, lab.instance_id))
+
+    if sort == "start":
+        total, page, skip = 0, [], index * size
+        for minute in minutes:
+            labs = traffic.labs_starting_in(minute)
+            if total + len(labs) > skip and len(page) < size:  # this minute may hold part of the page
+                chosen = started(minute)
+                page += chosen[max(0, skip - total):][:size - len(page)]
+                total += len(chosen)
+            else:
+                total += sum(1 for lab in labs if start <= lab.start <= now)
     else:
-        labs.sort(key=lambda lab: (lab.start, lab.instance_id), reverse=sort.endswith("desc"))
-    page = [concise_record(lab, now, seed) for lab in labs[index * size:(index + 1) * size]]
-    return _encoder.encode({"TotalResults": len(labs), "TotalPages": -(-len(labs) // size), "Results": page,
-                            "Status": 1, "Error": None})
+        labs = [lab for minute in minutes for lab in started(minute)]
+        if sort.startswith("end"):
+            labs.sort(key=lambda lab: (lab.end if lab.end <= now else -1, lab.instance_id), reverse=sort.endswith("desc"))
+        elif sort.endswith("desc"):
+            labs.reverse()
+        total, page = len(labs), labs[index * size:(index + 1) * size]
+    return _encoder.encode({"TotalResults": total, "TotalPages": -(-total // size),
+                            "Results": [concise_record(lab, now, seed) for lab in page], "Status": 1, "Error": None})
 
 
 _PROFILE_NAMES = {p.id: p.name for p in CATALOG_PROFILES}
