@@ -26,7 +26,7 @@ The replay, and the rules it counts by (docs/backfill.md explains the procedure 
 
 With the launch collector on (--no-collector.launch turns it off), /labinstance/search (mode 5) is read
 too, by the rules of launches.py: the labs that started in each UTC day (and, for the first day, those
-started --skillable.max-running-minutes before it), sorted by Start, page by page. Each lab gives an
+started in the hour before it: LAUNCH_LOOKBACK_SECONDS), sorted by Start, page by page. Each lab gives an
 event at each of its facts: its Start (a launch), its start-up (Start + StartupDuration), its End, each
 error's time. The step at t applies, to the account's LaunchState, the record of every lab with an event
 in [t - step, t) as it stood at t (later facts cut off), through the live collector's own plan and apply:
@@ -90,6 +90,10 @@ T = TypeVar("T")
 DAY = 86400
 API_MAX_SECONDS = 7 * DAY  # /Results refuses a longer range ("Timeframe cannot exceed 7 days")
 FETCH_SECONDS = DAY  # one request per day: bounded memory, and well inside the API's limit
+# Labs that started this long before --from are read too, for their facts after it (start-ups, quick
+# failures, the errors of the first hour); those that started earlier are not (their later errors and
+# ends are missing from the history's first hours): reading a day more for them would cost a day's pages.
+LAUNCH_LOOKBACK_SECONDS = 3600
 MIN_SPLIT_SECONDS = 60  # a window too large for --skillable.max-response-bytes is halved down to this
 # Prometheus: "it is not safe to backfill data from the last 3 hours (the current head block)".
 SAFETY_MARGIN_SECONDS = 3 * 3600
@@ -819,7 +823,7 @@ class Run:
             for name, account in self.accounts.items()
         }
         if self.config.collect_launch:
-            lookback = self.config.max_running_minutes * 60
+            lookback = LAUNCH_LOOKBACK_SECONDS
             for name, account in self.accounts.items():
                 if account.launch is not None and account.launch.horizon is None:
                     account.launch.horizon = self.opts.start  # nothing before --from is counted

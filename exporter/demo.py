@@ -507,14 +507,34 @@ def search_body(traffic: Traffic, query: dict[str, list[str]], now: float, seed:
             else:
                 total += sum(1 for lab in labs if start <= lab.start <= now)
     else:
-        labs = [lab for minute in minutes for lab in started(minute)]
-        if sort.startswith("end"):
-            labs.sort(key=lambda lab: (lab.end if lab.end <= now else -1, lab.instance_id), reverse=sort.endswith("desc"))
-        elif sort.endswith("desc"):
-            labs.reverse()
+        labs = _sorted_labs(traffic, start, now, sort, minutes, started)
         total, page = len(labs), labs[index * size:(index + 1) * size]
     return _encoder.encode({"TotalResults": total, "TotalPages": -(-total // size),
                             "Results": [concise_record(lab, now, seed) for lab in page], "Status": 1, "Error": None})
+
+
+_SORTED: dict[tuple[int, int, str, int], list[Lab]] = {}  # the last sort, reused by the next pages (see below)
+_SORTED_LOCK = threading.Lock()
+
+
+def _sorted_labs(traffic: Traffic, start: int, now: float, sort: str, minutes: range,
+                 started: Callable[[int], list[Lab]]) -> list[Lab]:
+    """The labs of a search sorted otherwise than by start: sorted once, and the same list given to the pages
+    asked within 10 s with the same start (a poll asks them one after the other), as an API a little behind."""
+    key = (id(traffic), start, sort, int(now) // 10)
+    with _SORTED_LOCK:
+        cached = _SORTED.get(key)
+    if cached is not None:
+        return cached
+    labs = [lab for minute in minutes for lab in started(minute)]
+    if sort.startswith("end"):
+        labs.sort(key=lambda lab: (lab.end if lab.end <= now else -1, lab.instance_id), reverse=sort.endswith("desc"))
+    elif sort.endswith("desc"):
+        labs.reverse()
+    with _SORTED_LOCK:
+        _SORTED.clear()
+        _SORTED[key] = labs
+    return labs
 
 
 _PROFILE_NAMES = {p.id: p.name for p in CATALOG_PROFILES}
