@@ -36,7 +36,8 @@ function of the seed and the lab): how long each took to become ready (datacente
 SLOW_DATACENTER takes minutes where the others take about one), the API consumer that launched
 it, and errors: profile LIFECYCLE_FAILING_PROFILE's life-cycle script fails in most of its labs,
 and the webhook receiver of integration WEBHOOK_CONSUMER answers 404 on scoring (one error just
-before the End, one just after). Labs that fail to create never become ready. The records carry
+before the End, one just after). Labs that fail to create never become ready. Host names come with
+the records but for datacenter UNNAMED_DATACENTER's hosts. The records carry
 made-up credentials, names and e-mails (DEMO_SECRET_MARKERS), as real ones do, so tests can
 prove none of it leaves the exporter.
 """
@@ -385,6 +386,9 @@ LIFECYCLE_FAILURE_SHARE = 0.7
 WEBHOOK_CONSUMER = "Fabrikam Academy"  # its webhook receiver answers 404 on scoring
 CONSUMERS: tuple[tuple[str, float], ...] = (("Contoso LMS", 60.0), ("Partner Portal", 30.0), (WEBHOOK_CONSUMER, 10.0))
 NEVER_READY = (10, 20)  # storage provisioning and lab creation failures never become ready
+# Its hosts come without a LabHostName (a partner's datacenter): dashboards show their ids, as for any
+# host neither the config nor the API names.
+UNNAMED_DATACENTER = 4
 # Parts of the made-up personal data and credentials in every mode-5 record (concise_record).
 DEMO_SECRET_MARKERS = ("Demo-Pa55w0rd-", "demo-cloud-secret-", "learner.", "@demo-mail.invalid", "Learnerson",
                        "demo-hook-token-")
@@ -456,7 +460,8 @@ def concise_record(lab: Lab, now: float, seed: int = 7) -> dict[str, Any]:
         "End": lab.end if ended else None, "EndTime": f"/Date({lab.end * 1000})/" if ended else None,
         "State": "Off" if ended else ("Running" if ready else "Starting"),
         "CompletionStatus": _COMPLETION_NAMES.get(lab.status, "Unknown") if ended else "Incomplete",
-        "LabHostId": lab.host, "LabHostName": LAB_HOST_NAMES[str(lab.host)], "DatacenterId": lab.datacenter,
+        "LabHostId": lab.host, "LabHostName": LAB_HOST_NAMES[str(lab.host)] if lab.datacenter != UNNAMED_DATACENTER
+        else None, "DatacenterId": lab.datacenter,
         "DatacenterName": dc_name, "DeliveryRegionId": lab.region, "DeliveryRegionName": DELIVERY_REGIONS[lab.region],
         "StartupDuration": facts.startup if ready else None,
         "Errors": [{"Message": message, "Time": lab.start + after, "TimeValue": f"/Date({(lab.start + after) * 1000})/"}
