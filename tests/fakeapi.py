@@ -150,6 +150,8 @@ class FakeState:
     search_reading: str = "start"
     search_overlap: int = 0
     search_fault: Fault | None = None  # played by every /labinstance/search request while set
+    # Ids whose name the search leaves out (null), by kind: "lab_host", "datacenter", "delivery_region".
+    search_nameless: dict[str, set[int]] = field(default_factory=dict)
 
 
 class FakeSkillable(ThreadingHTTPServer):
@@ -291,7 +293,12 @@ class FakeSkillable(ThreadingHTTPServer):
             start = r.get("Start")
             if not isinstance(start, (int, float)) or start > now:
                 continue
-            out.append(concise(r, raw, now))
+            record = concise(r, raw, now)
+            for kind, field_prefix in (("lab_host", "LabHost"), ("datacenter", "Datacenter"),
+                                       ("delivery_region", "DeliveryRegion")):
+                if record[f"{field_prefix}Id"] in self.state.search_nameless.get(kind, ()):
+                    record[f"{field_prefix}Name"] = None
+            out.append(record)
         return out
 
     def search(self, query: dict[str, list[str]]) -> dict[str, Any]:
