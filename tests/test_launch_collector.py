@@ -370,3 +370,17 @@ def test_search_names_fill_the_info_metrics_the_config_does_not_name(fake: FakeS
                                                                 for r in labs}
     regions = {str(r["DeliveryRegionId"]): f"Region {r['DeliveryRegionId']}" for r in labs}
     assert names("skillable_delivery_region_info", "delivery_region") == {**regions, "2": "Europe"}
+
+
+def test_the_documented_cost_table_is_the_formula() -> None:
+    """docs/launch.md's table of requests per hour is the formula the measurement above is held to."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "launch.md").read_text()
+    section = text.split("## What it costs", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ([\d,]+)[^|]* \| (\d+) \+ (\d+) \| (\d+) \|$", section, re.M)
+    assert len(rows) >= 3
+    for launches, a, b, per_hour in rows:
+        rate = int(launches.replace(",", "")) / 3600
+        assert documented_requests_per_hour(rate, rate, 300, 100, 900, 120, 180) == int(per_hour), launches
+        assert math.ceil(rate * (300 + 120 + 180) / 100) == int(a) and math.floor(rate * 1320 / 100) + 1 == int(b)
