@@ -5,7 +5,6 @@ credentials in its bodies, and an exporter on the demo that shows the faults and
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from statistics import mean
 from typing import Any, Iterator
@@ -24,10 +23,11 @@ from exporter.demo import (
     SimulatorServer,
     start_simulator,
 )
-from exporter.logs import LogfmtFormatter
 from exporter.model import STATUS_NAMES
 
 from .harness import parse, registry_text
+from .test_launch_collector import formatted
+from .test_logs import Records, records  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration  # a simulator on loopback
 NOW = 1_800_000_000
@@ -98,16 +98,7 @@ def test_the_demo_faults_and_its_made_up_secrets(demo: SimulatorServer) -> None:
     assert all(marker in text for marker in DEMO_SECRET_MARKERS)
 
 
-def test_an_exporter_on_the_demo_shows_the_faults_and_leaks_no_secret(demo: SimulatorServer) -> None:
-    lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(LogfmtFormatter().format(record))
-
-    handler, logger = Capture(logging.DEBUG), logging.getLogger("exporter")
-    logger.addHandler(handler)
-    level, logger.level = logger.level, logging.DEBUG
+def test_an_exporter_on_the_demo_shows_the_faults_and_leaks_no_secret(demo: SimulatorServer, records: Records) -> None:
     app = ExporterApp(load_config({}, {"SKILLABLE_API_URL": demo.url, "SKILLABLE_API_KEY": DEMO_API_KEY}),
                       clock=lambda: NOW)
     try:
@@ -117,8 +108,7 @@ def test_an_exporter_on_the_demo_shows_the_faults_and_leaks_no_secret(demo: Simu
         text = registry_text(app).decode()
     finally:
         app.close()
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    lines = formatted(records)
     samples = parse(text)
 
     def mean_startup(dc: str) -> float:

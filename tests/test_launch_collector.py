@@ -6,11 +6,10 @@ it would be without the collector."""
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,6 +30,7 @@ from .fakeapi import (
     status_error,
 )
 from .harness import NOW, Harness, Samples, Scrape, parse
+from .test_logs import Records, records  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
 
@@ -199,34 +199,13 @@ def test_requests_per_hour_stay_within_the_documented_figure(fake: FakeSkillable
 # -- what must never leave the exporter -------------------------------------------------------------
 
 
-class Captured(logging.Handler):
-    """Every record of the exporter's loggers, formatted as both log formats write it, with exceptions."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.formatters = (LogfmtFormatter(), JsonFormatter())
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines += [f.format(record) for f in self.formatters]
-
-
-@pytest.fixture
-def captured() -> Iterator[Captured]:
-    handler = Captured()
-    logger = logging.getLogger("exporter")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+def formatted(records: Records) -> list[str]:
+    """Every record the exporter's loggers emitted (DEBUG included), as both log formats write it."""
+    return [f.format(r) for r in records.records for f in (LogfmtFormatter(), JsonFormatter())]
 
 
 def test_credentials_emails_and_user_names_reach_no_output(fake: FakeSkillable, tmp_path: Path,
-                                                           captured: Captured) -> None:
+                                                           records: Records) -> None:
     """Every output: DEBUG log lines in both formats, the state file, the metrics, the landing page and
     /probe, the failures kept for the landing page; with good pages, pages that fail to decode (a body
     holding the secrets that is not JSON, a record whose values are wrong) and Status 0 with the secrets in
@@ -255,8 +234,9 @@ def test_credentials_emails_and_user_names_reach_no_output(fake: FakeSkillable, 
                     h.session.get(h.url + "/probe", params={"account": "default"}).text]
     finally:
         h.close()
-    outputs += captured.lines + [state_file.read_text()]
-    assert any("launch poll ok" in line for line in captured.lines)  # DEBUG lines were captured
+    lines = formatted(records)
+    outputs += lines + [state_file.read_text()]
+    assert any("launch poll ok" in line for line in lines)  # DEBUG lines were captured
     assert '"launch"' in outputs[-1]  # the state file holds the launch memory
     for secret in SECRETS:
         leaked = [o[:200] for o in outputs if secret in o]
