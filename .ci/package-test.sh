@@ -5,7 +5,7 @@
 #
 # Usage: bash .ci/package-test.sh
 #
-#   1. `python -m build` on a copy of the checkout (git's files, without ignored ones): the
+#   1. `python3 -m build` on a copy of the checkout (git's files, without ignored ones): the
 #      sdist first, then the wheel built from the unpacked sdist, so a file the sdist lacks
 #      fails the wheel;
 #   2. the wheel holds every module of exporter/, the LICENSE, the Apache-2.0 licence metadata
@@ -55,9 +55,9 @@ mkdir "$WORK/src"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -c --no-recursion -f -) |
     tar -C "$WORK/src" -x
 
-log "python -m build (sdist, then the wheel from it)"
+log "python3 -m build (sdist, then the wheel from it)"
 "$PYTHON" -m build --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 ||
-    { tail -n 30 "$WORK/build.log" >&2; fail "python -m build failed"; }
+    { tail -n 30 "$WORK/build.log" >&2; fail "python3 -m build failed"; }
 wheels=("$WORK"/dist/*.whl)
 sdists=("$WORK"/dist/*.tar.gz)
 ((${#wheels[@]} == 1 && ${#sdists[@]} == 1)) || fail "expected one wheel and one sdist, got: $(ls "$WORK/dist")"

@@ -146,7 +146,7 @@ def main() -> int:
         sim.wait(10)
     ratio = rows[1][2] / rows[0][2]
     table = "\n".join(
-        [f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} with `python bench/backfill.py` (step {args.step}, "
+        [f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} with `python3 bench/backfill.py` (step {args.step}, "
          f"{LABS_PER_MINUTE} labs a minute, about 100,000 a week; files only).", "",
          "| History | Wall time | Peak RSS | OpenMetrics written |", "|---|---|---|---|"]
         + [f"| {d} days | {s:.0f} s | {r / 1024:.0f} MiB | {z / 1e6:.0f} MB |" for d, s, r, z in rows]

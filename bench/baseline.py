@@ -5,7 +5,7 @@ response.json(), and loops over the results setting prometheus_client Gauges and
 Counters one result at a time. It remembers which instances it has counted so
 its counters do not double-count, the way a careful afternoon script would.
 
-    python bench/baseline.py --port 9999 --url http://127.0.0.1:8000 --window-minutes 60
+    python3 bench/baseline.py --port 9999 --url http://127.0.0.1:8000 --window-minutes 60
 """
 
 from __future__ import annotations

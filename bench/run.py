@@ -1,13 +1,13 @@
 """The benchmark: the exporter against the decode floor and the afternoon-script baseline, one run, one payload.
 
-    python bench/run.py                  # 1k, 10k and 100k windows, then the fleet; writes BENCHMARKS.md
-    python bench/run.py --quick          # one start per target, fewer samples; --no-write leaves BENCHMARKS.md
-    python bench/run.py --sizes fleet    # only the fleet: 2,000 hosts x 500 profiles, spread vs tied
-    python bench/run.py --server-before ../server-base    # and the HTTP server against that checkout (bench/server.py)
+    python3 bench/run.py                  # 1k, 10k and 100k windows, then the fleet; writes BENCHMARKS.md
+    python3 bench/run.py --quick          # one start per target, fewer samples; --no-write leaves BENCHMARKS.md
+    python3 bench/run.py --sizes fleet    # only the fleet: 2,000 hosts x 500 profiles, spread vs tied
+    python3 bench/run.py --server-before ../server-base    # and the HTTP server against that checkout (bench/server.py)
 
 Every process is separate: the simulator (bench/simulator.py: exporter.demo's, with
 a frozen clock and the /_bench hooks), the baseline (bench/baseline.py) and the exporter
-(python -m exporter). BENCHMARKS.md explains the method.
+(python3 -m exporter). BENCHMARKS.md explains the method.
 """
 
 from __future__ import annotations
@@ -830,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(
             [r.__dict__ | {"floor": r.floor, "render": render} for r in [*results, *fleet.values()]], indent=2))
     if not args.no_write:
-        command = "python bench/run.py" + (" --quick" if args.quick else "") + (
+        command = "python3 bench/run.py" + (" --quick" if args.quick else "") + (
             f" --sizes {args.sizes}" if args.sizes else "")
         write_benchmarks(table, facts, command, series)
         log("wrote BENCHMARKS.md")

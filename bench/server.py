@@ -1,10 +1,10 @@
 """The HTTP server's benchmark: one exporter checkout against another (before and after), one run.
 
-    python bench/server.py --before ../server-base        # full run (about 6 minutes); writes BENCHMARKS.md
-    python bench/server.py --before ../server-base --quick --no-write    # shorter loads (about 2 minutes)
+    python3 bench/server.py --before ../server-base        # full run (about 6 minutes); writes BENCHMARKS.md
+    python3 bench/server.py --before ../server-base --quick --no-write    # shorter loads (about 2 minutes)
 
 `--before DIR` is a checkout of the exporter to compare with (a `git worktree add` of main); it
-runs as `python -m exporter` from that folder, with this interpreter, so both use the same
+runs as `python3 -m exporter` from that folder, with this interpreter, so both use the same
 libraries. This checkout is "after". Each target, in turn, against the same simulated API
 (bench/simulator.py on real time, 25 labs a minute, a 60-minute window; polls every 10 s, the
 default min poll interval):
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # python bench/server.py
+if __package__ in (None, ""):  # python3 bench/server.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.run import PROMETHEUS_HEADERS, die_with_parent, free_port, machine_facts, percentile  # noqa: E402
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(load_before)[:3] + [
         f"- Before: the checkout at {revision} (http.server, a thread per connection, 64 slots); after: this one "
         "(aiohttp). The machine's 2 cores are shared with other work; only ratios within this run count."]
-    command = f"python bench/server.py --before {args.before}" + (" --quick" if args.quick else "")
+    command = f"python3 bench/server.py --before {args.before}" + (" --quick" if args.quick else "")
     block = "\n".join([BEGIN, f"Last run: `{command}`", "", *facts, "", table, END])
     print(block)
     if not args.no_write:

@@ -1,6 +1,6 @@
 """The benchmark's simulator: exporter.demo's simulated API with a clock the benchmark moves, and two hooks.
 
-    python -m bench.simulator --labs-per-minute 25 --freeze-clock    # prints its URL, as exporter.demo does
+    python3 -m bench.simulator --labs-per-minute 25 --freeze-clock    # prints its URL, as exporter.demo does
 
 - The clock (BenchClock) is real time, or an instant frozen at start (--freeze-clock), plus an
   offset that /_bench/clock?advance=S moves. Frozen, the same (now, minutes) always gives the

@@ -1,7 +1,7 @@
 """The state model alone, in this process: a cold FleetState.apply of one window, spread vs tied.
 
-    python bench/state.py                      # 2,000 hosts x 500 profiles x ~100k results, both placements
-    python bench/state.py --minutes 400        # a smaller window while iterating
+    python3 bench/state.py                      # 2,000 hosts x 500 profiles x ~100k results, both placements
+    python3 bench/state.py --minutes 400        # a smaller window while iterating
 
 No HTTP, no decode timing: the window's results are decoded once, then folded into a fresh
 FleetState a few times; the median and the memory the state holds (tracemalloc, a separate pass)

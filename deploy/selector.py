@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write the monitoring pack for another job selector.
 
-    python deploy/selector.py --selector 'job="lab-exporter"' --out ../my-pack
-    python deploy/selector.py --check      exit 1 if the shipped pack has a job selector
+    python3 deploy/selector.py --selector 'job="lab-exporter"' --out ../my-pack
+    python3 deploy/selector.py --check      exit 1 if the shipped pack has a job selector
                                            other than the default one
 
 The pack's rules, rule tests, Prometheus config, ServiceMonitor (and dashboards, should one

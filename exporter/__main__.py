@@ -4,7 +4,7 @@ The command line itself (flags, environment, the backfill subcommand) is cli.py'
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m exporter: SIGHUP and SIGTERM are caught before the imports below (signals.py)
+if __name__ == "__main__":  # python3 -m exporter: SIGHUP and SIGTERM are caught before the imports below (signals.py)
     from exporter.signals import catch_early
 
     catch_early()

@@ -63,6 +63,17 @@ def launch_settings(config: Config) -> LaunchSettings | None:
                           config.launch_timeout, config.max_api_consumers)
 
 
+@dataclass(frozen=True)
+class ReloadStatus:
+    """What the landing page shows of the configuration: when the running one was loaded (by the start
+    or a reload), and the reload refused since then, if any, with its one-line reason."""
+
+    loaded_at: float
+    by_reload: bool = False
+    refused_at: float | None = None
+    refused_reason: str | None = None
+
+
 class ExporterApp:
     def __init__(
         self,
@@ -114,6 +125,7 @@ class ExporterApp:
         )
         self.reload_successful.set(1)
         self.reload_success_time.set(clock())
+        self.reload_status = ReloadStatus(clock())
 
     def _build_collectors(self) -> None:
         """The collectors read the config's names and windows; a reload builds them again
@@ -279,8 +291,10 @@ class Reloader:
                 return self._refuse(f"cannot load the configuration: {type(exc).__name__}: {exc}")
             waiting = self._app.reconfigure(config)
             self._apply(self._app.config, extra)
+            now = self._clock()
             self._app.reload_successful.set(1)
-            self._app.reload_success_time.set(self._clock())
+            self._app.reload_success_time.set(now)
+            self._app.reload_status = ReloadStatus(now, by_reload=True)
             fields: dict[str, object] = {"accounts": len(self._app.pollers)}
             if waiting:
                 fields["needs_restart"] = ",".join(waiting)
@@ -289,5 +303,7 @@ class Reloader:
 
     def _refuse(self, reason: str) -> str:
         self._app.reload_successful.set(0)
+        self._app.reload_status = dataclasses.replace(self._app.reload_status, refused_at=self._clock(),
+                                                      refused_reason=reason)
         log.error("config reload refused, keeping the running config", extra={"reason": reason})
         return reason

@@ -200,7 +200,8 @@ def parse_options(args: argparse.Namespace, now: float) -> Options:
     if block < 7200:
         raise ConfigError("max-block-duration", f"{args.bf_block!r} is below promtool's smallest block, 2h")
     try:
-        timeout, retries = float(args.bf_timeout), int(args.bf_retries)
+        timeout = parse_duration("request-timeout", args.bf_timeout)  # 120 or 120s, as --help shows it
+        retries = int(args.bf_retries)
     except ValueError:
         raise ConfigError("request-timeout", "expected seconds and a whole number of retries") from None
     if not 1 <= timeout <= 3600 or not 0 <= retries <= 20:
@@ -614,7 +615,9 @@ class DiskEstimate:
     bytes of a step (the series of the first day as the encoder writes them) times the steps of a
     day; kept for every day (--keep-openmetrics, or no promtool) or one day at a time (deleted once
     its blocks exist). Blocks: the measured bytes per series and sample above. The checkpoint: twice
-    the state (written to a temporary file, then renamed)."""
+    the state (written to a temporary file, then renamed), and the state is the first day's half
+    again: it holds a window of the fleet's traffic, which is larger on a busier day (a weekday after
+    a weekend's first day)."""
 
     series: int
     days: int
@@ -662,7 +665,7 @@ def estimate_disk(series: int, step_bytes: int, file_bytes: int, state_bytes: in
         count = -(-last // blocks) - first // blocks if blocks else 0  # the block windows the day touches
         block_bytes += series * (BLOCK_BYTES_PER_SERIES * count + BLOCK_BYTES_PER_SAMPLE * n)
     return DiskEstimate(series, len(steps), max(files, default=0), sum(files) if kept else max(files, default=0),
-                        int(block_bytes) if blocks else 0, 2 * state_bytes, kept,
+                        int(block_bytes) if blocks else 0, 3 * state_bytes, kept,
                         PROMTOOL_PREALLOCATED_BYTES if blocks else 0)
 
 

@@ -116,7 +116,7 @@ class SkillableCollector(Collector):
         exactly while every input of parts() is unchanged. One render at a time:
         concurrent scrapes after a poll wait for the first one and reuse its body.
         Bodies are kept by the encoding chosen, one each: Accept headers cannot add
-        entries (issue 10, item 7), and encodings that write the same bytes share one
+        entries (docs/failure-modes.md, hostile input 7), and encodings that write the same bytes share one
         body and its gzip. A LineEncoder writes them (see render.py).
         """
         with self._lock:

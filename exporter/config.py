@@ -53,10 +53,26 @@ class Setting:
     help: str
     env: str | None = None
     field: str | None = None
+    metavar: str = "VALUE"  # what --help shows for the value: MINUTES, SECONDS, BYTES, URL, PATH, ...
+    aliases: tuple[str, ...] = ()  # other spellings of the flag (exporter-toolkit's), listed by --help
 
     @property
     def flag(self) -> str:
         return "--" + self.name
+
+    @property
+    def shown_default(self) -> str:
+        """The default as --help and the README show it ("" for none): 256MiB, 10s, on. Every
+        setting accepts what is shown as a value meaning the same."""
+        if self.default is None or self.default == "":
+            return ""
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        if self.metavar == "BYTES":
+            return human_bytes(self.default)
+        if self.metavar == "SECONDS":
+            return human_seconds(self.default)
+        return str(self.default)
 
     @property
     def yaml_path(self) -> tuple[str, ...]:
@@ -91,20 +107,55 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
     return parse
 
 
-def _number(low: float, high: float, integer: bool = False) -> Callable[[str, Any], float]:
+def human_bytes(size: int) -> str:
+    """Bytes as --help shows them: the largest binary unit that divides them (256MiB), else bytes (1000B)."""
+    for unit, factor in reversed(BYTES.factors.items()):
+        if factor > 1 and size >= factor and size % factor == 0:
+            return f"{int(size // factor)}{unit}"
+    return f"{size}B"
+
+
+def human_seconds(seconds: float) -> str:
+    """Seconds as --help shows them: 10s, 0.5 as 500ms."""
+    return f"{seconds * 1000:g}ms" if 0 < seconds < 1 else f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class Units:
+    """The units a number of bytes or seconds may be written with (a bare number is bytes or seconds)."""
+
+    factors: Mapping[str, float]
+    show: Callable[[Any], str]
+    what: str  # how an error names the quantity
+
+
+BYTES = Units({"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}, human_bytes, "bytes or a size such as 256MiB")
+SECONDS = Units({"ms": 0.001, "s": 1, "m": 60, "h": 3600}, human_seconds, "seconds or a duration such as 10s")
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]+)\s*$")
+
+
+def _number(low: float, high: float, integer: bool = False, units: Units | None = None) -> Callable[[str, Any], float]:
+    """A number in low..high; with `units`, also a number with one unit of them (256MiB, 10s)."""
+    expected = f"a number of {units.what} ({', '.join(units.factors)})" if units else "a number"
+    show = units.show if units else (lambda number: f"{number:g}")
+
     def parse(name: str, value: Any) -> float:
         if isinstance(value, bool):
-            raise ConfigError(name, f"expected a number, got {value!r}")
+            raise ConfigError(name, f"expected {expected}, got {value!r}")
+        quantity = _QUANTITY.match(value) if units and isinstance(value, str) else None
         try:
-            number = float(value)
+            if quantity and quantity.group(2) in units.factors:  # type: ignore[union-attr]
+                number = float(quantity.group(1)) * units.factors[quantity.group(2)]  # type: ignore[union-attr]
+            else:
+                number = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(name, f"expected a number, got {value!r}") from None
+            raise ConfigError(name, f"expected {expected}, got {value!r}") from None
         if not math.isfinite(number):  # YAML's .nan and .inf, "nan" in the environment
             raise ConfigError(name, f"expected a finite number, got {value!r}")
         if integer and number != int(number):
             raise ConfigError(name, f"expected a whole number, got {value!r}")
         if not low <= number <= high:
-            raise ConfigError(name, f"{value!r} is outside {low:g}..{high:g}")
+            raise ConfigError(name, f"{value!r} is outside {show(low)}..{show(high)}")
         return int(number) if integer else number
 
     return parse
@@ -200,79 +251,87 @@ def _id_names(name: str, value: Any) -> dict[str, str]:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("web.listen-address", DEFAULT_LISTEN_ADDRESS, _listen_addresses,
-            "host:port to serve /metrics on (':10180' for all interfaces); repeat the flag to listen on several",
-            "SKILLABLE_EXPORTER_LISTEN_ADDRESS", field="listen_addresses"),
+            "host:port to serve on: ':10180' for every interface (IPv6 and IPv4; '0.0.0.0:10180' for IPv4 "
+            "only); repeat the flag to listen on several",
+            "SKILLABLE_EXPORTER_LISTEN_ADDRESS", field="listen_addresses", metavar="ADDRESS"),
     Setting("web.systemd-socket", False, _bool,
             "serve the sockets systemd passes (socket activation, LISTEN_FDS) instead of --web.listen-address",
             field="systemd_socket"),
-    Setting("web.telemetry-path", "/metrics", _telemetry_path, "path under which to serve the metrics",
-            field="telemetry_path"),
+    Setting("web.telemetry-path", "/metrics", _telemetry_path,
+            "path of the metrics (not /, /healthz, /probe or /-/reload)",
+            field="telemetry_path", metavar="PATH"),
     Setting("web.config-file", None, _optional_text,
-            "exporter-toolkit style web config file (TLS, basic auth)", "SKILLABLE_EXPORTER_WEB_CONFIG_FILE",
-            field="web_config_file"),
+            "web config file in exporter-toolkit's format: TLS and basic auth", "SKILLABLE_EXPORTER_WEB_CONFIG_FILE",
+            field="web_config_file", metavar="PATH", aliases=("--web.config.file",)),
     Setting("log.level", "info", _choice("debug", "info", "warn", "warning", "error"),
-            "log level: debug, info, warn, error", "SKILLABLE_EXPORTER_LOG_LEVEL", field="log_level"),
+            "log level: debug, info, warn, error", "SKILLABLE_EXPORTER_LOG_LEVEL", field="log_level",
+            metavar="LEVEL"),
     Setting("log.format", "logfmt", _choice("logfmt", "json"), "log format: logfmt or json",
-            "SKILLABLE_EXPORTER_LOG_FORMAT", field="log_format"),
-    Setting("skillable.api-url", DEFAULT_API_URL, _url, "Skillable Lab API base URL", "SKILLABLE_API_URL"),
+            "SKILLABLE_EXPORTER_LOG_FORMAT", field="log_format", metavar="FORMAT"),
+    Setting("skillable.api-url", DEFAULT_API_URL, _url, "Skillable Lab API base URL", "SKILLABLE_API_URL",
+            metavar="URL"),
     Setting("skillable.api-key-file", None, _optional_text,
-            "file holding the API key (else SKILLABLE_API_KEY)", "SKILLABLE_API_KEY_FILE"),
+            "file holding the API key, not readable by other users; without it, SKILLABLE_API_KEY holds the key",
+            "SKILLABLE_API_KEY_FILE", metavar="PATH"),
     Setting("skillable.window-minutes", 60, _number(1, MAX_WINDOW_MINUTES, integer=True),
-            "lookback window in minutes (1..10080)", "SKILLABLE_WINDOW_MINUTES"),
+            "lookback window, 1..10080 (7 days): the gauges of ended labs cover it", "SKILLABLE_WINDOW_MINUTES",
+            metavar="MINUTES"),
     Setting("skillable.max-active-labs", None, _optional_count,
             "the account's active-lab limit (Skillable's Max Active Lab Instances; the API does not report it), "
             "exported as skillable_account_max_active_labs for the capacity panels and alert; unset: unknown",
-            "SKILLABLE_MAX_ACTIVE_LABS"),
-    Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400),
-            "seconds a poll is reused for; 0 polls on every scrape (a loop of scrapes then drives the API)",
-            "SKILLABLE_MIN_POLL_INTERVAL", field="min_poll_interval"),
+            "SKILLABLE_MAX_ACTIVE_LABS", metavar="N"),
+    Setting("skillable.min-poll-interval", DEFAULT_MIN_POLL_INTERVAL, _number(0, 86400, units=SECONDS),
+            "how long a poll is reused: at most one poll per account in that time, whoever scrapes; 0 polls on "
+            "every scrape (a loop of scrapes then drives the API)",
+            "SKILLABLE_MIN_POLL_INTERVAL", field="min_poll_interval", metavar="SECONDS"),
     Setting("skillable.overlap-minutes", 2, _number(0, 60, integer=True),
             "extra minutes asked for on incremental polls, against clock skew", "SKILLABLE_OVERLAP_MINUTES",
-            field="overlap_minutes"),
-    Setting("skillable.timeout", 9.0, _number(0.5, 600),
-            "total seconds one poll may take; capped by Prometheus' scrape timeout", "SKILLABLE_TIMEOUT",
-            field="timeout"),
-    Setting("skillable.max-response-bytes", 256 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
-            "largest response body accepted", "SKILLABLE_MAX_RESPONSE_BYTES", field="max_response_bytes"),
+            field="overlap_minutes", metavar="MINUTES"),
+    Setting("skillable.timeout", 9.0, _number(0.5, 600, units=SECONDS),
+            "total time one poll may take; a shorter scrape timeout shortens the scrape's wait, never the poll",
+            "SKILLABLE_TIMEOUT", field="timeout", metavar="SECONDS"),
+    Setting("skillable.max-response-bytes", 256 * 1024 * 1024, _number(1024, 16 * 1024**3, True, BYTES),
+            "largest API answer accepted (/catalog has its own limit)", "SKILLABLE_MAX_RESPONSE_BYTES",
+            field="max_response_bytes", metavar="BYTES"),
     Setting("skillable.max-lab-hosts", 2000, _number(1, 1_000_000, integer=True),
             "lab hosts tracked as separate label values; more go to lab_host_id=\"other\"",
-            "SKILLABLE_MAX_LAB_HOSTS", field="max_lab_hosts"),
+            "SKILLABLE_MAX_LAB_HOSTS", field="max_lab_hosts", metavar="N"),
     Setting("skillable.max-running-minutes", 1440, _number(1, 1_000_000, integer=True),
             "minutes a lab started and not ended counts as running before it is dropped as expired",
-            "SKILLABLE_MAX_RUNNING_MINUTES", field="max_running_minutes"),
+            "SKILLABLE_MAX_RUNNING_MINUTES", field="max_running_minutes", metavar="MINUTES"),
     Setting("skillable.max-lab-profiles", 500, _number(1, 1_000_000, integer=True),
             "lab profiles tracked as separate label values; more go to lab_profile_id=\"other\"",
-            "SKILLABLE_MAX_LAB_PROFILES", field="max_lab_profiles"),
+            "SKILLABLE_MAX_LAB_PROFILES", field="max_lab_profiles", metavar="N"),
     Setting("storage.state-file", None, _optional_text,
             "file keeping counters and per-instance memory across restarts", "SKILLABLE_STATE_FILE",
-            field="state_file"),
+            field="state_file", metavar="PATH"),
     Setting("collector.stats", True, _bool, "poll /stats for account-wide active and saved labs",
             "SKILLABLE_COLLECTOR_STATS", field="collect_stats"),
     Setting("collector.delivery-regions", True, _bool, "fetch delivery region names from /deliveryregions",
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS", field="collect_delivery_regions"),
     Setting("collector.catalog", True, _bool, "fetch lab profile and lab series names from /catalog (hourly)",
             "SKILLABLE_COLLECTOR_CATALOG", field="collect_catalog"),
-    Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, integer=True),
+    Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, True, BYTES),
             "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES",
-            field="max_catalog_bytes"),
+            field="max_catalog_bytes", metavar="BYTES"),
     Setting("collector.launch", True, _bool,
             "poll /labinstance/search (mode 5) for start-up times, labs never ready, lab errors and launches per "
             "integration (docs/launch.md)", "SKILLABLE_COLLECTOR_LAUNCH", field="collect_launch"),
-    Setting("skillable.launch-interval", 300.0, _number(60, 86400),
-            "seconds between launch polls, at least (driven by scrapes; 60..86400)", "SKILLABLE_LAUNCH_INTERVAL",
-            field="launch_interval"),
+    Setting("skillable.launch-interval", 300.0, _number(60, 86400, units=SECONDS),
+            "time between launch polls, at least (driven by scrapes; 60s..24h)", "SKILLABLE_LAUNCH_INTERVAL",
+            field="launch_interval", metavar="SECONDS"),
     Setting("skillable.launch-page-size", 100, _number(1, 1000, integer=True),
             "lab instances asked for per page of /labinstance/search", "SKILLABLE_LAUNCH_PAGE_SIZE",
-            field="launch_page_size"),
+            field="launch_page_size", metavar="N"),
     Setting("skillable.launch-grace-minutes", 15, _number(0, 1440, integer=True),
             "minutes an ended lab is still looked at for errors reported after its End",
-            "SKILLABLE_LAUNCH_GRACE_MINUTES", field="launch_grace_minutes"),
-    Setting("skillable.launch-timeout", 60.0, _number(1, 600),
-            "total seconds one launch poll (every page of it) may take", "SKILLABLE_LAUNCH_TIMEOUT",
-            field="launch_timeout"),
+            "SKILLABLE_LAUNCH_GRACE_MINUTES", field="launch_grace_minutes", metavar="MINUTES"),
+    Setting("skillable.launch-timeout", 60.0, _number(1, 600, units=SECONDS),
+            "total time one launch poll (every page of it) may take", "SKILLABLE_LAUNCH_TIMEOUT",
+            field="launch_timeout", metavar="SECONDS"),
     Setting("skillable.max-api-consumers", 100, _number(1, 100_000, integer=True),
             "API consumers tracked as separate label values; more go to api_consumer=\"other\"",
-            "SKILLABLE_MAX_API_CONSUMERS", field="max_api_consumers"),
+            "SKILLABLE_MAX_API_CONSUMERS", field="max_api_consumers", metavar="N"),
 )
 _BY_DEST = {s.dest: s for s in SETTINGS}
 

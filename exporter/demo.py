@@ -1,7 +1,7 @@
 """A simulated Skillable Lab API on loopback, fed by a deterministic generator of lab traffic.
 
 `skillable-exporter --demo` starts it so a new user sees real metrics with no
-account; `python -m exporter.demo` serves it alone. The benchmark's simulator
+account; `python3 -m exporter.demo` serves it alone. The benchmark's simulator
 (bench/simulator.py) is this one with a movable clock and hooks of its own.
 It speaks real HTTP, so the exporter's whole client path runs against it.
 
@@ -84,7 +84,7 @@ DEMO_LABS_PER_MINUTE = 120.0  # the healthy fleet's peak launch rate (weekdays, 
 DEMO_HISTORY_MINUTES = 90
 MAX_LAB_SECONDS = 8 * 3600
 RUNNING_STATUS = 3  # a lab in progress reports Incomplete until it ends
-DEMO_API_KEY = "demo-key-for-the-simulated-api"  # not a secret: printed at start, in the README
+DEMO_API_KEY = "demo-key-for-the-simulated-api"  # not a secret: printed at start, in docs/demo.md
 DEMO_API_PORT_OFFSET = 1  # the demo API listens on the exporter's port plus this
 DEMO_MAX_ACTIVE_LABS = 9000  # the demo account's active-lab limit, unless the config sets one
 

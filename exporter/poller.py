@@ -323,7 +323,7 @@ class Poller:
 
     def _now(self) -> float:
         """The poll's time: the wall clock, but never further ahead of the previous poll's time
-        than the monotonic clock has run (issue 10 item 4).
+        than the monotonic clock has run (docs/failure-modes.md, hostile input 4).
 
         A forward step of the wall clock would otherwise evict, at once, everything changed in
         the window (forgetting it), and the step back would lower the horizon below what was

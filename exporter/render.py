@@ -64,7 +64,7 @@ def choose_encoding(accept: str) -> Encoding:
     """The encoding for an Accept header, as prometheus_client's choose_encoder picks it, with two changes.
 
     - A version that is not a number (`text/plain; version=abc`) makes choose_encoder raise;
-      it gets the default format instead of a dropped connection (issue 10, item 9).
+      it gets the default format instead of a dropped connection (docs/failure-modes.md, hostile input 9).
     - choose_encoder echoes any OpenMetrics version of 1.0.0 or later in the Content-Type
       (`version=1.19.0`); its encoder writes the same bytes for every 1.x, and for every 2.0 or
       later. The answer names the version written, 1.0.0 or 2.0.0, so the encodings are a

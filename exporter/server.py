@@ -52,7 +52,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiohttp import web as aioweb
 
-from .app import AccountStatus, ExporterApp
+from .app import DEFAULT_ACCOUNT_NAME, AccountStatus, ExporterApp, ReloadStatus
 from .collector import without_eof
 from .config import ConfigError
 from .listeners import bind
@@ -475,7 +475,7 @@ class ExporterServer:
     def _probe(self, account: str, accept: str, scrape_timeout: str | None, arrived: float, gzip: bool) -> Answer:
         answer = self.app.probe(account, accept, scrape_timeout, arrived)
         if answer is None:
-            return _text(HTTPStatus.BAD_REQUEST, b"unknown or missing ?account=\n")
+            return _text(HTTPStatus.BAD_REQUEST, unknown_account(account, list(self.app.pollers)).encode())
         body, content_type = answer
         return Answer(int(HTTPStatus.OK), self.gzipped(body) if gzip else (body,), content_type, gzip)
 
@@ -551,6 +551,24 @@ class ExporterServer:
         return response
 
 
+MAX_NAMED_ACCOUNTS = 20  # a /probe refusal names this many accounts at most: a config may have hundreds
+MAX_ECHOED_CHARS = 64  # of the account asked for, in a /probe refusal
+
+
+def unknown_account(asked: str, names: list[str]) -> str:
+    """/probe's 400 body: the account asked for (cut short, one line) and the valid names, sorted and
+    bounded. Names only, and only to a client that passed basic auth, like the landing page's list."""
+    valid = sorted(name or DEFAULT_ACCOUNT_NAME for name in names)
+    listed = ", ".join(valid[:MAX_NAMED_ACCOUNTS])
+    if len(valid) > MAX_NAMED_ACCOUNTS:
+        listed += f" and {len(valid) - MAX_NAMED_ACCOUNTS} more (the landing page lists every account)"
+    if not asked:
+        return f"missing ?account=NAME; the accounts are: {listed}\n"
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in asked[:MAX_ECHOED_CHARS])
+    more = "..." if len(asked) > MAX_ECHOED_CHARS else ""
+    return f"unknown account \"{shown}{more}\"; the accounts are: {listed}\n"
+
+
 # In the manner of exporter-toolkit's landing page (web/landing_page.css).
 _CSS = """
 body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, sans-serif; margin: 0; }
@@ -558,6 +576,7 @@ header { background-color: #e6522c; color: #fff; font-size: 1rem; padding: 1rem;
 header h1 { margin: 0; font-size: 1.5rem; }
 main { padding: 1rem; }
 .banner { background: #fff3cd; border: 1px solid #e0b000; padding: .5rem 1rem; margin-bottom: 1rem; }
+.refused { background: #fdecea; border-color: #c62828; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: left; vertical-align: top; }
 .up { color: #1a7f37; font-weight: bold; }
@@ -587,6 +606,23 @@ def _account_row(status: AccountStatus) -> str:
     return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
 
+def _reload_banner(status: ReloadStatus) -> str:
+    """A refused reload, at the top of the page until a reload succeeds: when, why, and what still runs."""
+    if status.refused_at is None:
+        return ""
+    return ('<p class="banner refused" id="reload-refused"><strong>Configuration reload refused</strong> at '
+            f"{_when(status.refused_at)}: <code>{html.escape(status.refused_reason or '')}</code>. The exporter "
+            f"keeps running the configuration loaded at {_when(status.loaded_at)}; fix the file and reload again "
+            "(skillable_exporter_config_last_reload_successful is 0 until then).</p>")
+
+
+def _configuration(status: ReloadStatus) -> str:
+    how = "by a reload" if status.by_reload else "at start"
+    refused = f"; a reload was refused at {_when(status.refused_at)} (see above)" if status.refused_at else ""
+    return (f'<p id="configuration">Configuration loaded {how}, {_when(status.loaded_at)}{refused}. '
+            "SIGHUP or POST /-/reload reloads it.</p>")
+
+
 def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
     """The page at /: name, version, links, and each account's polling as last seen. Read from
     memory only: it never calls the API (and never shows a key: errors are redacted at the source)."""
@@ -610,7 +646,8 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 <body>
 <header><h1>Skillable Exporter</h1></header>
 <main>
-{banner}<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
+{banner}{_reload_banner(app.reload_status)}
+<p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
 <p id="version">Version: ({version})</p>
 <ul>
 <li><a href="{html.escape(telemetry_path.lstrip("/"))}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
@@ -623,6 +660,7 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 {"".join(_account_row(s) for s in statuses)}
 </table>
 <p>Polls happen when Prometheus scrapes /metrics; this page does not poll.</p>
+{_configuration(app.reload_status)}
 </main>
 <footer>skillable-exporter {html.escape(info.version)}</footer>
 </body></html>

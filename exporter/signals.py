@@ -2,7 +2,7 @@
 
 Their default actions end a process, and systemd counts a death by SIGHUP as a clean exit (so
 `Restart=on-failure` does not restart it). So the program's entry points (`skillable-exporter`:
-entry.py; `python -m exporter`: the top of __main__.py) catch them before importing anything
+entry.py; `python3 -m exporter`: the top of __main__.py) catch them before importing anything
 else, and queue them: serve() takes them over once it can act on them (a SIGHUP is a reload once
 serving, a SIGTERM a clean stop), and release() hands them back for a command that is not the
 server (backfill), delivering what was queued.

@@ -293,7 +293,7 @@ PLACE = Dimension(
     ),
     overflow_family="skillable_lab_host_overflow_total", noun="host",
 )
-# Every completion status exists at 0 per profile (issue 18): increase() over a range holding a
+# Every completion status exists at 0 per profile (as per place): increase() over a range holding a
 # profile's first save_failed end then counts it. 11 ended series per profile, 21 series in all.
 PROFILE = Dimension(
     name="profile",

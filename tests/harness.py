@@ -280,7 +280,7 @@ def harness(fake: FakeSkillable) -> Iterator[Callable[..., Harness]]:
 
 
 class ExporterProcess:
-    """`python -m exporter ...` as a user would run it, with its log captured to a file.
+    """`python3 -m exporter ...` as a user would run it, with its log captured to a file.
 
     Ready once /healthz answers; with `https`, over TLS, checked against `verify` (a CA file)
     and presenting `cert` (a client certificate) on every request.

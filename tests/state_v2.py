@@ -8,7 +8,7 @@ and a record refused by rule 9; polls() before the file is written, after() the 
 
 Made again, with the code of that commit in DIR (`git archive 5737f51 | tar -x -C DIR`), by:
 
-    python -m tests.state_v2 --code DIR
+    python3 -m tests.state_v2 --code DIR
 
 which writes tests/fixtures/state_v2.json (the state file, through that commit's encoder) and
 tests/fixtures/state_v2.prom (that commit's exposition of both accounts right after the save, and

@@ -61,15 +61,18 @@ def test_one_failing_account_never_hides_the_other(
     assert exporter.get("/probe?account=nope").status_code == 400
     assert "americas" in exporter.get("/").text
     # With several accounts, /probe must be told which one: neither no account nor "default" picks one.
-    for query in ("", "?account=", "?account=default"):
+    # The refusal names the valid accounts (tests/test_probe.py has the bounds).
+    for query, asked in (("", "missing ?account=NAME"), ("?account=", "missing ?account=NAME"),
+                         ("?account=default", 'unknown account "default"')):
         refused = exporter.get("/probe" + query)
-        assert refused.status_code == 400 and refused.text == "unknown or missing ?account=\n", query
+        assert refused.status_code == 400, query
+        assert refused.text == f"{asked}; the accounts are: americas, emea\n", query
 
 
 def test_probe_with_one_account_answers_for_it_by_no_name_and_by_default(
     run_exporter, fake: FakeSkillable  # type: ignore[no-untyped-def]
 ) -> None:
-    """The landing page calls the unnamed single account "default"; /probe agrees (issue 10 item 13)."""
+    """The landing page calls the unnamed single account "default"; /probe agrees (hostile input 13)."""
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
     assert "default" in exporter.get("/").text
@@ -128,7 +131,7 @@ def test_window_help_text_names_each_accounts_own_window(
 def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
     fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
 ) -> None:
-    """Issue 18: Skillable's Max Active Lab Instances, which the API does not report, from the
+    """Skillable's Max Active Lab Instances, which the API does not report, from the
     config: the global setting for every account, an account's own value over it."""
     from exporter.app import ExporterApp
     from exporter.render import choose_encoding
@@ -150,3 +153,23 @@ def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
     assert single.accounts[0].max_active_labs == 30
     assert load_config(flags(), {"SKILLABLE_API_KEY": "k"}).accounts[0].max_active_labs is None
 
+
+def test_probe_refusal_names_at_most_twenty_accounts_and_echoes_the_name_asked_on_one_short_line(
+    run_exporter, fake: FakeSkillable, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """A config may hold hundreds of accounts: the refusal names the first 20 (sorted) and how many more."""
+    names = [f"team-{i:02d}" for i in range(25, 0, -1)]  # written in reverse: the list is sorted
+    path = tmp_path / "many.yaml"
+    path.write_text("accounts:\n" + "".join(f"  - name: {n}\n    api_key_env: KEY\n    api_url: {fake.url}\n"
+                                            for n in names))
+    exporter = run_exporter("--config.file", str(path), env={"KEY": fake.state.api_key})
+    listed = ", ".join(f"team-{i:02d}" for i in range(1, 21))
+    refused = exporter.get("/probe?account=team-26")
+    assert refused.status_code == 400
+    assert refused.text == (f'unknown account "team-26"; the accounts are: {listed} and 5 more '
+                            "(the landing page lists every account)\n")
+    hostile = exporter.get("/probe?account=" + "%0A%1B[31m" + "x" * 200)
+    assert hostile.status_code == 400
+    assert hostile.text.count("\n") == 1 and "\x1b" not in hostile.text
+    assert hostile.text.startswith('unknown account "\\n\\x1b[31m' + "x" * 58 + '..."; the accounts are: team-01, ')
+    assert fake.state.seen == []  # a refusal polls nothing

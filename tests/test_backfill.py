@@ -475,7 +475,7 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
         ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
-        # The profile's first save_failed end counts (issue 18): its series existed at 0 in the history.
+        # The profile's first save_failed end counts: its series existed at 0 in the history.
         assert first_end_counted(prom, 7001, "save_failed", f"{int(round((at - to) * 1000))}ms", at) == 1
 
         # A restart with the state file, then profile 7002's first resume_failed end: counted too.

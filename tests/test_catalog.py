@@ -293,7 +293,7 @@ def test_with_several_accounts_only_the_gauges_carry_the_account() -> None:
 def test_entries_skipped_for_a_bad_id_are_counted_and_logged_once(  # type: ignore[no-untyped-def]
     fake: FakeSkillable, harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 19 item 15: profiles skipped for a bad id were neither logged nor counted. Each fetch counts
+    """Profiles skipped for a bad id were once neither logged nor counted. Each fetch counts
     what it skipped (as each poll counts its invalid results); the log says so once, and again only when
     the number changes."""
     _fake_catalog(fake)

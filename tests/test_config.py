@@ -50,7 +50,7 @@ def write(tmp_path: Path, name: str, text: str, mode: int = 0o600) -> str:
 def test_defaults() -> None:
     config = load_config(flags(), {"SKILLABLE_API_KEY": "k"})
     assert config.window_minutes == 60
-    assert config.min_poll_interval == 10  # not 0: a scrape loop must not drive the API (issue 10 item 3)
+    assert config.min_poll_interval == 10  # not 0: a scrape loop must not drive the API (hostile input 3)
     assert config.listen_address == "127.0.0.1:10180"
     assert config.accounts[0].api_url == "https://labondemand.com/api/v3"
     assert config.accounts[0].api_key == "k"
@@ -173,7 +173,7 @@ def test_names_mapping(tmp_path: Path) -> None:
     assert config.names.lab_hosts == {"49": "host-49"}
 
 
-# -- whatever a file holds, a load failure is one line (issue 19 item 7, issue 21 item 4) ---------------------
+# -- whatever a file holds, a load failure is one line that names the setting -------------------------------
 
 # (case, file name -> bytes, arguments, environment, what the one line must name). "{d}" is the folder.
 UNREADABLE = [
@@ -285,7 +285,7 @@ def test_a_fifo_as_a_file_is_refused_at_once_never_waited_on(tmp_path: Path) -> 
 @pytest.mark.usefixtures("key_in_env")
 def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path: Path) -> None:
     """YAML keys are unique; PyYAML kept the last one silently, so a second window_minutes lower in a
-    long file overrode the first without a word (issue 21 item 4)."""
+    long file overrode the first without a word."""
     config = write(tmp_path, "c.yaml", "skillable:\n  window_minutes: 30\n  timeout: 4\n  window_minutes: 60\n")
     result = run_check("--config.file", config, env={"SKILLABLE_API_KEY": "k"})
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -337,8 +337,8 @@ def _rules() -> list[dict[str, Any]]:
 
 def test_the_failure_statuses_are_written_one_way_everywhere() -> None:
     """The four failure statuses are one matcher, the window rule's, in every rule and panel; a
-    window failure ratio on a panel reads the :window rules, never skillable_lab_instances (issue
-    18: the headline divided by it minus the running labs, which it never held)."""
+    window failure ratio on a panel reads the :window rules, never skillable_lab_instances (the
+    old headline divided by it minus the running labs, which it never held)."""
     [window_rule] = [r for r in _rules() if r.get("record") == "lab_host:skillable_lab_instances_failed:window"]
     canonical = re.search(r'completion_status=~"([^"]+)"', window_rule["expr"]).group(1)  # type: ignore[union-attr]
     failure = set(canonical.split("|"))

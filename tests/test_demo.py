@@ -211,7 +211,7 @@ def test_the_demo_api_answers_its_own_key_only() -> None:
 
 @pytest.mark.integration
 def test_an_exporter_with_a_wrong_key_shows_it(run_exporter) -> None:  # type: ignore[no-untyped-def]
-    """What the README has a newcomer try: the demo's address with another key."""
+    """What docs/demo.md has a newcomer try: the demo's address with another key."""
     server = start_simulator(port=free_port())
     try:
         exporter = run_exporter(env={"SKILLABLE_API_URL": server.url, "SKILLABLE_API_KEY": "wrong"})
@@ -365,7 +365,7 @@ def test_the_demo_fires_exactly_its_alerts(demo_stack: DemoRun) -> None:
     folder, its state file restored by the demo exporter at the same API address), then a real
     Prometheus with every shipped rule and a real Alertmanager with the shipped configuration.
     The alerts are copies whose `for:` is 0s, expressions as shipped, so an alert fires at the
-    first evaluation its condition holds (stricter than the shipped `for:`; the README says how
+    first evaluation its condition holds (stricter than the shipped `for:`; docs/demo.md says how
     long a new demo takes with those). After a few evaluations on live data, and for ten seconds
     of evaluations after that, the firing alerts are exactly host 117's lab-creation alert,
     profile 5009's failure alert, region 1's slow start-ups and profile 5004's life-cycle errors

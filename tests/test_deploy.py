@@ -116,7 +116,7 @@ def test_docker_ci_script_parses():
 def test_generated_files_are_up_to_date():
     generate = load_generator()
     stale = [str(p.relative_to(ROOT)) for p in generate.stale_files()]
-    assert not stale, f"{stale} differ from their sources: run `python deploy/generate.py` and commit the result"
+    assert not stale, f"{stale} differ from their sources: run `python3 deploy/generate.py` and commit the result"
 
 
 def test_prometheusrules_carry_every_rules_file_unchanged(base_objects):

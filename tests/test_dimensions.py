@@ -1,4 +1,4 @@
-"""A dimension is one declaration (issue 17 item 2): a test declares one more, and gets its families, its
+"""A dimension is one declaration (docs/design-notes.md, "The state model"): a test declares one more, and gets its families, its
 counts, its overflow and its part of the state file, with nothing else edited; a state saved with or
 without it restores into the other."""
 

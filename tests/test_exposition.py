@@ -120,7 +120,7 @@ def test_two_accounts_carry_account_label(fake: FakeSkillable) -> None:
 
 
 def test_profile_families_carry_the_profile_alone_and_the_account_with_several(fake: FakeSkillable) -> None:
-    """Issue 11: lab_profile_id (plus account with several accounts), never crossed with the place labels;
+    """The lab-profile families: lab_profile_id (plus account with several accounts), never crossed with the place labels;
     each account's values its own."""
     fake.add(lab(1, NOW - 600, NOW - 60, status=20, LabProfileId=7),
              lab(2, NOW - 500, None, LabProfileId=8, host=50),
@@ -192,7 +192,7 @@ def readme_families() -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def test_readme_metrics_table_is_the_family_table() -> None:
-    """Issue 17 item 4: every family of the table (exporter/families.py) is in the README, with its type and
+    """Every family of the table (exporter/families.py) is in the README, with its type and
     labels in order, and the README names no other."""
     assert readme_families() == {f.name: (f.type, f.labels) for f in all_families()}
 

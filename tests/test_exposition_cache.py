@@ -100,7 +100,7 @@ def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, A
     yield calls
 
 
-ROTATION = [  # five valid Accept headers, five encodings (issue 10, item 7: four were kept)
+ROTATION = [  # five valid Accept headers, five encodings (hostile input 7: four were kept)
     "",
     "text/plain;version=1.0.0;escaping=allow-utf-8",
     "text/plain;version=1.0.0;escaping=values",
@@ -141,7 +141,7 @@ def test_rotating_accept_headers_cannot_force_a_render_per_scrape(
 
 
 def test_an_accept_version_that_is_no_number_is_answered_and_serving_goes_on(harness: Any) -> None:
-    """Over real HTTP, on one connection (issue 10, item 9): the default text format, then more answers."""
+    """Over real HTTP, on one connection (hostile input 9): the default text format, then more answers."""
     h: Harness = harness()
     h.fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     with requests.Session() as session:

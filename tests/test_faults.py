@@ -1,4 +1,4 @@
-"""Every upstream fault of issue 5, played by the fake over real HTTP, scraped over real HTTP.
+"""Every upstream fault of docs/failure-modes.md, played by the fake over real HTTP, scraped over real HTTP.
 
 For each fault: the scrape answers within the scrape timeout, skillable_up is 0,
 skillable_api_request_failures_total moves under the fault's own reason, no lab
@@ -98,7 +98,7 @@ CASES: dict[str, Case] = {
     "wrong_type_results": Case("invalid_response", queued(f.json_body({"Results": {"LabInstanceId": 1}, "Status": 1}))),
     "wrong_type_status": Case("invalid_response", queued(f.json_body({"Results": [], "Status": "yes"}))),
     "json_array": Case("invalid_response", queued(f.json_body([{"Status": 1}]))),
-    # 1,000 levels deep in an unknown field of one record: bad input, never a bug (issue 10 item 10).
+    # 1,000 levels deep in an unknown field of one record: bad input, never a bug (hostile input 10).
     "deeply_nested": Case("invalid_response", queued(lambda h: h.send_raw(
         200, b'{"Status": 1, "Results": [{"LabInstanceId": 1, "Extra": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",
         "application/json"))),
@@ -262,7 +262,7 @@ def raw_body(body: bytes) -> f.Fault:
 def test_a_lone_surrogate_in_a_field_never_read_is_read_past_not_a_failed_poll(
     fake: FakeSkillable, harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Issue 19 item 12: one "\\ud800" in a user's name failed the whole poll as invalid_response, and as a
+    """One "\\ud800" in a user's name once failed the whole poll as invalid_response, and as a
     failed poll asks again for everything since the last success, polling stayed down for up to 7 days."""
     fake.add(lab(1, NOW - 600, NOW - 60, status=4, UserId="Jos\ud800"), lab(2, NOW - 300, NOW - 30, status=20),
              lab(3, NOW - 200, City="\udc00\x01 Zu\u0308rich"))
@@ -519,7 +519,7 @@ def test_a_hanging_dns_lookup_never_holds_a_scrape(
 def test_up_is_not_claimed_while_a_poll_is_stuck_past_its_deadline(
     fake: FakeSkillable, harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lookup that hangs past --skillable.timeout: the last success no longer speaks for now (issue 10 item 1)."""
+    """A lookup that hangs past --skillable.timeout: the last success no longer speaks for now (hostile input 1)."""
     import socket
 
     real = socket.getaddrinfo

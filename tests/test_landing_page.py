@@ -4,12 +4,17 @@ banner). The page never calls the API."""
 
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import struct
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
+import requests
 
 from . import fakeapi as f
 from .fakeapi import FakeSkillable
@@ -76,3 +81,37 @@ def test_demo_mode_has_a_banner(run_exporter: Any, tmp_path: Path) -> None:
     text = text_of(render(exporter.url + "/", tmp_path, "demo"))
     assert "Demo mode: these metrics come from a built-in simulation" in text
     assert "default up" in text
+
+
+@pytest.mark.integration
+def test_a_refused_reload_is_on_the_page_with_its_reason_until_a_reload_succeeds(
+    run_exporter: Any, fake: FakeSkillable, tmp_path: Path
+) -> None:
+    """The accounts still say "up" (the old configuration keeps polling), and the page says the new
+    one was refused, when and why, escaped; a good reload takes the banner away."""
+    fake.state.live_offset = 0.0  # the exporter process runs on the real clock: so does the fake
+    config = tmp_path / "config.yaml"
+    good = "collector:\n  stats: false\n  delivery_regions: false\n  catalog: false\n"
+    config.write_text(good)
+    exporter = run_exporter(f"--config.file={config}",
+                            env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
+    exporter.get("/metrics")
+    page = exporter.get("/").text
+    assert 'id="reload-refused"' not in page and "Configuration loaded at start, 20" in page
+
+    config.write_text("skillable:\n  '<img src=x onerror=alert(1)>': 1\n")  # a hostile key, named in the reason
+    assert requests.post(exporter.url + "/-/reload", timeout=10).status_code == 500
+    dom = render(exporter.url + "/", tmp_path, "refused")
+    text = html.unescape(text_of(dom))
+    assert "<img" not in dom  # the reason is text, never markup
+    assert re.search(r"Configuration reload refused at 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC: invalid setting "
+                     r"skillable\.<img src=x onerror=alert\(1\)>: unknown setting on line 2 of \S+config\.yaml ?\. "
+                     r"The exporter keeps running the configuration loaded at 20", text), text
+    assert "default up" in text  # the running configuration still polls
+    assert "a reload was refused at 20" in text
+
+    config.write_text(good)
+    assert requests.post(exporter.url + "/-/reload", timeout=10).status_code == 200
+    page = exporter.get("/").text
+    assert 'id="reload-refused"' not in page and "Configuration loaded by a reload, 20" in page
+    assert "reload refused" not in page and "was refused" not in page

@@ -146,7 +146,7 @@ def test_json_nested_past_the_decoders_depth_is_bad_input_not_a_bug(where: str) 
 
 
 # The spellings of a non-finite number the lenient decoder would otherwise read as a float
-# (issue 10 item 2): as a JSON string, and as a JSON number beyond float range.
+# (hostile input 2): as a JSON string, and as a JSON number beyond float range.
 NON_FINITE = ['"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', "1e999", "-1e999", '"1e999"']
 
 
@@ -180,7 +180,7 @@ def test_a_bad_delivery_region_is_left_out_not_the_answer() -> None:
 
 
 def test_delivery_region_names_are_cleaned_and_bounded_as_catalog_names() -> None:
-    """Issue 19 item 14: region names reached labels raw (1 MiB, HTML, CR, NUL, RTL overrides) while catalog
+    """Region names once reached labels raw (1 MiB, HTML, CR, NUL, RTL overrides) while catalog
     names were cleaned; one function (clean_text) now serves both."""
     hostile = {
         1: "A" * (1 << 20),

@@ -258,7 +258,7 @@ def test_infinite_numbers_are_an_invalid_record(value: str) -> None:
     assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
 
 
-# -- salvage: bad bytes spoil only their own record; a body cut short is never salvaged (issue 19 item 12) ----
+# -- salvage: bad bytes spoil only their own record; a body cut short is never salvaged -------------------------
 
 # What no JSON library writes inside a string: bytes that are not UTF-8, raw control characters, lone
 # surrogates, unknown escapes. Never a quote or a backslash that would end the string.

@@ -37,7 +37,7 @@ the reason it is not (PANEL_EXCLUDED, RULE_EXCLUDED): a new panel without a chec
 test_every_panel_and_rule_is_checked_or_excluded. Every percentunit panel stays within 0..1 over
 the whole run.
 
-The check fails the formula the overview's headline "Failure ratio (window)" had until issue 18,
+The check fails the formula the overview's headline "Failure ratio (window)" had before it read the window rules,
 `sum(skillable_lab_instances{failed}) / (sum(skillable_lab_instances) - sum(skillable_lab_instances_running))`,
 from before skillable_lab_instances held ended labs only:
 test_the_old_headline_formula_fails_the_check runs it through the same check and expects a
@@ -186,7 +186,7 @@ def live(first_sample: float, old: list[Lab], rng: random.Random) -> tuple[list[
         profile = list(PROFILES)[i % 3]
         status = rng.choice(statuses) if end is not None else 4
         if i == 4:
-            profile, status = 8001, 40  # profile 8001's first save_failed end (issue 18, item 3)
+            profile, status = 8001, 40  # profile 8001's first save_failed end
         if profile == 8003 and i in (2, 5, 8, 11):
             status = 4  # scored exams: two pass, two fail
         score = (85.0, 40.0, 72.5, 69.0)[(i - 2) // 3] if profile == 8003 and i in (2, 5, 8, 11) else None
@@ -543,7 +543,7 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(prof, "Launches per minute per lab profile (top 10)", "A")] = Check(
         COUNT, lambda T: T.count(T.started(), BY_PROFILE), ("lab_profile_id",), per_minute(S))
 
-    # The lab programme row (issue 18, item 6).
+    # The lab programme row.
     run_seconds = lambda lb: float(lb.end - lb.start)  # noqa: E731
     c[(ov, "Lab-hours consumed (range)", "A")] = Check(
         COUNT, lambda T: {(): sum(run_seconds(lb) for lb in T.ended())}, (), lambda v: v * 3600)
@@ -879,7 +879,7 @@ def test_every_recording_rule_equals_the_truth(checked: Run) -> None:
 
 
 def test_the_old_headline_formula_fails_the_check(checked: Run) -> None:
-    """The headline "Failure ratio (window)" until issue 18: failed labs in the window over
+    """The headline "Failure ratio (window)" before it read the window rules: failed labs in the window over
     (labs in the window - running labs). skillable_lab_instances holds ended labs only, so the
     running labs are subtracted from a count that never held them."""
     f = 'job=~".*",instance=~".*",account=~".*",datacenter_id=~".*",delivery_region_id=~".*",lab_host_id=~".*"'
@@ -893,7 +893,7 @@ def test_the_old_headline_formula_fails_the_check(checked: Run) -> None:
 
 
 def test_a_profiles_first_save_failed_end_counts_in_increase(checked: Run) -> None:
-    """Issue 18, item 3: the profile's save_failed series existed at 0 before its first such end."""
+    """The profile's save_failed series existed at 0 before its first such end."""
     got = checked.stack.query(
         f'increase(skillable_lab_profile_instances_ended_total{{job="skillable",lab_profile_id="8001",'
         f'completion_status="save_failed"}}[{checked.span}s])', checked.at)

@@ -420,7 +420,7 @@ def test_scrapes_never_wait_for_the_save(fake: FakeSkillable) -> None:
     assert poller.stop(5)  # stop() waits for the save
 
 
-# -- hostile input (issue 10 items 2, 8, 12) ---------------------------------------------
+# -- hostile input 2, 8 and 12 (docs/failure-modes.md) -------------------------------------
 
 
 def exporter_env(api: FakeSkillable, path: Path) -> dict[str, str]:
@@ -432,7 +432,7 @@ def exporter_env(api: FakeSkillable, path: Path) -> dict[str, str]:
 def test_a_nan_from_the_api_is_an_invalid_record_and_every_counter_survives_the_restart(
     run_exporter: Any, tmp_path: Path
 ) -> None:
-    """The issue's case: one "NaN" made a histogram sum NaN, the file stored null, the restore refused
+    """The case as first seen: one "NaN" made a histogram sum NaN, the file stored null, the restore refused
     the whole file and every counter started again. Now the record is invalid and nothing else moves."""
     live = FakeSkillable(live=True)
     try:

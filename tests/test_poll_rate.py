@@ -1,4 +1,4 @@
-"""No client can shorten the poll deadline or drive the API (issue 10 item 3), against a real exporter process.
+"""No client can shorten the poll deadline or drive the API (hostile input 3), against a real exporter process.
 
 A scrape's X-Prometheus-Scrape-Timeout-Seconds shortens how long that scrape waits, never the
 poll: a poll runs to --skillable.timeout and lands for later scrapes. And the default

@@ -247,7 +247,7 @@ def test_what_a_reload_applies_and_what_waits_for_a_restart(fake: FakeSkillable)
         app.close()
 
 
-# -- TLS settings a reload cannot apply fully (issue 19 item 10) ------------------------------------
+# -- TLS settings a reload cannot apply fully ------------------------------------------------------
 
 
 def tls_web_config(path: Path, certs: Path, client_ca: Path | None = None) -> Path:
@@ -333,7 +333,7 @@ def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSki
         assert exporter.stop() == 0
 
 
-# -- a load failure is a refused reload, never a death (issue 19 items 7-9) -----------------------------------
+# -- a load failure is a refused reload, never a death ------------------------------------------------------------
 
 
 def reload_both_ways(exporter: Any, refused_before: int) -> tuple[requests.Response, list[str]]:

@@ -1,10 +1,10 @@
-"""Running means running (issue 9 item 1): labs that run for hours, against the independent fake.
+"""Running means running (docs/design-notes.md): labs that run for hours, against the independent fake.
 
 The fake's labs run 3 hours with a 60-minute window, and the exporter starts while they run.
 At the first scrape and after every poll, sum(skillable_lab_instances_running) must equal the
 fake's truth (started and not ended); an end leaves _running and is counted once; no running
 lab is ever in skillable_lab_instances. The same across a restart with a state file, and for
-wall-clock steps (issue 10 item 4).
+wall-clock steps (hostile input 4).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def test_a_lab_that_never_ends_expires_at_the_limit_and_is_counted(fake: FakeSki
     assert sum(snap["place"].ended.values()) == 2 and sum(snap["place"].started.values()) == 2
 
 
-# -- wall-clock steps (issue 10 item 4) -------------------------------------------------
+# -- wall-clock steps (hostile input 4) -------------------------------------------------
 
 class SteppedClock:
     """The exporter's wall clock: the fake's (the API's) plus a step the test sets."""
@@ -152,7 +152,7 @@ def test_a_wall_clock_step_ahead_and_back_neither_forgets_nor_counts_twice(fake:
 
 
 def test_an_end_in_the_year_3000_never_keeps_an_instance_in_memory(fake: FakeSkillable) -> None:
-    """Issue 10 item 12a: on main the End was the instance's last change, so it was never evicted."""
+    """Hostile input 12: the End was once the instance's last change, so it was never evicted."""
     fake.add(lab(1, NOW - 60, 32_503_680_000, status=4), lab(2, NOW - 60, NOW - 30, status=4))
     poller = make_poller(fake)
     poller.refresh(5)
@@ -164,7 +164,7 @@ def test_an_end_in_the_year_3000_never_keeps_an_instance_in_memory(fake: FakeSki
 
 
 def test_the_demo_running_labs_match_its_stats_active_labs(run_exporter) -> None:  # type: ignore[no-untyped-def]
-    """Issue 9: with --demo, sum(skillable_lab_instances_running) was 450 while /stats said 595."""
+    """Once, with --demo, sum(skillable_lab_instances_running) was 450 while /stats said 595."""
     exporter = run_exporter("--demo")
     for _ in range(3):  # the first scrape and the polls after it
         samples = parse(exporter.get("/metrics").text)

@@ -1,4 +1,4 @@
-"""The HTTP server against hostile and heavy clients (issue 19 items 1-3), on real sockets: keep-alive
+"""The HTTP server against hostile and heavy clients (docs/failure-modes.md), on real sockets: keep-alive
 load past the old connection slots, pipelining clients that never read, request framing (RFC 9112:
 Transfer-Encoding in any case, duplicate Content-Length, bodies on GET), and the server's own limits
 (write deadline, slow heads, the connection bound, scrapes stamped by their arrival)."""

@@ -1,4 +1,4 @@
-"""SIGHUP and SIGTERM from the process's first moment, and systemd's readiness protocol (issue 19 item 11).
+"""SIGHUP and SIGTERM from the process's first moment, and systemd's readiness protocol.
 
 On main a SIGHUP in the first ~130 ms (while the exporter imported its dependencies: systemd's
 `start` then `reload` on a Type=simple unit) killed the process, and systemd counts a death by
@@ -42,7 +42,7 @@ def loaded_dependencies(pid: int) -> set[str]:
 
 
 class Starting:
-    """`python -m exporter` on a free port, against the fake, its log in a file."""
+    """`python3 -m exporter` on a free port, against the fake, its log in a file."""
 
     def __init__(self, fake: FakeSkillable, tmp_path: Path, **env: str) -> None:
         self.port = free_port()

@@ -380,7 +380,7 @@ def test_apply_and_evict_match_the_plain_rules_over_many_polls(kind: str, max_ho
 
 
 def test_every_profile_has_every_table_and_every_status_at_zero() -> None:
-    """Issue 18: every completion status exists at 0 per profile from its first activity, so increase()
+    """Every completion status exists at 0 per profile from its first activity, so increase()
     over a range that holds a profile's first resume_failed end counts it."""
     state = FleetState(10, max_lab_profiles=2)
     state.apply([result(1, NOW - 100, lab_profile_id=1), result(2, NOW - 100, NOW - 10, status=30, lab_profile_id=2),
@@ -398,7 +398,7 @@ def test_every_profile_has_every_table_and_every_status_at_zero() -> None:
 
 
 def test_an_end_in_the_year_3000_is_refused_and_never_held() -> None:
-    """Issue 10 item 12a: on main the instance's last change was its End, so it was never evicted."""
+    """Hostile input 12: the instance's last change was once its End, so it was never evicted."""
     state = FleetState(10)
     refused = state.apply([result(1, NOW - 100, 32_503_680_000), result(2, 32_503_680_000)], NOW - 3600, seen_at=NOW)
     assert refused == 2 and state.snapshot().invalid_total == 2 and not state.instances
@@ -461,10 +461,10 @@ def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 
 
 def test_a_state_file_of_version_2_restores_with_every_counter_intact() -> None:
-    """The migration (issue 17): a state file written by the exporter at commit 5737f51, before the dimensions
+    """The migration: a state file written by the exporter at commit 5737f51, before the dimensions
     were declared (tests/state_v2.py made the fixtures with that commit's code), restores with every series that
     exporter served at the value it served, and the next poll counts what it counted there. The only new series
-    are the profile statuses that now exist at 0 (issue 18)."""
+    are the profile statuses that now exist at 0."""
     saved = load_state_file(str(FIXTURES / "state_v2.json"))
     assert not saved.refused and not saved.left_out and set(saved.accounts) == set(state_v2.ACCOUNTS)
     assert json.loads((FIXTURES / "state_v2.json").read_text())["version"] == 2

@@ -66,7 +66,7 @@ def test_the_unit_is_hardened(tmp_path: Path) -> None:
 
 
 def test_the_unit_waits_for_the_exporter_to_serve() -> None:
-    """Type=notify (issue 19 item 11): `systemctl start` returns, and a `reload` goes out, once the
+    """Type=notify: `systemctl start` returns, and a `reload` goes out, once the
     exporter has told systemd READY=1 (tests/test_signals.py checks that it does)."""
     service = service_section()
     assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]

@@ -1,6 +1,6 @@
 """A real task limit (RLIMIT_NPROC) on the exporter process, under a flood of idle and slow-header
 connections and bursts of concurrent scrapes: polling goes on, real scrapes answer on time, and
-skillable_up tells the truth (issue 10 item 1). Since the server is event-driven (issue 19) the
+skillable_up tells the truth (hostile input 1). Since the server is event-driven the
 flood costs no thread at all; the scrape bursts ask for more worker threads than the limit leaves.
 
 The limit is the kernel's: the exporter runs as an otherwise unused user id under

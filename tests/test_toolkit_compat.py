@@ -1,4 +1,4 @@
-"""exporter-toolkit compatibility (issue 12 item 7), against real exporter processes: repeatable
+"""exporter-toolkit compatibility, against real exporter processes: repeatable
 --web.listen-address, --web.systemd-socket, --web.telemetry-path, and web config files in the shapes
 of the toolkit's own examples (web/testdata/*.good.yml), with headers applied and TLS settings in force."""
 
@@ -156,7 +156,7 @@ def test_telemetry_path_moves_the_metrics(start: Any) -> None:
     assert 'href="custom/metrics"' in exporter.get("/").text  # the landing page links to it
 
 
-# "//metrics" and the dot segments were accepted on main, and then every scrape got 404 (issue 19 item 6).
+# "//metrics" and the dot segments were accepted on main, and then every scrape got 404.
 BAD_TELEMETRY_PATHS = ["metrics", "/healthz", "/", "/probe", "/a b", "//metrics", "/custom//metrics", "/./metrics",
                        "/custom/../metrics", "/-/reload"]
 

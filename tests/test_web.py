@@ -51,7 +51,7 @@ def web_config(folder: Path, tls: bool = True, users: bool = True, client_auth: 
 
 def Exporter(fake: FakeSkillable, log_path: Path, *args: str, https: bool, ca: Path | None,  # noqa: N802
              cert: tuple[str, str] | None = None) -> ExporterProcess:
-    """`python -m exporter` with a web config, against the fake."""
+    """`python3 -m exporter` with a web config, against the fake."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
     env.update({"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key,
                 "SKILLABLE_COLLECTOR_STATS": "false", "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"})
@@ -329,7 +329,7 @@ def test_tls_context_refuses_old_protocols(certs: Path) -> None:
     assert web.ssl_context.minimum_version >= ssl.TLSVersion.TLSv1_2
 
 
-# -- hostile basic auth (issue 10 items 5, 6, 11) ----------------------------------------------------
+# -- hostile basic auth (hostile input 5, 6, 11) ----------------------------------------------------
 
 
 def users_config(folder: Path, password: bytes, cost: int) -> Path:
