@@ -272,7 +272,7 @@ def test_a_demo_restart_with_a_state_file_keeps_every_counter(tmp_path: Path) ->
 HISTORY_HOURS = 6
 EXPECTED = {("SkillableLabHostFailureRatioHigh", "117", "lab_creation_failed"),
             ("SkillableLabProfileFailureRatioHigh", "5009", ""),
-            # The launch collector's faults (issue 20): datacenter 2's slow start-ups make its region,
+            # The launch collector's faults: datacenter 2's slow start-ups make its region,
             # North America (1), slow; profile 5004's life-cycle script fails.
             ("SkillableLabStartupSlow", "1", ""),
             ("SkillableLabProfileLifecycleErrors", str(LIFECYCLE_FAILING_PROFILE), "")}

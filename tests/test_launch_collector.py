@@ -1,4 +1,4 @@
-"""The launch collector against the fake API over real HTTP (issue 20's done-when): its counts equal the
+"""The launch collector against the fake API over real HTTP: its counts equal the
 fake's truth after several polls and after a restart with a state file, whatever pages overlap; its cost
 stays within the documented requests per hour; the fake's credentials, e-mails and user names reach no
 output; a failing or missing search endpoint leaves skillable_up at 1 and every LatestResults metric as

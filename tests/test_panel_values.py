@@ -24,7 +24,7 @@ the same semantics:
 - averages over time (lab-hours of running labs) and peaks: from the samples, within one scrape
   interval per event and per range edge (see Tolerance).
 
-The launch collector (issue 20) is part of the plan: every lab has a start-up time or none, errors
+The launch collector is part of the plan: every lab has a start-up time or none, errors
 (with messages of the three kinds) and an API consumer; the exporter polls /labinstance/search every
 60 s, so its first launch poll (at the first scrape) holds the history and its second (a minute
 later, after every live event) the live phase's launches, start-ups, labs never ready and errors
@@ -571,7 +571,7 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
         c[(prof, series, ref)] = Check(RATIO, lambda T, s=status: T.events_ratio(
             T.ended(), BY_SERIES, lambda lb: lb.status_name == s), ("lab_series_id",))
 
-    # Launch performance (issue 20): start-up quantiles in their bucket, means and shares of the live
+    # Launch performance: start-up quantiles in their bucket, means and shares of the live
     # phase's facts, errors and launches counted.
     launch = "skillable-launch"
     for ref, q in (("A", 0.5), ("B", 0.9), ("C", 0.99)):
