@@ -43,7 +43,7 @@ def update(url: str, key: str, minutes: int) -> None:
         response = requests.get(f"{url}/LatestResults", params={"minutes": minutes},
                                 headers={"api_key": key}, timeout=60)
         data = response.json()
-    except Exception:
+    except (requests.RequestException, ValueError):  # no answer, or an answer that is not JSON
         UP.set(0)
         return
     INSTANCES.clear()
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path != "/metrics":
                 self.send_response(404)
                 self.end_headers()

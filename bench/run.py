@@ -632,7 +632,7 @@ def exposition_series(results: list[Any], catalog: Any = None) -> int:
     state = FleetState(10_000, 10_000)
     state.apply(results, 0)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SkillableCollector([("", Stub(state))], Names(), 60, 10_000))  # type: ignore[list-item]
+    registry.register(SkillableCollector([("", Stub(state))], Names(), 60, 10_000))
     return sum(1 for line in generate_latest(registry).splitlines() if not line.startswith(b"#"))
 
 
@@ -681,7 +681,7 @@ def render_after_new_series(samples: int = RENDER_SAMPLES) -> dict[str, float]:
         def view(self) -> PollView:
             return PollView(state.snapshot(), Health(up=True))
 
-    collector = SkillableCollector([("", Stub())], Names(), 60)  # type: ignore[list-item]
+    collector = SkillableCollector([("", Stub())], Names(), 60)
     encoding = choose_encoding(PROMETHEUS_HEADERS["Accept"])
     state.apply([lab(i, i, i % RENDER_PROFILES) for i in range(RENDER_HOSTS)], 0)
     body = collector.exposition(encoding)
@@ -727,44 +727,44 @@ def fmt_s(seconds: float) -> str:
 def report(results: list[Result]) -> str:
     lines = ["| window | measure | floor | baseline | exporter | exporter / floor | baseline / exporter | target |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def row(w: str, measure: str, floor: str, base: str, exp: str, ef: str, be: str, target: str) -> None:
+        lines.append(f"| {w} | {measure} | {floor} | {base} | {exp} | {ef} | {be} | {target} |")
+
+    def verdict(ok: bool, text: str) -> str:
+        return f"{text} {'met' if ok else 'MISSED'}"
+
     for r in results:
         b, e = r.m["baseline"], r.m["exporter"]
         big = r.size == "100k"
         w = f"{r.size} ({r.results} results, {r.payload_bytes / 1e6:.1f} MB, {r.window_minutes} min)"
-
-        def row(measure: str, floor: str, base: str, exp: str, ef: str, be: str, target: str) -> None:
-            lines.append(f"| {w} | {measure} | {floor} | {base} | {exp} | {ef} | {be} | {target} |")
-
-        def verdict(ok: bool, text: str) -> str:
-            return f"{text} {'met' if ok else 'MISSED'}"
-
-        row("floor: socket read + msgspec decode", f"{fmt_s(r.floor_read)} + {fmt_s(r.floor_decode)}",
+        row(w, "floor: socket read + msgspec decode", f"{fmt_s(r.floor_read)} + {fmt_s(r.floor_decode)}",
             "", "", "", "", "")
-        row("cold start to first good scrape", "", fmt_s(b["cold"]), fmt_s(e["cold"]),
+        row(w, "cold start to first good scrape", "", fmt_s(b["cold"]), fmt_s(e["cold"]),
             f"{e['cold'] / r.floor:.1f}x", f"{b['cold'] / e['cold']:.1f}x",
             verdict(e["cold"] <= 0.5 * b["cold"], "exporter ≤ 0.5x baseline") if big else "")
-        row("full-window sync (exporter's poll)", fmt_s(r.floor), "", fmt_s(e["sync"]),
+        row(w, "full-window sync (exporter's poll)", fmt_s(r.floor), "", fmt_s(e["sync"]),
             f"{e['sync'] / r.floor:.2f}x", "", verdict(e["sync"] <= 3 * r.floor, "≤ 3x floor") if big else "")
-        row("steady scrape latency p50", "", fmt_s(b["p50"]), fmt_s(e["p50"]), "",
+        row(w, "steady scrape latency p50", "", fmt_s(b["p50"]), fmt_s(e["p50"]), "",
             f"{b['p50'] / e['p50']:.0f}x", verdict(b["p50"] >= 20 * e["p50"], "≥ 20x") if big else "")
-        row("steady scrape latency p99", "", fmt_s(b["p99"]), fmt_s(e["p99"]), "",
+        row(w, "steady scrape latency p99", "", fmt_s(b["p99"]), fmt_s(e["p99"]), "",
             f"{b['p99'] / e['p99']:.0f}x", verdict(b["p99"] >= 20 * e["p99"], "≥ 20x") if big else "")
         share = e["bytes_per_poll"] / r.payload_bytes
-        row("upstream bytes per steady poll", "", f"{b['bytes_per_poll'] / 1e6:.1f} MB",
+        row(w, "upstream bytes per steady poll", "", f"{b['bytes_per_poll'] / 1e6:.1f} MB",
             f"{e['bytes_per_poll'] / 1e3:.1f} kB ({share:.2%} of window)", "",
             f"{b['bytes_per_poll'] / e['bytes_per_poll']:.0f}x", verdict(share < 0.01, "< 1% of window") if big else "")
-        row("peak RSS (VmHWM)", "", f"{b['rss']:.0f} MB", f"{e['rss']:.0f} MB", "", f"{b['rss'] / e['rss']:.1f}x",
+        row(w, "peak RSS (VmHWM)", "", f"{b['rss']:.0f} MB", f"{e['rss']:.0f} MB", "", f"{b['rss'] / e['rss']:.1f}x",
             verdict(b["rss"] >= 2 * e["rss"], "exporter ≤ half") if big else "")
-        row("exposition: time with no poll due / size (on the wire)", "",
+        row(w, "exposition: time with no poll due / size (on the wire)", "",
             f"— / {b['exposition_bytes'] / 1e3:.1f} kB ({b['exposition_wire_bytes'] / 1e3:.1f} kB)",
             f"{fmt_s(e['exposition_time'])} / {e['exposition_bytes'] / 1e3:.1f} kB "
             f"({e['exposition_wire_bytes'] / 1e3:.1f} kB gzip); {e['series']} series, {e['hosts']} hosts",
             "", "", "")
-        row(f"upstream requests for {CONCURRENT_SCRAPES} concurrent scrapes during the cold poll, "
+        row(w, f"upstream requests for {CONCURRENT_SCRAPES} concurrent scrapes during the cold poll, "
             "min-poll-interval 3600 s", "", "",
             f"{e['concurrent_requests']} ({e['concurrent_good']} good answers)", "", "",
             verdict(e["concurrent_requests"] == 1, "exactly 1"))
-        row("the same with min-poll-interval 0 (single flight alone; a scrape landing after the poll "
+        row(w, "the same with min-poll-interval 0 (single flight alone; a scrape landing after the poll "
             "polls again)", "", "", str(e["concurrent_requests_no_interval"]), "", "",
             verdict(e["concurrent_requests_no_interval"] == 1, "exactly 1") if big else "")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ from typing import Any
 if __package__ in (None, ""):  # python3 bench/server.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import PROMETHEUS_HEADERS, die_with_parent, free_port, machine_facts, percentile  # noqa: E402
+from bench.run import PROMETHEUS_HEADERS, die_with_parent, free_port, machine_facts, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- server-bench:begin -->", "<!-- server-bench:end -->"
@@ -164,7 +164,8 @@ async def keep_alive_scraper(port: int, until: float, load: Load) -> None:
                 writer = None
         except ERRORS:
             load.failed += 1
-            writer.close()
+            if writer is not None:
+                writer.close()
             writer = None
     if writer is not None:
         writer.close()
@@ -316,6 +317,12 @@ def latency_cell(latencies: list[float], failed: int, total: int | None = None) 
     return f"{answered}, {failed} failed; p50 {ms(percentile(latencies, 0.5))}, p99 {ms(percentile(latencies, 0.99))}"
 
 
+def flood_cell(result: tuple[list[float], int]) -> str:
+    """The real scrapes made during a flood: (their latencies, how many failed)."""
+    latencies, failed = result
+    return latency_cell(latencies, failed, FLOOD_SCRAPES)
+
+
 def report(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str:
     lines = ["| measure | before (main) | after (aiohttp) | after / before |", "| --- | --- | --- | --- |"]
 
@@ -338,10 +345,9 @@ def report(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str
             row(f"{clients} keep-alive scrapers: latency {name}", ms(lb), ms(la), f"{la / lb:.2f}x")
         row(f"{clients} keep-alive scrapers: peak threads", str(b.threads), str(a.threads), "")
     row(f"slow-header flood ({SLOW_HEADERS} connections): {FLOOD_SCRAPES} real scrapes",
-        latency_cell(*before["slow_headers"], FLOOD_SCRAPES), latency_cell(*after["slow_headers"], FLOOD_SCRAPES))
+        flood_cell(before["slow_headers"]), flood_cell(after["slow_headers"]))
     row(f"slow-reader flood ({SLOW_READERS} clients pipelining {PIPELINED} scrapes, never reading): "
-        f"{FLOOD_SCRAPES} real scrapes", latency_cell(*before["slow_readers"], FLOOD_SCRAPES),
-        latency_cell(*after["slow_readers"], FLOOD_SCRAPES))
+        f"{FLOOD_SCRAPES} real scrapes", flood_cell(before["slow_readers"]), flood_cell(after["slow_readers"]))
     for key, name in (("rss_idle", "after the steady scrapes"), ("rss_load200", "after 200 scrapers"),
                       ("rss_slow_headers", "after the slow-header flood"),
                       ("rss_slow_readers", "during the slow-reader flood"), ("rss_peak", "peak (VmHWM)")):
@@ -391,7 +397,8 @@ async def run(before_dir: Path, quick: bool, log: Any) -> tuple[dict[str, Any], 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, type=Path, help="the checkout to compare with (e.g. a worktree of main)")
+    parser.add_argument("--before", required=True, type=Path,
+                        help="the checkout to compare with (e.g. a worktree of main)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_LOAD_SECONDS:g} s loads, fewer steady scrapes")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)

@@ -187,7 +187,8 @@ def start(labs_per_minute: float = 12.0, seed: int = 7, clock: BenchClock | None
 def main(argv: list[str] | None = None) -> int:
     parser = argument_parser(__doc__ or "")
     parser.add_argument("--clock-offset", type=float, default=0.0, help="seconds added to the clock")
-    parser.add_argument("--freeze-clock", action="store_true", help="stop the clock (it then moves only by /_bench/clock)")
+    parser.add_argument("--freeze-clock", action="store_true",
+                        help="stop the clock (it then moves only by /_bench/clock)")
     parser.add_argument("--hosts", type=int, help="lab hosts (FleetTraffic; default: the demo's traffic)")
     parser.add_argument("--profiles", type=int, help="lab profiles (FleetTraffic)")
     parser.add_argument("--placement", choices=PLACEMENTS, default="spread",

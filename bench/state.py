@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.simulator import PLACEMENTS, FleetTraffic  # noqa: E402
-from exporter.demo import latest_results_body  # noqa: E402
-from exporter.model import decode_latest_results  # noqa: E402
-from exporter.state import FleetState  # noqa: E402
+from bench.simulator import PLACEMENTS, FleetTraffic
+from exporter.demo import latest_results_body
+from exporter.model import decode_latest_results
+from exporter.state import FleetState
 
 NOW = 1_800_000_000.0
 

@@ -62,7 +62,7 @@ class GenerateError(Exception):
 def k8s_name(stem: str) -> str:
     """A DNS-1123 object name from a file stem: skillable-alerts -> skillable-exporter-alerts."""
     base = stem.lower()
-    if base.startswith("skillable-") or base.startswith("skillable_"):
+    if base.startswith(("skillable-", "skillable_")):
         base = base[len("skillable-"):]
     base = re.sub(r"[^a-z0-9-]+", "-", base).strip("-")
     name = f"{NAME_PREFIX}-{base}" if base else NAME_PREFIX

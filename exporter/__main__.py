@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import signals, statefile
 from .app import ExporterApp, Reloader
@@ -152,8 +152,8 @@ async def _serve(server: ExporterServer, reloader: Reloader, config: Config, web
 
     for signum in signals.CAUGHT:
         loop.add_signal_handler(signum, on_signal, signum)
-    for signum in signals.take_pending():
-        on_signal(signum)
+    for pending in signals.take_pending():
+        on_signal(pending)
     if stop.is_set():
         log.info("shutting down before serving", extra={"signal": stop_signal[0]})
         return

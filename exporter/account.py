@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Protocol
+from collections.abc import Iterable
 
 from . import catalog
 from .launches import LaunchCounts, LaunchState

@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Gauge
 
@@ -134,8 +135,9 @@ class ExporterApp:
         self._probe_collectors = {
             name: self._collector([(name, poller)]) for name, poller in self.pollers.items()
         }
-        if getattr(self, "collector", None) is not None:
-            self.registry.unregister(self.collector)
+        old: SkillableCollector | None = getattr(self, "collector", None)
+        if old is not None:
+            self.registry.unregister(old)
         self.collector = collector
         self.registry.register(collector)
 
@@ -286,7 +288,7 @@ class Reloader:
                 config, extra = self._load()
             except ConfigError as exc:
                 return self._refuse(str(exc))
-            except Exception as exc:  # noqa: BLE001 - a reload never ends the process, whatever it read
+            except Exception as exc:
                 log.exception("bug: loading the configuration failed outside its own checks")
                 return self._refuse(f"cannot load the configuration: {type(exc).__name__}: {exc}")
             waiting = self._app.reconfigure(config)

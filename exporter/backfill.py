@@ -64,10 +64,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TextIO, TypeVar
+from typing import TextIO, TypeVar
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -125,7 +126,7 @@ def parse_time(setting: str, text: str) -> int:
     value = text.strip()
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            when = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+            when = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
         else:
             when = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
             if when.tzinfo is None:
@@ -158,7 +159,7 @@ def parse_label(text: str) -> tuple[str, str]:
 
 
 def rfc3339(ts: int) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,8 @@ def fetch_launches(client: SkillableClient, start: int, end: int, opts: Options,
     question = Question(start, LAUNCHES_SORT)
     offset, previous, ordered = 0, None, True
     while True:
-        def read() -> SearchPage:
-            params = search_params(question, page_size, offset // page_size)
+        def read(size: int = page_size, index: int = offset // page_size) -> SearchPage:
+            params = search_params(question, size, index)
             return decode_search_page(client.get("labinstance/search", params, opts.request_timeout))
 
         try:
@@ -516,7 +517,7 @@ class DayFile:
 
     def __init__(self, folder: Path, start: int, header: str, trailer: str) -> None:
         self.start = start
-        self.path = folder / f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%dT%H%M%SZ}.om"
+        self.path = folder / f"{datetime.fromtimestamp(start, UTC):%Y-%m-%dT%H%M%SZ}.om"
         self.temporary = self.path.with_name(self.path.name + ".tmp")
         self._handle: TextIO = open(self.temporary, "w", encoding="utf-8", buffering=1 << 20)
         self._handle.write(header)
@@ -687,7 +688,7 @@ def size_text(size: float) -> str:
 
 
 def duration_text(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
@@ -996,7 +997,7 @@ class Run:
 def _file_start(path: Path) -> int:
     """The first step of a day's file, from its name (DayFile.path)."""
     try:
-        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=timezone.utc).timestamp())
+        return int(datetime.strptime(path.name, "%Y-%m-%dT%H%M%SZ.om").replace(tzinfo=UTC).timestamp())
     except ValueError:
         return 0
 
@@ -1077,7 +1078,8 @@ def main(argv: Sequence[str]) -> int:
         except OSError as exc:
             print(f"skillable-exporter backfill: {exc.strerror} (stop the demo exporter first)", file=sys.stderr)
             return EXIT_CONFIG
-        config = dataclasses.replace(config, accounts=(Account("", simulator.url, DEMO_API_KEY, config.window_minutes),))
+        demo_account = Account("", simulator.url, DEMO_API_KEY, config.window_minutes)
+        config = dataclasses.replace(config, accounts=(demo_account,))
     if opts.start < now - opts.retention:
         print(f"skillable-exporter backfill: warning: history before {rfc3339(int(now - opts.retention))} is older "
               f"than the retention ({args.bf_retention}): Prometheus deletes it as soon as it loads it, unless its "

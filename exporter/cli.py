@@ -13,8 +13,9 @@ import argparse
 import os
 import sys
 import textwrap
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from .config import SETTINGS, Config, Setting, closest, load_config
 from .version import version_text

@@ -18,7 +18,8 @@ import threading
 import zlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -181,7 +182,7 @@ class SkillableCollector(Collector):
                 values += some_values
 
             def sample(key: Hashable) -> tuple[str, dict[str, str]]:
-                account, inner = key  # type: ignore[misc]
+                account, inner = cast(tuple[str, Hashable], key)
                 suffix, label_values = name(inner)
                 return base + suffix if suffix else own_name, dict(zip(label_names, (account, *label_values)))
         else:
@@ -305,6 +306,9 @@ class SkillableCollector(Collector):
 KeysValues = tuple[list[Any], list[Any]]
 
 
+FamilyKind = type[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily | SummaryMetricFamily]
+
+
 @dataclass(frozen=True, slots=True)
 class LabFamily:
     """One lab family and where its rows come from.
@@ -314,7 +318,7 @@ class LabFamily:
     `le` last).
     """
 
-    kind: type[Metric]
+    kind: FamilyKind
     name: str
     help: str
     labels: list[str]
@@ -322,8 +326,8 @@ class LabFamily:
     sample: Callable[[Any], tuple[str, tuple[str, ...]]]
 
 
-KINDS: dict[str, type[Metric]] = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
-                                  "histogram": HistogramMetricFamily, "summary": SummaryMetricFamily}
+KINDS: dict[str, FamilyKind] = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
+                                "histogram": HistogramMetricFamily, "summary": SummaryMetricFamily}
 
 
 Tables = Callable[[PollView], Any]  # one table of one account (a dict by key), or None if it has none

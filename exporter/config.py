@@ -14,7 +14,8 @@ import re
 import stat
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
+from collections.abc import Callable, Collection, Mapping
 from urllib.parse import urlsplit
 
 import yaml
@@ -109,7 +110,7 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
 
 def human_bytes(size: int) -> str:
     """Bytes as --help shows them: the largest binary unit that divides them (256MiB), else bytes (1000B)."""
-    for unit, factor in reversed(BYTES.factors.items()):
+    for unit, factor in reversed(list(BYTES.factors.items())):
         if factor > 1 and size >= factor and size % factor == 0:
             return f"{int(size // factor)}{unit}"
     return f"{size}B"

@@ -55,7 +55,8 @@ from bisect import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -336,8 +337,7 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
         "TotalRunTimeSeconds": (lab.end if ended else int(now)) - lab.start,
         "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
         "IsExam": lab.exam,
-        "ExamPassed": (lab.exam_score >= _PASS_MARKS[lab.profile_id]) if scored and lab.exam_score is not None
-        else None,
+        "ExamPassed": _passed(lab) if scored else None,
         "ExamScore": lab.exam_score if scored else None,
         "ExamMaxPossibleScore": 100 if scored else None,
         "ExamPassingScore": _PASS_MARKS[lab.profile_id] if scored else None,
@@ -354,6 +354,12 @@ def result_json(lab: Lab, ended: bool, now: float) -> bytes:
 
 
 _PASS_MARKS = {p.id: p.pass_mark for p in CATALOG_PROFILES}
+
+
+def _passed(lab: Lab) -> bool | None:
+    """Whether a scored lab passed, by its profile's pass mark; None if it has no score or no mark."""
+    mark = _PASS_MARKS.get(lab.profile_id)
+    return None if lab.exam_score is None or mark is None else lab.exam_score >= mark
 _PLATFORM_CLOUD = {10: 10, 11: 11}  # CloudPlatformId for cloud-slice labs
 
 
@@ -365,12 +371,14 @@ def catalog_body() -> bytes:
                "Created": 1689505754000, "CreatedBy": "demo", "Price": 0.0} for sid, name in CATALOG_SERIES.items()]
     profiles = [{
         "Id": p.id, "Name": p.name, "Number": p.number, "Description": f"{p.name}.", "SeriesId": p.series,
-        "OrganizationId": 11, "OrganizationName": "Demo Learning", "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
+        "OrganizationId": 11, "OrganizationName": "Demo Learning",
+        "Objective": f"<p>In this lab you {p.name.lower()}.</p>",
         "Scenario": "<div>You are the new administrator at Contoso.</div>", "DurationMinutes": p.minutes,
         "ExpectedDurationMinutes": p.minutes // 2, "PlatformId": p.platform,
         "CloudPlatformId": _PLATFORM_CLOUD.get(p.platform), "Enabled": p.enabled,
-        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10, "IsExam": p.pass_mark is not None,
-        "Tags": ["demo"], "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
+        "ReasonDisabled": None if p.enabled else "Retired", "DevelopmentStatusId": 10,
+        "IsExam": p.pass_mark is not None, "Tags": ["demo"],
+        "Created": "/Date(1534438041470)/", "LastModified": "/Date(1623367490010)/",
         "Ram": 4096, "UsesRdp": p.platform in (2, 3), "InstructionSets": [], "Skills": [],
     } for p in CATALOG_PROFILES]
     regions = [{"Id": k, "Name": v, "Description": None} for k, v in DELIVERY_REGIONS.items()]
@@ -431,7 +439,8 @@ def launch_facts(lab: Lab, seed: int = 7) -> LaunchFacts:
                        _LIFECYCLE_MESSAGE.format(action=3466)))
     if consumer == WEBHOOK_CONSUMER and startup is not None:
         duration = lab.end - lab.start
-        errors.append((max(0, duration - rng.randrange(5, 30)), _WEBHOOK_MESSAGE.format(event="Scoring", user=lab.user)))
+        errors.append((max(0, duration - rng.randrange(5, 30)),
+                       _WEBHOOK_MESSAGE.format(event="Scoring", user=lab.user)))
         errors.append((duration + rng.randrange(1, 30), _WEBHOOK_MESSAGE.format(event="Scored", user=lab.user)))
     return LaunchFacts(startup, consumer, tuple(errors))
 
@@ -501,19 +510,20 @@ def search_body(traffic: Traffic, query: dict[str, list[str]], now: float, seed:
         return sorted((lab for lab in traffic.labs_starting_in(minute) if start <= lab.start <= now),
                       key=lambda lab: (lab.start, lab.instance_id))
 
+    page: list[Lab] = []
     if sort == "start":
-        total, page, skip = 0, [], index * size
+        total, skip = 0, index * size
         for minute in minutes:
-            labs = traffic.labs_starting_in(minute)
-            if total + len(labs) > skip and len(page) < size:  # this minute may hold part of the page
+            generated = traffic.labs_starting_in(minute)
+            if total + len(generated) > skip and len(page) < size:  # this minute may hold part of the page
                 chosen = started(minute)
                 page += chosen[max(0, skip - total):][:size - len(page)]
                 total += len(chosen)
             else:
-                total += sum(1 for lab in labs if start <= lab.start <= now)
+                total += sum(1 for lab in generated if start <= lab.start <= now)
     else:
-        labs = _sorted_labs(traffic, start, now, sort, minutes, started)
-        total, page = len(labs), labs[index * size:(index + 1) * size]
+        ordered = _sorted_labs(traffic, start, now, sort, minutes, started)
+        total, page = len(ordered), ordered[index * size:(index + 1) * size]
     return _encoder.encode({"TotalResults": total, "TotalPages": -(-total // size),
                             "Results": [concise_record(lab, now, seed) for lab in page], "Status": 1, "Error": None})
 
@@ -574,7 +584,7 @@ class SimulatorServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
 
 class SimulatorHandler(BaseHTTPRequestHandler):
@@ -582,7 +592,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # no delayed-ACK stall between headers and body (see server.py)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         endpoint = url.path.rstrip("/").rsplit("/", 1)[-1].lower()
         key = self.headers.get("api_key")

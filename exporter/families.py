@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from .launches import INTEGRATION
 from .model import ALL_STATUSES
@@ -142,7 +142,8 @@ def launch_health_families() -> list[Family]:
     """The launch collector's own health, served after the exporter's health with the collector on."""
     return [
         Family(INTEGRATION.overflow_family, "counter", (),
-               f'Launches whose API consumer was reported as api_consumer="other" because of --{INTEGRATION.cap_setting}.',
+               'Launches whose API consumer was reported as api_consumer="other" because of '
+               f'--{INTEGRATION.cap_setting}.',
                dimension=INTEGRATION, launch=True),
         Family("skillable_lab_search_results_invalid_total", "counter", (),
                "Records of /labinstance/search that failed validation and were skipped.", launch=True),

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -510,7 +510,8 @@ class LaunchState:
             startup={key: self.startup[key].copy() for key in sorted(self.startup)},
             profile_startup={profiles.keys[k]: self.profile_startup[k].copy() for k in profile_order},
             not_ready={places.keys[k]: places.counts[k * KEY_WIDTH + NOT_READY_SLOT] for k in place_order},
-            profile_not_ready={profiles.keys[k]: profiles.counts[k * KEY_WIDTH + NOT_READY_SLOT] for k in profile_order},
+            profile_not_ready={profiles.keys[k]: profiles.counts[k * KEY_WIDTH + NOT_READY_SLOT]
+                               for k in profile_order},
             errors=per_kind(places, place_order),
             profile_errors=per_kind(profiles, profile_order),
             integration=self.integration.snapshot(),
@@ -560,17 +561,17 @@ class LaunchState:
                 for kind, n in row.errors.items():
                     if kind in KIND_INDEX:  # a kind this version does not know: left out, as a bad value
                         table.counts[base + ERRORS_SLOT + KIND_INDEX[kind]] = n
-        for row in saved.startup:
-            if len(row.key) != len(PLACE.observer_labels):
+        for observed in saved.startup:
+            if len(observed.key) != len(PLACE.observer_labels):
                 raise RestoreError("a start-up histogram's key is not a datacenter and a region")
             hist = Histogram(STARTUP_BUCKETS)
-            hist.restore(row.counts, row.total)
-            state.startup[tuple(row.key)] = hist
+            hist.restore(observed.counts, observed.total)
+            state.startup[tuple(observed.key)] = hist
         profile_startup: dict[int, Summary] = {}
-        for row in saved.profile_startup:
+        for observed in saved.profile_startup:
             summary = Summary()
-            summary.restore(row.counts, row.total)
-            profile_startup[state.profiles.restore_key(row.key)] = summary
+            summary.restore(observed.counts, observed.total)
+            profile_startup[state.profiles.restore_key(observed.key)] = summary
         for item in saved.instances:
             place, profile = state.places.restore_key(item.place), state.profiles.restore_key(item.profile)
             errors = {(t, KIND_INDEX[kind]): n for t, kind, n in item.errors if kind in KIND_INDEX}

@@ -18,7 +18,7 @@ import os
 import resource
 import socket
 import stat
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 from .config import ConfigError
 

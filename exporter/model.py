@@ -213,7 +213,7 @@ _ERROR_AT = re.compile(r"\(byte (\d+)\)$")
 def _decode_cutting_records(body: bytes, error: msgspec.DecodeError) -> Batch:
     """Rule 4: cut out the record each decoding error lies in, while the body's structure holds."""
     spans = results_spans(body) or []
-    cut, done = bytearray(body), set()
+    cut, done = bytearray(body), set[tuple[int, int]]()
     while spans and len(done) < MAX_RECORDS_CUT:
         at = _ERROR_AT.search(str(error))
         if at is None or "truncated" in str(error):

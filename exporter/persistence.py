@@ -74,7 +74,8 @@ import types
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterable, Mapping
+from typing import Annotated, Any
+from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
 import msgspec
@@ -156,12 +157,13 @@ def encode_account(memory: Memory) -> bytes:
     without the lock, so scrapes are not held up.
     """
     health = memory.health
+    launch = getattr(memory, "launch", None)  # a memory of an older shape has none
     doc = AccountState(
         last_success=health.last_success,
         requests=dict(health.requests),
         failures=[_Failure(e, r, n) for (e, r), n in sorted(health.failures.items())],
         fleet=memory.state.export(),
-        launch=memory.launch.export() if getattr(memory, "launch", None) is not None else None,
+        launch=launch.export() if launch is not None else None,
     )
     return _encoder.encode(doc)
 
@@ -255,10 +257,10 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "acco
                 items = enumerate(_decoder(list[msgspec.Raw]).decode(fields[name]))
                 values[f.name] = [value for _, value in _good_entries(items, args[0], path, problems)]
             elif origin is dict and _is_object_struct(args[1]):  # one level down, per value
-                mapping = _decoder(dict[args[0], msgspec.Raw]).decode(fields[name])
+                mapping = _decoder(types.GenericAlias(dict, (args[0], msgspec.Raw))).decode(fields[name])
                 values[f.name] = dict(_salvaged_values(mapping.items(), args[1], path, problems))
             elif origin is dict:
-                mapping = _decoder(dict[args[0], msgspec.Raw]).decode(fields[name])
+                mapping = _decoder(types.GenericAlias(dict, (args[0], msgspec.Raw))).decode(fields[name])
                 values[f.name] = dict(_good_entries(mapping.items(), args[1], path, problems))
             elif _is_object_struct(f.type):
                 values[f.name] = salvage(fields[name], f.type, problems, path)

@@ -22,7 +22,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Mapping
 
 from . import catalog, launches
 from .account import AccountMemory, Health, PollView, apply_poll, empty_memory
@@ -230,7 +231,7 @@ class Poller:
         try:
             try:
                 self._poll(self.timeout)
-            except Exception:  # noqa: BLE001 - the worker must outlive any bug in one poll
+            except Exception:
                 log.exception("bug: poll failed outside its own error handling")
             finally:
                 with self._lock:
@@ -242,7 +243,7 @@ class Poller:
             if self.on_poll is not None:
                 try:
                     self.on_poll(self)  # still in flight: no other poll changes the state meanwhile
-                except Exception:  # noqa: BLE001 - saving must never fail a scrape
+                except Exception:
                     log.exception("after-poll hook failed", extra=self._fields())
         finally:
             with self._lock:
@@ -536,7 +537,7 @@ class Poller:
                     return
             try:
                 self._launch_poll()
-            except Exception:  # noqa: BLE001 - the worker must outlive any bug in one launch poll
+            except Exception:  # the worker must outlive any bug in one launch poll
                 log.exception("bug: launch poll failed outside its own error handling", extra=self._fields())
             finally:
                 with self._lock:

@@ -34,7 +34,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
+from collections.abc import Callable, Hashable, Sequence
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric

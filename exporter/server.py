@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from aiohttp import web as aioweb
@@ -218,7 +219,7 @@ class Connections:
         return len(self._open)
 
 
-class _ClientErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _ClientErrorLog(logging.LoggerAdapter):
     """aiohttp's server log. What it logs as an exception is a request its parser refused or a
     connection that failed: the client's problem, one debug line with the error, no traceback."""
 
@@ -346,7 +347,7 @@ class ExporterServer:
         """`work()` in a worker thread (a reload on SIGHUP)."""
         return await self.workers.run(work)
 
-    def serve_forever(self, poll_interval: float | None = None) -> None:  # noqa: ARG002 - socketserver's signature
+    def serve_forever(self, poll_interval: float | None = None) -> None:
         """Serve in this thread until shutdown() is called from another."""
         self._serving_forever = True
         try:
@@ -402,8 +403,8 @@ class ExporterServer:
         changed = handshake_changes(self.web, web)
         if changed:
             names = ", ".join(f"tls_server_config.{name}" for name in changed)
-            raise ConfigError(f"{WEB_SETTING}: {names}",
-                              "changing it needs a restart (needs_restart): a running listener keeps its handshake settings")
+            raise ConfigError(f"{WEB_SETTING}: {names}", "changing it needs a restart (needs_restart): "
+                              "a running listener keeps its handshake settings")
 
     def set_web(self, web: WebConfig | None) -> None:
         self.web = web
@@ -425,7 +426,7 @@ class ExporterServer:
                 answer = await self._answer(request, arrived)
             except NoWorker:  # only at a task limit that left no thread at all
                 answer = _text(HTTPStatus.SERVICE_UNAVAILABLE, b"no worker thread could be started\n")
-            except Exception:  # noqa: BLE001 - a bug answers 500; serving goes on
+            except Exception:
                 log.error("bug: answering a request failed", exc_info=True)
                 answer = _text(HTTPStatus.INTERNAL_SERVER_ERROR, b"500 internal server error\n")
             return await self._send(request, answer)
@@ -519,7 +520,7 @@ class ExporterServer:
         copies what the socket does not take at once, so a client that does not read holds one piece,
         never a copy of a whole exposition (the pieces are views of the cached one)."""
         if sum(len(part) for part in parts) <= CHUNK_BYTES:
-            await response.write_eof(parts[0] if len(parts) == 1 else b"".join(parts))
+            await response.write_eof(b"".join(parts))  # a copy of at most CHUNK_BYTES
             return
         for part in parts:
             view = memoryview(part)
@@ -641,6 +642,9 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
     )
     version = (f"version={html.escape(info.version)}, branch={html.escape(info.branch)}, "
                f"revision={html.escape(info.revision)}")
+    metrics_link = html.escape(telemetry_path.lstrip("/"))
+    headings = ("account", "status", "last success", "window", "min poll interval")
+    columns = "".join(f"<th>{name}</th>" for name in headings)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Skillable Exporter</title><style>{_CSS}</style></head>
 <body>
@@ -650,13 +654,13 @@ def landing_page(app: ExporterApp, telemetry_path: str = "/metrics") -> str:
 <p id="description">Prometheus exporter for Skillable (Lab on Demand) lab results.</p>
 <p id="version">Version: ({version})</p>
 <ul>
-<li><a href="{html.escape(telemetry_path.lstrip("/"))}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
+<li><a href="{metrics_link}">Metrics</a>: every account's metrics (polls the API when a poll is due)</li>
 {probe_links}<li><a href="healthz">healthz</a>: liveness, never calls the API</li>
 <li><a href="{DOCS_URL}">Skillable LatestResults API</a>: the data behind the metrics</li>
 <li>Documentation: README.md and docs/ of the exporter's source (configuration, metrics, failure modes)</li>
 </ul>
 <h2>Accounts</h2>
-<table id="accounts"><tr><th>account</th><th>status</th><th>last success</th><th>window</th><th>min poll interval</th></tr>
+<table id="accounts"><tr>{columns}</tr>
 {"".join(_account_row(s) for s in statuses)}
 </table>
 <p>Polls happen when Prometheus scrapes /metrics; this page does not poll.</p>

@@ -45,8 +45,8 @@ def release() -> None:
     """Give the signals their default actions back, then deliver those that were queued."""
     for signum in CAUGHT:
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    for signum in take_pending():
-        os.kill(os.getpid(), signum)
+    for pending in take_pending():
+        os.kill(os.getpid(), pending)
 
 
 def notify(state: str) -> bool:

@@ -59,7 +59,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, attrgetter, sub
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -351,7 +352,8 @@ def raw_values(dim: Dimension, raw: Any) -> list[str]:
     return [UNKNOWN_ID if v is None else str(v) for v in (raw if len(dim.fields) > 1 else (raw,))]
 
 
-def capped_key(dim: Dimension, values: list[str], capped: set[str], cap: int, index: Mapping[Key, Any]) -> tuple[Key, bool]:
+def capped_key(dim: Dimension, values: list[str], capped: set[str], cap: int,
+               index: Mapping[Key, Any]) -> tuple[Key, bool]:
     """The key of these label values under the dimension's cap (Dimension's docstring), and whether it
     overflowed: the last label keeps its value while it is among the `capped` values or fewer than `cap`
     are (then it joins them), else it reads "other"; a key not in `index` beyond cap + EXTRA_KEYS keys
@@ -763,7 +765,7 @@ class FleetState:
                 if stamp > latest:  # rule 9
                     refused += 1
                     continue
-                status = code_index(r.completion_status, UNKNOWN_INDEX)  # type: ignore[arg-type]
+                status = code_index(r.completion_status, UNKNOWN_INDEX)
                 # First what the rules count for this sighting, decided once ...
                 if inst is None:
                     leave = -1  # in no gauge yet

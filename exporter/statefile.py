@@ -11,7 +11,7 @@ persistence.py's; this module is where its errors become errors of the setting.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 from .config import ConfigError
 from .persistence import StateFileError, StatePathError, StateStore, check_state_path, restore_account

@@ -15,7 +15,8 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
+from . import harness as helpers
+from . import integration_guard
 from .fakeapi import FakeSkillable
 from .harness import NOW, ExporterProcess
 # Helpers tests once imported from here: harness.py is their one home, these names only point there.
 from .harness import ROOT, MonotonicStub, free_port, make_poller  # noqa: F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test that starts a process or binds a socket without the integration marker fails (integration_guard.py).
+    config.pluginmanager.register(integration_guard, "integration_guard")
+    # The fast lane: property tests run a tenth of their examples (harness.examples); the whole suite runs all.
+    helpers.FAST_LANE = "not integration" in (config.getoption("markexpr") or "")
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 Fault = Callable[["_Handler"], None]
@@ -464,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
         value = parse_qs(urlsplit(self.path).query).get("minutes", [""])[0]
         return int(value) if value.isdigit() else None
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         endpoint = self.endpoint
         with self.server.lock:

@@ -13,7 +13,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -72,7 +73,9 @@ def free_demo_port() -> int:
     raise RuntimeError("no two free ports in a row")
 
 
-def tool(name: str, install_hint: str = "Debian's prometheus / prometheus-alertmanager packages; .ci/run installs them") -> str:
+def tool(
+    name: str, install_hint: str = "Debian's prometheus / prometheus-alertmanager packages; .ci/run installs them"
+) -> str:
     """Path of a required command-line tool: next to this Python first (a venv), then PATH. A missing
     tool fails the test (never skips it)."""
     beside = Path(sys.executable).parent / name
@@ -114,6 +117,17 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
             proc.kill()
             proc.wait(5)
     return int(proc.returncode)
+
+
+# Set by conftest.py before any test module is imported: True when the run deselects the integration
+# tests (`pytest -m "not integration"`, the fast lane for day-to-day work).
+FAST_LANE = False
+
+
+def examples(n: int) -> int:
+    """A property test's number of examples: `n` in the whole suite (CI runs that), a tenth of it (at
+    least 10) in the fast lane, which must stay under 30 s."""
+    return max(10, n // 10) if FAST_LANE else n
 
 
 def result(instance_id: int, start: int | None, end: int | None = None, status: int = 4, host: int | None = 1,

@@ -12,7 +12,8 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 import requests
 
@@ -79,10 +80,11 @@ class Stack:
 
 
 def prometheus_args(stack: Stack, port: int, config: Path, data: Path | None = None) -> list[str]:
-    return [harness.tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={data or stack.workdir / 'prom'}",
-            f"--web.listen-address=127.0.0.1:{port}"]
+    return [harness.tool("prometheus"), f"--config.file={config}",
+            f"--storage.tsdb.path={data or stack.workdir / 'prom'}", f"--web.listen-address=127.0.0.1:{port}"]
 
 
 def alertmanager_args(stack: Stack, port: int, config: Path) -> list[str]:
-    return [harness.tool("prometheus-alertmanager"), f"--config.file={config}", f"--storage.path={stack.workdir / 'am'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="]
+    return [harness.tool("prometheus-alertmanager"), f"--config.file={config}",
+            f"--storage.path={stack.workdir / 'am'}", f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address="]

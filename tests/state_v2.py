@@ -111,8 +111,10 @@ def generate(code: Path) -> None:
 
     def exposition() -> str:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(SkillableCollector([(n, Stub(n)) for n in ACCOUNTS], Names(), WINDOW_MINUTES,  # type: ignore
-                                             MAX_LAB_PROFILES))
+        # 5737f51's collector takes Pollers, and reads only their name, window_minutes and view().
+        accounts = [(n, Stub(n)) for n in ACCOUNTS]
+        collector = SkillableCollector(accounts, Names(), WINDOW_MINUTES, MAX_LAB_PROFILES)  # type: ignore[arg-type]
+        registry.register(collector)
         return generate_latest(registry).decode()
 
     accounts = {name: msgspec.Raw(persistence.encode_account(SimpleNamespace(health=health[name], state=states[name])))

@@ -32,6 +32,7 @@ def write_config(tmp_path: Path, healthy: FakeSkillable, broken: FakeSkillable) 
     return path
 
 
+@pytest.mark.integration
 def test_one_failing_account_never_hides_the_other(
     run_exporter, fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
@@ -69,6 +70,7 @@ def test_one_failing_account_never_hides_the_other(
         assert refused.text == f"{asked}; the accounts are: americas, emea\n", query
 
 
+@pytest.mark.integration
 def test_probe_with_one_account_answers_for_it_by_no_name_and_by_default(
     run_exporter, fake: FakeSkillable  # type: ignore[no-untyped-def]
 ) -> None:
@@ -107,6 +109,7 @@ def test_bad_account_lists_name_the_setting(tmp_path: Path, text: str, setting: 
     assert info.value.setting == setting
 
 
+@pytest.mark.integration
 def test_window_help_text_names_each_accounts_own_window(
     fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -128,6 +131,7 @@ def test_window_help_text_names_each_accounts_own_window(
     assert b"minutes" not in mixed and b"skillable_lookback_window_seconds" in mixed
 
 
+@pytest.mark.integration
 def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
     fake: FakeSkillable, broken: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -154,6 +158,7 @@ def test_the_active_lab_limit_is_a_gauge_per_account_where_it_is_set(
     assert load_config(flags(), {"SKILLABLE_API_KEY": "k"}).accounts[0].max_active_labs is None
 
 
+@pytest.mark.integration
 def test_probe_refusal_names_at_most_twenty_accounts_and_echoes_the_name_asked_on_one_short_line(
     run_exporter, fake: FakeSkillable, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:

@@ -14,8 +14,10 @@ import re
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -26,6 +28,8 @@ from exporter.persistence import read_state_file
 
 from .fakeapi import FakeSkillable, _Handler, lab
 from .harness import ROOT, eventually, free_demo_port, free_port, stop_process, tool
+
+pytestmark = pytest.mark.integration  # every test here runs the fake API on loopback, most the backfill command too
 
 DAY = 86400
 # The vendor's CompletionStatus table (skillable-api.md), written here, not taken from exporter/.
@@ -120,7 +124,7 @@ def ended_by_status(records: list[dict[str, Any]], start: float, end: float,
     return out
 
 
-def first_end_counted(prom: "Prometheus", profile: int, status: str, window: str, at: float) -> float:
+def first_end_counted(prom: Prometheus, profile: int, status: str, window: str, at: float) -> float:
     """increase() over `window` of one profile's ended counter in `status`, at `at`; 0 if the series is absent."""
     got = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable",'
                      f'lab_profile_id="{profile}",completion_status="{status}"}}[{window}]))', at)
@@ -165,7 +169,7 @@ def test_a_long_range_is_read_in_windows_the_api_allows_and_old_history_is_warne
     spans = [(int(q["start"]), int(q["end"])) for q in asked]
     assert all(0 < e - s <= 7 * DAY for s, e in spans)
     assert spans[0][0] <= start and spans[-1][1] >= end
-    assert all(later[0] <= earlier[1] for earlier, later in zip(spans, spans[1:]))  # no gap between windows
+    assert all(later[0] <= earlier[1] for earlier, later in pairwise(spans))  # no gap between windows
     files = sorted(p.name for p in (tmp_path / "openmetrics").iterdir())
     assert len(files) == 9 and all(f.endswith(".om") for f in files)
 
@@ -396,7 +400,6 @@ class Prometheus:
         self.log.close()
 
 
-@pytest.mark.integration
 def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_continues_without_a_seam(
     live_fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -422,8 +425,9 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         # Each backfilled day, as a dashboard would ask for it.
         for day in range(start, start + 3 * DAY, DAY):
             when = time.strftime("%F", time.gmtime(day))
-            got = prom.by('sum by (completion_status) (increase(skillable_lab_instances_ended_total{job="skillable"}[1d]))',
-                          day + DAY, "completion_status")
+            got = prom.by(
+                'sum by (completion_status) (increase(skillable_lab_instances_ended_total{job="skillable"}[1d]))',
+                day + DAY, "completion_status")
             assert got == ended_by_status(records, day, day + DAY), when
             got = prom.by('sum by (lab_profile_id, completion_status) '
                           '(increase(skillable_lab_profile_instances_ended_total{job="skillable"}[1d]))',
@@ -458,12 +462,12 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
             # At the newest live sample's own time, so increase() extrapolates nothing.
             newest = prom.query('max(timestamp(skillable_lab_instances_ended_total{job="skillable"}))', time.time())
             at = float(newest[0]["value"][1])
-            window = f"{int(round((at - seam_start) * 1000))}ms"
+            window = f"{round((at - seam_start) * 1000)}ms"
             value = prom.query(f'sum(increase(skillable_lab_instances_ended_total{{job="skillable"}}[{window}]))', at)
             return at if value and float(value[0]["value"][1]) == want else None
 
         at = eventually(seam_total, 30, f"the increase across the seam to reach the truth ({want})")
-        window = f"{int(round((at - start) * 1000))}ms"
+        window = f"{round((at - start) * 1000)}ms"
         for name in COUNTERS:
             resets = prom.query(f'max(resets({name}{{job="skillable"}}[{window}]))', at)
             assert resets and float(resets[0]["value"][1]) == 0, name
@@ -473,10 +477,11 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
         assert before and before == after
         starts = prom.query(f'sum(increase(skillable_lab_instances_started_total{{job="skillable"}}[{window}]))', at)
         assert float(starts[0]["value"][1]) == sum(1 for r in records if r["Start"] >= start)
-        ends = prom.query(f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        ends = prom.query(
+            f'sum(increase(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(ends[0]["value"][1]) == sum(1 for r in records if r["End"] >= start)
         # The profile's first save_failed end counts: its series existed at 0 in the history.
-        assert first_end_counted(prom, 7001, "save_failed", f"{int(round((at - to) * 1000))}ms", at) == 1
+        assert first_end_counted(prom, 7001, "save_failed", f"{round((at - to) * 1000)}ms", at) == 1
 
         # A restart with the state file, then profile 7002's first resume_failed end: counted too.
         exporter.terminate()
@@ -487,8 +492,8 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
             [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{exporter_port}",
              f"--storage.state-file={state_file}"], cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        eventually(lambda: prom.query(f'skillable_up{{job="skillable"}} == 1 and timestamp(skillable_up) > {restarted_at}',
-                                      time.time()), 30, "the first scrape after the restart")
+        first_scrape = f'skillable_up{{job="skillable"}} == 1 and timestamp(skillable_up) > {restarted_at}'
+        eventually(lambda: prom.query(first_scrape, time.time()), 30, "the first scrape after the restart")
         resumed = int(time.time())
         fake.add(lab(10**9 + 100, resumed - 2, resumed + 1, status=30, host=PLACES[1][0], datacenter=PLACES[1][1],
                      region=PLACES[1][2], LabProfileId=7002))
@@ -498,12 +503,13 @@ def test_backfilled_days_match_the_truth_in_prometheus_and_the_live_exporter_con
             at = float(newest[0]["value"][1])
             if at < resumed + 2:
                 return None
-            return at if first_end_counted(prom, 7002, "resume_failed", f"{int(round((at - to) * 1000))}ms", at) == 1 \
+            return at if first_end_counted(prom, 7002, "resume_failed", f"{round((at - to) * 1000)}ms", at) == 1 \
                 else None
 
         at = eventually(restart_counted, 30, "profile 7002's first resume_failed end after the restart")
-        window = f"{int(round((at - start) * 1000))}ms"
-        resets = prom.query(f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
+        window = f"{round((at - start) * 1000)}ms"
+        resets = prom.query(
+            f'max(resets(skillable_lab_profile_instances_ended_total{{job="skillable"}}[{window}]))', at)
         assert float(resets[0]["value"][1]) == 0
     finally:
         if exporter is not None:

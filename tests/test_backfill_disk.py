@@ -19,9 +19,10 @@ import shutil
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -160,7 +161,7 @@ def samples_by_day(found: list[Block]) -> dict[int, int]:
 
 
 def assert_no_overlap(found: list[Block]) -> None:
-    for earlier, later in zip(found, found[1:]):
+    for earlier, later in pairwise(found):
         assert earlier.max_time <= later.min_time, f"blocks {earlier} and {later} overlap: a day written twice"
 
 
@@ -183,6 +184,7 @@ def disk_usage(path: Path) -> int:
 # -- an --output that cannot be used ---------------------------------------------------
 
 
+@pytest.mark.integration
 def test_an_output_under_a_regular_file_or_a_regular_file_exits_2_with_one_line_before_any_work(
     fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -198,6 +200,7 @@ def test_an_output_under_a_regular_file_or_a_regular_file_exits_2_with_one_line_
     assert plain.read_text() == "not a folder\n"
 
 
+@pytest.mark.integration
 def test_an_output_on_a_read_only_mount_exits_2_with_one_line_before_any_work(
     fake: FakeSkillable, tmp_path: Path, tmpfs: MountTmpfs
 ) -> None:
@@ -211,6 +214,7 @@ def test_an_output_on_a_read_only_mount_exits_2_with_one_line_before_any_work(
     assert os.listdir(read_only) == []
 
 
+@pytest.mark.integration
 def test_an_output_on_a_full_disk_exits_2_with_one_line_before_any_work(
     fake: FakeSkillable, tmp_path: Path, tmpfs: MountTmpfs
 ) -> None:

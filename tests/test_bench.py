@@ -16,6 +16,8 @@ from exporter.demo import start_simulator
 
 from .harness import ROOT
 
+pytestmark = pytest.mark.integration  # the benchmark's simulator serves on loopback; the smoke run starts bench/run.py
+
 
 def test_simulator_bench_hooks_freeze_move_and_count() -> None:
     sim = start_bench_simulator(labs_per_minute=5, clock=BenchClock(frozen=True))
@@ -55,8 +57,9 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     """The benchmark runs end to end on the 1k window and writes nothing unless asked."""
     out = tmp_path / "bench.json"
     before = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
-    subprocess.run([sys.executable, "bench/run.py", "--quick", "--sizes", "1k", "--no-write", "--json", str(out)],
-                   cwd=ROOT, check=True, timeout=120, capture_output=True)
+    done = subprocess.run([sys.executable, "bench/run.py", "--quick", "--sizes", "1k", "--no-write", "--json",
+                           str(out)], cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     assert before == after
     [row] = json.loads(out.read_text())

@@ -198,6 +198,7 @@ def _info(samples: dict[Any, float]) -> dict[str, dict[str, str]]:
             if name == "skillable_lab_profile_info"}
 
 
+@pytest.mark.integration
 def test_lab_profile_info_carries_the_catalogs_names(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     _fake_catalog(fake)
     fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, LabProfileId=6001),
@@ -227,6 +228,7 @@ def test_lab_profile_info_carries_the_catalogs_names(fake: FakeSkillable, harnes
     assert len([s for s in fake.state.seen if s.path.endswith("/catalog")]) == 1  # hourly, not per scrape
 
 
+@pytest.mark.integration
 def test_catalog_failures_are_counted_and_never_set_up_to_zero(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     _fake_catalog(fake)
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
@@ -242,6 +244,7 @@ def test_catalog_failures_are_counted_and_never_set_up_to_zero(fake: FakeSkillab
     assert "5522" in _info(h.scrape().samples)
 
 
+@pytest.mark.integration
 def test_the_catalog_has_its_own_body_cap(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     _fake_catalog(fake)
     fake.state.catalog_profiles += [catalog_profile(7000 + i, f"Lab {i}") for i in range(60)]  # ~150 KB
@@ -254,6 +257,7 @@ def test_the_catalog_has_its_own_body_cap(fake: FakeSkillable, harness) -> None:
     assert total(samples, "skillable_up") == 1
 
 
+@pytest.mark.integration
 def test_no_collector_catalog_makes_no_call(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     _fake_catalog(fake)
     h: Harness = harness(SKILLABLE_COLLECTOR_CATALOG="false")
@@ -263,6 +267,7 @@ def test_no_collector_catalog_makes_no_call(fake: FakeSkillable, harness) -> Non
     assert not [k for k in samples if k[0] == "skillable_api_requests_total" and ("endpoint", "catalog") in k[1]]
 
 
+@pytest.mark.integration
 def test_info_series_stay_within_the_profile_budget(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     """5,000 catalog profiles and 5 active ones with a budget of 3: info only for the 3 with series of their own."""
     fake.state.catalog_series = [catalog_series(1, "Big")]
@@ -285,11 +290,13 @@ def test_with_several_accounts_only_the_gauges_carry_the_account() -> None:
         Names(), budget=1, account_label=True)}
     [info] = families["skillable_lab_profile_info"].samples  # one per id: the first account that knows it names it
     assert "account" not in info.labels and info.labels["lab_profile_name"] == "p2"
-    enabled = {(s.labels["account"], s.labels["lab_profile_id"]) for s in families["skillable_lab_profile_enabled"].samples}
+    enabled = {(s.labels["account"], s.labels["lab_profile_id"])
+               for s in families["skillable_lab_profile_enabled"].samples}
     assert enabled == {("emea", "2"), ("apac", "2")}
     assert [s.labels["account"] for s in families["skillable_lab_profile_max_duration_seconds"].samples] == ["emea"]
 
 
+@pytest.mark.integration
 def test_entries_skipped_for_a_bad_id_are_counted_and_logged_once(  # type: ignore[no-untyped-def]
     fake: FakeSkillable, harness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -320,6 +327,7 @@ def test_entries_skipped_for_a_bad_id_are_counted_and_logged_once(  # type: igno
     assert len([r for r in caplog.records if r.getMessage().startswith("catalog entries skipped")]) == 2
 
 
+@pytest.mark.integration
 def test_no_catalog_yet_means_no_skipped_count(fake: FakeSkillable, harness) -> None:  # type: ignore[no-untyped-def]
     _fake_catalog(fake)
     samples = harness(SKILLABLE_COLLECTOR_CATALOG="false").scrape().samples

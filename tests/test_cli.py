@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .fakeapi import FakeSkillable, lab
 from .harness import parse, total
 
@@ -21,6 +23,7 @@ def readme_metric_names() -> set[str]:
                           flags=re.M))
 
 
+@pytest.mark.integration
 def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None:  # type: ignore[no-untyped-def]
     exporter = run_exporter("--demo")
     text = exporter.get("/metrics").text
@@ -49,6 +52,7 @@ def test_demo_serves_every_metric_with_up_and_all_labels(run_exporter) -> None: 
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
+@pytest.mark.integration
 def test_against_the_fake_the_key_never_leaks(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
     fake.state.live_offset = 0.0  # the exporter process runs on the real clock: so does the fake
     now = int(fake.clock())
@@ -72,6 +76,7 @@ def test_against_the_fake_the_key_never_leaks(run_exporter, fake: FakeSkillable)
         assert key not in output
 
 
+@pytest.mark.integration
 def test_healthz_and_landing_page_never_call_the_api(run_exporter, fake: FakeSkillable) -> None:  # type: ignore[no-untyped-def]
     exporter = run_exporter(env={"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
     for _ in range(5):
@@ -83,6 +88,7 @@ def test_healthz_and_landing_page_never_call_the_api(run_exporter, fake: FakeSki
     assert len(fake.latest_requests()) == 1
 
 
+@pytest.mark.integration
 def test_scrape_timeout_header_caps_the_scrapes_wait_and_the_poll_lands_later(  # type: ignore[no-untyped-def]
     run_exporter, fake: FakeSkillable
 ) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -20,6 +20,8 @@ from exporter import statefile
 from exporter.cli import build_parser, load
 from exporter.config import SETTINGS, ConfigError, Setting, load_config, read_key_file
 from exporter.webconfig import load_web_config
+
+from .harness import examples
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +86,7 @@ def test_there_is_no_api_key_flag() -> None:
     assert not any("api-key" in opt and "file" not in opt for opt in options)
 
 
+@pytest.mark.integration
 def test_shipped_config_example_is_valid() -> None:
     result = run_check("--config.file", str(ROOT / "config.yaml"), env={"SKILLABLE_API_KEY": "k"})
     assert result.returncode == 0, result.stderr
@@ -111,6 +114,7 @@ BAD_CASES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("case", "text", "argv", "env", "setting"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
 def test_bad_configuration_exits_2_with_one_line(
     tmp_path: Path, case: str, text: str, argv: list[str], env: dict[str, str], setting: str
@@ -126,6 +130,7 @@ def test_bad_configuration_exits_2_with_one_line(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_config_check_needs_no_api_key_and_names_the_file(tmp_path: Path) -> None:
     result = run_check("--config.file=config.yaml")  # the shipped file, no key anywhere
     assert result.returncode == 0, result.stderr
@@ -148,6 +153,7 @@ KEY_CASES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("case", "argv"), KEY_CASES, ids=[c[0] for c in KEY_CASES])
 def test_a_missing_key_stops_the_start_with_one_line(case: str, argv: list[str]) -> None:
     result = run_check("--web.listen-address=127.0.0.1:0", *argv, check=False)
@@ -241,6 +247,7 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
         (folder / name).chmod(0o600)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("case", "files", "argv", "env", "line"), UNREADABLE, ids=[c[0] for c in UNREADABLE])
 @pytest.mark.parametrize("how", ["check", "start"])
 def test_a_file_that_cannot_be_read_or_a_value_that_is_no_number_exits_2_with_one_line(
@@ -269,6 +276,7 @@ def test_a_key_file_with_a_byte_order_mark_is_read_without_it(tmp_path: Path) ->
     assert load_config(flags("--skillable.api-key-file", path), {}).accounts[0].api_key == "secret-key-42"
 
 
+@pytest.mark.integration
 def test_a_fifo_as_a_file_is_refused_at_once_never_waited_on(tmp_path: Path) -> None:
     """Opening a FIFO blocks until a writer comes: a reload would hang the process for ever (and a
     start, or --config.check, until killed)."""
@@ -282,6 +290,7 @@ def test_a_fifo_as_a_file_is_refused_at_once_never_waited_on(tmp_path: Path) -> 
         assert result.stderr == f"skillable-exporter: invalid setting {setting}: {fifo} is a FIFO, not a regular file\n"
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("key_in_env")
 def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path: Path) -> None:
     """YAML keys are unique; PyYAML kept the last one silently, so a second window_minutes lower in a
@@ -332,6 +341,7 @@ def test_an_unknown_setting_is_answered_with_the_closest_known_one(tmp_path: Pat
         load(flags(f"--web.config-file={web}"), demo=False)
 
 
+@pytest.mark.integration
 def test_an_unknown_flag_is_answered_with_the_closest_known_one() -> None:
     result = run_check("--skillable.windows-minutes=5", env={"SKILLABLE_API_KEY": "k"})
     assert result.returncode == 2
@@ -340,7 +350,7 @@ def test_an_unknown_flag_is_answered_with_the_closest_known_one() -> None:
         "did you mean --skillable.window-minutes?"]
 
 
-@pytest.mark.parametrize("setting", [s for s in SETTINGS], ids=[s.name for s in SETTINGS])
+@pytest.mark.parametrize("setting", list(SETTINGS), ids=[s.name for s in SETTINGS])
 @pytest.mark.usefixtures("key_in_env")
 def test_every_error_names_the_setting_as_documented(
     tmp_path: Path, setting: Setting, monkeypatch: pytest.MonkeyPatch
@@ -414,7 +424,7 @@ def assert_loads_or_one_line(load_it: Callable[[], object]) -> None:
         assert str(exc).startswith("invalid setting ") and "\n" not in str(exc) and "\r" not in str(exc), str(exc)
 
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None)
+PROPERTY = settings(max_examples=examples(300), deadline=None, database=None)
 
 
 @PROPERTY

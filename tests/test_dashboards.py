@@ -19,7 +19,8 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -150,7 +151,8 @@ def test_every_selector_honours_the_job_instance_and_account_variables(dashboard
     """account=~"$account" works whether the label exists (several accounts) or not."""
     for q in panel_queries(dashboard):
         selectors = _SELECTOR.findall(q.expr)
-        assert selectors or "skillable:" in q.expr or "{__name__" in q.expr, f"{q.panel}/{q.ref}: no selector in {q.expr!r}"
+        assert selectors or "skillable:" in q.expr or "{__name__" in q.expr, \
+            f"{q.panel}/{q.ref}: no selector in {q.expr!r}"
         for metric, matchers in selectors:
             assert 'job=~"$job"' in matchers and 'instance=~"$instance"' in matchers, (q.panel, metric)
             # Info metrics, exporter-wide gauges and Prometheus's own series carry
@@ -162,7 +164,8 @@ def test_every_selector_honours_the_job_instance_and_account_variables(dashboard
                     "skillable_lab_instances_started_total", "skillable_lab_instances_ended_total"):
                 for place in PLACE_VARIABLES:
                     assert f'{place}=~"${place}"' in matchers, (q.panel, metric, place)
-            if metric.startswith("skillable_lab_profile_") and not metric.endswith("_info") or ":skillable_lab_profile" in metric:
+            per_profile = metric.startswith("skillable_lab_profile_") and not metric.endswith("_info")
+            if per_profile or ":skillable_lab_profile" in metric:
                 assert 'lab_profile_id=~"$lab_profile_id"' in matchers, (q.panel, metric)
         if dashboard["uid"] == PROFILE_DASHBOARD:
             assert 'lab_series_id=~"$lab_series_id"' in q.expr, f"{q.panel}: the series variable does not filter it"
@@ -268,6 +271,7 @@ def test_foundation_sdk_round_trip_loses_no_key(dashboard: dict[str, Any]) -> No
 
 # -- PromQL syntax ---------------------------------------------------------------
 
+@pytest.mark.integration
 def test_every_panel_and_variable_query_is_valid_promql(tmp_path: Path) -> None:
     rules = []
     for path in PATHS:
@@ -275,7 +279,7 @@ def test_every_panel_and_variable_query_is_valid_promql(tmp_path: Path) -> None:
         for i, q in enumerate(panel_queries(board)):
             rules.append({"record": f"dashboard:{board['uid'].replace('-', '_')}:q{i}", "expr": substitute(q.expr)})
         for v in query_variables(board):
-            kind, selector, _ = parse_variable_query(variable_query_text(v))
+            _, selector, _ = parse_variable_query(variable_query_text(v))
             if selector:
                 rules.append({"record": f"dashboard:variable:{v['name']}", "expr": substitute(selector)})
     assert len(rules) > 40

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -24,7 +25,8 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -41,6 +43,7 @@ from .monitoring_stack import STARTUP_DEADLINE, Stack, alertmanager_args, eventu
 
 FAILED = {10, 20, 30, 40}  # the vendor's failure codes (skillable-api.md)
 
+@functools.cache  # the four-day test asks thousands of times: the file is read once
 def threshold(name: str, status: str | None = None) -> float:
     for rule in [r for g in yaml.safe_load((ROOT / "prometheus/rules/skillable-thresholds.yml").read_text())["groups"]
                  for r in g["rules"] if r["record"] == name]:
@@ -115,7 +118,8 @@ def test_four_days_of_demo_traffic_meet_only_the_two_faults_alert_conditions() -
             if key[0] == "profile failed" and key[1] != FAILING_PROFILE and ended[h][("profile", key[1])] >= 10:
                 assert count / ended[h][("profile", key[1])] < threshold(
                     "skillable:lab_profile_failure_ratio:threshold") / 2, (when, key)
-            if key[0] == "exams" and h >= first + 23 and count >= threshold("skillable:lab_profile_exam_min_per_hour:threshold"):
+            if key[0] == "exams" and h >= first + 23 \
+                    and count >= threshold("skillable:lab_profile_exam_min_per_hour:threshold"):
                 day = over(h, 24, ("passed", key[1])) / over(h, 24, key)
                 assert ended[h][("passed", key[1])] / count > day * threshold(
                     "skillable:lab_profile_exam_pass_ratio_drop:threshold") * 1.2, (when, key)
@@ -186,7 +190,8 @@ def test_two_days_of_demo_launches_meet_only_the_launch_faults_alert_conditions(
                 assert high < slow, (when, region, p90)
         before = sum(webhook[h] for h in range(half - 12, half)) / 12
         assert webhook[half] * 2 > 2 * threshold("skillable:webhook_errors_per_hour:threshold"), when  # many errors
-        assert webhook[half] < before * threshold("skillable:webhook_errors_rise:threshold") / 1.3, (when, webhook[half], before)
+        rise = threshold("skillable:webhook_errors_rise:threshold")
+        assert webhook[half] < before * rise / 1.3, (when, webhook[half], before)
     for hour in range(saturday // 3600, saturday // 3600 + 48):
         assert lifecycle[(hour, LIFECYCLE_FAILING_PROFILE)] >= 2 * threshold(
             "skillable:lab_profile_lifecycle_errors_per_hour:threshold"), hour
@@ -196,6 +201,7 @@ def test_two_days_of_demo_launches_meet_only_the_launch_faults_alert_conditions(
 # -- the demo API's key ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_demo_api_answers_its_own_key_only() -> None:
     server = start_simulator(port=free_port())
     try:
@@ -243,7 +249,8 @@ def _demo(port: int, state: Path, log: Path) -> subprocess.Popen[bytes]:
 
 def _counters(port: int) -> dict[str, float]:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": "text/plain"}, timeout=15).text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(skillable_\w+_total(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+    counter = re.compile(r"^(skillable_\w+_total(?:\{[^}]*\})?) (\S+)$", re.M)
+    return {m.group(1): float(m.group(2)) for m in counter.finditer(text)}
 
 
 @pytest.mark.integration
@@ -325,8 +332,9 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
     # backfill takes the exporter's listen address (for the demo API's) from the environment or the file.
     done = subprocess.run(
-        [sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(to - HISTORY_HOURS * 3600)}", f"--to={iso(to)}", f"--output={work / 'backfill'}",
-         "--label=job=skillable", f"--label=instance=127.0.0.1:{port}", f"--storage.state-file={work / 'state.json'}"],
+        [sys.executable, "-m", "exporter", "backfill", "--demo", f"--from={iso(to - HISTORY_HOURS * 3600)}",
+         f"--to={iso(to)}", f"--output={work / 'backfill'}", "--label=job=skillable",
+         f"--label=instance=127.0.0.1:{port}", f"--storage.state-file={work / 'state.json'}"],
         cwd=ROOT, env=dict(env, SKILLABLE_EXPORTER_LISTEN_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True,
         timeout=240)
     assert done.returncode == 0, done.stderr
@@ -345,7 +353,8 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
     try:
         stack.start("exporter", [sys.executable, "-m", "exporter", "--demo", f"--web.listen-address=127.0.0.1:{port}",
                                  f"--storage.state-file={work / 'state.json'}"], cwd=ROOT, env=env)
-        stack.start("alertmanager", alertmanager_args(stack, ports["alertmanager"], ROOT / "alertmanager/alertmanager.yml"))
+        stack.start("alertmanager",
+                    alertmanager_args(stack, ports["alertmanager"], ROOT / "alertmanager/alertmanager.yml"))
         # Alerts that fire before Prometheus has found Alertmanager are sent again after the resend delay (1m).
         stack.start("prometheus", prometheus_args(stack, ports["prometheus"], work / "prometheus.yml", data)
                     + ["--rules.alert.resend-delay=1s"])

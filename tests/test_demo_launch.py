@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from statistics import mean
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests

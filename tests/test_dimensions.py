@@ -1,6 +1,6 @@
-"""A dimension is one declaration (docs/design-notes.md, "The state model"): a test declares one more, and gets its families, its
-counts, its overflow and its part of the state file, with nothing else edited; a state saved with or
-without it restores into the other."""
+"""A dimension is one declaration (docs/design-notes.md, "The state model"): a test declares one more,
+and gets its families, its counts, its overflow and its part of the state file, with nothing else
+edited; a state saved with or without it restores into the other."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any
 
 import msgspec
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -78,6 +79,7 @@ def test_a_declared_dimension_counts_by_the_rules_and_leaves_the_others_alone() 
     assert snap["place"] == plain.snapshot()["place"] and snap["profile"] == plain.snapshot()["profile"]
 
 
+@pytest.mark.integration
 def test_a_declared_dimension_gets_its_families_in_the_table_and_the_exposition() -> None:
     state = FleetState(dimensions=WITH_DATACENTER)
     state.apply(labs(), NOW - 3600, seen_at=NOW)

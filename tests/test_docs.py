@@ -32,6 +32,7 @@ def readme_scrape_configs() -> list[dict[str, Any]]:
     return [yaml.safe_load(block) for block in blocks]
 
 
+@pytest.mark.integration
 def test_each_readme_scrape_config_is_a_prometheus_config_promtool_accepts(tmp_path: Path) -> None:
     promtool = tool("promtool")
     configs = readme_scrape_configs()
@@ -105,12 +106,14 @@ ISSUE_NUMBER = re.compile(r"\bissues? ?#?\d|\(issue\b|\bissue's\b", re.I)
 BARE_PYTHON = re.compile(r"(?:^|[\s`(\"'#])python (?:-m |-c |[\w./-]+\.py)")
 
 
+@pytest.mark.integration
 def test_no_file_refers_to_an_issue_number() -> None:
     found = [f"{p.relative_to(ROOT)}:{n}" for p in repository_text_files() if p.name != "test_docs.py"
              for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if ISSUE_NUMBER.search(line)]
     assert not found, "say what the issue said instead: " + ", ".join(found)
 
 
+@pytest.mark.integration
 def test_every_command_runs_python3() -> None:
     found = [f"{p.relative_to(ROOT)}:{n}" for p in repository_text_files() if p.name != "test_docs.py"
              for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if BARE_PYTHON.search(line)]

@@ -69,6 +69,7 @@ def scenario(fake: FakeSkillable) -> None:
     fake.state.catalog_profiles = [catalog_profile(5522, "Configure Azure AD", IsExam=True)]
 
 
+@pytest.mark.integration
 def test_golden_single_account(fake: FakeSkillable) -> None:
     scenario(fake)
     poller = make_poller(fake, collect_stats=True, collect_region_names=True, collect_catalog=True)
@@ -93,6 +94,7 @@ def test_golden_single_account(fake: FakeSkillable) -> None:
     assert len(re.findall(r"^skillable_api_request_failures_total\{[^}]*\} 0\.0$", text, re.M)) == 4 * 12
 
 
+@pytest.mark.integration
 def test_golden_failed_first_poll(fake: FakeSkillable) -> None:
     fake.fault(lambda h: h.send_raw(502, b"<html>Bad Gateway</html>", "text/html"))
     poller = make_poller(fake, monotonic=MonotonicStub())
@@ -104,6 +106,7 @@ def test_golden_failed_first_poll(fake: FakeSkillable) -> None:
     assert 'skillable_api_request_failures_total{endpoint="LatestResults",reason="http_error"} 1.0' in text
 
 
+@pytest.mark.integration
 def test_two_accounts_carry_account_label(fake: FakeSkillable) -> None:
     scenario(fake)
     good = make_poller(fake)
@@ -119,9 +122,10 @@ def test_two_accounts_carry_account_label(fake: FakeSkillable) -> None:
     assert lab_lines and all('account="' in line for line in lab_lines)
 
 
+@pytest.mark.integration
 def test_profile_families_carry_the_profile_alone_and_the_account_with_several(fake: FakeSkillable) -> None:
-    """The lab-profile families: lab_profile_id (plus account with several accounts), never crossed with the place labels;
-    each account's values its own."""
+    """The lab-profile families: lab_profile_id (plus account with several accounts), never crossed with the
+    place labels; each account's values its own."""
     fake.add(lab(1, NOW - 600, NOW - 60, status=20, LabProfileId=7),
              lab(2, NOW - 500, None, LabProfileId=8, host=50),
              lab(3, NOW - 400, NOW - 100, status=4, LabProfileId=None, IsExam=True, ExamScore=80,
@@ -153,6 +157,7 @@ def test_profile_families_carry_the_profile_alone_and_the_account_with_several(f
     assert re.search(r'^skillable_lab_profile_overflow_total\{account="emea"\} 0\.0$', text, re.M)
 
 
+@pytest.mark.integration
 def test_single_account_has_no_account_label(fake: FakeSkillable) -> None:
     scenario(fake)
     poller = make_poller(fake)
@@ -164,6 +169,7 @@ def metric_names(text: str) -> set[str]:
     return set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
 
 
+@pytest.mark.integration
 def test_names_follow_conventions(fake: FakeSkillable) -> None:
     scenario(fake)
     poller = make_poller(fake, collect_stats=True)
@@ -197,6 +203,7 @@ def test_readme_metrics_table_is_the_family_table() -> None:
     assert readme_families() == {f.name: (f.type, f.labels) for f in all_families()}
 
 
+@pytest.mark.integration
 def test_every_family_served_is_the_family_table(fake: FakeSkillable) -> None:
     """What a scrape serves, every feature on, is the table: the same families, types and label names."""
     scenario(fake)
@@ -221,6 +228,7 @@ def test_every_family_served_is_the_family_table(fake: FakeSkillable) -> None:
         assert labels == set(spec.labels), family.name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["single_account.prom", "failed_first_poll.prom"])
 def test_golden_files_are_clean_for_promtool(name: str) -> None:
     promtool_check((GOLDEN / name).read_text())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gzip
 import re
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import prometheus_client.exposition
 import prometheus_client.openmetrics.exposition
@@ -17,6 +18,8 @@ from exporter.server import ExporterServer
 
 from .fakeapi import FakeSkillable, lab
 from .harness import NOW, OPENMETRICS, Harness, MonotonicStub, harness, make_app, registry_text  # noqa: F401
+
+pytestmark = pytest.mark.integration  # every test here scrapes an exporter's HTTP server over loopback
 
 # -- the exposition cache ------------------------------------------------------
 

@@ -18,8 +18,10 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,6 +30,8 @@ from .fakeapi import FakeSkillable, lab
 from .harness import MAX_BODY, POLL_TIMEOUT, SCRAPE_TIMEOUT, Harness, Samples, Scrape, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
 from .tlsutil import certs, server_context  # noqa: F401 (certs: the fixture)
+
+pytestmark = pytest.mark.integration  # every test here polls the fake API over loopback (TLS ones run openssl)
 
 NOW = 1_800_000_000
 
@@ -61,12 +65,12 @@ def assert_counts_match_truth(fake: FakeSkillable, samples: Samples) -> None:
 @dataclass(frozen=True)
 class Case:
     reason: str
-    arm: Callable[[FakeSkillable], ContextManager[Any]]  # makes the next LatestResults request fail
+    arm: Callable[[FakeSkillable], contextlib.AbstractContextManager[Any]]  # makes the next LatestResults request fail
     slow: bool = False  # the fault lasts until the deadline
 
 
-def queued(fault: f.Fault) -> Callable[[FakeSkillable], ContextManager[Any]]:
-    def arm(fake: FakeSkillable) -> ContextManager[Any]:
+def queued(fault: f.Fault) -> Callable[[FakeSkillable], contextlib.AbstractContextManager[Any]]:
+    def arm(fake: FakeSkillable) -> contextlib.AbstractContextManager[Any]:
         fake.fault(fault, endpoint="LatestResults")
         return contextlib.nullcontext()
 
@@ -238,7 +242,7 @@ def test_records_with_wrong_types_are_skipped_and_counted_not_a_failure(
 def test_record_with_every_nullable_field_null_is_counted_once(
     fake: FakeSkillable, harness: Callable[..., Harness]
 ) -> None:
-    nulls = {key: None for key in lab(0, 0)}
+    nulls = dict.fromkeys(lab(0, 0))
     fake.add({**nulls, "LabInstanceId": 77}, lab(1, NOW - 600, NOW - 60, status=4))
     h = harness()
     for _ in range(4):  # the fake returns the timestamp-less record to every poll
@@ -368,7 +372,7 @@ def test_backoff_grows_exponentially_with_jitter_and_never_storms(
     for _ in range(300):  # a scrape every second for 5 minutes, all during the outage
         assert h.scrape().up == 0
         h.mono.advance(step)
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    gaps = [b - a for a, b in pairwise(calls)]
     # The i-th wait is 2**i s times a jitter in [0.5, 1], seen through 1 s scrape steps.
     for i, gap in enumerate(gaps):
         assert 0.5 * 2**i - step <= gap <= 2**i + step, (i, gaps)

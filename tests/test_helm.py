@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import functools
 import json
 import os
 import re
@@ -27,10 +28,13 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from cloudcoil.models.prometheus_operator import v1 as operator
 
 from .harness import ROOT
 from .test_deploy import kustomize
+
+# Helm's engine (a Go library the SDK loads into this process) renders the chart in every test;
+# some start kubectl or the exporter too.
+pytestmark = pytest.mark.integration
 
 CHART = ROOT / "deploy" / "helm" / "skillable-exporter"
 RULES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
@@ -38,7 +42,15 @@ DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 RELEASE, NAMESPACE = "skillable", "monitoring"
 FULLNAME = "skillable-skillable-exporter"  # release name + chart name
 SECRET_DIR = "/etc/skillable-exporter/secret"
-OPERATOR_KINDS = {"ServiceMonitor": operator.ServiceMonitor, "PrometheusRule": operator.PrometheusRule}
+
+
+@functools.cache
+def operator_kinds() -> dict[str, Any]:
+    """The Prometheus Operator's kinds, as the pydantic models of its CRDs. Imported when first asked:
+    building the models takes seconds, which collection would cost every run, the fast lane's too."""
+    from cloudcoil.models.prometheus_operator import v1 as operator
+
+    return {"ServiceMonitor": operator.ServiceMonitor, "PrometheusRule": operator.PrometheusRule}
 
 
 def values_file(name: str) -> dict[str, Any]:
@@ -152,7 +164,7 @@ def test_every_object_validates_against_the_kubernetes_schemas(values, version):
     rendered = render(values_file(values))
     checked = 0
     for obj in rendered.objects:
-        if obj["kind"] in OPERATOR_KINDS:
+        if obj["kind"] in operator_kinds():
             continue
         where = f"{obj['kind']} {obj['metadata']['name']}"
         try:
@@ -160,14 +172,14 @@ def test_every_object_validates_against_the_kubernetes_schemas(values, version):
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{where} (Kubernetes {version}): {exc.message} at {list(exc.path)}")
         checked += 1
-    assert checked == len([o for o in rendered.objects if o["kind"] not in OPERATOR_KINDS])
+    assert checked == len([o for o in rendered.objects if o["kind"] not in operator_kinds()])
 
 
 def operator_problems(obj: dict[str, Any]) -> list[str]:
     """What the operator's CRD schema says of `obj`: type, enum and pattern errors from the
     models, and fields they do not know (pydantic ignores those, so they vanish in a round trip)."""
     try:
-        model = OPERATOR_KINDS[obj["kind"]].model_validate(obj)
+        model = operator_kinds()[obj["kind"]].model_validate(obj)
     except ValueError as exc:
         return [str(exc)]
     back = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
@@ -184,8 +196,8 @@ def unknown_paths(given: Any, kept: Any, where: str = "") -> list[str]:
 
 
 def test_operator_objects_validate_against_the_crd_schemas(every_toggle):
-    objects = [o for o in every_toggle.objects if o["kind"] in OPERATOR_KINDS]
-    assert {o["kind"] for o in objects} == set(OPERATOR_KINDS)
+    objects = [o for o in every_toggle.objects if o["kind"] in operator_kinds()]
+    assert {o["kind"] for o in objects} == set(operator_kinds())
     for obj in objects:
         assert operator_problems(obj) == [], f"{obj['kind']} {obj['metadata']['name']}"
 
@@ -257,7 +269,8 @@ def test_state_is_on_a_claim_and_one_pod_at_a_time_uses_it(defaults):
     claim = defaults.one("PersistentVolumeClaim")
     assert defaults.deployment["spec"]["replicas"] == 1
     assert defaults.deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert defaults.volume("state") == {"name": "state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert defaults.volume("state") == {"name": "state",
+                                        "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert defaults.env["SKILLABLE_STATE_FILE"] == "/var/lib/skillable-exporter/state.json"
     assert "storageClassName" not in claim["spec"], "empty storageClass: the cluster's default"
@@ -488,7 +501,7 @@ def test_sidecar_label_is_configurable():
     rendered = render({"dashboards": {"enabled": True, "label": "grafana_dashboard_skillable", "labelValue": "yes"}})
     labels = [o["metadata"]["labels"] for o in rendered.of("ConfigMap") if "dashboard" in o["metadata"]["name"]]
     assert len(labels) == len(DASHBOARDS)
-    assert all(l["grafana_dashboard_skillable"] == "yes" and "grafana_dashboard" not in l for l in labels)
+    assert all(ls["grafana_dashboard_skillable"] == "yes" and "grafana_dashboard" not in ls for ls in labels)
 
 
 def test_the_packaged_chart_carries_the_shipped_files(tmp_path, every_toggle):
@@ -502,7 +515,8 @@ def test_the_packaged_chart_carries_the_shipped_files(tmp_path, every_toggle):
         assert not any("/ci/" in name for name in members), ".helmignore keeps the CI values out"
     with helm.Chart.load(archive) as chart:
         manifests = chart.render(values_file("all-toggles-values.yaml"), name=RELEASE, namespace=NAMESPACE)
-    objects = [d for p, t in sorted(manifests.items()) if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    objects = [d for p, t in sorted(manifests.items()) if not p.endswith("NOTES.txt")
+               for d in yaml.safe_load_all(t) if d]
     assert objects == every_toggle.objects
 
 
@@ -582,7 +596,6 @@ def test_hook_can_be_turned_off():
     assert not render({"testFramework": {"enabled": False}}).of("Pod")
 
 
-@pytest.mark.integration
 def test_hook_passes_against_a_running_exporter_and_fails_on_a_bad_key(defaults, run_exporter, fake):
     command, env = hook_script(defaults)
     assert command[:2] == ["python3", "-c"]

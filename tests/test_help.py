@@ -66,6 +66,7 @@ def help_entries(text: str) -> dict[str, Entry]:
     return entries
 
 
+@pytest.mark.integration
 def test_help_names_each_value_by_what_it_is_with_human_defaults_and_aliases() -> None:
     text = run_help()
     entries = help_entries(text)
@@ -159,6 +160,7 @@ def test_help_names_every_http_endpoint_and_a_running_exporter_answers_each(
     assert exporter.get("/not-in-the-list").status_code == 404
 
 
+@pytest.mark.integration
 def test_backfill_help_names_each_value_with_human_defaults_and_says_what_comes_next(tmp_path: Path) -> None:
     from exporter.backfill import parse_options
 
@@ -207,6 +209,7 @@ def table_rows(block: str) -> dict[str, Entry]:
     return rows
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("document", "backfill"), [("README.md", False), ("docs/backfill.md", True)])
 def test_the_flags_table_is_generated_and_matches_help(document: str, backfill: bool) -> None:
     block = flags_block(ROOT / document, backfill)

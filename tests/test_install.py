@@ -13,6 +13,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 import requests
 
 from .harness import free_demo_port
@@ -50,6 +51,7 @@ def test_readme_states_the_python_requirement_of_pyproject() -> None:
     assert commands[0].startswith("python3 -m venv .venv")
 
 
+@pytest.mark.integration
 def test_quick_start_runs_verbatim_in_a_fresh_clone(tmp_path: Path) -> None:
     *setup, serve = quick_start_commands()
     clone = fresh_clone(tmp_path)

@@ -19,6 +19,8 @@ import requests
 from . import fakeapi as f
 from .fakeapi import FakeSkillable
 
+pytestmark = pytest.mark.integration  # a real exporter server and Chromium
+
 
 def chromium(*args: str, cwd: Path) -> str:
     browser = shutil.which("chromium")

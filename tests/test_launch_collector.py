@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -287,7 +288,8 @@ def test_a_failing_search_leaves_up_and_every_latest_results_metric_alone(fake: 
         assert failures[reason] >= 1 and sum(failures.values()) == failures[reason]
         # Backoff: never more often than the launch interval (60 s here), whatever the scrapes.
         assert len(fake.search_requests()) <= 15 * STEP / 60
-        assert not any(n.startswith("skillable_lab_startup_duration_seconds_count") and v for (n, _), v in samples.items())
+        assert not any(n.startswith("skillable_lab_startup_duration_seconds_count") and v
+                       for (n, _), v in samples.items())
     finally:
         with_launch.close()
         without.close()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -93,6 +94,7 @@ def both_formats(record: logging.LogRecord) -> tuple[dict[str, str], dict[str, A
     return logfmt, as_json
 
 
+@pytest.mark.integration
 def test_every_failure_line_has_reason_and_endpoint_as_keys_and_each_run_is_logged_once(
     fake: FakeSkillable, harness: Callable[..., Harness], records: Records
 ) -> None:
@@ -129,6 +131,7 @@ def test_every_failure_line_has_reason_and_endpoint_as_keys_and_each_run_is_logg
     assert any(lf["msg"] == "poll recovered" and lf["failed_polls"] == "8" for lf, _ in lines)
 
 
+@pytest.mark.integration
 def test_a_refused_connection_names_host_and_cause_in_both_formats(
     fake: FakeSkillable, harness: Callable[..., Harness], records: Records
 ) -> None:
@@ -142,6 +145,7 @@ def test_a_refused_connection_names_host_and_cause_in_both_formats(
     assert js["error"] == logfmt["error"]
 
 
+@pytest.mark.integration
 def test_a_real_process_logs_json_with_its_fields(run_exporter: Any) -> None:
     exporter = run_exporter("--log.format=json", env={"SKILLABLE_API_URL": "http://127.0.0.1:9/api/v3",
                                                       "SKILLABLE_API_KEY": "never-logged-key-77"})
@@ -150,12 +154,14 @@ def test_a_real_process_logs_json_with_its_fields(run_exporter: Any) -> None:
     entries = [json.loads(line) for line in exporter.log().splitlines()]
     assert entries[0]["msg"] == "listening" and entries[0]["address"].startswith("http://127.0.0.1:")
     failed = [e for e in entries if e.get("reason") == "connect_error"]
-    assert sorted(e["endpoint"] for e in failed) == ["LatestResults", "catalog", "deliveryregions", "stats"]  # once each
+    # Once each.
+    assert sorted(e["endpoint"] for e in failed) == ["LatestResults", "catalog", "deliveryregions", "stats"]
     assert all(e["level"] == "warn" and "cannot connect to 127.0.0.1:9: " in e["error"] for e in failed)
     assert "never-logged-key-77" not in exporter.log()
     assert entries[-1]["msg"] == "stopped"
 
 
+@pytest.mark.integration
 def test_a_real_process_logs_logfmt_every_line_parsed(run_exporter: Any) -> None:
     exporter = run_exporter(env={"SKILLABLE_API_URL": "http://127.0.0.1:9/api/v3", "SKILLABLE_API_KEY": "k"})
     exporter.get("/metrics")

@@ -153,8 +153,9 @@ NON_FINITE = ['"NaN"', '"nan"', '"Infinity"', '"-Infinity"', '"inf"', '"-inf"', 
 @pytest.mark.parametrize("field", ["TaskCompletePercent", "ExamScore", "ExamMaxPossibleScore"])
 @pytest.mark.parametrize("value", NON_FINITE)
 def test_a_non_finite_number_makes_its_record_invalid(field: str, value: str) -> None:
-    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"%s":%s},{"LabInstanceId":2,"%s":"12.5"}]}'
-            % (field, value, field)).encode()
+    # JSON text put together by hand: the value is raw JSON (a bare 1e999 or a string "NaN").
+    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"' + field + '":' + value + '},'
+            + '{"LabInstanceId":2,"' + field + '":"12.5"}]}').encode()
     batch = decode_latest_results(body)
     assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
     assert batch.results[0] == LabResult(2, **{  # a number in a string still reads as a number

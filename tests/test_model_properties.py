@@ -28,9 +28,9 @@ from exporter.state import MAX_FUTURE_SECONDS, FleetState
 
 from .harness import make_poller
 from .fakeapi import FakeSkillable, lab, with_records
-from .harness import parse, total
+from .harness import examples, parse, total
 
-PROPERTY = settings(max_examples=300, deadline=None, database=None,
+PROPERTY = settings(max_examples=examples(300), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 INT64 = 2**63 - 1
@@ -199,7 +199,7 @@ def test_a_non_finite_number_makes_its_record_invalid(
     for record, poisoned in mix:
         text = json.dumps({k: v for k, v in record.items() if k != field})
         parts.append(text[:-1] + f', "{field}": {spelling}}}' if poisoned else text)
-    body = ('{"Status": 1, "Results": [%s]}' % ", ".join(parts)).encode()
+    body = ('{"Status": 1, "Results": [' + ", ".join(parts) + "]}").encode()
     batch = decode_latest_results(body)
     kept = [record["LabInstanceId"] for record, poisoned in mix if not poisoned]
     assert [r.lab_instance_id for r in batch.results] == kept
@@ -223,6 +223,7 @@ def dated_after_tomorrow(record: dict[str, Any], now: int = 1_800_000_000) -> bo
     return bool(stamps) and max(stamps) > now + MAX_FUTURE_SECONDS
 
 
+@pytest.mark.integration
 @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.booleans(), valid_record, invalid_record), min_size=1, max_size=10))
 def test_invalid_records_are_counted_in_the_exposition(mix: list[tuple[bool, dict[str, Any], Any]]) -> None:
@@ -252,8 +253,8 @@ def test_invalid_records_are_counted_in_the_exposition(mix: list[tuple[bool, dic
 
 @pytest.mark.parametrize("value", ["1e999", "-1e999"])
 def test_infinite_numbers_are_an_invalid_record(value: str) -> None:
-    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"ExamScore":%s,"ExamMaxPossibleScore":1},'
-            '{"LabInstanceId":2}]}' % value).encode()
+    body = ('{"Status":1,"Results":[{"LabInstanceId":1,"ExamScore":' + value + ',"ExamMaxPossibleScore":1},'
+            + '{"LabInstanceId":2}]}').encode()
     batch = decode_latest_results(body)
     assert [r.lab_instance_id for r in batch.results] == [2] and batch.invalid == 1
 

@@ -25,7 +25,8 @@ import json
 import math
 import re
 import sys
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -82,7 +83,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     (work / "override.yml").write_text(yaml.safe_dump(_override_rules(), sort_keys=False))
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))] + [str(work / "override.yml")],
+        "rule_files": [str(p) for p in sorted((ROOT / "prometheus/rules").glob("*.yml"))]
+        + [str(work / "override.yml")],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports['alertmanager']}"]}]}]},
         # Same job name and scrape settings shape as the shipped prometheus.yml.
         "scrape_configs": [{"job_name": "skillable", "scrape_timeout": "1s",
@@ -181,9 +183,10 @@ def test_every_template_variable_query_resolves(scraped: Stack) -> None:
             assert selector, variable["name"]
             if kind == "query_result":
                 # Places and profiles: the id is the value, the name (where an info metric knows it) the text.
-                options = eventually(lambda: variable_options(variable, scraped.query(substitute(selector))), 10,
-                                     f"options of ${variable['name']} in {board['uid']}")
-                texts = dict((value, text) for text, value in options)
+                # (The loop's variables are bound as defaults, so each check reads this iteration's.)
+                options = eventually(lambda v=variable, s=selector: variable_options(v, scraped.query(substitute(s))),
+                                     10, f"options of ${variable['name']} in {board['uid']}")
+                texts = {value: text for text, value in options}
                 values = set(texts)
                 for ident, name in named.get(variable["name"], {}).items():
                     assert texts.get(ident) == name, (variable["name"], ident, texts.get(ident))
@@ -201,7 +204,7 @@ def test_every_template_variable_query_resolves(scraped: Stack) -> None:
                     assert not _label_values(scraped, substitute(selector), label)
                     assert scraped.query('skillable_up{account=~".*"}')
                     continue
-                values = eventually(lambda: _label_values(scraped, substitute(selector), label), 10,
+                values = eventually(lambda s=selector, lb=label: _label_values(scraped, substitute(s), lb), 10,
                                     f"values of ${variable['name']} in {board['uid']}")
             if variable["name"] == "lab_host_id":
                 assert DEMO_FAILING_HOST["lab_host_id"] in values

@@ -52,8 +52,8 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 import yaml
@@ -134,12 +134,12 @@ class Lab:
 
 def add_to_fake(fake: FakeSkillable, labs: list[Lab], now: float) -> None:
     for lb in labs:
-        extra: dict[str, Any] = dict(host=lb.host, datacenter=int(lb.datacenter), region=int(lb.region),
-                                     LabProfileId=lb.profile, IsExam=lb.score is not None, TaskCompletePercent=50,
-                                     _startup=lb.startup, _errors=list(lb.errors), _consumer=lb.consumer)
+        extra: dict[str, Any] = {"host": lb.host, "datacenter": int(lb.datacenter), "region": int(lb.region),
+                                 "LabProfileId": lb.profile, "IsExam": lb.score is not None, "TaskCompletePercent": 50,
+                                 "_startup": lb.startup, "_errors": list(lb.errors), "_consumer": lb.consumer}
         at_end = {}
         if lb.score is not None:
-            at_end = dict(IsExam=True, ExamScore=lb.score, ExamMaxPossibleScore=100, ExamPassed=lb.score >= 70)
+            at_end = {"IsExam": True, "ExamScore": lb.score, "ExamMaxPossibleScore": 100, "ExamPassed": lb.score >= 70}
         if lb.end is not None and lb.end <= now:
             fake.add(lab(lb.id, lb.start, lb.end, status=lb.status, **(extra | at_end)))
         else:
@@ -169,8 +169,9 @@ def history(now: int, rng: random.Random) -> list[Lab]:
 
 def live(first_sample: float, old: list[Lab], rng: random.Random) -> tuple[list[Lab], int]:
     """Events at whole seconds from LIVE_DELAY after Prometheus' first sample: 12 running labs of
-    the history end, 33 labs start (18 of them end too, four of them scored exams). Profile 8001's first save_failed is among
-    the ends. Returns the new labs (and sets the ends of the old ones) and the last event's time."""
+    the history end, 33 labs start (18 of them end too, four of them scored exams). Profile 8001's first
+    save_failed is among the ends. Returns the new labs (and sets the ends of the old ones) and the last
+    event's time."""
     t0 = math.ceil(first_sample) + LIVE_DELAY
     statuses = (4, 4, 4, 3, 1, 2, 10, 20, 30, 50, 60, 99)
     running = [lb for lb in old if lb.end is None]
@@ -291,7 +292,8 @@ class Truth:
         return [lb for lb in self.labs if (t := lb.ready_at()) is not None and self.since < t <= self.at]
 
     def never_ready(self) -> list[Lab]:
-        return [lb for lb in self.labs if lb.ready_at() is None and lb.end is not None and self.since < lb.end <= self.at]
+        return [lb for lb in self.labs
+                if lb.ready_at() is None and lb.end is not None and self.since < lb.end <= self.at]
 
     def settled(self) -> list[Lab]:
         """Labs that became ready or ended never ready: the not-ready share's denominator."""
@@ -336,6 +338,7 @@ ALL: Callable[[Lab], Key] = lambda lb: ()  # noqa: E731
 BY_DC: Callable[[Lab], Key] = lambda lb: (lb.datacenter,)  # noqa: E731
 BY_REGION: Callable[[Lab], Key] = lambda lb: (lb.region,)  # noqa: E731
 BY_HOST: Callable[[Lab], Key] = lambda lb: (str(lb.host),)  # noqa: E731
+BY_PLACE: Callable[[Lab], Key] = lambda lb: (lb.datacenter, lb.region, str(lb.host))  # noqa: E731
 BY_STATUS: Callable[[Lab], Key] = lambda lb: (lb.status_name,)  # noqa: E731
 BY_PROFILE: Callable[[Lab], Key] = lambda lb: (str(lb.profile),)  # noqa: E731
 BY_SERIES: Callable[[Lab], Key] = lambda lb: (PROFILES[lb.profile][0],)  # noqa: E731
@@ -448,31 +451,31 @@ class Run:
     fake: FakeSkillable | None = None
 
 
-# The checks of each dashboard target, by (dashboard uid, panel title, refId). `S` stands for the
-# span substituted for $__range and $__rate_interval; rules over a fixed range (1h, 1d, ...) are
+# The checks of each dashboard target, by (dashboard uid, panel title, refId). `span` is what
+# is substituted for $__range and $__rate_interval; rules over a fixed range (1h, 1d, ...) are
 # longer than what Prometheus has seen, so their truth is also every event since its first sample.
 def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
-    S = span
     c: dict[tuple[str, str, str], Check] = {}
     ov, hosts, prof, exp = "skillable-overview", "skillable-lab-hosts", "skillable-lab-profiles", "skillable-exporter"
     failed = IS_FAILED
-    c[(ov, "Labs started / min", "A")] = Check(COUNT, lambda T: T.count(T.started(), ALL), (), per_minute(S))
-    c[(ov, "Labs ended / min", "A")] = Check(COUNT, lambda T: T.count(T.ended(), ALL), (), per_minute(S))
+    c[(ov, "Labs started / min", "A")] = Check(COUNT, lambda T: T.count(T.started(), ALL), (), per_minute(span))
+    c[(ov, "Labs ended / min", "A")] = Check(COUNT, lambda T: T.count(T.ended(), ALL), (), per_minute(span))
     c[(ov, "Running labs", "A")] = Check(EXACT, lambda T: T.running(ALL))
     c[(ov, "Active labs (account)", "A")] = Check(EXACT, lambda T: {(): ACTIVE_LABS})
     c[(ov, "Failure ratio (window)", "A")] = Check(EXACT, lambda T: T.window_ratio(ALL))
     c[(ov, "Error budget left", "A")] = Check(RATIO, lambda T: {
         k: max(0.0, 1 - v / (1 - OBJECTIVE)) for k, v in T.events_ratio(T.ended(), ALL, failed).items()})
     c[(ov, "Labs started per minute by datacenter", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_DC), ("datacenter_id",), per_minute(S))
+        COUNT, lambda T: T.count(T.started(), BY_DC), ("datacenter_id",), per_minute(span))
     c[(ov, "Labs ended per minute by completion status", "A")] = Check(
-        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(S))
+        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(span))
     c[(ov, "Running labs by datacenter", "A")] = Check(EXACT, lambda T: T.running(BY_DC), ("datacenter_id",))
     c[(ov, "Running labs by datacenter", "B")] = Check(EXACT, lambda T: {(): ACTIVE_LABS})
     c[(ov, "Running labs by datacenter", "C")] = Check(EXACT, lambda T: T.running(ALL))
     c[(ov, "Outcomes of labs ended in the window", "A")] = Check(
         EXACT, lambda T: T.window_count(BY_STATUS), ("completion_status",), counts=True)
-    c[(ov, "Failure ratio by datacenter (window)", "A")] = Check(EXACT, lambda T: T.window_ratio(BY_DC), ("datacenter_id",))
+    c[(ov, "Failure ratio by datacenter (window)", "A")] = Check(
+        EXACT, lambda T: T.window_ratio(BY_DC), ("datacenter_id",))
     c[(ov, "Failure ratio by delivery region (window)", "A")] = Check(
         EXACT, lambda T: T.window_ratio(BY_REGION), ("delivery_region_id",))
     c[(ov, "Worst lab hosts (failure ratio, window)", "A")] = Check(
@@ -480,9 +483,10 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(ov, "Failure ratio per status and datacenter (alert input)", "A")] = Check(
         EXACT, lambda T: {k: v for k, v in T.window_ratio(BY_DC, per_status=True).items() if v > 0},
         ("datacenter_id", "completion_status"))
-    c[(ov, "Exams scored per hour", "A")] = Check(COUNT, lambda T: T.count(T.exams(), ALL), (), lambda v: v * S / 3600)
+    c[(ov, "Exams scored per hour", "A")] = Check(
+        COUNT, lambda T: T.count(T.exams(), ALL), (), lambda v: v * span / 3600)
     c[(ov, "Exams scored per hour", "B")] = Check(
-        COUNT, lambda T: T.count([lb for lb in T.exams() if (lb.score or 0) >= 70], ALL), (), lambda v: v * S / 3600)
+        COUNT, lambda T: T.count([lb for lb in T.exams() if (lb.score or 0) >= 70], ALL), (), lambda v: v * span / 3600)
     pass_ratio = Check(RATIO, lambda T: T.events_ratio(T.exams(), ALL, lambda lb: (lb.score or 0) >= 70))
     c[(ov, "Exam pass ratio (1h)", "A")] = pass_ratio
     c[(ov, "Exam pass ratio (1h)", "B")] = pass_ratio
@@ -493,7 +497,8 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
         c[(ov, "Error ratio by window", ref)] = Check(RATIO, lambda T: T.events_ratio(T.ended(), ALL, failed))
 
     # Lab hosts: the table's columns, and the graphs.
-    for ref, status in zip("BCDE", ("lab_creation_failed", "storage_provisioning_failed", "resume_failed", "save_failed")):
+    host_failures = ("lab_creation_failed", "storage_provisioning_failed", "resume_failed", "save_failed")
+    for ref, status in zip("BCDE", host_failures):
         c[(hosts, "Lab hosts by failure ratio (lookback window)", ref)] = Check(
             EXACT, lambda T, s=status: T.window_ratio(BY_HOST, only=lambda lb: lb.status_name == s), ("lab_host_id",))
     c[(hosts, "Lab hosts by failure ratio (lookback window)", "A")] = Check(
@@ -507,10 +512,10 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(hosts, "Failure ratio per lab host (window, top 10)", "A")] = Check(
         EXACT, lambda T: T.window_ratio(BY_HOST), ("lab_host_id",))
     c[(hosts, "Ended labs per minute by status (selected hosts)", "A")] = Check(
-        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(S))
+        COUNT, lambda T: T.count(T.ended(), BY_STATUS), ("completion_status",), per_minute(span))
     c[(hosts, "Running labs per lab host (top 10)", "A")] = Check(EXACT, lambda T: T.running(BY_HOST), ("lab_host_id",))
     c[(hosts, "Lab starts per minute per lab host (top 10)", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_HOST), ("lab_host_id",), per_minute(S))
+        COUNT, lambda T: T.count(T.started(), BY_HOST), ("lab_host_id",), per_minute(span))
 
     # Lab profiles.
     tbl = "Lab profiles (selected range)"
@@ -525,8 +530,8 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(prof, tbl, "F")] = Check(RATIO, lambda T: {
         k: v / (PROFILES[int(k[0])][2] * 60) for k, v in
         T.events_mean(T.ended(), BY_PROFILE, lambda lb: lb.end - lb.start).items()}, ("lab_profile_id",))
-    c[(prof, tbl, "G")] = Check(RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70),
-                                ("lab_profile_id",))
+    c[(prof, tbl, "G")] = Check(
+        RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",))
     c[(prof, tbl, "H")] = Check(RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100),
                                 ("lab_profile_id",))
     c[(prof, tbl, "I")] = Check(COUNT, lambda T: T.count(T.ended(), BY_PROFILE), ("lab_profile_id",))
@@ -541,15 +546,15 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(prof, "Failure ratio per lab profile (1h, top 10)", "A")] = Check(
         RATIO, lambda T: T.events_ratio(T.ended(), BY_PROFILE, failed), ("lab_profile_id",))
     c[(prof, "Launches per minute per lab profile (top 10)", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_PROFILE), ("lab_profile_id",), per_minute(S))
+        COUNT, lambda T: T.count(T.started(), BY_PROFILE), ("lab_profile_id",), per_minute(span))
 
     # The lab programme row.
     run_seconds = lambda lb: float(lb.end - lb.start)  # noqa: E731
     c[(ov, "Lab-hours consumed (range)", "A")] = Check(
         COUNT, lambda T: {(): sum(run_seconds(lb) for lb in T.ended())}, (), lambda v: v * 3600)
     c[(ov, "Lab-hours consumed (range)", "B")] = Check(
-        LAB_SECONDS, lambda T: {(): T.running_integral(T.at - S)}, (), lambda v: v * 3600)
-    c[(ov, "Peak concurrent labs (range)", "A")] = Check(PEAK, lambda T: T.peak(S))  # type: ignore[arg-type, return-value]
+        LAB_SECONDS, lambda T: {(): T.running_integral(T.at - span)}, (), lambda v: v * 3600)
+    c[(ov, "Peak concurrent labs (range)", "A")] = Check(PEAK, lambda T: T.peak(span))  # type: ignore[arg-type, return-value]
     c[(ov, "Capacity headroom", "A")] = Check(EXACT, lambda T: {(): float(MAX_ACTIVE_LABS - ACTIVE_LABS)})
     c[(ov, "Capacity used", "A")] = Check(EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS})
     week = 7 * 86400.0
@@ -591,13 +596,13 @@ def panel_checks(span: int) -> dict[tuple[str, str, str], Check]:
     c[(launch, "Labs never ready by datacenter (share, 1h)", "A")] = Check(
         RATIO, lambda T: T.events_ratio(T.settled(), BY_DC, never), ("datacenter_id",))
     c[(launch, "Lab errors per hour by kind", "A")] = Check(
-        COUNT, lambda T: T.launch_errors(ALL), ("kind",), lambda v: v * S / 3600)
+        COUNT, lambda T: T.launch_errors(ALL), ("kind",), lambda v: v * span / 3600)
     c[(launch, "Lab errors by lab profile and kind (range, top 20)", "A")] = Check(
         COUNT, lambda T: T.launch_errors(BY_PROFILE), ("lab_profile_id", "kind"))
     c[(launch, "Lab errors by lab host and kind (range, top 20)", "A")] = Check(
         COUNT, lambda T: T.launch_errors(BY_HOST), ("lab_host_id", "kind"))
     c[(launch, "Launches per hour by integration", "A")] = Check(
-        COUNT, lambda T: T.count(T.started(), BY_CONSUMER), ("api_consumer",), lambda v: v * S / 3600)
+        COUNT, lambda T: T.count(T.started(), BY_CONSUMER), ("api_consumer",), lambda v: v * span / 3600)
     c[(launch, "Launches by integration (range)", "A")] = Check(
         COUNT, lambda T: T.count(T.started(), BY_CONSUMER), ("api_consumer",))
 
@@ -625,7 +630,8 @@ PANEL_EXCLUDED: dict[tuple[str, str, str], str] = {
     ("skillable-exporter", "Version", "A"): "build information",
     ("skillable-exporter", "Poll and scrape duration", "A"): "durations of this run",
     ("skillable-exporter", "Poll and scrape duration", "B"): "durations of this run",
-    ("skillable-exporter", "API requests per minute by endpoint", "A"): "exporter health (request counts: test_polling)",
+    ("skillable-exporter", "API requests per minute by endpoint", "A"):
+        "exporter health (request counts: test_polling)",
     ("skillable-exporter", "API failures per minute by reason", "A"): "exporter health (reasons: test_faults)",
     ("skillable-exporter", "API failure ratio by endpoint (10m)", "B"): "the threshold, a constant",
     ("skillable-exporter", "Tracked lab instances", "A"): "the exporter's memory, not a lab quantity",
@@ -644,7 +650,6 @@ PANEL_EXCLUDED: dict[tuple[str, str, str], str] = {
 def rule_checks() -> dict[str, Check]:
     per_status = ("datacenter_id", "delivery_region_id", "lab_host_id", "completion_status")
     host = ("datacenter_id", "delivery_region_id", "lab_host_id")
-    BY_PLACE: Callable[[Lab], Key] = lambda lb: (lb.datacenter, lb.region, str(lb.host))  # noqa: E731
     c: dict[str, Check] = {
         "lab_host:skillable_lab_instances_ended:window": Check(
             EXACT, lambda T: T.window_count(BY_PLACE), host, counts=True),
@@ -675,14 +680,19 @@ def rule_checks() -> dict[str, Check]:
         "lab_profile:skillable_lab_profile_exams:rate1h": Check(
             COUNT, lambda T: T.count(T.exams(), BY_PROFILE), ("lab_profile_id",), per_second(3600)),
         "lab_profile:skillable_lab_profile_exams_passed:ratio_rate1h": Check(
-            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",)),
+            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70),
+            ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_exams_passed:ratio_rate1d": Check(
-            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70), ("lab_profile_id",)),
+            RATIO, lambda T: T.events_ratio(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) >= 70),
+            ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_exam_score_ratio:mean_rate1h": Check(
-            RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100), ("lab_profile_id",)),
-        "instance:skillable_account_active_labs:ratio_limit": Check(EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS}),
+            RATIO, lambda T: T.events_mean(T.exams(), BY_PROFILE, lambda lb: (lb.score or 0) / 100),
+            ("lab_profile_id",)),
+        "instance:skillable_account_active_labs:ratio_limit": Check(
+            EXACT, lambda T: {(): ACTIVE_LABS / MAX_ACTIVE_LABS}),
         "endpoint:skillable_api_request_failures:ratio_rate10m": Check(
-            RATIO, lambda T: {(e,): ratio(T.api_failures.get(e, 0), n) for e, n in T.api_requests.items()}, ("endpoint",)),
+            RATIO, lambda T: {(e,): ratio(T.api_failures.get(e, 0), n) for e, n in T.api_requests.items()},
+            ("endpoint",)),
     }
     never = lambda lb: lb.ready_at() is None  # noqa: E731
     c.update({
@@ -695,10 +705,12 @@ def rule_checks() -> dict[str, Check]:
         "lab_profile:skillable_lab_profile_instances_not_ready:ratio_rate1h": Check(
             RATIO, lambda T: T.events_ratio(T.settled(), BY_PROFILE, never), ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_startup_duration_seconds:mean_rate1h": Check(
-            RATIO, lambda T: T.events_mean(T.readied(), BY_PROFILE, lambda lb: float(lb.startup or 0)), ("lab_profile_id",)),
+            RATIO, lambda T: T.events_mean(T.readied(), BY_PROFILE, lambda lb: float(lb.startup or 0)),
+            ("lab_profile_id",)),
         "lab_profile:skillable_lab_profile_errors:rate1h": Check(
             COUNT, lambda T: T.launch_errors(BY_PROFILE), ("lab_profile_id", "kind"), per_second(3600)),
-        "instance:skillable_lab_errors:rate30m": Check(COUNT, lambda T: T.launch_errors(ALL), ("kind",), per_second(1800)),
+        "instance:skillable_lab_errors:rate30m": Check(
+            COUNT, lambda T: T.launch_errors(ALL), ("kind",), per_second(1800)),
     })
     for window in ("5m", "30m", "1h", "2h", "6h", "1d", "3d"):
         c[f"instance:skillable_lab_delivery_errors:ratio_rate{window}"] = Check(
@@ -797,9 +809,9 @@ def checked(run: Run) -> Run:
     # The second launch poll (a launch interval after the first, at the first scrape) counted the live
     # phase's launch facts: wait for a scrape that shows it; the rule evaluation below comes after it.
     assert run.last_event < run.first_sample + LAUNCH_INTERVAL - 2, "live events must precede the second launch poll"
-    eventually(lambda: run.stack.query(
-        f'skillable_launch_last_success_timestamp_seconds{{job="skillable"}} > {run.first_sample + LAUNCH_INTERVAL / 2}'),
-        LAUNCH_INTERVAL + 20, "the second launch poll")
+    second = run.first_sample + LAUNCH_INTERVAL / 2
+    polled = f'skillable_launch_last_success_timestamp_seconds{{job="skillable"}} > {second}'
+    eventually(lambda: run.stack.query(polled), LAUNCH_INTERVAL + 20, "the second launch poll")
     launch_seen = time.time()
     eventually(lambda: run.stack.query(f"timestamp(instance:skillable_lab_errors:rate30m) > {launch_seen}"),
                10, "an evaluation of the launch rules after it (a group of their own)")
@@ -945,9 +957,11 @@ def test_legends_name_places_and_profiles_where_their_info_metrics_do(checked: R
     searched = {kind: {str(i): f"{prefix}{i}" for i in ids if i not in SEARCH_NAMELESS[kind]}
                 for kind, prefix, ids in (("datacenter", "DC-", (1, 2)), ("lab_host", "HV-", HOSTS),
                                           ("delivery_region", "Region ", (1, 2, 3)))}
-    names = {"datacenter": searched["datacenter"] | NAMES["datacenter"], "lab_host": searched["lab_host"] | NAMES["lab_host"],
+    names = {"datacenter": searched["datacenter"] | NAMES["datacenter"],
+             "lab_host": searched["lab_host"] | NAMES["lab_host"],
              "delivery_region": searched["delivery_region"] | REGION_NAMES,
-             "lab_profile": {str(p): n for p, (_, n, _) in PROFILES.items()} | {str(UNUSED_PROFILE): "Nobody launches this"},
+             "lab_profile": {str(p): n for p, (_, n, _) in PROFILES.items()}
+             | {str(UNUSED_PROFILE): "Nobody launches this"},
              "lab_series": SERIES}
     seen = set()
     for q in every_target():

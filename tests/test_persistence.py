@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -47,7 +48,7 @@ from exporter.poller import Poller
 from . import fakeapi as f
 from .harness import ROOT
 from .fakeapi import FakeSkillable, lab
-from .harness import Harness, Samples, eventually, lab_counters, parse, total
+from .harness import Harness, Samples, eventually, examples, lab_counters, parse, total
 from .harness import harness  # noqa: F401 (the fixture)
 from .test_model_properties import chaos_record, valid_record
 
@@ -101,6 +102,7 @@ def ended_truth(fake: FakeSkillable, status: int) -> int:
 # -- in process, on the fake's clock -----------------------------------------------
 
 
+@pytest.mark.integration
 def test_restart_continues_counters_and_asks_only_since_saved_success(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -153,6 +155,7 @@ def test_restart_continues_counters_and_asks_only_since_saved_success(
     assert total(after.samples, "skillable_lab_run_time_seconds_count") == 4  # one per ended lab
 
 
+@pytest.mark.integration
 def test_without_a_state_file_a_restart_starts_from_zero(fake: FakeSkillable, harness: Callable[..., Harness]) -> None:
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     first = harness()
@@ -181,6 +184,7 @@ def test_without_a_state_file_a_restart_starts_from_zero(fake: FakeSkillable, ha
     ],
     ids=["missing", "empty", "garbage", "truncated", "newer_version", "foreign_format", "wrong_types", "not_object"],
 )
+@pytest.mark.integration
 def test_unusable_state_file_gives_one_warning_and_a_clean_start(
     content: bytes | None, problem: str, fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -200,6 +204,7 @@ def test_unusable_state_file_gives_one_warning_and_a_clean_start(
     assert read_state_file(str(path))[""].last_success == NOW  # replaced by a good file
 
 
+@pytest.mark.integration
 def test_histogram_layout_of_another_version_is_refused_per_account(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -218,6 +223,7 @@ def test_histogram_layout_of_another_version_is_refused_per_account(
     assert fake.latest_requests()[-1].minutes == FIRST_POLL_MINUTES
 
 
+@pytest.mark.integration
 def test_saved_after_every_poll_atomically_and_privately(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -244,6 +250,7 @@ def test_saved_after_every_poll_atomically_and_privately(
     assert fake.state.api_key not in text and "user-secret-555" not in text and "203.0.113.9" not in text
 
 
+@pytest.mark.integration
 def test_a_failing_disk_never_fails_a_scrape_and_is_logged_once(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -266,6 +273,7 @@ def test_a_failing_disk_never_fails_a_scrape_and_is_logged_once(
     assert len(errors) == 1
 
 
+@pytest.mark.integration
 def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) -> None:
     other = FakeSkillable(now=NOW)
     try:
@@ -310,6 +318,7 @@ def test_accounts_are_kept_apart_by_name(fake: FakeSkillable, tmp_path: Path) ->
         other.stop()
 
 
+@pytest.mark.integration
 def test_state_file_folder_must_exist(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "exporter", f"--storage.state-file={tmp_path}/missing/state.json", "--config.check"],
@@ -334,6 +343,7 @@ def wait_for_saved(path: Path, requests_made: int, timeout: float = 10) -> None:
     raise AssertionError(f"state file never recorded {requests_made} polls")
 
 
+@pytest.mark.integration
 def test_sigkill_between_polls_then_restart_continues_every_counter(
     run_exporter: Any, tmp_path: Path
 ) -> None:
@@ -400,6 +410,7 @@ def test_sigkill_between_polls_then_restart_continues_every_counter(
         live.stop()
 
 
+@pytest.mark.integration
 def test_scrapes_never_wait_for_the_save(fake: FakeSkillable) -> None:
     from .harness import MonotonicStub, make_poller
 
@@ -429,6 +440,7 @@ def exporter_env(api: FakeSkillable, path: Path) -> dict[str, str]:
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false"}
 
 
+@pytest.mark.integration
 def test_a_nan_from_the_api_is_an_invalid_record_and_every_counter_survives_the_restart(
     run_exporter: Any, tmp_path: Path
 ) -> None:
@@ -488,6 +500,7 @@ def observer_at(dimension: dict[str, Any], table: str) -> int:
     return next(i for i, saved in enumerate(dimension["observers"]) if saved[1] == table)
 
 
+@pytest.mark.integration
 def test_one_bad_entry_is_left_out_never_the_file_nor_the_other_accounts(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -517,6 +530,7 @@ def test_one_bad_entry_is_left_out_never_the_file_nor_the_other_accounts(
     assert load_state_file(str(path)).left_out["second"][0] == 4
 
 
+@pytest.mark.integration
 def test_an_account_with_bad_entries_restores_the_rest_and_says_so_once(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -547,6 +561,7 @@ def test_an_account_with_bad_entries_restores_the_rest_and_says_so_once(
     assert rewritten.left_out == {} and rewritten.refused == {}  # the next write holds only what reads back
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["started", "ended", "exams", "requests", "failures", "run_time_bucket"])
 def test_negative_counters_in_a_state_file_are_left_out_not_served(
     where: str, fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path,
@@ -575,7 +590,7 @@ def test_negative_counters_in_a_state_file_are_left_out_not_served(
         place["observers"][observer_at(place, "run_time")][2][0] = -3
     elif where == "ended":
         tally = account["fleet"]["dimensions"]["place"]["tallies"][0]
-        tally[2] = {status: -7 for status in tally[2]}
+        tally[2] = dict.fromkeys(tally[2], -7)
     else:  # a count of a saved tally: [key, started, ended, exams, exams_passed]
         account["fleet"]["dimensions"]["place"]["tallies"][0][{"started": 1, "exams": 3}[where]] = -7
     path.write_text(json.dumps(doc))
@@ -591,6 +606,7 @@ def test_negative_counters_in_a_state_file_are_left_out_not_served(
     assert total(restored, "skillable_last_success_timestamp_seconds") == NOW
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("field, value", [("fleet.invalid_total", -1), ("fleet.expired_total", -2),
                                           ("fleet.invalid_total", 1.5), ("last_success", "NaN")])
 def test_a_bad_plain_field_refuses_its_account_not_the_others(
@@ -608,6 +624,7 @@ def test_a_bad_plain_field_refuses_its_account_not_the_others(
     assert field.split(".")[-1] in load_state_file(str(path)).refused["second"]
 
 
+@pytest.mark.integration
 def test_the_state_file_never_holds_a_value_its_reader_rejects(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -632,6 +649,7 @@ def test_the_state_file_never_holds_a_value_its_reader_rejects(
 # -- whose accounts: the API URL, and one exporter per file ------------------------------------
 
 
+@pytest.mark.integration
 def test_a_file_is_never_restored_into_another_api_urls_account(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -675,6 +693,7 @@ def test_a_file_is_never_restored_into_another_api_urls_account(
         other.stop()
 
 
+@pytest.mark.integration
 def test_files_without_api_urls_are_restored_as_before(
     fake: FakeSkillable, harness: Callable[..., Harness], tmp_path: Path
 ) -> None:
@@ -687,6 +706,7 @@ def test_files_without_api_urls_are_restored_as_before(
     assert total(parse(generate_latest(h.app.registry).decode()), "skillable_lab_instances_ended_total") == 1
 
 
+@pytest.mark.integration
 def test_an_unreadable_api_url_restores_nothing_into_that_account_only(
     fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -714,13 +734,14 @@ def test_one_process_cannot_open_a_state_file_twice(tmp_path: Path) -> None:
     path = str(tmp_path / "state.json")
     first = StateStore(path)
     try:
-        with pytest.raises(ConfigError, match="storage.state-file.*in use by another exporter"):
+        with pytest.raises(ConfigError, match=r"storage\.state-file.*in use by another exporter"):
             statefile.open_store(path)
     finally:
         first.close({})
     StateStore(path).close({})  # released on close
 
 
+@pytest.mark.integration
 def test_a_second_exporter_on_the_same_state_file_exits_2_with_one_line(
     run_exporter: Any, tmp_path: Path
 ) -> None:
@@ -736,7 +757,7 @@ def test_a_second_exporter_on_the_same_state_file_exits_2_with_one_line(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            out, err = second.communicate(timeout=30)
+            _, err = second.communicate(timeout=30)
         finally:
             if second.poll() is None:
                 second.kill()
@@ -772,6 +793,7 @@ def run_to_exit(args: list[str], env: dict[str, str], timeout: float = 30) -> su
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("at", ["state", "lock"])
 @pytest.mark.parametrize("check", [False, True], ids=["serve", "config_check"])
 def test_a_fifo_at_the_state_path_is_refused_at_start(at: str, check: bool, tmp_path: Path) -> None:
@@ -785,6 +807,7 @@ def test_a_fifo_at_the_state_path_is_refused_at_start(at: str, check: bool, tmp_
     assert len(lines) == 1 and "storage.state-file" in lines[0] and "a FIFO, not a regular file" in lines[0]
 
 
+@pytest.mark.integration
 def test_a_device_at_the_state_path_is_refused_at_start(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     path.symlink_to("/dev/zero")  # reading it would never end
@@ -816,6 +839,7 @@ def killed_mid_write(path: Path, size: int) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.integration
 def test_temporary_files_left_by_sigkill_mid_write_are_removed_at_start(run_exporter: Any, tmp_path: Path) -> None:
     live = FakeSkillable(live=True)
     try:
@@ -862,7 +886,7 @@ ended_lab = st.builds(
 )
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(60), deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(ended_lab | valid_record | chaos_record, max_size=12),
        st.lists(ended_lab | valid_record | chaos_record, max_size=12))
 def test_whatever_the_api_sends_the_state_file_reads_back_with_nothing_left_out(

@@ -12,10 +12,14 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from exporter.config import DEFAULT_MIN_POLL_INTERVAL
 
 from .fakeapi import FakeSkillable, lab
 from .harness import parse, total
+
+pytestmark = pytest.mark.integration  # every test here polls the fake API over loopback
 
 UPSTREAM_SECONDS = 0.8  # every answer of the API takes this long: longer than a hostile deadline allows
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from exporter.poller import Poller
 
 from .harness import MonotonicStub, make_poller
 from .fakeapi import FakeSkillable, lab
+
+pytestmark = pytest.mark.integration  # every test here polls the fake API over loopback
 
 NOW = 1_800_000_000
 

@@ -13,7 +13,8 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -78,6 +79,7 @@ def wait_for(exporter: Any, check: Any, timeout: float = 10) -> str:
         time.sleep(0.1)
 
 
+@pytest.mark.integration
 def test_sighup_and_post_reload_a_changed_name_and_keep_the_counters(
     run_exporter: Any, fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -139,6 +141,7 @@ def test_a_reload_names_the_settings_that_wait_for_a_restart_by_their_documented
         {f.name for f in dataclasses.fields(Config)}
 
 
+@pytest.mark.integration
 def test_a_broken_config_is_refused_and_the_old_one_keeps_serving(
     run_exporter: Any, fake: FakeSkillable, tmp_path: Path
 ) -> None:
@@ -195,8 +198,9 @@ def root_logging() -> Iterator[None]:
     root.setLevel(level)
 
 
+@pytest.mark.integration
 @pytest.mark.usefixtures("root_logging")
-def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:  # noqa: F811
+def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:
     for name in ("ca.crt", "ca.key"):
         shutil.copy(certs / name, tmp_path / name)
     issue(tmp_path, "one", "subjectAltName=IP:127.0.0.1\n")
@@ -224,6 +228,7 @@ def test_a_reloaded_web_config_serves_the_new_certificate(certs: Path, tmp_path:
         app.close()
 
 
+@pytest.mark.integration
 def test_what_a_reload_applies_and_what_waits_for_a_restart(fake: FakeSkillable) -> None:
     env = {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key}
     app = ExporterApp(load_config({}, env))
@@ -265,7 +270,7 @@ def reload_over_tls(exporter: Any, ca: Path, cert: tuple[str, str] | None = None
 
 @pytest.mark.integration
 def test_turning_client_certificates_on_is_refused_not_half_applied(
-    certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
+    certs: Path, tmp_path: Path, fake: FakeSkillable
 ) -> None:
     """On main the reload said 'config reloaded' and clients without a certificate were still served."""
     from .test_web import Exporter
@@ -288,7 +293,7 @@ def test_turning_client_certificates_on_is_refused_not_half_applied(
 
 @pytest.mark.integration
 def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_served(
-    certs: Path, tmp_path: Path, fake: FakeSkillable  # noqa: F811
+    certs: Path, tmp_path: Path, fake: FakeSkillable
 ) -> None:
     """On main, after this reload every new connection failed."""
     from .test_web import Exporter
@@ -310,7 +315,7 @@ def test_turning_client_certificates_off_is_refused_and_clients_with_one_stay_se
 
 
 @pytest.mark.integration
-def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:  # noqa: F811
+def test_a_reload_swaps_the_client_ca(certs: Path, tmp_path: Path, fake: FakeSkillable) -> None:
     """What a running listener can change, it does: a new client CA trusts its own clients only."""
     from .test_web import Exporter
     from .tlsutil import make_certs
@@ -481,6 +486,7 @@ def test_a_reload_with_a_new_key_or_url_lifts_the_retry_after_hold(
     assert served.latest_requests()[-1].api_key == served.state.api_key
 
 
+@pytest.mark.integration
 def test_a_poll_still_running_with_the_old_key_sets_no_hold_after_the_reload(fake: FakeSkillable) -> None:
     """The reload lifts the hold; the old key's poll, answered 429 Retry-After 3600 only after the reload,
     must not set it again (a generation count: a poll's failures hold only the client it began with)."""
@@ -503,7 +509,8 @@ def test_a_poll_still_running_with_the_old_key_sets_no_hold_after_the_reload(fak
         assert poller.wait(old_poll, 10)
         asked = old_poll
         for _ in range(2):  # the poll the reload asked for, then the next: neither held back (None: held)
-            asked = eventually(lambda: (n := poller.request()) is not None and n > asked and n, 5, "a new poll")
+            asked = eventually(lambda after=asked: (n := poller.request()) is not None and n > after and n, 5,
+                               "a new poll")
             assert poller.wait(asked, 10) and poller.health.up
         assert poller.health.failures[("LatestResults", "rate_limited")] == 1  # counted, all the same
         assert len(fake.latest_requests()) == 3

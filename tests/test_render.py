@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import Metric, SummaryMetricFamily
+from prometheus_client.metrics_core import SummaryMetricFamily
 
 from exporter.collector import SkillableCollector
 from exporter.config import Names
@@ -19,7 +19,7 @@ from exporter.render import Encoding, LineEncoder, Rows, _Families, choose_encod
 from exporter.state import FleetState
 
 from .fakeapi import FakeSkillable, lab
-from .harness import NOW, OPENMETRICS, MonotonicStub, make_app, make_poller, result
+from .harness import NOW, OPENMETRICS, MonotonicStub, examples, make_app, make_poller, result
 
 
 class CountingEncoder:
@@ -40,6 +40,7 @@ class CountingEncoder:
 
 # -- series counts ---------------------------------------------------------------
 
+@pytest.mark.integration
 def test_exposition_series_grow_by_26_per_lab_host(fake: FakeSkillable) -> None:
     """What BENCHMARKS.md states per 100 lab hosts, counted in the exposition itself."""
     series = {}
@@ -119,6 +120,7 @@ def test_line_encoder_writes_exactly_what_the_encoder_writes(accept: str) -> Non
     assert asked_again < first_time
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accept", ENCODINGS)
 def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkillable, accept: str,
                                                                 tmp_path: Path) -> None:
@@ -140,6 +142,7 @@ def test_exposition_equals_the_encoder_over_polls_with_odd_names(fake: FakeSkill
     app.close()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accept", ["", OPENMETRICS])
 def test_exposition_of_several_accounts_equals_the_encoder(fake: FakeSkillable, accept: str) -> None:
     fake.add(lab(1, NOW - 600, NOW - 60, status=4), lab(2, NOW - 300, None, host=50))
@@ -234,6 +237,7 @@ def test_timestamped_starts_refuse_rows_the_encoder_writes_otherwise() -> None:
         LineEncoder(choose_encoding("").encoder).timestamped_starts(summary_rows(["1"], 0), 1_800_000_000)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("accept", ["", OPENMETRICS, "text/plain;version=1.0.0;escaping=allow-utf-8"])
 def test_new_hosts_mid_stream_are_learnt_alone_and_render_exactly(fake: FakeSkillable, accept: str) -> None:
     """Every render equals prometheus_client's; a new lab host costs its own 26 series at the encoder
@@ -306,7 +310,7 @@ ACCEPT = st.lists(st.builds(lambda m, ps: ";".join([m, *ps]), ACCEPT_PART, st.li
                   max_size=4).map(",".join)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(ACCEPT)
 def test_choose_encoding_answers_every_accept_header_from_a_closed_set(accept: str) -> None:
     """Never raises; one of at most 14 encodings, whatever the header; and where prometheus_client's
@@ -324,12 +328,13 @@ def test_choose_encoding_answers_every_accept_header_from_a_closed_set(accept: s
         assert encoding.content_type == content_type
 
 
+ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
 KNOWN_ENCODINGS = {
     "text/plain; version=0.0.4; charset=utf-8",
     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-    *(f"text/plain; version=1.0.0; charset=utf-8; escaping={e}" for e in ("allow-utf-8", "underscores", "dots", "values")),
+    *(f"text/plain; version=1.0.0; charset=utf-8; escaping={e}" for e in ESCAPINGS),
     *(f"application/openmetrics-text; version={v}; charset=utf-8; escaping={e}"
-      for v in ("1.0.0", "2.0.0") for e in ("allow-utf-8", "underscores", "dots", "values")),
+      for v in ("1.0.0", "2.0.0") for e in ESCAPINGS),
 }
 
 

@@ -50,29 +50,34 @@ def records() -> list[dict[str, Any]]:
 
 # -- the real tools -------------------------------------------------------------
 
+@pytest.mark.integration
 def test_promtool_check_config_accepts_prometheus_yml_and_its_rule_files() -> None:
     result = run(tool("promtool"), "check", "config", str(PROM / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(RULE_FILES)} rule files found" in result.stdout
 
 
+@pytest.mark.integration
 def test_promtool_check_rules_without_lint_findings() -> None:
     assert RULE_FILES
     result = run(tool("promtool"), "check", "rules", "--lint=all", "--lint-fatal", *map(str, RULE_FILES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("test_file", TEST_FILES, ids=[p.stem for p in TEST_FILES])
 def test_promtool_test_rules(test_file: Path) -> None:
     result = run(tool("promtool"), "test", "rules", str(test_file))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_amtool_check_config() -> None:
     result = run(tool("amtool"), "check-config", str(ALERTMANAGER))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("labels, receiver", [
     (["severity=page", "alertname=SkillableExporterDown"], "page"),
     (["severity=ticket", "alertname=SkillableLabHostFailureRatioHigh"], "ticket"),

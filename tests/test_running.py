@@ -10,13 +10,18 @@ wall-clock steps (hostile input 4).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
+
+import pytest
 
 from exporter.poller import Poller
 
 from .conftest import make_poller
 from .fakeapi import FakeSkillable, lab
 from .harness import Harness, Samples, harness, parse, total  # noqa: F401 - harness is a fixture
+
+pytestmark = pytest.mark.integration  # every test here polls the fake API over loopback
 
 NOW = 1_800_000_000
 HOUR = 3600

@@ -7,6 +7,7 @@ import gzip
 import re
 from typing import Any
 
+import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 from exporter.app import ExporterApp
@@ -14,6 +15,8 @@ from exporter.config import load_config
 from exporter.server import ExporterServer
 
 from .fakeapi import FakeSkillable, lab
+
+pytestmark = pytest.mark.integration  # every test here scrapes an exporter's HTTP server over loopback
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 STANDARD = ("process_resident_memory_bytes", "process_cpu_seconds", "python_info", "python_gc_collections")

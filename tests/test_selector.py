@@ -41,10 +41,12 @@ def test_a_stray_job_matcher_is_found(tmp_path: Path) -> None:
     selector = load_selector()
     rules = tmp_path / "prometheus" / "rules"
     rules.mkdir(parents=True)
-    (rules / "x.yml").write_text('groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: up{job="other"} == 0\n')
+    (rules / "x.yml").write_text(
+        'groups:\n  - name: x\n    rules:\n      - alert: X\n        expr: up{job="other"} == 0\n')
     assert selector.stray_job_selectors(tmp_path) == ['prometheus/rules/x.yml:5: job="other"']
 
 
+@pytest.mark.integration
 def test_the_default_selector_reproduces_the_shipped_pack(tmp_path: Path) -> None:
     selector = load_selector()
     written = selector.write_pack(selector.DEFAULT_SELECTOR, tmp_path)
@@ -54,6 +56,7 @@ def test_the_default_selector_reproduces_the_shipped_pack(tmp_path: Path) -> Non
     assert differ == []
 
 
+@pytest.mark.integration
 def test_another_selector_gives_a_pack_promtool_accepts(tmp_path: Path) -> None:
     selector = load_selector()
     result = subprocess.run([sys.executable, str(ROOT / "deploy" / "selector.py"),
@@ -80,6 +83,7 @@ def test_another_selector_gives_a_pack_promtool_accepts(tmp_path: Path) -> None:
     assert selector.stray_job_selectors(tmp_path) != []  # from the copy's view, its selector is not the default
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bad", ['env="prod"', 'job=~"x.*"', "job=lab", 'job="a" env="b"'])
 def test_a_selector_that_cannot_be_written_is_refused(bad: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "deploy" / "selector.py"), "--selector", bad,

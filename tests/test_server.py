@@ -13,7 +13,8 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -195,7 +196,8 @@ def test_request_framing_is_the_parsers_and_nothing_is_smuggled(start: Any) -> N
     # Two Content-Length headers (0 and N), or Content-Length beside Transfer-Encoding: refused, closed.
     two_lengths = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED)
     assert statuses(exporter.port, two_lengths + SMUGGLED + FOLLOW_UP) == [400]
-    both = b"POST /-/reload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(chunk)
+    both = (b"POST /-/reload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
+            % len(chunk))
     assert statuses(exporter.port, both + chunk + FOLLOW_UP) == [400]
     # A GET with a body holding a whole request: the body is a body, never a request.
     get_body = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED)

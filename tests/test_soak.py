@@ -23,12 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from exporter.persistence import read_state_file
 
 from .fakeapi import FakeSkillable, lab
 from .harness import parse, total
+
+pytestmark = pytest.mark.integration  # the fake API and the exporter's server over loopback
 
 SCRAPERS = 50
 SECONDS = min(float(os.environ.get("SOAK_SECONDS", "20")), 30.0)

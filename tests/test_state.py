@@ -31,7 +31,7 @@ from exporter.state import (
 )
 
 from . import state_v2
-from .harness import NOW, result
+from .harness import NOW, examples, result
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -117,7 +117,7 @@ def test_eviction_agrees_with_a_full_scan_on_simulated_traffic() -> None:
     now = float(NOW)
     window, max_running = 60 * 60, 45 * 60
     last = None
-    for step in range(40):
+    for _ in range(40):
         minutes = 60 if last is None else 3
         batch = decode_latest_results(latest_results_body(traffic, now, minutes))
         horizon = now - window if last is None else min(now - window, last - 120)
@@ -140,7 +140,7 @@ def test_histogram_buckets_are_upper_inclusive(value: float, bucket: int) -> Non
     assert hist.counts.index(1) == bucket
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
                           st.sampled_from([0.0, 0.1, 0.3, 0.7, 1.0, -0.0, 1.0000001, -1e-9]),
                           st.integers(-5, 90_000).map(float)), max_size=60),
@@ -244,8 +244,9 @@ class ReferenceState:
             status = STATUS_NAMES.get(r.completion_status, "unknown")  # type: ignore[arg-type]
             inst = self.instances.get(r.lab_instance_id)
             if inst is None:
+                opened = now if r.start is None else r.start if seen_at is None else min(r.start, now)
                 inst = {"place": self._place(r), "profile": self._profile(r), "end": r.end, "last": last,
-                        "opened": now if r.start is None else r.start if seen_at is None else min(r.start, now), "ended": False, "exam": False}
+                        "opened": opened, "ended": False, "exam": False}
                 self.instances[r.lab_instance_id] = inst
                 if r.start is None or r.start >= horizon:
                     self.started[inst["place"]] += 1

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "systemd" / "skillable-exporter.service"
 INSTALLED_BINARY = "/opt/skillable-exporter/bin/skillable-exporter"
@@ -43,6 +45,7 @@ def local_copy(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     result = systemd_analyze("verify", f"./{local_copy(tmp_path).name}", cwd=tmp_path)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
@@ -51,6 +54,7 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert systemd_analyze("verify", "./broken.service", cwd=tmp_path).returncode != 0
 
 
+@pytest.mark.integration
 def test_the_unit_is_hardened(tmp_path: Path) -> None:
     service = service_section()
     for key, value in {"DynamicUser": "yes", "ProtectSystem": "strict", "StateDirectory": "skillable-exporter",
@@ -72,6 +76,7 @@ def test_the_unit_waits_for_the_exporter_to_serve() -> None:
     assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
 
 
+@pytest.mark.integration
 def test_the_units_command_line_is_one_the_exporter_accepts() -> None:
     command = shlex.split(service_section()["ExecStart"][0])
     assert command[0] == INSTALLED_BINARY

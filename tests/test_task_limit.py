@@ -18,13 +18,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from .conftest import ExporterProcess
 from .fakeapi import FakeSkillable, lab
 from .harness import parse, total
+
+pytestmark = pytest.mark.integration  # the fake API and the exporter's server over loopback
 
 # Threads the exporter process may have in all: main (the event loop), the poll worker, the client's
 # deadline watchdog, one HTTP worker, and two more: the HTTP workers cannot grow to what a burst asks.
@@ -95,7 +97,8 @@ class Flood:
             return None
 
     def _run(self) -> None:
-        socks: list[tuple[socket.socket | None, bool]] = [(self._open(i % 2 == 1), i % 2 == 1) for i in range(self.size)]
+        socks: list[tuple[socket.socket | None, bool]] = [
+            (self._open(i % 2 == 1), i % 2 == 1) for i in range(self.size)]
         while not self.stop.wait(0.2):
             for i, (sock, slow) in enumerate(socks):
                 alive = sock is not None

@@ -21,6 +21,8 @@ from .fakeapi import FakeSkillable
 from .test_web import start  # noqa: F401 (the fixture)
 from .tlsutil import certs  # noqa: F401 (the fixture)
 
+pytestmark = pytest.mark.integration  # every test here starts the exporter (or openssl) as a process
+
 # The toolkit's example files, as in its web/testdata (server.crt/server.key are ours: EC keys).
 ALL_CIPHERS = """tls_server_config:
   cert_file: "server.crt"
@@ -170,7 +172,6 @@ def test_a_bad_telemetry_path_is_refused(path: str) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.integration
 def test_a_telemetry_path_that_cannot_be_served_stops_start_up(fake: FakeSkillable) -> None:
     """Not only --config.check: the exporter itself exits 2 with one line instead of serving 404s."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
@@ -191,7 +192,6 @@ def ipv6_loopback() -> bool:
     return True
 
 
-@pytest.mark.integration
 def test_a_listen_address_without_a_host_serves_ipv6_and_ipv4(start: Any) -> None:
     """':PORT' is every interface, as in Go's exporters: one dual-stack socket where IPv6 exists
     (on main it was 0.0.0.0 only, and an IPv6 scraper could not reach it)."""
@@ -241,12 +241,13 @@ os.execv(sys.executable, [sys.executable, "-m", "exporter", "--web.systemd-socke
 """
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("kind, problem", [
     ("regular-file", "is not a socket"), ("closed-fd", "is not open"), ("udp", "is not a stream"),
     ("not-listening", "is not listening"), ("absurd-count", "LISTEN_FDS=1000000000"),
 ])
-def test_socket_activation_refuses_anything_but_listening_stream_sockets(kind: str, problem: str, tmp_path: Path) -> None:
+def test_socket_activation_refuses_anything_but_listening_stream_sockets(
+    kind: str, problem: str, tmp_path: Path
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKILLABLE_", "LISTEN_"))}
     regular = tmp_path / "regular-file"
     regular.write_text("not a socket\n")

@@ -26,6 +26,7 @@ def build_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     version.build_info.cache_clear()
 
 
+@pytest.mark.integration
 def test_version_prints_the_go_exporters_block() -> None:
     result = subprocess.run([sys.executable, "-m", "exporter", "--version"], capture_output=True, text=True,
                             cwd=ROOT, timeout=30)

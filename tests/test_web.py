@@ -13,7 +13,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import bcrypt
 import pytest
@@ -62,7 +63,9 @@ def Exporter(fake: FakeSkillable, log_path: Path, *args: str, https: bool, ca: P
 def start(fake: FakeSkillable, tmp_path: Path) -> Iterator[Any]:
     started: list[ExporterProcess] = []
 
-    def run(*args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None) -> ExporterProcess:
+    def run(
+        *args: str, https: bool = False, ca: Path | None = None, cert: tuple[str, str] | None = None
+    ) -> ExporterProcess:
         started.append(Exporter(fake, tmp_path / f"exporter-{len(started)}.log", *args, https=https, ca=ca,
                                 cert=cert))
         return started[-1]
@@ -84,6 +87,7 @@ def curl(*args: str) -> tuple[int, str]:
 # -- TLS and basic auth ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_tls_and_basic_auth_with_requests_and_curl(start: Any, fake: FakeSkillable, certs: Path) -> None:
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     exporter = start(f"--web.config-file={web_config(certs)}", https=True, ca=certs / "ca.crt")
@@ -139,6 +143,7 @@ def test_tls_and_basic_auth_with_requests_and_curl(start: Any, fake: FakeSkillab
     assert "listening address=https://" in exporter.log()
 
 
+@pytest.mark.integration
 def test_basic_auth_without_tls(start: Any, certs: Path) -> None:
     exporter = start(f"--web.config-file={web_config(certs, tls=False)}")
     assert exporter.get("/metrics").status_code == 401
@@ -146,11 +151,13 @@ def test_basic_auth_without_tls(start: Any, certs: Path) -> None:
     assert exporter.get("/healthz").status_code == 200
 
 
+@pytest.mark.integration
 def test_tls_without_users_needs_no_password(start: Any, certs: Path) -> None:
     exporter = start(f"--web.config-file={web_config(certs, users=False)}", https=True, ca=certs / "ca.crt")
     assert exporter.get("/metrics").status_code == 200
 
 
+@pytest.mark.integration
 def test_client_certificates_when_required(start: Any, certs: Path) -> None:
     config = web_config(certs, client_auth=True)
     cert = (str(certs / "client.crt"), str(certs / "client.key"))
@@ -165,6 +172,7 @@ def test_client_certificates_when_required(start: Any, certs: Path) -> None:
     assert code == 200
 
 
+@pytest.mark.integration
 def test_exporter_toolkit_flag_name_is_accepted(start: Any, certs: Path) -> None:
     """Operators reuse their exporter-toolkit flags: --web.config.file works as well as --web.config-file."""
     exporter = start(f"--web.config.file={web_config(certs)}", https=True, ca=certs / "ca.crt")
@@ -172,6 +180,7 @@ def test_exporter_toolkit_flag_name_is_accepted(start: Any, certs: Path) -> None
     assert exporter.get("/metrics", auth=(USER, PASSWORD)).status_code == 200
 
 
+@pytest.mark.integration
 def test_without_a_web_config_plain_http_is_unchanged(start: Any) -> None:
     exporter = start()
     assert exporter.get("/metrics").status_code == 200
@@ -216,6 +225,7 @@ TLS_BASE = 'tls_server_config:\n  cert_file: "server.crt"\n  key_file: "server.k
         ("basic_auth_users:\n  prometheus: $2y$10$tooshort\n", "basic_auth_users.prometheus"),
     ],
 )
+@pytest.mark.integration
 def test_a_bad_web_config_stops_start_up_with_one_line(content: str, setting: str, certs: Path) -> None:
     path = certs / "bad-web.yml"
     path.write_text(content)
@@ -226,6 +236,7 @@ def test_a_bad_web_config_stops_start_up_with_one_line(content: str, setting: st
     assert setting in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.integration
 def test_password_check_costs_the_same_for_unknown_users(monkeypatch: pytest.MonkeyPatch, certs: Path) -> None:
     web = load_web_config(str(web_config(certs, tls=False)))
     calls: list[bytes] = []
@@ -250,6 +261,7 @@ def test_password_check_costs_the_same_for_unknown_users(monkeypatch: pytest.Mon
 # -- the API key file ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode, allowed", [(0o600, True), (0o400, True), (0o640, True), (0o644, False),
                                            (0o604, False), (0o602, False), (0o601, False)])
 def test_key_file_readable_by_others_is_refused(mode: int, allowed: bool, tmp_path: Path) -> None:
@@ -272,6 +284,7 @@ def test_key_file_readable_by_others_is_refused(mode: int, allowed: bool, tmp_pa
 # -- the API key in no output ----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_api_key_appears_in_no_output(start: Any, fake: FakeSkillable, tmp_path: Path) -> None:
     key = fake.state.api_key
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
@@ -310,6 +323,7 @@ def test_api_key_appears_in_no_output(start: Any, fake: FakeSkillable, tmp_path:
     assert any("<redacted>" in output for output in outputs)  # the key was there to leak, and was blanked
 
 
+@pytest.mark.integration
 def test_api_key_not_in_reprs_or_exception_text(fake: FakeSkillable) -> None:
     key = fake.state.api_key
     config = load_config({}, {"SKILLABLE_API_KEY": key, "SKILLABLE_API_URL": fake.url})
@@ -323,6 +337,7 @@ def test_api_key_not_in_reprs_or_exception_text(fake: FakeSkillable) -> None:
     client.close()
 
 
+@pytest.mark.integration
 def test_tls_context_refuses_old_protocols(certs: Path) -> None:
     web = load_web_config(str(web_config(certs)))
     assert web.ssl_context is not None
@@ -339,6 +354,7 @@ def users_config(folder: Path, password: bytes, cost: int) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_a_password_longer_than_72_bytes_gets_an_answer(start: Any, certs: Path) -> None:
     """bcrypt reads 72 bytes; Go's bcrypt.CompareHashAndPassword (exporter-toolkit's) compares those
     and answers, where Python's bcrypt raises. The exporter answers as the toolkit does."""
@@ -353,6 +369,7 @@ def test_a_password_longer_than_72_bytes_gets_an_answer(start: Any, certs: Path)
     assert exporter.proc.poll() is None and "Traceback" not in exporter.log()
 
 
+@pytest.mark.integration
 def test_a_wrong_password_flood_does_not_starve_real_scrapes(start: Any, certs: Path) -> None:
     """32 clients sending wrong passwords to a cost-10 hash; the real scraper's p99 stays under a second."""
     exporter = start(f"--web.config-file={users_config(certs, PASSWORD.encode(), 10)}")
@@ -393,6 +410,7 @@ def test_a_wrong_password_flood_does_not_starve_real_scrapes(start: Any, certs: 
     assert p99 < 1.0, latencies
 
 
+@pytest.mark.integration
 def test_unknown_users_are_checked_at_the_cost_of_the_configured_hashes(
     monkeypatch: pytest.MonkeyPatch, certs: Path
 ) -> None:
@@ -419,6 +437,7 @@ def test_unknown_users_are_checked_at_the_cost_of_the_configured_hashes(
     assert unknown < wrong * 3, (unknown, wrong)  # it was 21 times slower with a fixed cost-10 dummy
 
 
+@pytest.mark.integration
 def test_a_request_head_cut_by_the_clients_eof_is_not_answered_nor_polled(fake: FakeSkillable) -> None:
     """A flood connection that hangs up mid-head used to be answered as a full request, polling first."""
     from .harness import Harness
