@@ -30,6 +30,8 @@ from exporter.launches import (
 from exporter.model import LabResult, decode_search_page, error_kind
 from exporter.state import FleetState
 
+from .harness import examples
+
 UAT = Path("/work/shared/vendor-spec/examples/labinstance-search-mode5-uat-5cc4863-redacted.json")
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
@@ -216,7 +218,7 @@ def make_labs(rng: random.Random, count: int) -> list[SimLab]:
     return labs
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32), reading=st.sampled_from(["start", "active"]), overlap=st.integers(0, 3),
        page_size=st.sampled_from([3, 7, 50]), fail=st.sampled_from([0.0, 0.1]),
        restarts=st.integers(0, 3))
