@@ -64,7 +64,7 @@ sdists=("$WORK"/dist/*.tar.gz)
 log "built $(basename "${wheels[0]}") and $(basename "${sdists[0]}")"
 
 "$PYTHON" - "${wheels[0]}" "${sdists[0]}" "$REPO" <<'EOF' || fail "the wheel or the sdist is incomplete"
-import sys, tarfile, zipfile
+import sys, tarfile, tomllib, zipfile
 from email.parser import Parser
 from pathlib import Path
 
@@ -81,8 +81,9 @@ with zipfile.ZipFile(wheel) as archive:
     entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
 if "Apache-2.0" not in (metadata.get("License-Expression") or metadata.get("License") or ""):
     problems.append("wheel metadata does not name the Apache-2.0 licence")
-if "skillable-exporter = exporter.__main__:main" not in entry_points:
-    problems.append("wheel lacks the skillable-exporter command")
+command = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]["skillable-exporter"]
+if f"skillable-exporter = {command}" not in entry_points:
+    problems.append(f"wheel lacks the skillable-exporter command ({command})")
 with tarfile.open(sdist) as archive:
     top = archive.getnames()[0].split("/")[0]
     sdist_names = set(archive.getnames())

@@ -77,7 +77,8 @@ class Exporter:
         self.name = name
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLABLE_")}
-        env.update(SKILLABLE_API_URL=api_url, SKILLABLE_API_KEY="bench")
+        # Not the launch collector's endpoint (by the environment, which versions without it ignore).
+        env.update(SKILLABLE_API_URL=api_url, SKILLABLE_API_KEY="bench", SKILLABLE_COLLECTOR_LAUNCH="false")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", f"--web.listen-address=127.0.0.1:{self.port}",
              "--no-collector.stats", "--no-collector.delivery-regions", "--no-collector.catalog", "--log.level=warn",

@@ -1,8 +1,9 @@
 """One account's memory, and the one step that a good read of results applies to it.
 
 An account's memory is its FleetState (state.py: the lab instances it tracks and the tallies the
-lab metrics are read from) and its Health (what the exporter knows of its own polling: up, the
-last success, request and failure counts, the names fetched). The state file keeps the state and
+lab metrics are read from), its LaunchState when the launch collector is on (launches.py), and its
+Health (what the exporter knows of its own polling: up, the last success, request and failure
+counts, the names fetched). The state file keeps the state and
 the health's last success and counters (persistence.py).
 
 `apply_poll` is the poll step. The live poller (poller.py) takes it for each good /LatestResults
@@ -18,6 +19,7 @@ from typing import Protocol
 from collections.abc import Iterable
 
 from . import catalog
+from .launches import LaunchCounts, LaunchState
 from .model import AccountStats, LabResult
 from .state import FleetState, Snapshot
 
@@ -40,10 +42,12 @@ class Health:
 
 @dataclass
 class PollView:
-    """What the collector reads of one account: a snapshot of the state, and the health."""
+    """What the collector reads of one account: a snapshot of the state, the health, and a snapshot of
+    the launch memory (None with the launch collector off)."""
 
     snapshot: Snapshot
     health: Health
+    launch: LaunchCounts | None = None
 
 
 class Memory(Protocol):
@@ -51,6 +55,7 @@ class Memory(Protocol):
 
     state: FleetState
     health: Health
+    launch: LaunchState | None
 
 
 class AccountView(Protocol):
@@ -68,6 +73,7 @@ class AccountMemory:
 
     state: FleetState
     health: Health = field(default_factory=Health)
+    launch: LaunchState | None = None  # the launch collector's memory (launches.py), when it is on
 
 
 def empty_memory(max_lab_hosts: int, max_lab_profiles: int, max_running_minutes: int) -> AccountMemory:

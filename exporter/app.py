@@ -21,6 +21,7 @@ from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTO
 from .client import SkillableClient
 from .collector import SkillableCollector, eof_of, gzip_head, shared_window
 from .config import Config, ConfigError, setting_name
+from .launches import LaunchSettings
 from .poller import Failure, Poller
 from .render import choose_encoding
 
@@ -53,6 +54,14 @@ class AccountStatus:
     failure: Failure | None  # the LatestResults failure run it is in, if any
     window_minutes: int
     min_poll_interval: float
+
+
+def launch_settings(config: Config) -> LaunchSettings | None:
+    """The launch collector's settings, None when --no-collector.launch turns it off."""
+    if not config.collect_launch:
+        return None
+    return LaunchSettings(config.launch_interval, config.launch_page_size, config.launch_grace_minutes,
+                          config.launch_timeout, config.max_api_consumers)
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class ExporterApp:
                 clock=clock,
                 monotonic=monotonic,
                 account=account.name,
+                launch=launch_settings(config),
             )
             for account in config.accounts
         }

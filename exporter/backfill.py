@@ -24,6 +24,15 @@ The replay, and the rules it counts by (docs/backfill.md explains the procedure 
   exporter restored from it continues every counter, asks only for the minutes since --to, and its
   per-instance memory keeps it from counting the last window again.
 
+With the launch collector on (--no-collector.launch turns it off), /labinstance/search (mode 5) is read
+too, by the rules of launches.py: the labs that started in each UTC day (and, for the first day, those
+started in the hour before it: LAUNCH_LOOKBACK_SECONDS), sorted by Start, page by page. Each lab gives an
+event at each of its facts: its Start (a launch), its start-up (Start + StartupDuration), its End, each
+error's time. The step at t applies, to the account's LaunchState, the record of every lab with an event
+in [t - step, t) as it stood at t (later facts cut off), through the live collector's own plan and apply:
+start-up times, labs never ready, errors and launches per integration land in the history at their time.
+The launch horizon is --from: nothing that happened before it is counted.
+
 A day is complete when its checkpoint is written (the state as of the day's end, in the state-file
 format), and that comes last: the file renamed from `.tmp`, its blocks made, the file deleted
 (unless --keep-openmetrics), then the checkpoint. A rerun resumes from the checkpoint and first
@@ -45,7 +54,9 @@ by the server's own encoder (render.LineEncoder, with timestamps).
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
 import os
 import re
 import shutil
@@ -56,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, UTC
 from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
@@ -69,15 +80,21 @@ from .collector import SkillableCollector, shared_window
 from .config import Account, Config, ConfigError, load_config
 from .failures import UNAUTHORIZED, backoff_seconds, failure_reason, retry_after
 from .families import LAB_LABELS
-from .model import LabResult, decode_latest_results
+from .launches import LAUNCHES_SORT, LaunchState, Question, search_params
+from .model import LabResult, LaunchRecord, SearchPage, decode_latest_results, decode_search_page
 from .persistence import (StateFileError, StatePathError, encode_account, read_state_file, restore_account,
                           write_state_file)
 from .render import LineEncoder, Rows, choose_encoding
 from .state import FleetState
 
+T = TypeVar("T")
 DAY = 86400
 API_MAX_SECONDS = 7 * DAY  # /Results refuses a longer range ("Timeframe cannot exceed 7 days")
 FETCH_SECONDS = DAY  # one request per day: bounded memory, and well inside the API's limit
+# Labs that started this long before --from are read too, for their facts after it (start-ups, quick
+# failures, the errors of the first hour); those that started earlier are not (their later errors and
+# ends are missing from the history's first hours): reading a day more for them would cost a day's pages.
+LAUNCH_LOOKBACK_SECONDS = 3600
 MIN_SPLIT_SECONDS = 60  # a window too large for --skillable.max-response-bytes is halved down to this
 # Prometheus: "it is not safe to backfill data from the last 3 hours (the current head block)".
 SAFETY_MARGIN_SECONDS = 3 * 3600
@@ -238,28 +255,146 @@ def fetch_results(client: SkillableClient, start: int, end: int, opts: Options,
     """Every result /Results gives for [start, end) (asked with a second to spare on each side, since the
     API does not say whether its bounds are included), retried with the poller's backoff
     (failures.py); a window too large for --skillable.max-response-bytes is split in halves."""
+    def read() -> Read:
+        batch = decode_latest_results(client.get("Results", {"start": start - 1, "end": end}, opts.request_timeout))
+        return Read(batch.results, batch.invalid)
+
+    try:
+        return _retried(read, client, f"/Results for {rfc3339(start)}..{rfc3339(end)}", opts, sleep,
+                        split=end - start > MIN_SPLIT_SECONDS)
+    except TooLarge:
+        middle = start + (end - start) // 2
+        return fetch_results(client, start, middle, opts, sleep) + fetch_results(client, middle, end, opts, sleep)
+
+
+def fetch_launches(client: SkillableClient, start: int, end: int, opts: Options, page_size: int,
+                   sleep: Callable[[float], None] = time.sleep) -> list[LaunchRecord]:
+    """The mode-5 records of the labs that started in [start, end): /labinstance/search from `start`, sorted by
+    Start, page by page, until a page reaches past `end` (while the Starts come in order; else every page).
+    A failed page is retried with the poller's backoff, as /Results is; a page over
+    --skillable.max-response-bytes is asked again in pages half the size."""
+    records: list[LaunchRecord] = []
+    question = Question(start, LAUNCHES_SORT)
+    offset, previous, ordered = 0, None, True
+    while True:
+        def read(size: int = page_size, index: int = offset // page_size) -> SearchPage:
+            params = search_params(question, size, index)
+            return decode_search_page(client.get("labinstance/search", params, opts.request_timeout))
+
+        try:
+            page = _retried(read, client, f"/labinstance/search for {rfc3339(start)}", opts, sleep,
+                            split=page_size > 1)
+        except TooLarge:
+            page_size //= 2
+            continue
+        offset = (offset // page_size + 1) * page_size
+        for r in page.records:
+            ordered = ordered and (previous is None or r.start >= previous)
+            previous = r.start
+            if start <= r.start < end:
+                records.append(r)
+        last = not page.records or (page.total_pages is not None and offset // page_size >= page.total_pages) or (
+            page.total_pages is None and len(page.records) + page.invalid < page_size)
+        if last or (ordered and previous is not None and previous >= end):
+            return records
+
+
+class TooLarge(Exception):
+    """An answer over --skillable.max-response-bytes, for a caller that splits what it asks (_retried)."""
+
+
+def _retried(call: Callable[[], T], client: SkillableClient, what: str, opts: Options,
+             sleep: Callable[[float], None], split: bool = False) -> T:
+    """`call` (a request and its decoding), retried with the poller's backoff (failures.py) up to --retries; a
+    refused key is not retried, nor an answer too large (TooLarge if the caller can `split` what it asks).
+    Raises BackfillError (one line) naming `what`."""
     attempt = 0
     while True:
         try:
-            body = client.get("Results", {"start": start - 1, "end": end}, opts.request_timeout)
-            batch = decode_latest_results(body)
-            return Read(batch.results, batch.invalid)
+            return call()
         except Exception as exc:  # noqa: BLE001 - every failure has a reason, as in polling
             reason = failure_reason(exc)
-            if reason == TOO_LARGE and end - start > MIN_SPLIT_SECONDS:
-                middle = start + (end - start) // 2
-                return (fetch_results(client, start, middle, opts, sleep)
-                        + fetch_results(client, middle, end, opts, sleep))
+            if reason == TOO_LARGE and split:
+                raise TooLarge() from None
             attempt += 1
             message = client.redact(str(exc))
-            if reason == UNAUTHORIZED or attempt > opts.retries:
-                raise BackfillError(f"/Results for {rfc3339(start)}..{rfc3339(end)} failed (reason={reason}"
-                                    f", after {attempt} attempts): {message}") from None
+            if reason in (UNAUTHORIZED, TOO_LARGE) or attempt > opts.retries:
+                hint = " (--no-collector.launch backfills without launch history)" if "search" in what else ""
+                raise BackfillError(f"{what} failed (reason={reason}, after {attempt} attempts): {message}{hint}") \
+                    from None
             delay = backoff_seconds(attempt, retry_after(exc), most=RETRY_MAX_SECONDS,
                                     most_asked=RETRY_AFTER_MAX_SECONDS)
-            print(f"skillable-exporter backfill: /Results for {rfc3339(start)}: {reason}, retrying in "
-                  f"{delay:.0f}s: {message}", file=sys.stderr)
+            print(f"skillable-exporter backfill: {what}: {reason}, retrying in {delay:.0f}s: {message}",
+                  file=sys.stderr)
             sleep(delay)
+
+
+def fact_times(r: LaunchRecord) -> list[int]:
+    """When a lab's facts happened: its Start, its start-up, its End, each error (launches.py counts them)."""
+    times = [r.start, *(e.time for e in r.errors)]
+    if r.startup_duration is not None:
+        times.append(r.start + math.ceil(r.startup_duration))
+    if r.end is not None:
+        times.append(r.end)
+    return times
+
+
+def as_of(r: LaunchRecord, t: int) -> LaunchRecord:
+    """The record as it stood at `t`: what happened at or after `t` is not in it yet."""
+    ready = r.startup_duration is not None and r.start + r.startup_duration < t
+    return msgspec.structs.replace(r, end=r.end if r.end is not None and r.end < t else None,
+                                   startup_duration=r.startup_duration if ready else None,
+                                   errors=tuple(e for e in r.errors if e.time < t))
+
+
+class LaunchFeed:
+    """One account's launch facts in time order: the labs read from /labinstance/search a day at a time (their
+    Starts in the day), each lab's events (fact_times) waiting until a step takes them."""
+
+    def __init__(self, fetch: Callable[[int, int], list[LaunchRecord]], start: int, end: int, lookback: int) -> None:
+        self._fetch = fetch
+        self._start = start
+        self._loaded_to = start - lookback  # every lab started before this is read (or was taken)
+        self._end = end
+        self._events: list[tuple[int, int]] = []  # heap of (time, id)
+        self._records: dict[int, LaunchRecord] = {}
+        self._left: dict[int, int] = {}  # id -> its events not taken yet
+        self.records = 0
+
+    def take(self, before: int) -> list[LaunchRecord]:
+        """Every lab with an event before `before` not taken yet, as it stood at `before` (as_of)."""
+        while self._loaded_to < min(before, self._end):
+            self._load()
+        due: set[int] = set()
+        while self._events and self._events[0][0] < before:
+            _, i = heapq.heappop(self._events)
+            due.add(i)
+            self._left[i] -= 1
+        out = [as_of(self._records[i], before) for i in sorted(due)]
+        for i in due:
+            if not self._left[i]:
+                del self._left[i], self._records[i]
+        return out
+
+    def preview(self, before: int) -> list[LaunchRecord]:
+        """What take(before) would give, without taking it (the disk estimate)."""
+        while self._loaded_to < min(before, self._end):
+            self._load()
+        return [as_of(r, before) for i, r in self._records.items() if any(t < before for t in fact_times(r))]
+
+    def _load(self) -> None:
+        start = self._loaded_to
+        end = min(start - start % FETCH_SECONDS + FETCH_SECONDS, self._end)
+        for r in self._fetch(start, end):
+            times = fact_times(r)
+            if r.id in self._records or max(times) < self._start:  # all of it before the replay: nothing to count
+                continue
+            self.records += 1
+            self._records[r.id] = r
+            self._left[r.id] = len(times)
+            for t in times:
+                heapq.heappush(self._events, (t, r.id))
+        self._loaded_to = end
 
 
 _RUNNING_FORM = {"end": None, "total_run_time_seconds": None, "task_complete_percent": None,
@@ -574,6 +709,7 @@ class RunSettings:
     accounts: list[str]
     window_minutes: list[int]
     max_lab_hosts: int
+    launch: bool = False  # history of /labinstance/search too
 
 
 @dataclass
@@ -586,14 +722,20 @@ class Replayed:
     max_running_minutes: int
     state: FleetState
     health: Health = field(default_factory=Health)
+    launch: LaunchState | None = None  # with the launch collector on
 
     def view(self) -> PollView:
-        return PollView(self.state.snapshot(), self.health)
+        return PollView(self.state.snapshot(), self.health, self.launch.snapshot() if self.launch is not None else None)
 
-    def step(self, read: Read, t: int, step: int) -> None:
-        """The poll step at time t, with the events of [t - step, t) (the module docstring's rules)."""
+    def step(self, read: Read, t: int, step: int, launches: list[LaunchRecord] | None = None) -> None:
+        """The poll step at time t, with the events of [t - step, t) (the module docstring's rules); then the
+        launch poll's plan, apply and finish with the labs that had launch events in that span."""
         apply_poll(self, read.results, read.invalid, now=t, horizon=t - step, window_minutes=self.window_minutes,
                    max_running_minutes=self.max_running_minutes)
+        if self.launch is not None:
+            plan = self.launch.plan(t, self.window_minutes * 60, 0)
+            self.launch.apply(launches or [], plan)
+            self.launch.finish(plan, True, True)
 
 
 def replayed(config: Config) -> dict[str, Replayed]:
@@ -603,8 +745,16 @@ def replayed(config: Config) -> dict[str, Replayed]:
         memory = empty_memory(config.max_lab_hosts, config.max_lab_profiles, config.max_running_minutes)
         client = SkillableClient(account.api_url, account.api_key, config.max_response_bytes)
         accounts[account.name] = Replayed(client, account.window_minutes, config.max_running_minutes, memory.state,
-                                          memory.health)
+                                          memory.health, empty_launch(config))
     return accounts
+
+
+def empty_launch(config: Config) -> LaunchState | None:
+    """The launch memory of an account not replayed yet (None with --no-collector.launch)."""
+    if not config.collect_launch:
+        return None
+    return LaunchState(config.max_lab_hosts, config.max_lab_profiles, config.max_api_consumers,
+                       config.launch_grace_minutes * 60, config.max_running_minutes * 60)
 
 
 class Run:
@@ -622,9 +772,10 @@ class Run:
         self.state_dir = opts.output / STATE_DIR
         self.settings = RunSettings(
             opts.start, opts.step, [list(label) for label in opts.labels], [a.name for a in config.accounts],
-            [a.window_minutes for a in config.accounts], config.max_lab_hosts,
+            [a.window_minutes for a in config.accounts], config.max_lab_hosts, config.collect_launch,
         )
         self.feeds: dict[str, Feed] = {}
+        self.launch_feeds: dict[str, LaunchFeed] = {}
         self.resume = opts.start
 
     def _collector(self, accounts: dict[str, Replayed]) -> SkillableCollector:
@@ -675,6 +826,14 @@ class Run:
             name: Feed(partial(fetch_results, account.client, opts=self.opts), resume, self.opts.end)
             for name, account in self.accounts.items()
         }
+        if self.config.collect_launch:
+            lookback = LAUNCH_LOOKBACK_SECONDS
+            for name, account in self.accounts.items():
+                if account.launch is not None and account.launch.horizon is None:
+                    account.launch.horizon = self.opts.start  # nothing before --from is counted
+                self.launch_feeds[name] = LaunchFeed(
+                    partial(fetch_launches, account.client, opts=self.opts, page_size=self.config.launch_page_size),
+                    resume, self.opts.end, lookback)
         return resume
 
     @property
@@ -689,8 +848,10 @@ class Run:
             saved = read_state_file(str(self.checkpoint))
             as_of = set()
             for name, account in accounts.items():
-                memory = restore_account(saved[name], account.state)
+                memory = restore_account(saved[name], account.state, account.launch)
                 account.state, account.health = memory.state, memory.health
+                if account.launch is not None:
+                    account.launch = memory.launch or account.launch
                 as_of.add(account.health.last_success)
         except (OSError, KeyError, StateFileError) as exc:
             raise BackfillError(f"checkpoint {self.checkpoint} cannot be read ({exc}); use an empty folder") from None
@@ -721,12 +882,17 @@ class Run:
         for name, account in self.accounts.items():
             memory = empty_memory(c.max_lab_hosts, c.max_lab_profiles, c.max_running_minutes)
             probe[name] = Replayed(account.client, account.window_minutes, account.max_running_minutes,
-                                   memory.state, memory.health)
+                                   memory.state, memory.health, empty_launch(c))
         self._restore(probe)
         at = self.resume
         for name, account in probe.items():
             read, start, end = self.feeds[name].preview()
-            account.step(read, end, end - start)
+            launches = self.launch_feeds[name].preview(end) if name in self.launch_feeds else None
+            if account.launch is not None and account.launch.horizon is None:
+                account.launch.horizon = self.opts.start
+            account.step(read, end, end - start, launches)
+            if account.launch is not None:  # what the steps of a day forget as they go (launches.py, rule 7)
+                account.launch.plan(end, account.window_minutes * 60, 0)
             at = max(at, end)
         families = self._collector(probe).lab_parts()
         series, values = self.lines.starts(families, at)
@@ -750,7 +916,8 @@ class Run:
                 self.settings_file.write_text(json.dumps(asdict(self.settings)))
             for t in range(self.resume, opts.end + 1, step):
                 for name, account in self.accounts.items():
-                    account.step(feeds[name].take(t), t, step)
+                    launches = self.launch_feeds[name].take(t) if name in self.launch_feeds else None
+                    account.step(feeds[name].take(t), t, step, launches)
                 families = self.collector.lab_parts()
                 series, values = self.lines.starts(families, t)
                 if previous is not None and series != previous:  # the same interned strings: a fast compare

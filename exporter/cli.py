@@ -25,11 +25,13 @@ PROG = "skillable-exporter"
 EXIT_CONFIG = 2
 BACKFILL = "backfill"  # the one subcommand
 # What backfill reads of the exporter's settings: the accounts (URL, key, window), the limits its
-# replay sizes the state by, the response limit and the state file it writes. Nothing of serving,
-# logging, the poll schedule or the optional endpoints.
+# replay sizes the state by, the response limit and the state file it writes, and the launch
+# collector's (whether it reads /labinstance/search, its page size, grace and cap). Nothing of
+# serving, logging, the poll schedule or the other optional endpoints.
 BACKFILL_SETTINGS: tuple[str, ...] = (
     "skillable.api-url", "skillable.api-key-file", "skillable.window-minutes", "skillable.max-response-bytes",
     "skillable.max-lab-hosts", "skillable.max-running-minutes", "skillable.max-lab-profiles", "storage.state-file",
+    "collector.launch", "skillable.launch-page-size", "skillable.launch-grace-minutes", "skillable.max-api-consumers",
 )
 DEFAULT_RETENTION = "15d"  # Prometheus' default --storage.tsdb.retention.time (Debian's too)
 DEFAULT_BLOCK_DURATION = "6h"  # 4 blocks a day: 4 passes of promtool over a file, none across midnight

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import requests
@@ -248,7 +249,8 @@ class SkillableClient:
         """`text` with the API key blanked out, for anything that reaches a log or a metric."""
         return text.replace(self._api_key, "<redacted>") if self._api_key else text
 
-    def get(self, endpoint: str, params: dict[str, int] | None, timeout: float, max_bytes: int | None = None) -> bytes:
+    def get(self, endpoint: str, params: Mapping[str, int | str] | None, timeout: float,
+            max_bytes: int | None = None) -> bytes:
         """GET <base>/<endpoint> and return the body of a 200 answer, within `timeout` seconds in total.
         `max_bytes` replaces the client's body cap for this call (the catalog has its own)."""
         deadline = time.monotonic() + timeout
@@ -259,7 +261,8 @@ class SkillableClient:
             raise ApiError(exc.reason, self.redact(str(exc)), exc.retry_after) from None
 
     def _get(
-        self, endpoint: str, params: dict[str, int] | None, deadline: float, watchdog: _Deadline, max_bytes: int
+        self, endpoint: str, params: Mapping[str, int | str] | None, deadline: float, watchdog: _Deadline,
+        max_bytes: int
     ) -> bytes:
         remaining = max(deadline - time.monotonic(), 0.001)
         try:

@@ -17,6 +17,7 @@ import platform
 import threading
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
@@ -33,7 +34,17 @@ from .account import AccountView, PollView
 from .catalog import AccountProfiles, catalog_families
 from .config import Names
 from .render import Encoding, LineEncoder, Part, Rows, as_metric
-from .families import NAME_FAMILIES, STATUS_LABEL, Family, health_families, lab_families
+from .families import (
+    KIND_LABEL,
+    NAME_FAMILIES,
+    STATUS_LABEL,
+    Family,
+    health_families,
+    lab_families,
+    launch_families,
+    launch_health_families,
+)
+from .launches import LaunchCounts
 from .state import DIMENSIONS, PROFILE, Dimension, Histogram, Snapshot, Summary
 from .version import build_info
 
@@ -47,7 +58,7 @@ class _Rendered:
     """One cached exposition: what it was rendered from, the body, and once asked for, its gzip
     without the closing `# EOF` together with the compressor's state after it (see gzipped())."""
 
-    inputs: list[tuple[Snapshot, str]]
+    inputs: list[tuple[Snapshot, LaunchCounts | None, str]]
     body: bytes
     gzip_head: tuple[bytes, Any] | None = None
 
@@ -111,7 +122,7 @@ class SkillableCollector(Collector):
         """
         with self._lock:
             views = self._views()
-            inputs = [(view.snapshot, repr(view.health)) for _, view in views]
+            inputs = [(view.snapshot, view.launch, repr(view.health)) for _, view in views]
             cached = self._rendered.get(encoding)
             if cached is not None and _same_inputs(cached.inputs, inputs):
                 return cached.body
@@ -166,7 +177,7 @@ class SkillableCollector(Collector):
             keys: list[Any] = []
             values: list[Any] = []
             for account, view in views:
-                some_keys, some_values = spec.rows(view.snapshot)
+                some_keys, some_values = spec.rows(view)
                 keys += [(account, key) for key in some_keys]
                 values += some_values
 
@@ -175,7 +186,7 @@ class SkillableCollector(Collector):
                 suffix, label_values = name(inner)
                 return base + suffix if suffix else own_name, dict(zip(label_names, (account, *label_values)))
         else:
-            keys, values = spec.rows(views[0][1].snapshot) if views else ([], [])
+            keys, values = spec.rows(views[0][1]) if views else ([], [])
 
             def sample(key: Hashable) -> tuple[str, dict[str, str]]:
                 suffix, label_values = name(key)
@@ -185,14 +196,16 @@ class SkillableCollector(Collector):
 
     # -- lab metrics -------------------------------------------------------
 
-    def _lab_families(self) -> list[LabFamily]:
+    def _lab_families(self, launch: bool) -> list[LabFamily]:
         """The lab metric families in the order they are exposed, from the dimensions' declarations
-        (families.lab_families): each reads its dimension's table of the snapshot."""
-        return [LabFamily(KINDS[f.type], f.name, f.help, list(f.labels), *_table_rows(f))
-                for f in lab_families(self._dimensions, self._window_minutes)]
+        (families.lab_families): each reads its dimension's table of the snapshot; then, with `launch`
+        (an account has the launch collector on), the launch families, read from the launch memory."""
+        specs = [*lab_families(self._dimensions, self._window_minutes), *(launch_families() if launch else ())]
+        return [LabFamily(KINDS[f.type], f.name, f.help, list(f.labels), *_table_rows(f)) for f in specs]
 
     def _lab_parts(self, views: Views) -> Iterator[Rows]:
-        return (self._rows(spec, views) for spec in self._lab_families())
+        launch = any(view.launch is not None for _, view in views)
+        return (self._rows(spec, views) for spec in self._lab_families(launch))
 
     # -- exporter health ---------------------------------------------------
 
@@ -236,6 +249,24 @@ class SkillableCollector(Collector):
         info = build_info()
         made["skillable_exporter_build_info"].add_metric([info.version, info.revision, platform.python_version()], 1)
         yield from made.values()
+        if any(view.launch is not None for _, view in views):
+            yield from self._launch_health(views)
+
+    def _launch_health(self, views: Views) -> Iterator[Metric]:
+        """The launch collector's own health (families.launch_health_families), for the accounts that have it."""
+        made = {f.name: self._plain_family(f) for f in launch_health_families()}
+        overflow, invalid = made["skillable_lab_integration_overflow_total"], \
+            made["skillable_lab_search_results_invalid_total"]
+        last_success = made["skillable_launch_last_success_timestamp_seconds"]
+        for account, view in views:
+            launch, labels = view.launch, self._values(account, [])
+            if launch is None:
+                continue
+            overflow.add_metric(labels, launch.integration.overflow_total)
+            invalid.add_metric(labels, launch.invalid_total)
+            if launch.last_success is not None:
+                last_success.add_metric(labels, launch.last_success)
+        yield from made.values()
 
     def _plain_family(self, f: Family) -> GaugeMetricFamily | CounterMetricFamily:
         """An empty gauge or counter family of the table, with `account` among its labels if it has one."""
@@ -246,11 +277,20 @@ class SkillableCollector(Collector):
     # -- names for ids -----------------------------------------------------
 
     def _info_metrics(self, views: list[tuple[str, PollView]]) -> Iterator[Metric]:
-        regions: dict[str, str] = {}
+        # Names: the config file wins, then /deliveryregions (regions), then the names /labinstance/search
+        # carries (the first account that names an id).
+        found: dict[str, dict[str, str]] = {"datacenter": {}, "delivery_region": {}, "lab_host": {}}
+        for _, view in reversed(views):
+            if view.launch is not None:
+                for kind, names in view.launch.names.items():
+                    found[kind].update(names)
+        regions = found["delivery_region"]
         for _, view in views:
             regions.update({str(k): v for k, v in view.health.region_names.items()})
         regions.update(self._names.delivery_regions)  # the config file wins over the API
-        for spec, names in zip(NAME_FAMILIES, (self._names.datacenters, regions, self._names.lab_hosts)):
+        datacenters = {**found["datacenter"], **self._names.datacenters}
+        hosts = {**found["lab_host"], **self._names.lab_hosts}
+        for spec, names in zip(NAME_FAMILIES, (datacenters, regions, hosts)):
             family = GaugeMetricFamily(spec.name, spec.help, labels=list(spec.labels))
             for key in sorted(names, key=_id_order):
                 family.add_metric([key, names[key]], 1)
@@ -273,7 +313,7 @@ FamilyKind = type[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamil
 class LabFamily:
     """One lab family and where its rows come from.
 
-    `rows(snapshot)` gives one account's keys and values; `sample(key)` the key's sample name
+    `rows(view)` gives one account's keys and values; `sample(key)` the key's sample name
     suffix ("" for the family's own sample name) and label values in `labels` order (a bucket's
     `le` last).
     """
@@ -282,7 +322,7 @@ class LabFamily:
     name: str
     help: str
     labels: list[str]
-    rows: Callable[[Snapshot], KeysValues]
+    rows: Callable[[PollView], KeysValues]
     sample: Callable[[Any], tuple[str, tuple[str, ...]]]
 
 
@@ -290,23 +330,44 @@ KINDS: dict[str, FamilyKind] = {"gauge": GaugeMetricFamily, "counter": CounterMe
                                 "histogram": HistogramMetricFamily, "summary": SummaryMetricFamily}
 
 
-def _table_rows(f: Family) -> tuple[Callable[[Snapshot], KeysValues], Callable[[Any], tuple[str, tuple[str, ...]]]]:
-    """How a lab family reads its dimension's table of a snapshot (`rows`), and names a row (`sample`)."""
-    name, table = f.dimension.name, f.table  # type: ignore[union-attr]
+Tables = Callable[[PollView], Any]  # one table of one account (a dict by key), or None if it has none
+
+
+def _table_rows(f: Family) -> tuple[Callable[[PollView], KeysValues], Callable[[Any], tuple[str, tuple[str, ...]]]]:
+    """How a lab family reads its table of an account (`rows`), and names a row (`sample`). A family of a
+    dimension reads the dimension's table of the snapshot (of the launch memory's, for launches per
+    integration); a launch family reads its attribute of the launch memory's snapshot."""
+    table: Tables
+    if f.launch and f.dimension is None:
+        table = partial(_launch_table, f.table)
+    elif f.launch:
+        table = partial(_dimension_table, "launch", f.dimension.name, f.table)  # type: ignore[union-attr]
+    else:
+        table = partial(_dimension_table, "snapshot", f.dimension.name, f.table)  # type: ignore[union-attr]
     if f.type == "histogram":
-        return _histogram_rows(name, table), _histogram_sample
+        return partial(_histogram_rows, table), _histogram_sample
     if f.type == "summary":
-        return _summary_rows(name, table), _summary_sample
-    return _dict_rows(name, table), (_per_status_sample if STATUS_LABEL in f.labels else _plain_sample)
+        return partial(_summary_rows, table), _summary_sample
+    per_label = STATUS_LABEL in f.labels or KIND_LABEL in f.labels
+    return partial(_dict_rows, table), (_per_status_sample if per_label else _plain_sample)
 
 
-def _dict_rows(dimension: str, table: str) -> Callable[[Snapshot], KeysValues]:
-    """A table of one dimension: it holds every key (in `keys` order) and, in the per-status tables, the
-    statuses of a key in ALL_STATUSES order: its own key order is the exposition's."""
-    def rows(snapshot: Snapshot) -> KeysValues:
-        counts = getattr(snapshot[dimension], table)
-        return list(counts), list(counts.values())
-    return rows
+def _dimension_table(source: str, dimension: str, table: str, view: PollView) -> Any:
+    counts = getattr(view, source)
+    return None if counts is None else getattr(counts[dimension], table)
+
+
+def _launch_table(table: str, view: PollView) -> Any:
+    return None if view.launch is None else getattr(view.launch, table)
+
+
+def _dict_rows(table: Tables, view: PollView) -> KeysValues:
+    """A table of one dimension: it holds every key (in `keys` order) and, in the per-status (per-kind)
+    tables, the statuses (kinds) of a key in their order: its own key order is the exposition's."""
+    counts = table(view)
+    if counts is None:
+        return [], []
+    return list(counts), list(counts.values())
 
 
 def _plain_sample(key: Any) -> tuple[str, tuple[str, ...]]:
@@ -318,17 +379,15 @@ def _per_status_sample(key: Any) -> tuple[str, tuple[str, ...]]:
     return "", (*labels, status)
 
 
-def _summary_rows(dimension: str, table: str) -> Callable[[Snapshot], KeysValues]:
+def _summary_rows(table: Tables, view: PollView) -> KeysValues:
     """Per observer key: _count, then _sum."""
-    def rows(snapshot: Snapshot) -> KeysValues:
-        keys: list[Any] = []
-        values: list[Any] = []
-        summary: Summary
-        for key, summary in getattr(snapshot[dimension], table).items():
-            keys += [(key, "_count"), (key, "_sum")]
-            values += [summary.count, summary.total]
-        return keys, values
-    return rows
+    keys: list[Any] = []
+    values: list[Any] = []
+    summary: Summary
+    for key, summary in (table(view) or {}).items():
+        keys += [(key, "_count"), (key, "_sum")]
+        values += [summary.count, summary.total]
+    return keys, values
 
 
 def _summary_sample(key: Any) -> tuple[str, tuple[str, ...]]:
@@ -336,20 +395,18 @@ def _summary_sample(key: Any) -> tuple[str, tuple[str, ...]]:
     return suffix, labels
 
 
-def _histogram_rows(dimension: str, table: str) -> Callable[[Snapshot], KeysValues]:
+def _histogram_rows(table: Tables, view: PollView) -> KeysValues:
     """Per observer key: a key and value per bucket (cumulative, le ending in +Inf), then _count and _sum."""
-    def rows(snapshot: Snapshot) -> KeysValues:
-        keys: list[Any] = []
-        values: list[Any] = []
-        hist: Histogram
-        for key, hist in getattr(snapshot[dimension], table).items():
-            buckets = hist.cumulative()
-            keys += [(key, le) for le, _ in buckets]
-            values += [count for _, count in buckets]
-            keys += [(key, "_count"), (key, "_sum")]
-            values += [buckets[-1][1], hist.total]
-        return keys, values
-    return rows
+    keys: list[Any] = []
+    values: list[Any] = []
+    hist: Histogram
+    for key, hist in (table(view) or {}).items():
+        buckets = hist.cumulative()
+        keys += [(key, le) for le, _ in buckets]
+        values += [count for _, count in buckets]
+        keys += [(key, "_count"), (key, "_sum")]
+        values += [buckets[-1][1], hist.total]
+    return keys, values
 
 
 def _histogram_sample(key: Any) -> tuple[str, tuple[str, ...]]:
@@ -380,8 +437,11 @@ def gzip_head(body: bytes) -> tuple[bytes, Any]:
     return compressor.compress(without_eof(body)), compressor
 
 
-def _same_inputs(old: list[tuple[Snapshot, str]], new: list[tuple[Snapshot, str]]) -> bool:
-    return len(old) == len(new) and all(o[0] is n[0] and o[1] == n[1] for o, n in zip(old, new))
+Inputs = list[tuple[Snapshot, LaunchCounts | None, str]]
+
+
+def _same_inputs(old: Inputs, new: Inputs) -> bool:
+    return len(old) == len(new) and all(o[0] is n[0] and o[1] is n[1] and o[2] == n[2] for o, n in zip(old, new))
 
 
 def _id_order(key: str) -> tuple[int, str]:

@@ -315,6 +315,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("skillable.max-catalog-bytes", 64 * 1024 * 1024, _number(1024, 16 * 1024**3, True, BYTES),
             "largest /catalog body accepted (the catalog is one unpaged answer)", "SKILLABLE_MAX_CATALOG_BYTES",
             field="max_catalog_bytes", metavar="BYTES"),
+    Setting("collector.launch", True, _bool,
+            "poll /labinstance/search (mode 5) for start-up times, labs never ready, lab errors and launches per "
+            "integration (docs/launch.md)", "SKILLABLE_COLLECTOR_LAUNCH", field="collect_launch"),
+    Setting("skillable.launch-interval", 300.0, _number(60, 86400, units=SECONDS),
+            "time between launch polls, at least (driven by scrapes; 60s..24h)", "SKILLABLE_LAUNCH_INTERVAL",
+            field="launch_interval", metavar="SECONDS"),
+    Setting("skillable.launch-page-size", 100, _number(1, 1000, integer=True),
+            "lab instances asked for per page of /labinstance/search", "SKILLABLE_LAUNCH_PAGE_SIZE",
+            field="launch_page_size", metavar="N"),
+    Setting("skillable.launch-grace-minutes", 15, _number(0, 1440, integer=True),
+            "minutes an ended lab is still looked at for errors reported after its End",
+            "SKILLABLE_LAUNCH_GRACE_MINUTES", field="launch_grace_minutes", metavar="MINUTES"),
+    Setting("skillable.launch-timeout", 60.0, _number(1, 600, units=SECONDS),
+            "total time one launch poll (every page of it) may take", "SKILLABLE_LAUNCH_TIMEOUT",
+            field="launch_timeout", metavar="SECONDS"),
+    Setting("skillable.max-api-consumers", 100, _number(1, 100_000, integer=True),
+            "API consumers tracked as separate label values; more go to api_consumer=\"other\"",
+            "SKILLABLE_MAX_API_CONSUMERS", field="max_api_consumers", metavar="N"),
 )
 _BY_DEST = {s.dest: s for s in SETTINGS}
 
@@ -382,6 +400,12 @@ class Config:
     collect_delivery_regions: bool
     collect_catalog: bool
     max_catalog_bytes: int
+    collect_launch: bool
+    launch_interval: float
+    launch_page_size: int
+    launch_grace_minutes: int
+    launch_timeout: float
+    max_api_consumers: int
     names: Names
     demo: bool
 

@@ -30,11 +30,22 @@ The demo API answers only its own key, DEMO_API_KEY (the exporter in --demo mode
 wrong one gets the answer Skillable gives, HTTP 200 with Status 0 and "Invalid API key"). It
 listens on 127.0.0.1 at the exporter's port plus one (demo_api_address), so its URL, which the
 state file records, is the same at every start: a state file, and backfill's, restore.
+
+/labinstance/search (mode 5) shows the same labs with what launches add (launch_facts, a pure
+function of the seed and the lab): how long each took to become ready (datacenter
+SLOW_DATACENTER takes minutes where the others take about one), the API consumer that launched
+it, and errors: profile LIFECYCLE_FAILING_PROFILE's life-cycle script fails in most of its labs,
+and the webhook receiver of integration WEBHOOK_CONSUMER answers 404 on scoring (one error just
+before the End, one just after). Labs that fail to create never become ready. Host names come with
+the records but for datacenter UNNAMED_DATACENTER's hosts. The records carry
+made-up credentials, names and e-mails (DEMO_SECRET_MARKERS), as real ones do, so tests can
+prove none of it leaves the exporter.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import sys
@@ -375,6 +386,175 @@ def catalog_body() -> bytes:
                             "Status": 1, "Error": None})
 
 
+# -- /labinstance/search, mode 5: how labs start, and what breaks while they run ----------------
+
+SLOW_DATACENTER = 2  # its labs take minutes to become ready
+LIFECYCLE_FAILING_PROFILE = 5004  # "Monitor with Azure Monitor": its life-cycle script fails in most labs
+LIFECYCLE_FAILURE_SHARE = 0.7
+WEBHOOK_CONSUMER = "Fabrikam Academy"  # its webhook receiver answers 404 on scoring
+CONSUMERS: tuple[tuple[str, float], ...] = (("Contoso LMS", 60.0), ("Partner Portal", 30.0), (WEBHOOK_CONSUMER, 10.0))
+NEVER_READY = (10, 20)  # storage provisioning and lab creation failures never become ready
+# Its hosts come without a LabHostName (a partner's datacenter): dashboards show their ids, as for any
+# host neither the config nor the API names.
+UNNAMED_DATACENTER = 4
+# Parts of the made-up personal data and credentials in every mode-5 record (concise_record).
+DEMO_SECRET_MARKERS = ("Demo-Pa55w0rd-", "demo-cloud-secret-", "learner.", "@demo-mail.invalid", "Learnerson",
+                       "demo-hook-token-")
+_LIFECYCLE_MESSAGE = ("Configuration error encountered when executing life cycle action {action} script. Error: "
+                      "unable to find machine to score against.")
+_WEBHOOK_MESSAGE = ('Error calling API Consumer webhook {event} "{event}" at URL https://hooks.fabrikam.invalid/'
+                    'skillable?token=demo-hook-token-{user}. Response status code: NotFound.')
+_COMPLETION_NAMES = {1: "Cancelled", 2: "No Show", 3: "Incomplete", 4: "Complete", 10: "Storage Provisioning Failed",
+                     20: "Lab Creation Failed", 30: "Resume Failed", 40: "Save Failed", 50: "Submitted For Grading",
+                     60: "Grading In Progress"}
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchFacts:
+    """What /labinstance/search adds to a lab: seconds from its Start until it was ready (None: never; a lab
+    that ends first was never ready), who launched it, and its errors (seconds after its Start, message)."""
+
+    startup: int | None
+    consumer: str
+    errors: tuple[tuple[int, str], ...]
+
+
+@functools.lru_cache(maxsize=65536)
+def launch_facts(lab: Lab, seed: int = 7) -> LaunchFacts:
+    """The launch facts of a lab: a pure function of the seed and the lab (its own random stream, so the
+    LatestResults traffic is the same with or without them)."""
+    rng = random.Random(f"{seed}:launch:{lab.instance_id}")
+    if lab.status in NEVER_READY:
+        startup = None
+    elif lab.datacenter == SLOW_DATACENTER:
+        startup = int(rng.uniform(240, 900))
+    else:
+        startup = int(min(600, rng.lognormvariate(math.log(55), 0.45)))
+    if startup is not None and lab.start + startup > lab.end:
+        startup = None  # ended (cancelled, say) before it was ready
+    consumer = CONSUMERS[_pick(rng, [w for _, w in CONSUMERS])][0]
+    errors: list[tuple[int, str]] = []
+    if lab.profile_id == LIFECYCLE_FAILING_PROFILE and rng.random() < LIFECYCLE_FAILURE_SHARE:
+        errors.append((min(lab.end - lab.start, (startup or 30) + rng.randrange(5, 60)),
+                       _LIFECYCLE_MESSAGE.format(action=3466)))
+    if consumer == WEBHOOK_CONSUMER and startup is not None:
+        duration = lab.end - lab.start
+        errors.append((max(0, duration - rng.randrange(5, 30)),
+                       _WEBHOOK_MESSAGE.format(event="Scoring", user=lab.user)))
+        errors.append((duration + rng.randrange(1, 30), _WEBHOOK_MESSAGE.format(event="Scored", user=lab.user)))
+    return LaunchFacts(startup, consumer, tuple(errors))
+
+
+def _pick(rng: random.Random, weights: Sequence[float]) -> int:
+    pick = rng.random() * sum(weights)
+    for i, weight in enumerate(weights):
+        pick -= weight
+        if pick < 0:
+            return i
+    return len(weights) - 1
+
+
+def concise_record(lab: Lab, now: float, seed: int = 7) -> dict[str, Any]:
+    """A lab as mode 5 shows it at `now`: the LabResult's facts, its launch facts as far as they have
+    happened, names, and the personal data and credentials real records carry (made up)."""
+    facts = launch_facts(lab, seed)
+    ended = lab.end <= now
+    ready = facts.startup is not None and lab.start + facts.startup <= now
+    dc_name = DATACENTER_NAMES[str(lab.datacenter)]
+    return {
+        "Id": lab.instance_id, "LabProfileId": lab.profile_id, "LabProfileName": _PROFILE_NAMES[lab.profile_id],
+        "UserId": f"user-{lab.user}", "UserFirstName": "Demo", "UserLastName": f"Learnerson{lab.user}",
+        "UserEmail": f"learner.{lab.user}@demo-mail.invalid", "ClassId": None, "ClassName": None,
+        "Start": lab.start, "StartTime": f"/Date({lab.start * 1000})/",
+        "End": lab.end if ended else None, "EndTime": f"/Date({lab.end * 1000})/" if ended else None,
+        "State": "Off" if ended else ("Running" if ready else "Starting"),
+        "CompletionStatus": _COMPLETION_NAMES.get(lab.status, "Unknown") if ended else "Incomplete",
+        "LabHostId": lab.host, "LabHostName": LAB_HOST_NAMES[str(lab.host)] if lab.datacenter != UNNAMED_DATACENTER
+        else None, "DatacenterId": lab.datacenter,
+        "DatacenterName": dc_name, "DeliveryRegionId": lab.region, "DeliveryRegionName": DELIVERY_REGIONS[lab.region],
+        "StartupDuration": facts.startup if ready else None,
+        "Errors": [{"Message": message, "Time": lab.start + after, "TimeValue": f"/Date({(lab.start + after) * 1000})/"}
+                   for after, message in facts.errors if lab.start + after <= now],
+        "ErrorCount": str(sum(1 for after, _ in facts.errors if lab.start + after <= now)),
+        "ApiConsumerName": facts.consumer,
+        "VirtualMachineCredentials": [{"Id": 907, "Name": "Windows Server", "Username": "Administrator",
+                                       "Password": f"Demo-Pa55w0rd-{lab.user}"}],
+        "CloudCredentials": [{"Name": "Azure subscription", "UserName": f"learner.{lab.user}@demo-mail.invalid",
+                              "Password": f"demo-cloud-secret-{lab.user}"}],
+        "Notes": [], "Sessions": [{"Start": lab.start, "End": lab.end if ended else None}],
+        "DetailsUrl": f"https://labs.demo.invalid/LabInstance/{lab.instance_id}", "InstructorName": "",
+        "TaskCompletePercent": lab.task_percent if ended else lab.task_percent // 2,
+    }
+
+
+def search_body(traffic: Traffic, query: dict[str, list[str]], now: float, seed: int = 7) -> bytes:
+    """/labinstance/search?mode=5: the labs started at or after `start` (by now; at most 7 days and the longest
+    lab back), sorted (start, start desc, end, end desc: running labs, with no End, sort lowest) and paged.
+    Sorted by start, a page is found minute by minute (the labs of a minute are generated, and kept, at
+    once), so paging through days of labs costs no sort of them all."""
+    def one(name: str, default: str) -> str:
+        return query.get(name, [default])[0]
+
+    try:
+        mode, start = int(one("mode", "10")), int(one("start", "0"))
+        size, index = int(one("pageSize", "100")), int(one("pageIndex", "0"))
+    except ValueError:
+        return _encoder.encode({"Status": 0, "Error": "invalid parameter"})
+    if mode != 5 or not 1 <= size <= 1000 or index < 0:
+        return _encoder.encode({"Status": 0, "Error": "the demo serves mode 5, pages of 1 to 1000"})
+    start = max(start, int(now) - 10080 * 60 - MAX_LAB_SECONDS)
+    sort = one("sort", "start desc").strip().lower()
+    minutes = range(math.floor(start / 60), math.floor(now / 60) + 1)
+
+    def started(minute: int) -> list[Lab]:
+        return sorted((lab for lab in traffic.labs_starting_in(minute) if start <= lab.start <= now),
+                      key=lambda lab: (lab.start, lab.instance_id))
+
+    page: list[Lab] = []
+    if sort == "start":
+        total, skip = 0, index * size
+        for minute in minutes:
+            generated = traffic.labs_starting_in(minute)
+            if total + len(generated) > skip and len(page) < size:  # this minute may hold part of the page
+                chosen = started(minute)
+                page += chosen[max(0, skip - total):][:size - len(page)]
+                total += len(chosen)
+            else:
+                total += sum(1 for lab in generated if start <= lab.start <= now)
+    else:
+        ordered = _sorted_labs(traffic, start, now, sort, minutes, started)
+        total, page = len(ordered), ordered[index * size:(index + 1) * size]
+    return _encoder.encode({"TotalResults": total, "TotalPages": -(-total // size),
+                            "Results": [concise_record(lab, now, seed) for lab in page], "Status": 1, "Error": None})
+
+
+_SORTED: dict[tuple[int, int, str, int], list[Lab]] = {}  # the last sort, reused by the next pages (see below)
+_SORTED_LOCK = threading.Lock()
+
+
+def _sorted_labs(traffic: Traffic, start: int, now: float, sort: str, minutes: range,
+                 started: Callable[[int], list[Lab]]) -> list[Lab]:
+    """The labs of a search sorted otherwise than by start: sorted once, and the same list given to the pages
+    asked within 10 s with the same start (a poll asks them one after the other), as an API a little behind."""
+    key = (id(traffic), start, sort, int(now) // 10)
+    with _SORTED_LOCK:
+        cached = _SORTED.get(key)
+    if cached is not None:
+        return cached
+    labs = [lab for minute in minutes for lab in started(minute)]
+    if sort.startswith("end"):
+        labs.sort(key=lambda lab: (lab.end if lab.end <= now else -1, lab.instance_id), reverse=sort.endswith("desc"))
+    elif sort.endswith("desc"):
+        labs.reverse()
+    with _SORTED_LOCK:
+        _SORTED.clear()
+        _SORTED[key] = labs
+    return labs
+
+
+_PROFILE_NAMES = {p.id: p.name for p in CATALOG_PROFILES}
+
+
 def latest_results_body(traffic: Traffic, now: float, minutes: int) -> bytes:
     parts = [result_json(lab, ended, now) for lab, ended in traffic.changed_within(now, minutes)]
     return b'{"Results":[' + b",".join(parts) + b'],"Status":1,"Error":null}'
@@ -439,6 +619,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             self._json({"DeliveryRegions": regions, "Status": 1, "Error": None}, endpoint)
         elif endpoint == "catalog":
             self._send(catalog_body(), endpoint)
+        elif endpoint == "search" and url.path.rstrip("/").lower().endswith("labinstance/search"):
+            self._send(search_body(self.server.traffic, parse_qs(url.query), now, self.server.traffic.seed), endpoint)
         elif endpoint == "stats":
             # Every lab started and not ended (the longest runs MAX_LAB_SECONDS), as the exporter's
             # sum(skillable_lab_instances_running) counts them from its first poll.
@@ -535,8 +717,8 @@ def serve(server: SimulatorServer) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions, catalog)"
-                           f" answering the key {DEMO_API_KEY} only").parse_args(argv)
+    args = argument_parser("Simulated Skillable Lab API (LatestResults, Results, stats, deliveryregions, catalog, "
+                           f"labinstance/search) answering the key {DEMO_API_KEY} only").parse_args(argv)
     server = SimulatorServer(listen_address(args.listen), Traffic(args.labs_per_minute, args.seed, rhythm=True),
                              api_key=DEMO_API_KEY)
     print(f"api_key: {DEMO_API_KEY}", file=sys.stderr, flush=True)

@@ -7,11 +7,10 @@ backfill's error line.
 
 from __future__ import annotations
 
-import re
 
 from . import client
 from .client import ApiError
-from .model import DecodeError, NotJsonError, UpstreamError
+from .model import KEY_ERROR, DecodeError, NotJsonError, UpstreamError
 
 # Failure reasons besides the client's transport ones (client.py): see docs/failure-modes.md.
 NOT_JSON = "not_json"
@@ -25,8 +24,6 @@ FAILURE_REASONS: tuple[str, ...] = (
     client.RATE_LIMITED, client.HTTP_ERROR, client.TOO_LARGE, NOT_JSON, INVALID_RESPONSE, API_ERROR,
     INTERNAL_ERROR,
 )
-# Skillable answers a bad key with HTTP 200, Status 0 and an Error about the key.
-_KEY_ERROR = re.compile(r"api[ _-]?key|unauthori[sz]ed|forbidden|not authenticated", re.IGNORECASE)
 
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
@@ -38,7 +35,7 @@ def failure_reason(exc: Exception) -> str:
     if isinstance(exc, ApiError):
         return exc.reason
     if isinstance(exc, UpstreamError):
-        return UNAUTHORIZED if _KEY_ERROR.search(str(exc)) else API_ERROR
+        return UNAUTHORIZED if KEY_ERROR.search(str(exc)) else API_ERROR
     if isinstance(exc, NotJsonError):
         return NOT_JSON
     if isinstance(exc, DecodeError):

@@ -2,7 +2,9 @@
 
 The lab families derive from the dimensions' declarations (state.DIMENSIONS): each dimension
 names its families, and the templates below (TABLE_FAMILIES) give each table's type, labels and
-help. The other families are listed. The collector builds the lab, health and name families
+help. The launch collector's families (launches.py) are listed, but for launches per integration,
+which derive from its dimension's declaration (launches.INTEGRATION) as the others do. The other
+families are listed. The collector builds the lab, health and name families
 from this table; catalog.py's families, app.py's reload gauges and prometheus_client's process
 and Python collectors are listed as they serve them. tests/test_exposition.py checks every family
 served against this table and the README's metrics table against it (name, type, labels).
@@ -13,11 +15,13 @@ accounts are configured, and without the `le` and `quantile` of histogram and su
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from collections.abc import Sequence
 
+from .launches import INTEGRATION
 from .model import ALL_STATUSES
-from .state import DIMENSIONS, Dimension
+from .state import DIMENSIONS, PLACE, PROFILE, Dimension
 
 SHARED_POLL_NOTE = (
     " Values come from the most recent poll, which concurrent scrapes share and"
@@ -34,7 +38,8 @@ class Family:
     help: str
     accounts: bool = True  # gains `account` with several accounts
     dimension: Dimension | None = None  # a lab family: its dimension and table
-    table: str = ""
+    table: str = ""  # a lab family's table; a launch family's (launch=True) attribute of LaunchCounts
+    launch: bool = False  # read from the launch memory (launches.py), served with the launch collector on
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,54 @@ def lab_families(dimensions: Sequence[Dimension] = DIMENSIONS, window_minutes: i
                                     running=names.get("running", "the running gauge"))
             out.append(Family(name, kind, labels, text, dimension=dim, table=table))
     return out
+
+
+KIND_LABEL = "kind"
+LAUNCH_NOTE = " From /labinstance/search (the launch collector), each instance counted once."
+
+
+def launch_families() -> list[Family]:
+    """The launch collector's lab families (launches.py), in exposition order: start-up times, labs never
+    ready, errors by kind, per place and per profile, then launches per integration (a dimension declared
+    as the state's are, its families derived the same way)."""
+    profile = PROFILE.labels
+    return [
+        Family("skillable_lab_startup_duration_seconds", "histogram", PLACE.observer_labels,
+               "Seconds from a lab's launch until it was ready (StartupDuration), by datacenter and delivery"
+               " region, observed once per instance when it first appears." + LAUNCH_NOTE,
+               table="startup", launch=True),
+        Family("skillable_lab_profile_startup_duration_seconds", "summary", profile,
+               "Seconds from a lab's launch until it was ready (StartupDuration), by lab profile." + LAUNCH_NOTE,
+               table="profile_startup", launch=True),
+        Family("skillable_lab_instances_not_ready_total", "counter", PLACE.labels,
+               "Lab instances that ended without ever reporting a StartupDuration." + LAUNCH_NOTE,
+               table="not_ready", launch=True),
+        Family("skillable_lab_profile_instances_not_ready_total", "counter", profile,
+               "Lab instances that ended without ever reporting a StartupDuration, by lab profile." + LAUNCH_NOTE,
+               table="profile_not_ready", launch=True),
+        Family("skillable_lab_errors_total", "counter", (*PLACE.labels, KIND_LABEL),
+               "Errors lab instances reported (life-cycle action scripts, webhooks, other), each entry counted"
+               " once, including entries dated after the lab's End." + LAUNCH_NOTE,
+               table="errors", launch=True),
+        Family("skillable_lab_profile_errors_total", "counter", (*profile, KIND_LABEL),
+               "Errors lab instances reported, by lab profile and kind, each entry counted once." + LAUNCH_NOTE,
+               table="profile_errors", launch=True),
+        *(dataclasses.replace(f, launch=True) for f in lab_families((INTEGRATION,))),
+    ]
+
+
+def launch_health_families() -> list[Family]:
+    """The launch collector's own health, served after the exporter's health with the collector on."""
+    return [
+        Family(INTEGRATION.overflow_family, "counter", (),
+               'Launches whose API consumer was reported as api_consumer="other" because of '
+               f'--{INTEGRATION.cap_setting}.',
+               dimension=INTEGRATION, launch=True),
+        Family("skillable_lab_search_results_invalid_total", "counter", (),
+               "Records of /labinstance/search that failed validation and were skipped.", launch=True),
+        Family("skillable_launch_last_success_timestamp_seconds", "gauge", (),
+               "Unix time at which the last complete launch poll (/labinstance/search) began.", launch=True),
+    ]
 
 
 def health_families(dimensions: Sequence[Dimension] = DIMENSIONS) -> list[Family]:
@@ -181,9 +234,9 @@ RUNTIME_FAMILIES: tuple[Family, ...] = (
 
 def all_families(dimensions: Sequence[Dimension] = DIMENSIONS) -> list[Family]:
     """The whole table, in the order a scrape of /metrics serves it."""
-    return [*lab_families(dimensions), *health_families(dimensions), *NAME_FAMILIES, *CATALOG_FAMILIES,
-            *RUNTIME_FAMILIES]
+    return [*lab_families(dimensions), *launch_families(), *health_families(dimensions), *launch_health_families(),
+            *NAME_FAMILIES, *CATALOG_FAMILIES, *RUNTIME_FAMILIES]
 
 
 # Every label a lab family uses: backfill refuses them as its own extra labels.
-LAB_LABELS: frozenset[str] = frozenset(label for f in lab_families() for label in f.labels)
+LAB_LABELS: frozenset[str] = frozenset(label for f in (*lab_families(), *launch_families()) for label in f.labels)

@@ -81,6 +81,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .account import AccountMemory, Health, Memory
+from .launches import LaunchExport, LaunchState
 from .model import Count, Finite
 from .state import FleetExport, FleetState, RestoreError
 
@@ -113,6 +114,9 @@ class AccountState(msgspec.Struct, forbid_unknown_fields=True):
     requests: dict[str, Count]
     failures: list[_Failure]
     fleet: FleetExport  # FleetState.export(): instances (running ones too), counters, histograms
+    # LaunchState.export(): the launch collector's checkpoints, watched labs, what was counted (absent
+    # with the collector off, and in files written before it)
+    launch: LaunchExport | None = None
 
 
 class _Header(msgspec.Struct):
@@ -153,18 +157,22 @@ def encode_account(memory: Memory) -> bytes:
     without the lock, so scrapes are not held up.
     """
     health = memory.health
+    launch = getattr(memory, "launch", None)  # a memory of an older shape has none
     doc = AccountState(
         last_success=health.last_success,
         requests=dict(health.requests),
         failures=[_Failure(e, r, n) for (e, r), n in sorted(health.failures.items())],
         fleet=memory.state.export(),
+        launch=launch.export() if launch is not None else None,
     )
     return _encoder.encode(doc)
 
 
-def restore_account(saved: AccountState, empty: FleetState) -> AccountMemory:
+def restore_account(saved: AccountState, empty: FleetState, empty_launch: LaunchState | None = None) -> AccountMemory:
     """The memory a saved account holds, with the limits (hosts, profiles, running time) of `empty`,
-    the state of an account not polled yet. Raises StateFileError when the saved fleet is inconsistent."""
+    the state of an account not polled yet, and of `empty_launch`, its launch memory (None: the launch
+    collector is off, and what the file holds of it is left out). Raises StateFileError when the saved
+    fleet is inconsistent; a launch memory that is gives a warning and starts empty."""
     try:
         state = FleetState.restore(saved.fleet, empty.max_lab_hosts, empty.max_lab_profiles,
                                    empty.max_running_seconds)
@@ -172,7 +180,13 @@ def restore_account(saved: AccountState, empty: FleetState) -> AccountMemory:
         raise StateFileError(str(exc)) from None
     health = Health(last_success=saved.last_success, requests=Counter(saved.requests),
                     failures=Counter({(f.endpoint, f.reason): f.count for f in saved.failures}))
-    return AccountMemory(state, health)
+    launch = None
+    if empty_launch is not None and saved.launch is not None:
+        try:
+            launch = LaunchState.restore(saved.launch, empty_launch)
+        except RestoreError as exc:
+            log.warning("launch memory not restored, starting it empty: %s", exc)
+    return AccountMemory(state, health, launch)
 
 
 # -- reading: every entry on its own ---------------------------------------------
@@ -217,7 +231,8 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "acco
 
     The rules: an element of a list field, or a value of a mapping field, that fails
     validation is left out and described in `problems`. A field holding a struct (not
-    an array-like one) is salvaged the same way, one level down. Any other field that
+    an array-like one) is salvaged the same way, one level down; an optional one (`X | None`,
+    the launch memory) that cannot be used is left out and described. Any other field that
     fails (a plain number, a missing required field, an unknown field) fails the whole
     struct: StateFileError.
     """
@@ -249,6 +264,11 @@ def salvage(raw: bytes, kind: type[Any], problems: list[str], where: str = "acco
                 values[f.name] = dict(_good_entries(mapping.items(), args[1], path, problems))
             elif _is_object_struct(f.type):
                 values[f.name] = salvage(fields[name], f.type, problems, path)
+            elif _optional_object_struct(f.type) is not None and bytes(fields[name]).strip() != b"null":
+                try:  # an optional part that cannot be used is left out, never the struct holding it
+                    values[f.name] = salvage(fields[name], _optional_object_struct(f.type), problems, path)
+                except StateFileError as exc:
+                    problems.append(str(exc))
             else:
                 values[f.name] = _decoder(f.type).decode(fields[name])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -278,6 +298,15 @@ def _salvaged_values(entries: Iterable[tuple[Any, bytes]], kind: Any, path: str,
         except StateFileError as exc:
             problems.append(str(exc))
     return good
+
+
+def _optional_object_struct(kind: Any) -> Any:
+    """X of a field typed `X | None` where X is an object struct (salvaged one level down), else None."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = args[0] if args[1] is type(None) else args[1]
+        return inner if _is_object_struct(inner) else None
+    return None
 
 
 def _is_object_struct(kind: Any) -> bool:

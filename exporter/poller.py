@@ -4,6 +4,13 @@ A scrape calls `refresh(timeout)`. At most one poll runs at a time; scrapes
 that arrive while it runs wait for it and share its result. A poll asks only for
 the minutes since the last successful poll (plus an overlap), so its cost follows
 the number of changes, not the window.
+
+With the launch collector on, a scrape also asks for a launch poll (/labinstance/search, the
+questions of launches.py) when one is due: at most one every --skillable.launch-interval, after the
+first good LatestResults poll, in a worker thread of its own, so its pages never delay a
+LatestResults poll or a scrape (scrapes never wait for it: its counts show from the next scrape).
+It has its own deadline (--skillable.launch-timeout), the same failure reasons and backoff, and
+honours Retry-After; its failures never touch skillable_up.
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TypeVar
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from . import catalog
+from . import catalog, launches
 from .account import AccountMemory, Health, PollView, apply_poll, empty_memory
 from .client import SkillableClient
 from .config import MAX_WINDOW_MINUTES
@@ -31,7 +38,8 @@ from .failures import (
     failure_reason,
     retry_after,
 )
-from .model import decode_delivery_regions, decode_latest_results, decode_stats
+from .launches import LaunchSettings, LaunchState
+from .model import SearchPage, decode_delivery_regions, decode_latest_results, decode_search_page, decode_stats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,6 +47,7 @@ T = TypeVar("T")
 OVERDUE_GRACE_SECONDS = 1.0  # a poll this long past its deadline is stuck (only a hung DNS lookup can be)
 REGION_NAMES_REFRESH_SECONDS = 3600.0
 NAMES_RETRY_SECONDS = 300.0  # after a failed /deliveryregions or /catalog call, instead of the hour
+MAX_LAUNCH_PAGES = 10_000  # pages of one launch question; beyond, it is left for the next poll
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,9 @@ class Poller:
         monotonic: Callable[[], float] = time.monotonic,
         on_poll: Callable[[Poller], None] | None = None,
         account: str = "",
+        launch: LaunchSettings | None = None,
     ) -> None:
+        """`launch`: the launch collector's settings, None to leave it off."""
         self.client = client
         self.account = account  # its name in log lines ("" for the single unnamed account)
         self.window_minutes = window_minutes
@@ -84,6 +95,10 @@ class Poller:
         memory = empty_memory(max_lab_hosts, max_lab_profiles, max_running_minutes)
         self.state = memory.state
         self.health = memory.health
+        self.launch_settings = launch
+        self.launch: LaunchState | None = None if launch is None else LaunchState(
+            max_lab_hosts, max_lab_profiles, launch.max_api_consumers, launch.grace_minutes * 60,
+            max_running_minutes * 60)
         for endpoint in self.endpoints():
             self.health.requests[endpoint] = 0
             for reason in FAILURE_REASONS:
@@ -116,8 +131,17 @@ class Poller:
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
+        # The launch poll: asked by scrapes when due (_ask_launch), run by a worker of its own.
+        self._launch_wake = threading.Condition(self._lock)
+        self._launch_asked = False
+        self._launch_due = 0.0  # monotonic time before which no launch poll is asked
+        self._launch_failures_in_row = 0
+        self.launch_polls = 0  # launch polls done, whatever their outcome (tests wait on it)
+        self._launch_done = threading.Condition(self._lock)
         # Started here, at start-up, so a task limit reached later can never stop polling.
         threading.Thread(target=self._worker, name="poll", daemon=True).start()
+        if self.launch is not None:
+            threading.Thread(target=self._launch_worker, name="launch-poll", daemon=True).start()
 
     def reconfigure(self, client: SkillableClient | None, window_minutes: int, overlap_minutes: int,
                     min_interval: float, timeout: float, new_key_or_url: bool = False) -> None:
@@ -143,7 +167,7 @@ class Poller:
     def endpoints(self) -> list[str]:
         """The API endpoints this poller calls."""
         return (["LatestResults"] + ["stats"] * self.collect_stats + ["deliveryregions"] * self.collect_region_names
-                + [catalog.ENDPOINT] * self.collect_catalog)
+                + [catalog.ENDPOINT] * self.collect_catalog + [launches.ENDPOINT] * (self.launch is not None))
 
     # -- scheduling --------------------------------------------------------
     #
@@ -163,6 +187,7 @@ class Poller:
         even when the poll keeps the exporter too busy to read them all before it ends.
         """
         with self._lock:
+            self._ask_launch()
             if self._in_flight:
                 return self._polls_asked
             if arrived is not None and self._result_at is not None and self._result_at >= arrived:
@@ -214,6 +239,7 @@ class Poller:
                     self._result_at = self._monotonic()
                     self._polls_done = self._polls_asked
                     self._done.notify_all()
+                    self._ask_launch()  # the first good poll need not wait for the next scrape
             if self.on_poll is not None:
                 try:
                     self.on_poll(self)  # still in flight: no other poll changes the state meanwhile
@@ -229,6 +255,7 @@ class Poller:
         with self._lock:
             self._closed = True
             self._wake.notify()
+            self._launch_wake.notify()
             return self._done.wait_for(lambda: not self._in_flight, timeout)
 
     def _overdue(self) -> bool:
@@ -250,6 +277,8 @@ class Poller:
         counters), before the first poll (statefile.py)."""
         with self._lock:
             self.state = saved.state
+            if self.launch is not None and saved.launch is not None:
+                self.launch = saved.launch
             self.health.last_success = saved.health.last_success
             self.health.requests = saved.health.requests
             self.health.failures = saved.health.failures
@@ -264,7 +293,7 @@ class Poller:
                 Counter(h.requests), Counter(h.failures), h.stats, dict(h.region_names), h.catalog,
                 h.catalog_skipped,
             )
-            return PollView(self.state.snapshot(), health)
+            return PollView(self.state.snapshot(), health, self.launch.snapshot() if self.launch is not None else None)
 
     # -- one poll ----------------------------------------------------------
 
@@ -403,11 +432,12 @@ class Poller:
         return deadline - self._monotonic()
 
     def _call(
-        self, endpoint: str, params: dict[str, int] | None, timeout: float, max_bytes: int | None = None
+        self, endpoint: str, params: Mapping[str, int | str] | None, timeout: float, max_bytes: int | None = None,
+        path: str | None = None,
     ) -> bytes:
         with self._lock:
             self.health.requests[endpoint] += 1
-        return self.client.get(endpoint, params, timeout, max_bytes)
+        return self.client.get(path or endpoint, params, timeout, max_bytes)
 
     # -- failures ----------------------------------------------------------
 
@@ -443,6 +473,11 @@ class Poller:
         if previous is not None and previous.reason == reason:
             # The same failure again: the first one was logged; a flood of them helps no one.
             log.debug("request failed again", extra=extra | {"failures_in_row": self._failures_in_row})
+        elif reason == UNAUTHORIZED and endpoint == launches.ENDPOINT:
+            # The key polls LatestResults: a refusal here is about this API consumer's rights.
+            log.warning("lab instance search refused: the API consumer may not be allowed to search lab "
+                        "instances (--no-collector.launch turns the launch collector off); logged once until "
+                        "it answers", extra=extra)
         elif reason == UNAUTHORIZED:
             log.error("API key refused: check SKILLABLE_API_KEY or the key file; "
                       "logged once until the endpoint answers", extra=extra)
@@ -481,3 +516,90 @@ class Poller:
             log.warning("skipped invalid results", extra=self._fields(count=invalid))
         log.debug("poll ok", extra=self._fields(minutes=minutes, results=results))
 
+
+    # -- the launch poll (launches.py) ---------------------------------------
+
+    def _ask_launch(self) -> None:
+        """Wake the launch worker if a launch poll is due: the collector is on, a LatestResults poll
+        has succeeded (so the labs it tracks are known), none is asked or running, the interval (or
+        the backoff) has passed and no Retry-After holds the account. Call holding the lock."""
+        if (self.launch is None or self._closed or self._launch_asked or self.health.last_success is None
+                or self._monotonic() < max(self._launch_due, self._not_before)):
+            return
+        self._launch_asked = True
+        self._launch_wake.notify()
+
+    def _launch_worker(self) -> None:
+        while True:
+            with self._lock:
+                self._launch_wake.wait_for(lambda: self._closed or self._launch_asked)
+                if self._closed:
+                    return
+            try:
+                self._launch_poll()
+            except Exception:  # the worker must outlive any bug in one launch poll
+                log.exception("bug: launch poll failed outside its own error handling", extra=self._fields())
+            finally:
+                with self._lock:
+                    self._launch_asked = False
+                    self.launch_polls += 1
+                    self._launch_done.notify_all()
+
+    def wait_launch(self, polls: int, timeout: float) -> bool:
+        """Wait up to `timeout` s until `polls` launch polls are done (tests, tools)."""
+        with self._lock:
+            return self._launch_done.wait_for(lambda: self.launch_polls >= polls, timeout)
+
+    def _launch_now(self) -> float:
+        """The wall clock, but never ahead of the last poll's time by more than the monotonic clock ran
+        (as _now() times polls), so a step of the clock cannot move the launch bounds (they never go back)."""
+        wall, mono = self._clock(), self._monotonic()
+        with self._lock:
+            at = self._time_at
+        return wall if at is None else min(wall, at[0] + max(0.0, mono - at[1]))
+
+    def _launch_poll(self) -> None:
+        """One launch poll: question A, then question B (launches.py), page by page within the deadline.
+        A failed request ends the poll: it is counted and the next one waits for the backoff."""
+        launch, settings = self.launch, self.launch_settings
+        assert launch is not None and settings is not None
+        started = self._monotonic()
+        deadline = started + settings.timeout
+        plan = launch.plan(self._launch_now(), self.window_minutes * 60, self.overlap_minutes * 60, self.state,
+                           self._lock)
+
+        def fetch(params: dict[str, int | str]) -> SearchPage:
+            body = self._call(launches.ENDPOINT, params, self._left(deadline), path=launches.PATH)
+            page = decode_search_page(body)  # the raw page (credentials, e-mails) is not kept past this
+            if page.invalid:
+                log.warning("skipped invalid lab instance search records", extra=self._fields(count=page.invalid))
+            return page
+
+        def more(pages: int) -> bool:
+            return not self._closed and self._left(deadline) > 0.2 and pages < MAX_LAUNCH_PAGES
+
+        pages, done = 0, []
+        try:
+            for question in launches.questions(plan):
+                asked, complete = launches.ask(launch, plan, question, fetch, settings.page_size, more)
+                pages += asked
+                done.append(complete)
+                if not complete:
+                    break
+        except Exception as exc:  # noqa: BLE001 - no answer, however odd, may stop the worker
+            self._launch_failures_in_row += 1
+            delay = max(settings.interval, backoff_seconds(self._launch_failures_in_row, retry_after(exc),
+                                                           jitter=random.uniform(0.5, 1.0)))
+            with self._lock:
+                self._launch_due = started + delay
+            self._count_failure(launches.ENDPOINT, exc, retry_in=delay)
+            return
+        done += [False] * (2 - len(done))
+        launch.finish(plan, done[0], done[1])
+        self._endpoint_recovered(launches.ENDPOINT)
+        self._launch_failures_in_row = 0
+        with self._lock:
+            self._launch_due = started + settings.interval
+        log.debug("launch poll ok", extra=self._fields(
+            pages=pages, launches_from=plan.launches_from, watched_from=plan.watched_from,
+            ended_after=plan.ended_after, complete=all(done), watched=launch.watched))

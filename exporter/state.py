@@ -347,6 +347,30 @@ KEY_MASK = 2**KEY_BITS - 1
 Found = tuple[int, list[int], int]
 
 
+def raw_values(dim: Dimension, raw: Any) -> list[str]:
+    """A record's raw ids for `dim` (what attrgetter(*dim.fields) read: one value, or a tuple) as label
+    values: a null id reads "unknown"."""
+    return [UNKNOWN_ID if v is None else str(v) for v in (raw if len(dim.fields) > 1 else (raw,))]
+
+
+def capped_key(dim: Dimension, values: list[str], capped: set[str], cap: int,
+               index: Mapping[Key, Any]) -> tuple[Key, bool]:
+    """The key of these label values under the dimension's cap (Dimension's docstring), and whether it
+    overflowed: the last label keeps its value while it is among the `capped` values or fewer than `cap`
+    are (then it joins them), else it reads "other"; a key not in `index` beyond cap + EXTRA_KEYS keys
+    is the overflow key, every label "other"."""
+    last = values[-1]
+    overflow = last not in capped and len(capped) >= cap
+    if overflow:
+        values[-1] = OVERFLOW
+    key = tuple(values)
+    if key not in index and len(index) >= cap + EXTRA_KEYS:
+        overflow, key = True, dim.overflow_key()
+    if not overflow:
+        capped.add(last)
+    return key, overflow
+
+
 class Tallies:
     """One dimension's tallies: for each of its keys, what the rules counted.
 
@@ -393,18 +417,10 @@ class Tallies:
         """The index of a new instance's key, by the cap (class docstring); made the first time. Remembered
         for the next results with the same raw ids unless it overflowed (each such instance is counted)."""
         raw = self.read(r)
-        values = [UNKNOWN_ID if v is None else str(v) for v in (raw if len(self.dim.fields) > 1 else (raw,))]
-        capped = values[-1]
-        overflow = capped not in self.capped and len(self.capped) >= self.cap
-        if overflow:
-            values[-1] = OVERFLOW
-        key = tuple(values)
-        if key not in self.index and len(self.keys) >= self.cap + EXTRA_KEYS:
-            overflow, key = True, self.dim.overflow_key()
+        key, overflow = capped_key(self.dim, raw_values(self.dim, raw), self.capped, self.cap, self.index)
         if overflow:
             self.overflow_total += 1
             return self.key(key)
-        self.capped.add(capped)
         if len(self.known) >= KEY_CACHE_SIZE:
             self.known.clear()
         k = self.key(key)

@@ -44,7 +44,7 @@ def attach(store: StateStore, pollers: Mapping[str, Poller]) -> None:
     for name, poller in pollers.items():
         if name in saved:
             try:
-                poller.restore(restore_account(saved[name], poller.state))
+                poller.restore(restore_account(saved[name], poller.state, poller.launch))
             except StateFileError as exc:
                 log.warning("state file %s: account %r not restored, starting it empty: %s", store.path, name, exc)
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 import socket
 import ssl
 import struct
@@ -68,6 +69,24 @@ def lab(
     }
     record.update(extra)
     return record
+
+
+# What the fake puts in its /labinstance/search records that must never leave the exporter: a VM
+# password, cloud credentials, user names, an e-mail, a webhook token (in an error's URL), a note.
+SECRETS: tuple[str, ...] = (
+    "Fake-Pa55w0rd-7731", "AKIAFAKEACCESSKEY0001", "fake-cloud-secret-9f8e7d", "Grace-Fakename", "Hopper-Fakeson",
+    "grace.fakename@example.invalid", "hook-token-fake-4412", "instructor-fake-name", "student-note-fake-text",
+    "user-secret-555",
+)
+# The three kinds of error messages, as the UAT records word them (the first two) and one other.
+LIFECYCLE_ERROR = ("Configuration error encountered when executing life cycle action 3466 script. "
+                   "Error: unable to find machine to score against.")
+WEBHOOK_ERROR = ('Error calling API Consumer webhook Scoring "Scoring" at URL https://hooks.example.invalid/'
+                 'receive?token=hook-token-fake-4412. Response status code: NotFound.')
+OTHER_ERROR = "The lab could not connect to the remote console (student-note-fake-text)."
+COMPLETION_NAMES = {1: "Cancelled", 2: "No Show", 3: "Incomplete", 4: "Complete", 10: "Storage Provisioning Failed",
+                    20: "Lab Creation Failed", 30: "Resume Failed", 40: "Save Failed", 50: "Submitted For Grading",
+                    60: "Grading In Progress"}
 
 
 def catalog_profile(profile_id: int, name: str, series_id: int | None = 1, **extra: Any) -> dict[str, Any]:
@@ -127,6 +146,13 @@ class FakeState:
     catalog_profiles: list[dict[str, Any]] = field(default_factory=list)
     extra_top_level: dict[str, Any] = field(default_factory=dict)
     live_offset: float | None = None  # set: the clock is the wall clock plus this offset
+    # /labinstance/search: how `start` selects ("start": Start >= start, as the spec reads; "active": the labs
+    # running or ended at or after start), and how many records of the next page each page repeats.
+    search_reading: str = "start"
+    search_overlap: int = 0
+    search_fault: Fault | None = None  # played by every /labinstance/search request while set
+    # Ids whose name the search leaves out (null), by kind: "lab_host", "datacenter", "delivery_region".
+    search_nameless: dict[str, set[int]] = field(default_factory=dict)
 
 
 class FakeSkillable(ThreadingHTTPServer):
@@ -206,13 +232,21 @@ class FakeSkillable(ThreadingHTTPServer):
         record["_ends"] = (start + seconds, status, dict(at_end or {}))
         self.add(record)
 
+    def launch(self, instance_id: int, start: int, seconds: int, status: int = 4, startup: int | None = 60,
+               errors: tuple[tuple[int, str], ...] = (), consumer: str | None = None, **extra: Any) -> None:
+        """A lab as run() makes it, with what /labinstance/search adds: it is ready `startup` seconds after
+        its Start (None: never; a lab that ends first was never ready), reports `errors` (seconds after its
+        Start, message) as its clock reaches them, and was launched by the API consumer `consumer`."""
+        self.run(instance_id, start, seconds, status, _startup=startup, _errors=list(errors), _consumer=consumer,
+                 **extra)
+
     def records_now(self) -> list[dict[str, Any]]:
         """Every record as the API would show it at the fake's current time (see run())."""
         now = self.clock()
         out = []
         for record in self.state.records:
             ends = record.get("_ends")
-            record = {k: v for k, v in record.items() if k != "_ends"}
+            record = {k: v for k, v in record.items() if not k.startswith("_")}
             if ends is not None and ends[0] <= now:
                 record.update(End=ends[0], LastActivity=ends[0], CompletionStatus=ends[1],
                               TotalRunTimeSeconds=ends[0] - record["Start"], **ends[2])
@@ -247,6 +281,95 @@ class FakeSkillable(ThreadingHTTPServer):
             r for r in self.records_now()
             if any(isinstance(r.get(k), (int, float)) and start <= r[k] <= end for k in ("Start", "End"))
         ]
+
+    # -- /labinstance/search, mode 5 ------------------------------------------------
+
+    def concise_now(self) -> list[dict[str, Any]]:
+        """Every lab as /labinstance/search shows it in mode 5 at the fake's current time: what LatestResults
+        shows of it (records_now), the start-up duration once it is ready, the errors reported so far, and
+        the credentials, names and e-mails real records carry (SECRETS)."""
+        now = self.clock()
+        out = []
+        for raw, r in zip(self.state.records, self.records_now()):  # the same records, in the same order
+            start = r.get("Start")
+            if not isinstance(start, (int, float)) or start > now:
+                continue
+            record = concise(r, raw, now)
+            for kind, field_prefix in (("lab_host", "LabHost"), ("datacenter", "Datacenter"),
+                                       ("delivery_region", "DeliveryRegion")):
+                if record[f"{field_prefix}Id"] in self.state.search_nameless.get(kind, ()):
+                    record[f"{field_prefix}Name"] = None
+            out.append(record)
+        return out
+
+    def search(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        """The answer to /labinstance/search?mode=5 (paged, sorted, `start` read as search_reading says)."""
+        def one(name: str, default: str) -> str:
+            return query.get(name, [default])[0]
+
+        if one("mode", "10") != "5":
+            return {"Status": 0, "Error": "the fake serves mode 5 only"}
+        try:
+            start = int(one("start", "0"))
+            size, index = int(one("pageSize", "100")), int(one("pageIndex", "0"))
+        except ValueError:
+            return {"Status": 0, "Error": "bad parameter"}
+        records = self.concise_now()
+        if self.state.search_reading == "start":
+            records = [r for r in records if r["Start"] >= start]
+        else:
+            records = [r for r in records if r["End"] is None or r["End"] >= start]
+        sort = one("sort", "start desc").strip().lower()
+        if sort.startswith("end"):
+            # SQL Server's order: nulls (running labs) sort lowest, so last in a descending order.
+            descending = sort.endswith("desc")
+            ended = sorted((r for r in records if r["End"] is not None), key=lambda r: (r["End"], r["Id"] or 0),
+                           reverse=descending)
+            running = [r for r in records if r["End"] is None]
+            records = ended + running if descending else running + ended
+        else:
+            records.sort(key=lambda r: (r["Start"], r["Id"] or 0), reverse=sort.endswith("desc"))
+        pages = -(-len(records) // size) if size > 0 else 0
+        page = records[index * size:(index + 1) * size + self.state.search_overlap] if size > 0 else []
+        return {"TotalResults": len(records), "TotalPages": pages, "Results": page, "Status": 1, "Error": None}
+
+    def search_requests(self) -> list[Seen]:
+        return [s for s in self.state.seen if s.path.lower().endswith("/labinstance/search")]
+
+    def launch_truth(self) -> dict[str, Any]:
+        """The fake's truth of what the launch collector counts, from every lab started by now: start-up
+        times per region and per profile (count, sum), not-ready labs and errors per place, profile and kind,
+        launches per API consumer."""
+        startup: Counter[tuple[str, str]] = Counter()
+        startup_sum: Counter[tuple[str, str]] = Counter()
+        profile_startup: Counter[str] = Counter()
+        profile_startup_sum: Counter[str] = Counter()
+        not_ready: Counter[tuple[str, str, str]] = Counter()
+        profile_not_ready: Counter[str] = Counter()
+        errors: Counter[tuple[str, str, str, str]] = Counter()
+        profile_errors: Counter[tuple[str, str]] = Counter()
+        launches: Counter[str] = Counter()
+        for r in self.concise_now():
+            place = tuple(str(r[k]) if r[k] is not None else "unknown"
+                          for k in ("DatacenterId", "DeliveryRegionId", "LabHostId"))
+            profile = str(r["LabProfileId"])
+            launches[r.get("ApiConsumerName") or "unknown"] += 1
+            if r["StartupDuration"] is not None:
+                startup[place[:2]] += 1
+                startup_sum[place[:2]] += r["StartupDuration"]
+                profile_startup[profile] += 1
+                profile_startup_sum[profile] += r["StartupDuration"]
+            elif r["End"] is not None:
+                not_ready[place] += 1  # type: ignore[index]
+                profile_not_ready[profile] += 1
+            for entry in {(e["Time"], e["Message"]) for e in r["Errors"]}:
+                kind = error_kind_truth(entry[1])
+                errors[(*place, kind)] += 1  # type: ignore[index]
+                profile_errors[(profile, kind)] += 1
+        return {"startup_count": startup, "startup_sum": startup_sum, "profile_startup_count": profile_startup,
+                "profile_startup_sum": profile_startup_sum, "not_ready": not_ready,
+                "profile_not_ready": profile_not_ready, "errors": errors, "profile_errors": profile_errors,
+                "launches": launches}
 
     def results_requests(self) -> list[Seen]:
         return [s for s in self.state.seen if s.path.lower().endswith("/results")]
@@ -349,6 +472,8 @@ class _Handler(BaseHTTPRequestHandler):
             state = self.server.state
             state.seen.append(Seen(url.path, self.minutes, self.headers.get("api_key"), self.server.clock(), url.query))
             fault = state.sticky_fault
+            if fault is None and endpoint == "search":
+                fault = state.search_fault
             if fault is None:
                 for i, (target, queued) in enumerate(state.faults):
                     if target is None or target == endpoint:
@@ -394,6 +519,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return {**state.stats, "Status": 1, "Error": None}
             if endpoint == "deliveryregions":
                 return {"DeliveryRegions": state.regions, "Status": 1, "Error": None}
+            if endpoint == "search":
+                return self.server.search(parse_qs(urlsplit(self.path).query))
             if endpoint == "catalog":
                 query = parse_qs(urlsplit(self.path).query)
                 profiles = state.catalog_profiles
@@ -428,6 +555,53 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
+
+
+def error_kind_truth(message: str) -> str:
+    """The fake's own reading of an error message's kind (the fake shares no code with the exporter)."""
+    lowered = message.lower()
+    if "life cycle action" in lowered:
+        return "lifecycle_action"
+    if "webhook" in lowered:
+        return "webhook"
+    return "other"
+
+
+def concise(r: dict[str, Any], raw: dict[str, Any], now: float) -> dict[str, Any]:
+    """One lab as a mode-5 record (the UAT records' fields), from what LatestResults shows of it (`r`) and the
+    fake's hidden launch facts of it (`raw`: _startup, _errors, _consumer) as of `now`."""
+    start, end = r["Start"], r.get("End")
+    startup = raw["_startup"] if "_startup" in raw else 60  # a lab added without launch facts: ready after a minute
+    ready = startup is not None and start + startup <= now and (end is None or start + startup <= end)
+    errors = [{"Message": message, "Time": start + after, "TimeValue": f"/Date({(start + after) * 1000})/"}
+              for after, message in raw.get("_errors", ()) if start + after <= now]
+    host, dc, region = r.get("LabHostId"), r.get("DatacenterId"), r.get("DeliveryRegionId")
+    return {
+        "Id": r.get("LabInstanceId"), "LabProfileId": r.get("LabProfileId"), "LabProfileName": "Fake lab",
+        "Products": [{"Id": 39, "Name": "Azure"}], "SeriesId": 226, "SeriesName": "Fake series",
+        "UserId": "user-secret-555", "UserFirstName": "Grace-Fakename", "UserLastName": "Hopper-Fakeson",
+        "UserEmail": "grace.fakename@example.invalid", "ClassId": None, "ClassName": None,
+        "Start": start, "StartTime": f"/Date({start * 1000})/", "Expires": start + 7200,
+        "End": end, "EndTime": f"/Date({end * 1000})/" if end is not None else None,
+        "LastActivity": r.get("LastActivity"), "State": "Off" if end is not None else "Running",
+        "CompletionStatus": COMPLETION_NAMES.get(r.get("CompletionStatus"), "Unknown"),
+        "LabHostId": host, "LabHostName": f"HV-{host}" if host is not None else None,
+        "DatacenterId": dc, "DatacenterName": f"DC-{dc}" if dc is not None else None,
+        "DeliveryRegionId": region, "DeliveryRegionName": f"Region {region}" if region is not None else None,
+        "PlatformId": 2, "TimeInSession": 10, "TotalRunTime": r.get("TotalRunTimeSeconds"), "TimeRemaining": 0,
+        "InstructorName": "instructor-fake-name",
+        "StartupDuration": startup if ready else None,
+        "Errors": errors, "ErrorCount": str(len(errors)),
+        "ApiConsumerName": raw.get("_consumer"),
+        "Notes": [{"Time": start, "Title": "Note", "Text": "student-note-fake-text"}],
+        "Sessions": [{"Start": start, "End": end}],
+        "DetailsUrl": f"https://uat.example.invalid/LabInstance/{r.get('LabInstanceId')}",
+        "VirtualMachineCredentials": [{"Id": 907, "Name": "VM 907", "Username": "Grace-Fakename",
+                                       "Password": "Fake-Pa55w0rd-7731"}],
+        "CloudCredentials": [{"Name": "AWS", "Key": "AKIAFAKEACCESSKEY0001", "Secret": "fake-cloud-secret-9f8e7d"}],
+        "CloudPortalCredentials": [], "PublicIpAddresses": ["203.0.113.9"], "IpAddress": "203.0.113.9",
+        "TaskCompletePercent": r.get("TaskCompletePercent"), "ExamPassed": None, "ExamScore": None,
+    }
 
 
 # -- faults ------------------------------------------------------------------

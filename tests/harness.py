@@ -154,8 +154,10 @@ def make_poller(fake: FakeSkillable, **overrides: Any) -> Poller:
 
 
 def make_app(fake: FakeSkillable, mono: MonotonicStub, *argv: str) -> ExporterApp:
-    """An ExporterApp configured by command-line flags, polling the fake with its clocks (no /stats, no regions)."""
-    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions", *argv]))
+    """An ExporterApp configured by command-line flags, polling the fake with its clocks (no /stats, no regions,
+    no launch collector unless `argv` turns it on)."""
+    flags = vars(build_parser().parse_args(["--no-collector.stats", "--no-collector.delivery-regions",
+                                            "--no-collector.launch", *argv]))
     config = load_config(flags, {"SKILLABLE_API_URL": fake.url, "SKILLABLE_API_KEY": fake.state.api_key})
     return ExporterApp(config, clock=fake.clock, monotonic=mono)
 
@@ -235,6 +237,7 @@ class Harness:
             "SKILLABLE_COLLECTOR_STATS": "false",
             "SKILLABLE_COLLECTOR_DELIVERY_REGIONS": "false",
             "SKILLABLE_COLLECTOR_CATALOG": "false",
+            "SKILLABLE_COLLECTOR_LAUNCH": "false",  # tests of the launch collector turn it on
             "SKILLABLE_MAX_RESPONSE_BYTES": str(MAX_BODY),
             "SKILLABLE_TIMEOUT": str(POLL_TIMEOUT),
             # Tests move the monotonic clock by hand: every scrape may poll unless a test sets an interval.

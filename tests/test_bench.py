@@ -57,8 +57,9 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     """The benchmark runs end to end on the 1k window and writes nothing unless asked."""
     out = tmp_path / "bench.json"
     before = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
-    subprocess.run([sys.executable, "bench/run.py", "--quick", "--sizes", "1k", "--no-write", "--json", str(out)],
-                   cwd=ROOT, check=True, timeout=120, capture_output=True)
+    command = [sys.executable, "bench/run.py", "--quick", "--sizes", "1k", "--no-write", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     assert before == after
     [row] = json.loads(out.read_text())

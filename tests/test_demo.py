@@ -8,8 +8,8 @@
 - A restart with a state file keeps every counter (the demo API's address is the same).
 - A real Prometheus and Alertmanager with the shipped rules, after `backfill --demo` has written
   six hours of history and its state file, and the demo exporter has continued from it: exactly
-  the host-117 and profile-5009 alerts fire (test_the_demo_fires_exactly_its_two_alerts, about
-  a minute; see its docstring).
+  the host-117 and profile-5009 alerts and the launch collector's slow-region and life-cycle alerts
+  fire (test_the_demo_fires_exactly_its_alerts, about a minute; see its docstring).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import requests
 import yaml
 
 from exporter.demo import (
-    CATALOG_PROFILES, DEMO_API_KEY, DEMO_LABS_PER_MINUTE, DEMO_MAX_ACTIVE_LABS, FAILING_PROFILE, UNHEALTHY_HOST,
-    Traffic, demo_api_address, start_simulator,
+    CATALOG_PROFILES, DATACENTERS, DEMO_API_KEY, DEMO_LABS_PER_MINUTE, DEMO_MAX_ACTIVE_LABS, FAILING_PROFILE,
+    LIFECYCLE_FAILING_PROFILE, SLOW_DATACENTER, UNHEALTHY_HOST, WEBHOOK_CONSUMER, Traffic, demo_api_address,
+    launch_facts, start_simulator,
 )
 
 from .harness import ROOT, free_demo_port, free_port, stop_process
@@ -136,6 +137,67 @@ def test_four_days_of_demo_traffic_meet_only_the_two_faults_alert_conditions() -
     assert starts[saturday + 14] < 0.9 * starts[monday + 14]
 
 
+STARTUP_BUCKETS = (10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800, math.inf)  # the exporter's, as served
+
+
+def _bucket(value: float) -> tuple[float, float]:
+    """The bounds of the histogram bucket holding `value`: where histogram_quantile's answer lies."""
+    lower = 0.0
+    for upper in STARTUP_BUCKETS:
+        if value <= upper:
+            return lower, upper
+        lower = upper
+    raise AssertionError(value)
+
+
+def test_two_days_of_demo_launches_meet_only_the_launch_faults_alert_conditions() -> None:
+    """Saturday 00:00 to Monday 00:00 UTC (the quietest days), by half hour, from the demo's launch facts
+    (what /labinstance/search shows): region 1's 90th percentile of time to ready lies in a bucket above
+    SkillableLabStartupSlow's threshold, with its volume, every half hour; the other regions' below it;
+    profile 5004 reports life-cycle action errors well above its alert's threshold every hour and no
+    other profile any; the webhook errors (of WEBHOOK_CONSUMER's labs only) never rise to the rising
+    alert's factor over the six hours before, though there are many. About 5 s."""
+    traffic = Traffic(DEMO_LABS_PER_MINUTE, 7, rhythm=True)
+    saturday = (int(time.time()) // 604800) * 604800 + 2 * 86400  # the epoch began on a Thursday
+    ready: dict[tuple[int, int], list[int]] = defaultdict(list)  # (half hour, region) -> start-up seconds
+    lifecycle: Counter[tuple[int, int]] = Counter()  # (hour, profile)
+    webhook: Counter[int] = Counter()  # half hour
+    consumers: set[str] = set()
+    for minute in range(saturday // 60 - 8 * 60, saturday // 60 + 48 * 60):
+        for lab in traffic.labs_starting_in(minute):
+            facts = launch_facts(lab)
+            if facts.startup is not None:
+                ready[((lab.start + facts.startup) // 1800, lab.region)].append(facts.startup)
+            for after, message in facts.errors:
+                if "life cycle action" in message:
+                    lifecycle[((lab.start + after) // 3600, lab.profile_id)] += 1
+                if "webhook" in message:
+                    webhook[(lab.start + after) // 1800] += 1
+                    consumers.add(facts.consumer)
+    assert consumers == {WEBHOOK_CONSUMER}
+    slow_region = DATACENTERS[SLOW_DATACENTER][0]
+    slow = threshold("skillable:lab_startup_slow_seconds:threshold")
+    for half in range(saturday // 1800, saturday // 1800 + 96):
+        when = time.strftime("%a %H:%M", time.gmtime(half * 1800))
+        for region in (1, 2, 3):
+            values = sorted(ready[(half, region)])
+            p90 = values[math.ceil(0.9 * len(values)) - 1]
+            low, high = _bucket(p90)
+            if region == slow_region:
+                assert len(values) >= 2 * threshold("skillable:lab_startup_min_ready:threshold"), (when, len(values))
+                assert low >= slow, (when, region, p90)
+            else:
+                assert high < slow, (when, region, p90)
+        before = sum(webhook[h] for h in range(half - 12, half)) / 12
+        assert webhook[half] * 2 > 2 * threshold("skillable:webhook_errors_per_hour:threshold"), when  # many errors
+        rise = threshold("skillable:webhook_errors_rise:threshold")
+        assert webhook[half] < before * rise / 1.3, (when, webhook[half], before)
+    for hour in range(saturday // 3600, saturday // 3600 + 48):
+        assert lifecycle[(hour, LIFECYCLE_FAILING_PROFILE)] >= 2 * threshold(
+            "skillable:lab_profile_lifecycle_errors_per_hour:threshold"), hour
+    assert {profile for (_, profile), n in lifecycle.items() if n} == {LIFECYCLE_FAILING_PROFILE}
+
+
 # -- the demo API's key ---------------------------------------------------------------------------
 
 
@@ -216,7 +278,11 @@ def test_a_demo_restart_with_a_state_file_keeps_every_counter(tmp_path: Path) ->
 
 HISTORY_HOURS = 6
 EXPECTED = {("SkillableLabHostFailureRatioHigh", "117", "lab_creation_failed"),
-            ("SkillableLabProfileFailureRatioHigh", "5009", "")}
+            ("SkillableLabProfileFailureRatioHigh", "5009", ""),
+            # The launch collector's faults: datacenter 2's slow start-ups make its region,
+            # North America (1), slow; profile 5004's life-cycle script fails.
+            ("SkillableLabStartupSlow", "1", ""),
+            ("SkillableLabProfileLifecycleErrors", str(LIFECYCLE_FAILING_PROFILE), "")}
 
 
 def _rules_with_for_0s(tmp: Path) -> list[str]:
@@ -242,8 +308,9 @@ def _rules_with_for_0s(tmp: Path) -> list[str]:
 
 def _firing(stack: Stack) -> set[tuple[str, str, str]]:
     body = requests.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()
-    return {(a["labels"]["alertname"], a["labels"].get("lab_host_id") or a["labels"].get("lab_profile_id", ""),
-             a["labels"].get("completion_status", "")) for a in body["data"]["alerts"] if a["state"] == "firing"}
+    return {(a["labels"]["alertname"], a["labels"].get("lab_host_id") or a["labels"].get("lab_profile_id")
+             or a["labels"].get("delivery_region_id", ""), a["labels"].get("completion_status", ""))
+            for a in body["data"]["alerts"] if a["state"] == "firing"}
 
 
 @dataclass
@@ -302,15 +369,16 @@ def demo_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
 
 
 @pytest.mark.integration
-def test_the_demo_fires_exactly_its_two_alerts(demo_stack: DemoRun) -> None:
+def test_the_demo_fires_exactly_its_alerts(demo_stack: DemoRun) -> None:
     """Six hours of demo history backfilled (`backfill --demo`, its blocks in Prometheus' data
     folder, its state file restored by the demo exporter at the same API address), then a real
     Prometheus with every shipped rule and a real Alertmanager with the shipped configuration.
     The alerts are copies whose `for:` is 0s, expressions as shipped, so an alert fires at the
     first evaluation its condition holds (stricter than the shipped `for:`; docs/demo.md says how
     long a new demo takes with those). After a few evaluations on live data, and for ten seconds
-    of evaluations after that, the firing alerts are exactly host 117's lab-creation alert and
-    profile 5009's failure alert, by name in Alertmanager. The SLO's 1d and 3d ratios here cover
+    of evaluations after that, the firing alerts are exactly host 117's lab-creation alert,
+    profile 5009's failure alert, region 1's slow start-ups and profile 5004's life-cycle errors
+    (the launch history is backfilled too), by name in Alertmanager. The SLO's 1d and 3d ratios here cover
     the six hours; test_four_days_of_demo_traffic_... covers their full windows.
 
     Time: about 10 s of backfill, 6 s to the first scrape, 15 s of evaluations (about 35 s)."""
@@ -331,12 +399,14 @@ def test_the_demo_fires_exactly_its_two_alerts(demo_stack: DemoRun) -> None:
     def delivered() -> list[dict[str, Any]] | None:
         alerts = requests.get(f"{stack.alertmanager_url}/api/v2/alerts", timeout=10).json()
         names = {a["labels"]["alertname"] for a in alerts}
-        return alerts if names == {e[0] for e in EXPECTED} and len(alerts) == 2 else None
+        return alerts if names == {e[0] for e in EXPECTED} and len(alerts) == len(EXPECTED) else None
 
-    alerts = eventually(delivered, 15, "the two alerts, and only they, in Alertmanager")
+    alerts = eventually(delivered, 15, "the demo's alerts, and only they, in Alertmanager")
     summaries = sorted(a["annotations"]["summary"] for a in alerts)
     assert summaries[0].startswith("Lab host eu-west-host-117 (117) in datacenter EU West (3): "), summaries
     assert summaries[1].startswith("Lab profile Deploy ARM templates (5009): "), summaries
+    assert summaries[2].startswith("Lab profile Monitor with Azure Monitor (5004): "), summaries
+    assert summaries[3].startswith("Labs in delivery region North America (1) take "), summaries
 
 
 @pytest.mark.integration

@@ -16,10 +16,11 @@ from exporter.app import ExporterApp
 from exporter.collector import SkillableCollector
 from exporter.config import Names, load_config
 from exporter.families import all_families
+from exporter.launches import LaunchSettings
 from exporter.poller import Poller
 from exporter.state import PLACE
 
-from .fakeapi import FakeSkillable, catalog_profile, catalog_series, lab
+from .fakeapi import LIFECYCLE_ERROR, OTHER_ERROR, WEBHOOK_ERROR, FakeSkillable, catalog_profile, catalog_series, lab
 from .harness import MonotonicStub, make_poller
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,8 +207,14 @@ def test_readme_metrics_table_is_the_family_table() -> None:
 def test_every_family_served_is_the_family_table(fake: FakeSkillable) -> None:
     """What a scrape serves, every feature on, is the table: the same families, types and label names."""
     scenario(fake)
-    poller = make_poller(fake, collect_stats=True, collect_region_names=True, collect_catalog=True)
+    # The launch collector's families too: labs that got ready, one that never did, errors of each kind.
+    fake.launch(6, NOW - 1500, 600, startup=None, errors=((30, LIFECYCLE_ERROR), (40, WEBHOOK_ERROR)),
+                consumer="LMS")
+    fake.launch(7, NOW - 1400, 6000, startup=90, errors=((100, OTHER_ERROR),))
+    poller = make_poller(fake, collect_stats=True, collect_region_names=True, collect_catalog=True,
+                         launch=LaunchSettings())
     poller.refresh(5)
+    assert poller.wait_launch(1, 10)
     text = render([("", poller)], Names(datacenters={"3": "x"}, lab_hosts={"49": "y"}), {"": 100})
     # The exporter's own metrics (process_*, python_*, reload) come from the app's runtime registry.
     runtime = generate_latest(ExporterApp(load_config({}, {"SKILLABLE_API_KEY": "k"})).runtime).decode()
