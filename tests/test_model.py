@@ -18,6 +18,7 @@ from exporter.model import (
     UpstreamError,
     decode_delivery_regions,
     decode_latest_results,
+    decode_search_page,
     decode_stats,
     status_name,
 )
@@ -221,6 +222,9 @@ MAPPED_BODIES = [
     b'{"NumActive":3,"NumSaved":1,"Status":1}',
     b'{"DeliveryRegions":[{"Id":1,"Name":"Europe \\ud800"},{"Id":2,"Name":"Caf\xe9"}],"Status":1}',
     b'{"LabProfiles":[{"Id":7,"Name":"Lab \\ud800","Enabled":true}],"LabSeries":[],"Status":1}',
+    b'{"Results":[{"Id":1,"Start":100,"LabHostName":"<b>HV</b>"},{"Id":"x"}],"Status":1,"TotalResults":2,'
+    b'"TotalPages":1}',
+    b'{"Results":{"Id":1,"Start":100},"Status":1}',
 ]
 
 
@@ -235,7 +239,8 @@ def outcome(decode: Any, body: Any) -> Any:
 
 
 @pytest.mark.parametrize("body", MAPPED_BODIES)
-@pytest.mark.parametrize("decode", [decode_latest_results, decode_stats, decode_delivery_regions, decode_catalog])
+@pytest.mark.parametrize("decode", [decode_latest_results, decode_stats, decode_delivery_regions, decode_catalog,
+                                    decode_search_page])
 def test_every_decoder_takes_the_mapping_large_bodies_are_read_into(decode: Any, body: bytes,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """From client.POPULATE_BYTES on, a body is read into an mmap, not a bytearray: each decoder gives what
