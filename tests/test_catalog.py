@@ -116,7 +116,7 @@ def test_every_profile_is_decoded_with_safe_labels_or_skipped_and_counted(record
     # Each record, read once as a profile and once as a series, is decoded, skipped or a duplicate.
     assert len(catalog.profiles) + len(catalog.series) + catalog.skipped <= 2 * len(records)
     usable = [r for r in records if isinstance(r, dict) and isinstance(r.get("Id"), (int, str))
-              and not isinstance(r.get("Id"), bool) and str(r["Id"]).strip().isdigit() and int(r["Id"]) < 2**63]
+              and not isinstance(r.get("Id"), bool) and str(r["Id"]).strip().isdecimal() and int(r["Id"]) < 2**63]
     assert catalog.skipped == 2 * (len(records) - len(usable))
     for profile in catalog.profiles.values():
         assert profile.id.isdigit() and int(profile.id) < 2**63
