@@ -13,6 +13,7 @@ the deadline, which makes the blocked read return at once.
 from __future__ import annotations
 
 import email.utils
+import functools
 import heapq
 import itertools
 import mmap
@@ -21,6 +22,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -352,16 +354,34 @@ class SkillableClient:
 
 def _body_buffer(length: int) -> bytearray | mmap.mmap:
     """A zeroed, writable buffer of `length` bytes for a body. From POPULATE_BYTES on (Linux), an anonymous
-    mapping whose pages the kernel maps in one call (MAP_POPULATE): a bytearray's pages are faulted in one at
-    a time as it is zeroed, and page faults are dear on a virtual machine. A 50 MB body read over loopback took
-    57.7 ms with a bytearray and 47.0 ms with the mapping (medians of 21 reads each, taking turns, in-process)."""
+    mapping: a bytearray's pages are faulted in one at a time as it is zeroed, and page faults are dear on a
+    virtual machine. Where transparent huge pages may be asked for (_huge_pages_advised), the mapping asks for
+    them, so a 50 MB body faults 25 times instead of 12,000; else the kernel maps its pages in one call
+    (MAP_POPULATE). A 50 MB body read over loopback, medians of 15 reads each taking turns in-process: 52.6 ms
+    into a bytearray, 44.6 ms populated, 30.0 ms on huge pages."""
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if length < POPULATE_BYTES or not populate:
         return bytearray(length)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     try:
-        return mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+        if _huge_pages_advised():
+            buffer = mmap.mmap(-1, length, flags=flags)
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+            return buffer
+        return mmap.mmap(-1, length, flags=flags | populate)
     except OSError:  # no mapping to be had (a limit on them): the buffer then comes from the allocator
         return bytearray(length)
+
+
+@functools.cache
+def _huge_pages_advised() -> bool:
+    """Whether a mapping gets transparent huge pages when it asks (madvise) or always: the kernel's setting,
+    read once. With "never", asking does nothing and the pages would be faulted one at a time."""
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and ("[madvise]" in setting or "[always]" in setting)
 
 
 def _check_deadline(endpoint: str, read: int, deadline: float, watchdog: _Deadline) -> None:

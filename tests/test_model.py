@@ -238,14 +238,17 @@ def outcome(decode: Any, body: Any) -> Any:
     return value
 
 
+@pytest.mark.parametrize("huge_pages", [True, False])
 @pytest.mark.parametrize("body", MAPPED_BODIES)
 @pytest.mark.parametrize("decode", [decode_latest_results, decode_stats, decode_delivery_regions, decode_catalog,
                                     decode_search_page])
-def test_every_decoder_takes_the_mapping_large_bodies_are_read_into(decode: Any, body: bytes,
+def test_every_decoder_takes_the_mapping_large_bodies_are_read_into(decode: Any, body: bytes, huge_pages: bool,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """From client.POPULATE_BYTES on, a body is read into an mmap, not a bytearray: each decoder gives what
-    it gives for the same bytes (a result, a repair, a record cut out, the same error), never a bug."""
+    """From client.POPULATE_BYTES on, a body is read into an mmap (on huge pages or populated), not a
+    bytearray: each decoder gives what it gives for the same bytes (a result, a repair, a record cut out, the
+    same error), never a bug."""
     monkeypatch.setattr(client, "POPULATE_BYTES", 1)
+    monkeypatch.setattr(client, "_huge_pages_advised", lambda: huge_pages)
     mapped = client._body_buffer(len(body))
     assert isinstance(mapped, mmap.mmap)
     mapped[:] = body
