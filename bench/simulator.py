@@ -28,8 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from exporter.demo import (
-    CATALOG_PROFILES, STATUS_MIX, STATUS_MIX_TOTAL, UNHEALTHY_FAILURE_SHARE, Lab, SimulatorHandler, SimulatorServer, Traffic,
-    _duration, _weighted, argument_parser, listen_address, serve,
+    CATALOG_PROFILES, STATUS_MIX, STATUS_MIX_TOTAL, UNHEALTHY_FAILURE_SHARE, Lab, SimulatorHandler, SimulatorServer,
+    Traffic, _duration, _weighted, argument_parser, listen_address, serve,
 )
 
 CACHED_BODIES = 4
