@@ -358,7 +358,9 @@ def _body_buffer(length: int) -> bytearray | mmap.mmap:
     virtual machine. Where transparent huge pages may be asked for (_huge_pages_advised), the mapping asks for
     them, so a 50 MB body faults 25 times instead of 12,000; else the kernel maps its pages in one call
     (MAP_POPULATE). A 50 MB body read over loopback, medians of 15 reads each taking turns in-process: 52.6 ms
-    into a bytearray, 44.6 ms populated, 30.0 ms on huge pages."""
+    into a bytearray, 44.6 ms populated, 30.0 ms on huge pages. Where the kernel's THP defrag setting lets a
+    fault compact memory for a huge page, a fragmented host may make that fault wait; it falls back to small
+    pages when none can be had."""
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if length < POPULATE_BYTES or not populate:
         return bytearray(length)
