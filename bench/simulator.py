@@ -28,8 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from exporter.demo import (
-    CATALOG_PROFILES, STATUS_MIX, UNHEALTHY_FAILURE_SHARE, Lab, SimulatorHandler, SimulatorServer, Traffic,
-    _duration, _weighted, argument_parser, listen_address, serve,
+    CATALOG_PROFILES, STATUS_MIX, STATUS_MIX_TOTAL, UNHEALTHY_FAILURE_SHARE, Lab, SimulatorHandler, SimulatorServer,
+    Traffic, _duration, _weighted, argument_parser, listen_address, serve,
 )
 
 CACHED_BODIES = 4
@@ -96,7 +96,7 @@ class FleetTraffic(Traffic):
         if host == hosts[0] and j % 7 == 0 and rng.random() < UNHEALTHY_FAILURE_SHARE:  # a few unhealthy hosts
             status, duration = 20, rng.randrange(20, 120)
         else:
-            status = _weighted(rng, STATUS_MIX)
+            status = _weighted(rng, STATUS_MIX, STATUS_MIX_TOTAL)
             duration = _duration(rng, status)
         profile = self.profile_ids[j]
         exam = profile in EXAM_PROFILES

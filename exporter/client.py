@@ -13,13 +13,16 @@ the deadline, which makes the blocked read return at once.
 from __future__ import annotations
 
 import email.utils
+import functools
 import heapq
 import itertools
+import mmap
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -33,6 +36,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from . import __version__
 
 CHUNK_BYTES = 1024 * 1024
+POPULATE_BYTES = 4 * 1024 * 1024  # a body of announced length from this size is read into a populated mapping
 CONNECT_TIMEOUT_CAP = 5.0
 
 # The bounded set of failure reasons the client raises (the poller adds a few).
@@ -320,7 +324,7 @@ class SkillableClient:
         """A body of announced length (already checked against the cap), not compressed: read
         straight into one buffer of that length. Joining chunks held the body twice at the peak
         and, with the pages that costs, took half again as long for a 50 MB answer (measured)."""
-        buffer = bytearray(length)
+        buffer = _body_buffer(length)
         view = memoryview(buffer)
         got = 0
         try:
@@ -343,7 +347,43 @@ class SkillableClient:
         if got < length:
             raise ApiError(CONNECTION_RESET, f"{endpoint}: body cut off: connection closed after {got} of "
                                              f"{length} bytes")
-        return buffer  # type: ignore[return-value]  # a bytearray: every decoder takes any buffer
+        # A bytearray, or an mmap (_body_buffer): the decoders take any buffer, and where they need bytes
+        # (a repair, an error message) they copy it first (model.py).
+        return buffer  # type: ignore[return-value]
+
+
+def _body_buffer(length: int) -> bytearray | mmap.mmap:
+    """A zeroed, writable buffer of `length` bytes for a body. From POPULATE_BYTES on (Linux), an anonymous
+    mapping: a bytearray's pages are faulted in one at a time as it is zeroed, and page faults are dear on a
+    virtual machine. Where transparent huge pages may be asked for (_huge_pages_advised), the mapping asks for
+    them, so a 50 MB body faults 25 times instead of 12,000; else the kernel maps its pages in one call
+    (MAP_POPULATE). A 50 MB body read over loopback, medians of 15 reads each taking turns in-process: 52.6 ms
+    into a bytearray, 44.6 ms populated, 30.0 ms on huge pages. Where the kernel's THP defrag setting lets a
+    fault compact memory for a huge page, a fragmented host may make that fault wait; it falls back to small
+    pages when none can be had."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if length < POPULATE_BYTES or not populate:
+        return bytearray(length)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    try:
+        if _huge_pages_advised():
+            buffer = mmap.mmap(-1, length, flags=flags)
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+            return buffer
+        return mmap.mmap(-1, length, flags=flags | populate)
+    except OSError:  # no mapping to be had (a limit on them): the buffer then comes from the allocator
+        return bytearray(length)
+
+
+@functools.cache
+def _huge_pages_advised() -> bool:
+    """Whether a mapping gets transparent huge pages when it asks (madvise) or always: the kernel's setting,
+    read once. With "never", asking does nothing and the pages would be faulted one at a time."""
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and ("[madvise]" in setting or "[always]" in setting)
 
 
 def _check_deadline(endpoint: str, read: int, deadline: float, watchdog: _Deadline) -> None:

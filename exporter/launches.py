@@ -69,7 +69,6 @@ from .state import (
     PLACE,
     PROFILE,
     STARTED,
-    WIDTH,
     Dimension,
     DimensionCounts,
     FleetState,
@@ -445,7 +444,7 @@ class LaunchState:
         w = self.instances[r.id] = Watched(r.start, r.end, place, profile)
         if r.start >= horizon:
             k = self.integration.key_index(r)  # type: ignore[arg-type]  # reads r.api_consumer, as a LabResult's fields
-            self.integration.counts[k * WIDTH + STARTED] += 1
+            self.integration.rows[k][STARTED] += 1
         return w
 
     def _facts(self, w: Watched, r: LaunchRecord, horizon: int) -> None:

@@ -139,7 +139,7 @@ def decode_repairing(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     except msgspec.ValidationError:
         raise
     except msgspec.DecodeError:
-        repaired = repair_text(body)
+        repaired = repair_text(bytes(body))
         if repaired is None:
             raise
     return decoder.decode(repaired)
@@ -171,6 +171,7 @@ def decode_latest_results(body: bytes) -> Batch:
     try:
         return _decode_valid_json(body)
     except msgspec.DecodeError as exc:
+        body = bytes(body)  # the client may hand any buffer (client._body_buffer); what follows needs bytes
         _check_json(body)
         error = exc
     repaired = repair_text(body)
@@ -337,7 +338,7 @@ def _valid_utf8(body: bytes, chunk: int = 1 << 20) -> bytes:
 
 def _check_json(body: bytes) -> None:
     """Raise NotJsonError when the body does not even start like a JSON document."""
-    start = body.lstrip()[:1]
+    start = bytes(body).lstrip()[:1]  # bytes(): the client may hand any buffer (client._body_buffer)
     if start not in (b"{", b"["):
         kind = "an empty body" if not start else ("HTML" if start == b"<" else "not JSON")
         raise NotJsonError(f"response is {kind}, not JSON ({len(body)} bytes)")

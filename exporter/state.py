@@ -323,16 +323,15 @@ PROFILE_ZERO_STATUSES: tuple[str, ...] = PROFILE.zero_statuses
 STATUS_INDEX: dict[str, int] = {s: i for i, s in enumerate(ALL_STATUSES)}
 CODE_INDEX: dict[int | None, int] = {code: STATUS_INDEX[name] for code, name in STATUS_NAMES.items()}
 UNKNOWN_INDEX = STATUS_INDEX[UNKNOWN_STATUS]
-# A key's counts lie at k * WIDTH + these offsets in its dimension's Tallies.counts: `closed` by status
-# index, then `running` (rule 5: an instance is in one of these 12 gauge slots), `ended` by status index
-# (rule 2), `started` (rule 1), `exams` and `exams_passed` (rule 3). 26 ints, one per series of a place.
+# A key's counts are its row in its dimension's Tallies.rows, WIDTH ints at these offsets: `closed` by
+# status index, then `running` (rule 5: an instance is in one of these 12 gauge slots), `ended` by status
+# index (rule 2), `started` (rule 1), `exams` and `exams_passed` (rule 3). 26 ints, one per series of a place.
 RUNNING_SLOT = len(ALL_STATUSES)
 ENDED = RUNNING_SLOT + 1
 STARTED = ENDED + len(ALL_STATUSES)
 EXAMS = STARTED + 1
 PASSED = EXAMS + 1
 WIDTH = PASSED + 1
-ZERO_COUNTS = [0] * WIDTH
 # An Instance holds the index of its key in every dimension in one int, KEY_BITS each (an int, not
 # a tuple: the cyclic GC tracks tuples, and a cold poll makes 100,000 instances).
 #
@@ -344,6 +343,8 @@ ZERO_COUNTS = [0] * WIDTH
 # (the afternoon script: 269), for about 10 ms more in apply().
 KEY_BITS = 32
 KEY_MASK = 2**KEY_BITS - 1
+# Tallies.Found: a key's part of an instance's packed keys (k << shift), its row of counts, its observers' index.
+Found = tuple[int, list[int], int]
 
 
 def raw_values(dim: Dimension, raw: Any) -> list[str]:
@@ -373,10 +374,19 @@ def capped_key(dim: Dimension, values: list[str], capped: set[str], cap: int,
 class Tallies:
     """One dimension's tallies: for each of its keys, what the rules counted.
 
-    A key has an index (k, its place in `keys`), and its counts are at k * WIDTH + an offset (RUNNING_SLOT,
-    ENDED, ...) in one flat list of ints: contiguous, cheap to add to, never seen by the cyclic GC.
-    Observers are kept per observer key (the key's leading observer_labels), and the values of a poll
-    wait in `waiting`, per table and observer, until fold() buckets them.
+    A key has an index (k, its place in `keys`), and its counts are a row of WIDTH ints (`rows[k]`), added
+    to at an offset (RUNNING_SLOT, ENDED, ...). Observers are kept per observer key (the key's leading
+    observer_labels), and the values of a poll wait in `waiting`, per table and observer, until fold()
+    buckets them.
+
+    Found, the fast path of apply(): what apply() needs of a new instance's key, kept by its raw ids in
+    `known` so that one lookup finds it: the key's part of the instance's packed keys (k << shift), its
+    row and its observers' index. Rows and this tuple exist so that apply() adds to a key's counts with
+    no arithmetic on the way: with the counts in one flat list, each addition made an int object for its
+    index (k * WIDTH + offset), and the shift and the observer were worked out again per result; a cold
+    apply() of the fleet's 100k window took 1,888M instructions instead of 1,671M (cachegrind,
+    BENCHMARKS.md). The rules it counts by are FleetState.apply()'s; tests/test_state.py checks the result
+    against ReferenceState.
     """
 
     def __init__(self, dim: Dimension, cap: int, shift: int) -> None:
@@ -390,12 +400,12 @@ class Tallies:
         # so a snapshot (one after every poll that changed something) makes none, and the renderer's cache
         # of row prefixes (render.py) shares them.
         self.status_rows: list[tuple[Key, str]] = []
-        # Derived, not state: raw ids -> key index, for ids that did not overflow, so a new instance
-        # costs one lookup per dimension. Bounded (the ids are the API's): cleared when full.
-        self.known: dict[Any, int] = {}
+        # Derived, not state: raw ids -> Found (class docstring), for ids that did not overflow, so a new
+        # instance costs one lookup per dimension. Bounded (the ids are the API's): cleared when full.
+        self.known: dict[Any, Found] = {}
         self.capped: set[str] = set()  # values of the capped (last) label that have keys of their own
         self.overflow_total = 0
-        self.counts: list[int] = []  # WIDTH per key (see WIDTH)
+        self.rows: list[list[int]] = []  # per key: its counts (see WIDTH)
         self.observer_of: list[int] = []  # per key: its observers' index
         self.observer_keys: list[Key] = []
         self.observer_index: dict[Key, int] = {}
@@ -413,8 +423,17 @@ class Tallies:
             return self.key(key)
         if len(self.known) >= KEY_CACHE_SIZE:
             self.known.clear()
-        k = self.known[raw] = self.key(key)
+        k = self.key(key)
+        self.known[raw] = self.found(k)
         return k
+
+    def found(self, k: int) -> Found:
+        """What apply() needs of key k (class docstring)."""
+        return k << self.shift, self.rows[k], self.observer_of[k]
+
+    def find(self, r: LabResult) -> Found:
+        """Found of a new instance's key, made by key_index() (apply() looks in `known` first)."""
+        return self.found(self.key_index(r))
 
     def key(self, key: Key) -> int:
         """The index of `key`, made (with zero counts and its observers) the first time."""
@@ -423,7 +442,7 @@ class Tallies:
             k = self.index[key] = len(self.keys)
             self.keys.append(key)
             self.status_rows.extend((key, status) for status in ALL_STATUSES)
-            self.counts.extend(ZERO_COUNTS)
+            self.rows.append([0] * WIDTH)
             self.observer_of.append(self.observer(key[:len(self.dim.observer_labels)]))
         return k
 
@@ -451,21 +470,20 @@ class Tallies:
 
     def snapshot(self) -> DimensionCounts:
         """A copy of every table, keys in sorted order (the exposition's), for the snapshot."""
-        counts = self.counts
         order = sorted(range(len(self.keys)), key=self.keys.__getitem__)
         keys = [self.keys[k] for k in order]
-        bases = [k * WIDTH for k in order]
-        statuses = range(len(ALL_STATUSES))
-        rows = [row for k in order for row in self.status_rows[k * len(statuses):(k + 1) * len(statuses)]]
-        closed = [counts[base + i] for base in bases for i in statuses]
-        ended = [counts[base + ENDED + i] for base in bases for i in statuses]
+        counts = [self.rows[k] for k in order]
+        statuses = len(ALL_STATUSES)
+        rows = [row for k in order for row in self.status_rows[k * statuses:(k + 1) * statuses]]
+        closed = [n for c in counts for n in c[:statuses]]
+        ended = [n for c in counts for n in c[ENDED:ENDED + statuses]]
         zero = [s in self.dim.zero_statuses for s in ALL_STATUSES] * len(keys)
         observed = {table: {self.observer_keys[o]: observers[o].copy()
                             for o in sorted(range(len(self.observer_keys)), key=self.observer_keys.__getitem__)}
                     for table, observers in zip(OBSERVED, self.observers)}
 
         def per_key(offset: int) -> dict[Key, int]:
-            return dict(zip(keys, [counts[base + offset] for base in bases]))
+            return dict(zip(keys, [c[offset] for c in counts]))
 
         return DimensionCounts(
             keys=keys,
@@ -484,11 +502,10 @@ class Tallies:
     # -- the state file's part of it --------------------------------------------------
 
     def export(self) -> SavedDimension:
-        counts = self.counts
-        tallies = [SavedTally(list(key), counts[base + STARTED],
-                              {s: n for s, n in zip(ALL_STATUSES, counts[base + ENDED:base + STARTED]) if n},
-                              counts[base + EXAMS], counts[base + PASSED])
-                   for key, base in zip(self.keys, range(0, len(counts), WIDTH))]
+        tallies = [SavedTally(list(key), counts[STARTED],
+                              {s: n for s, n in zip(ALL_STATUSES, counts[ENDED:STARTED]) if n},
+                              counts[EXAMS], counts[PASSED])
+                   for key, counts in zip(self.keys, self.rows)]
         observers = [SavedObserver(list(okey), table, observers[o].saved_counts(), observers[o].total)
                      for table, observers in zip(OBSERVED, self.observers) for o, okey in enumerate(self.observer_keys)]
         return SavedDimension(self.overflow_total, tallies, observers)
@@ -497,14 +514,12 @@ class Tallies:
         """The counters saved by export() (the gauges are derived from the instances, see FleetState.restore)."""
         self.overflow_total = saved.overflow_total
         for st in saved.tallies:
-            k = self.key(self.checked(st.key, self.dim.labels))
-            base = k * WIDTH
-            self.counts[base + STARTED], self.counts[base + EXAMS], self.counts[base + PASSED] = \
-                st.started, st.exams, st.exams_passed
+            counts = self.rows[self.key(self.checked(st.key, self.dim.labels))]
+            counts[STARTED], counts[EXAMS], counts[PASSED] = st.started, st.exams, st.exams_passed
             for status, n in st.ended.items():
                 i = STATUS_INDEX.get(status)
                 if i is not None:  # a status this version does not know: left out, as a bad value
-                    self.counts[base + ENDED + i] = n
+                    counts[ENDED + i] = n
         for so in saved.observers:
             if so.table not in OBSERVED:
                 raise RestoreError(f"unknown observed table {so.table!r}")
@@ -669,10 +684,10 @@ class Snapshot:
         return self.dimensions[name]
 
 
-# What apply() reads of a dimension in its pass per result: shift, known.get, read, key_index, counts,
-# observer_of, and the waiting values of the run time, task completion and exam score observers.
-_Pass = tuple[int, Callable[[Any], "int | None"], Callable[[LabResult], Any], Callable[[LabResult], int], list[int],
-              list[int], list[list[float]], list[list[float]], list[list[float]]]
+# What apply() reads of a dimension in its pass per result: shift, known.get, read, find, rows, observer_of,
+# and the waiting values of the run time, task completion and exam score observers.
+_Pass = tuple[int, Callable[[Any], "Found | None"], Callable[[LabResult], Any], Callable[[LabResult], "Found"],
+              list[list[int]], list[int], list[list[float]], list[list[float]], list[list[float]]]
 
 
 class FleetState:
@@ -738,11 +753,11 @@ class FleetState:
         ceiling = sys.maxsize if seen_at is None else now  # a later Start opens at the poll time
         latest = ceiling + MAX_FUTURE_SECONDS
         dims = list(self.tallies.values())
-        # Per dimension: where an instance's key index lies in its `keys`, how a new instance's key is looked
-        # up (its raw ids' index if known, else made), its tallies and its observers' waiting values.
-        tallies: list[_Pass] = [(t.shift, t.known.get, t.read, t.key_index, t.counts, t.observer_of, *t.waiting)
+        # Per dimension: where an instance's key index lies in its `keys`, how a new instance's key is found
+        # (Tallies.Found: by its raw ids if known, else made), its tallies and its observers' waiting values.
+        tallies: list[_Pass] = [(t.shift, t.known.get, t.read, t.find, t.rows, t.observer_of, *t.waiting)
                                 for t in dims]
-        mask, width, running_slot = KEY_MASK, WIDTH, RUNNING_SLOT  # constants as locals: the loop reads them often
+        mask, running_slot = KEY_MASK, RUNNING_SLOT  # constants as locals: the loop reads them often
         closed_aged: list[int] = []  # new entries for the heaps
         open_aged: list[int] = []
         refused = 0
@@ -814,32 +829,32 @@ class FleetState:
                 # ... then added to the instance's tally in every dimension, where a new instance's key is
                 # looked up (once: it keeps the index).
                 packed = 0
-                for shift, known, read, key_index, counts, observer_of, run_times, tasks, scores in tallies:
+                for shift, known, read, find, rows, observer_of, run_times, tasks, scores in tallies:
                     if inst is None:
-                        k = known(read(r))
-                        if k is None:
-                            k = key_index(r)
-                        packed += k << shift
+                        found = known(read(r))
+                        if found is None:
+                            found = find(r)
+                        part, counts, o = found
+                        packed += part
                     else:
                         k = (keys >> shift) & mask
-                    base = k * width
-                    if leave >= 0:
-                        counts[base + leave] -= 1
-                    counts[base + enter] += 1
+                        counts, o = rows[k], observer_of[k]
+                        counts[leave] -= 1  # a known instance is in one gauge slot (rule 5)
+                    counts[enter] += 1
                     if count_start:
-                        counts[base + STARTED] += 1
+                        counts[STARTED] += 1
                     if count_end:
-                        counts[base + ended] += 1
+                        counts[ended] += 1
                         if seconds is not None:
-                            run_times[observer_of[k]].append(seconds)
+                            run_times[o].append(seconds)
                         if task is not None:
-                            tasks[observer_of[k]].append(task)
+                            tasks[o].append(task)
                     if count_exam:
-                        counts[base + EXAMS] += 1
+                        counts[EXAMS] += 1
                         if passed:
-                            counts[base + PASSED] += 1
+                            counts[PASSED] += 1
                         if score is not None:
-                            scores[observer_of[k]].append(score)
+                            scores[o].append(score)
                 if inst is None:
                     opened = now if start is None or start > ceiling else start
                     instances[key] = Instance(packed, status, start, end, stamp, opened, count_end, count_exam)
@@ -894,7 +909,7 @@ class FleetState:
         """Add `by` to the gauge the instance is in (gauge_slot), in every dimension."""
         slot = gauge_slot(inst)
         for t in self.tallies.values():
-            t.counts[((inst.keys >> t.shift) & KEY_MASK) * WIDTH + slot] += by
+            t.rows[(inst.keys >> t.shift) & KEY_MASK][slot] += by
 
     def _rebuild_age_index(self) -> None:
         self._closed_by_age = [_entry(i.last_change, k) for k, i in self.instances.items() if i.end is not None]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from exporter.catalog import MAX_LABEL_CHARS, clean_text
+from exporter import client
+from exporter.catalog import MAX_LABEL_CHARS, Catalog, clean_text, decode_catalog
 from exporter.model import (
     ALL_STATUSES,
     DecodeError,
@@ -15,6 +18,7 @@ from exporter.model import (
     UpstreamError,
     decode_delivery_regions,
     decode_latest_results,
+    decode_search_page,
     decode_stats,
     status_name,
 )
@@ -203,3 +207,49 @@ def test_a_region_name_that_is_not_json_text_is_repaired_not_the_answer_lost() -
     body = (b'{"DeliveryRegions":[{"Id":1,"Name":"Europe \\ud800"},{"Id":2,"Name":"Caf\xe9"},'
             b'{"Id":3,"Name":"Asia"}],"Status":1}')
     assert decode_delivery_regions(body) == {1: "Europe \ufffd", 2: "Caf\ufffd", 3: "Asia"}
+
+
+# -- any buffer: large bodies are read into a populated mapping (client._body_buffer) ---------------------------
+
+MAPPED_BODIES = [
+    VENDOR.read_bytes(),
+    b'{"Results":[{"LabInstanceId":1},{"LabInstanceId":"not-a-number"},{"LabInstanceId":3}],"Status":1}',
+    b'{"Results":[{"LabInstanceId":1,"UserId":"us\xe9r \x00 \\q"},{"LabInstanceId":2,"Country":"US" \xff},'
+    b'{"LabInstanceId":3}],"Status":1,"Error":null}',  # repaired, then one record cut out: salvaged
+    b'{"Results":null,"Status":0,"Error":"Invalid API key"}',
+    b"  <html><body>502 Bad Gateway</body></html>",
+    b'{"Results":[{"LabInstanceId":1}',
+    b'{"NumActive":3,"NumSaved":1,"Status":1}',
+    b'{"DeliveryRegions":[{"Id":1,"Name":"Europe \\ud800"},{"Id":2,"Name":"Caf\xe9"}],"Status":1}',
+    b'{"LabProfiles":[{"Id":7,"Name":"Lab \\ud800","Enabled":true}],"LabSeries":[],"Status":1}',
+    b'{"Results":[{"Id":1,"Start":100,"LabHostName":"<b>HV</b>"},{"Id":"x"}],"Status":1,"TotalResults":2,'
+    b'"TotalPages":1}',
+    b'{"Results":{"Id":1,"Start":100},"Status":1}',
+]
+
+
+def outcome(decode: Any, body: Any) -> Any:
+    try:
+        value = decode(body)
+    except Exception as exc:  # noqa: BLE001 - the outcome compared is the exception, whatever it is
+        return type(exc), str(exc)
+    if isinstance(value, Catalog):  # compared by what it holds, not by the generation each catalog gets
+        return {k: v for k, v in vars(value).items() if k != "generation"}
+    return value
+
+
+@pytest.mark.parametrize("huge_pages", [True, False])
+@pytest.mark.parametrize("body", MAPPED_BODIES)
+@pytest.mark.parametrize("decode", [decode_latest_results, decode_stats, decode_delivery_regions, decode_catalog,
+                                    decode_search_page])
+def test_every_decoder_takes_the_mapping_large_bodies_are_read_into(decode: Any, body: bytes, huge_pages: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """From client.POPULATE_BYTES on, a body is read into an mmap (on huge pages or populated), not a
+    bytearray: each decoder gives what it gives for the same bytes (a result, a repair, a record cut out, the
+    same error), never a bug."""
+    monkeypatch.setattr(client, "POPULATE_BYTES", 1)
+    monkeypatch.setattr(client, "_huge_pages_advised", lambda: huge_pages)
+    mapped = client._body_buffer(len(body))
+    assert isinstance(mapped, mmap.mmap)
+    mapped[:] = body
+    assert outcome(decode, mapped) == outcome(decode, body)
