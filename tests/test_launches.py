@@ -32,7 +32,7 @@ from exporter.state import FleetState
 
 from .harness import examples
 
-UAT = Path("/work/shared/vendor-spec/examples/labinstance-search-mode5-uat-5cc4863-redacted.json")
+UAT = Path(__file__).parent / "fixtures" / "labinstance_search__uat_mode5_redacted.json"  # the vendor's, as published
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000
 WINDOW = 3600

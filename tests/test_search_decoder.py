@@ -26,7 +26,7 @@ from .harness import examples
 
 PROPERTY = settings(max_examples=examples(300), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-UAT = Path("/work/shared/vendor-spec/examples/labinstance-search-mode5-uat-5cc4863-redacted.json")
+UAT = Path(__file__).parent / "fixtures" / "labinstance_search__uat_mode5_redacted.json"  # the vendor's, as published
 SECRET = "S3cr3t-Canary-Value"  # in every field the decoder must never read
 INT64 = 2**63 - 1
 
