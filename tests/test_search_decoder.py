@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.model import (
@@ -22,19 +22,11 @@ from exporter.model import (
     decode_search_page,
 )
 
-from .harness import examples
+from .test_model_properties import INT64, PROPERTY, json_values  # the same JSON strategies as LatestResults
 
-PROPERTY = settings(max_examples=examples(300), deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 UAT = Path(__file__).parent / "fixtures" / "labinstance_search__uat_mode5_redacted.json"  # the vendor's, as published
 SECRET = "S3cr3t-Canary-Value"  # in every field the decoder must never read
-INT64 = 2**63 - 1
 
-json_scalars = (st.none() | st.booleans() | st.text(max_size=20) | st.integers(-(2**70), 2**70)
-                | st.floats(allow_nan=False, allow_infinity=False))
-json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=20)
 chaos = json_values | st.sampled_from([0, -1, INT64, INT64 + 1, 10**30, 1e308, "12", "NaN", "", [], {}])
 names = st.none() | st.text(max_size=300) | st.sampled_from(
     ["<b>HV-01</b>", "ASH\x00UAT\u202e", "&lt;script&gt;", " x " * 100, "LMS Prod"])
