@@ -128,6 +128,7 @@ class Poller:
         self._mono_at_success: float | None = None  # the monotonic clock at the last success
         self._result_in = False  # the poll in flight has its result in; only its after-poll hook runs
         self._result_at: float | None = None  # the monotonic clock when the last poll's result came in
+        self._queued = False  # a poll was asked while the last one's after-poll hook ran: it runs next
         # Called by the polling thread after every poll, while it still holds the
         # single flight: no other poll changes the state meanwhile (persistence).
         self.on_poll = on_poll
@@ -188,20 +189,32 @@ class Poller:
         """
         with self._lock:
             self._ask_launch()
-            if self._in_flight:
-                return self._polls_asked
+            if self._in_flight and not self._result_in:
+                return self._polls_asked  # joins the poll that runs
             if arrived is not None and self._result_at is not None and self._result_at >= arrived:
                 return None
             if self._closed or not self._due():
                 return None
+            if self._in_flight:
+                # The last poll's result came in before this scrape did; only its after-poll hook
+                # still runs. Joining it would answer with a result older than the scrape: the
+                # worker runs one more poll as soon as the hook is done (however many scrapes ask).
+                if not self._queued:
+                    self._queued = True
+                    self._begin_poll()
+                return self._polls_asked
             self._in_flight = True
             self._result_in = False
-            self._poll_now = False
-            self._poll_generation = self._generation
-            self._last_attempt = self._monotonic()
-            self._polls_asked += 1
+            self._begin_poll()
             self._wake.notify()
             return self._polls_asked
+
+    def _begin_poll(self) -> None:
+        """Number the poll asked and start its clock (under the lock)."""
+        self._poll_now = False
+        self._poll_generation = self._generation
+        self._last_attempt = self._monotonic()
+        self._polls_asked += 1
 
     def wait(self, poll: int, timeout: float) -> bool:
         """Wait up to `timeout` s for the result of poll number `poll`. True if it is in."""
@@ -247,7 +260,13 @@ class Poller:
                     log.exception("after-poll hook failed", extra=self._fields())
         finally:
             with self._lock:
-                self._in_flight = False
+                if self._queued and not self._closed:
+                    self._queued = False  # still in flight: the worker's loop runs the queued poll
+                    self._result_in = False
+                    self._poll_generation = self._generation  # a reload since: the poll uses its client
+                else:
+                    self._queued = False
+                    self._in_flight = False
                 self._done.notify_all()
 
     def stop(self, timeout: float) -> bool:

@@ -411,24 +411,46 @@ def test_sigkill_between_polls_then_restart_continues_every_counter(
 
 
 @pytest.mark.integration
-def test_scrapes_never_wait_for_the_save(fake: FakeSkillable) -> None:
+def test_scrapes_wait_for_the_save_only_when_their_answer_needs_a_poll_after_it(fake: FakeSkillable) -> None:
+    """The save runs after the poll's result is in: the scrape that asked has its answer at once. A scrape
+    that comes while the save runs and needs no poll (within the minimum interval) is answered from that
+    result, without waiting. One that needs a poll is not answered with a result older than itself: its
+    poll runs as soon as the save is done (never beside it: one poll or save at a time changes the state)."""
     from .harness import MonotonicStub, make_poller
 
     fake.add(lab(1, NOW - 600, NOW - 60, status=4))
     mono = MonotonicStub()
-    poller = make_poller(fake, monotonic=mono)
+    poller = make_poller(fake, monotonic=mono, min_interval=30.0)
+    events: list[str] = []
     saving = threading.Event()
-    poller.on_poll = lambda p: (saving.set(), time.sleep(1.5))  # a slow disk, or a huge state to encode
+    release = threading.Event()
+
+    def slow_save(_: object) -> None:  # a slow disk, or a huge state to encode
+        saving.set()
+        release.wait(10)
+        events.append("save done")
+
+    def answer(handler: Any) -> None:
+        events.append("request")
+        handler.answer()
+
+    fake.fault_always(answer)
+    poller.on_poll = slow_save
     started = time.monotonic()
     poller.refresh(5)
     assert time.monotonic() - started < 1.0 and poller.view().health.up  # the result, without the save
     assert saving.wait(5)
-    mono.advance(60)
+    mono.advance(10)  # within the minimum interval: the result in is the answer
     started = time.monotonic()
-    poller.refresh(5)  # the save still runs: no second poll starts, and no waiting for it either
-    assert time.monotonic() - started < 0.5
-    assert len(fake.latest_requests()) == 1
-    assert poller.stop(5)  # stop() waits for the save
+    poller.refresh(5)
+    assert time.monotonic() - started < 0.5 and events == ["request"]
+
+    mono.advance(30)  # due: this scrape's answer is a poll made after it came
+    threading.Timer(0.3, release.set).start()
+    poller.refresh(5)
+    assert events[:3] == ["request", "save done", "request"]
+    assert len(fake.latest_requests()) == 2
+    assert poller.stop(5)  # stop() waits for the second save
 
 
 # -- hostile input 2, 8 and 12 (docs/failure-modes.md) -------------------------------------
