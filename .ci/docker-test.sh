@@ -114,8 +114,29 @@ with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
 EOF
 }
 
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# free_demo_port -> a free port whose next one is free too (--demo serves its simulated API at
+# the exporter's port plus one), below the kernel's ephemeral range: the test suite runs beside
+# this script, and its outgoing connections and port-0 binds take ports from that range.
+free_demo_port() {
+    "$PYTHON" - <<'EOF'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+top = low - 1 if low > 21000 else 65534
+def bindable(port):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+for _ in range(200):
+    port = random.randrange(20000, top)
+    if bindable(port) and bindable(port + 1):
+        print(port)
+        break
+else:
+    raise SystemExit("no two free ports in a row")
+EOF
 }
 
 ############################################################################
@@ -235,17 +256,38 @@ user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")
     fail "image has no HEALTHCHECK on /healthz"
 
 ############################################################################
-port=$(free_port)
-log "docker run --demo on 127.0.0.1:$port (host network, read-only root filesystem)"
-# --health-interval only speeds up the image's own HEALTHCHECK command;
-# HEALTHCHECK_URL points it at the port chosen here.
-"$DOCKER" run -d --name "$CONTAINER" --pull never --network host \
-    --read-only --tmpfs /tmp --tmpfs "/var/lib/skillable-exporter:uid=$UID_EXPECTED,gid=$UID_EXPECTED" \
-    --cap-drop ALL --security-opt no-new-privileges \
-    --health-interval 1s --health-start-period 30s \
-    -e "HEALTHCHECK_URL=http://127.0.0.1:$port/healthz" \
-    "$IMAGE" --web.listen-address="127.0.0.1:$port" --demo >/dev/null ||
-    fail "docker run failed"
+# run_demo PORT: start the container; its exporter listens on PORT, its demo API on PORT + 1.
+run_demo() {
+    # --health-interval only speeds up the image's own HEALTHCHECK command;
+    # HEALTHCHECK_URL points it at the port chosen here.
+    "$DOCKER" run -d --name "$CONTAINER" --pull never --network host \
+        --read-only --tmpfs /tmp --tmpfs "/var/lib/skillable-exporter:uid=$UID_EXPECTED,gid=$UID_EXPECTED" \
+        --cap-drop ALL --security-opt no-new-privileges \
+        --health-interval 1s --health-start-period 30s \
+        -e "HEALTHCHECK_URL=http://127.0.0.1:$1/healthz" \
+        "$IMAGE" --web.listen-address="127.0.0.1:$1" --demo >/dev/null ||
+        fail "docker run failed"
+}
+
+# A port checked free can still be taken before the container binds it (the host network is
+# shared with the test suite): a start that fails on "Address already in use" gets new ports.
+for attempt in 1 2 3; do
+    port=$(free_demo_port) || fail "no free port pair"
+    log "docker run --demo on 127.0.0.1:$port (host network, read-only root filesystem)"
+    run_demo "$port"
+    for _ in $(seq 150); do # until it answers or exits, at most 30 s
+        http_get "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+        [[ $("$DOCKER" inspect -f '{{.State.Running}}' "$CONTAINER") == true ]] || break
+        sleep 0.2
+    done
+    if ((attempt < 3)) && [[ $("$DOCKER" inspect -f '{{.State.Running}}' "$CONTAINER") == false &&
+        $("$DOCKER" logs "$CONTAINER" 2>&1) == *"Address already in use"* ]]; then
+        log "port $port or $((port + 1)) was taken meanwhile: trying others"
+        "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1
+        continue
+    fi
+    break
+done
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
     local limit=$1 what=$2
