@@ -263,7 +263,9 @@ class Poller:
                 if self._queued and not self._closed:
                     self._queued = False  # still in flight: the worker's loop runs the queued poll
                     self._result_in = False
-                    self._poll_generation = self._generation  # a reload since: the poll uses its client
+                    # It begins now: a reload since gives it its client, and a long save no deadline.
+                    self._poll_generation = self._generation
+                    self._last_attempt = self._monotonic()
                 else:
                     self._queued = False
                     self._in_flight = False
