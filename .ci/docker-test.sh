@@ -114,30 +114,10 @@ with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
 EOF
 }
 
-# free_demo_port -> a free port whose next one is free too (--demo serves its simulated API at
-# the exporter's port plus one), below the kernel's ephemeral range: the test suite runs beside
-# this script, and its outgoing connections and port-0 binds take ports from that range.
-free_demo_port() {
-    "$PYTHON" - <<'EOF'
-import random, socket
-low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-top = low - 1 if low > 21000 else 65534
-def bindable(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-for _ in range(200):
-    port = random.randrange(20000, top)
-    if bindable(port) and bindable(port + 1):
-        print(port)
-        break
-else:
-    raise SystemExit("no two free ports in a row")
-EOF
-}
+# free_demo_port -> a port for --demo, whose next one (the demo API's) is free too, chosen below
+# the kernel's ephemeral range as the tests' are (tests/ports.py): the test suite runs beside this
+# script on the host network, and its connections take ephemeral ports.
+free_demo_port() { (cd "$REPO" && "$PYTHON" -m tests.ports); }
 
 ############################################################################
 log "repo $REPO"
