@@ -1,4 +1,4 @@
-"""Free loopback ports for the processes the tests start. Also a script: `python -m tests.ports`
+"""Free loopback ports for the processes the tests start. Also a script: `python3 -m tests.ports`
 prints a port for `--demo` (.ci/docker-test.sh runs the container on it)."""
 
 from __future__ import annotations
