@@ -189,8 +189,8 @@ class Poller:
         """
         with self._lock:
             self._ask_launch()
-            if self._in_flight and not self._result_in:
-                return self._polls_asked  # joins the poll that runs
+            if self._in_flight and (not self._result_in or self._queued):
+                return self._polls_asked  # joins the poll that runs, or the one queued to run next
             if arrived is not None and self._result_at is not None and self._result_at >= arrived:
                 return None
             if self._closed or not self._due():
@@ -198,10 +198,9 @@ class Poller:
             if self._in_flight:
                 # The last poll's result came in before this scrape did; only its after-poll hook
                 # still runs. Joining it would answer with a result older than the scrape: the
-                # worker runs one more poll as soon as the hook is done (however many scrapes ask).
-                if not self._queued:
-                    self._queued = True
-                    self._begin_poll()
+                # worker runs one more poll as soon as the hook is done.
+                self._queued = True
+                self._begin_poll()
                 return self._polls_asked
             self._in_flight = True
             self._result_in = False

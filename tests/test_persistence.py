@@ -446,8 +446,10 @@ def test_scrapes_wait_for_the_save_only_when_their_answer_needs_a_poll_after_it(
     assert time.monotonic() - started < 0.5 and events == ["request"]
 
     mono.advance(30)  # due: this scrape's answer is a poll made after it came
+    asked = poller.request()
+    assert asked is not None and poller.request() == asked  # a scrape after it joins that poll too
     threading.Timer(0.3, release.set).start()
-    poller.refresh(5)
+    assert poller.wait(asked, 5)
     assert events[:3] == ["request", "save done", "request"]
     assert len(fake.latest_requests()) == 2
     assert poller.stop(5)  # stop() waits for the second save
